@@ -1,0 +1,17 @@
+"""User-facing errors: each is reported by the CLIs as one line and a non-zero exit."""
+
+
+class MedvlError(Exception):
+  """Base class for errors whose message alone tells the user what is wrong and where."""
+
+
+class ConfigError(MedvlError, ValueError):
+  """A config value is unknown, missing or inconsistent (names the key)."""
+
+
+class DataError(MedvlError):
+  """Input data is missing or malformed (names the file or directory)."""
+
+
+class WeightsError(MedvlError):
+  """A checkpoint to import/export is missing or does not match the model (names what)."""
