@@ -24,3 +24,39 @@ def sample_data_dir() -> pathlib.Path:
   if not (d / "covid_cxr_notes" / "pairs.csv").exists():
     pytest.fail(f"sample data not found at {d} (set MEDVL_SAMPLE_DIR)")
   return d
+
+
+def run_main(*args: str, env: dict | None = None, timeout: int = 300, **kw):
+  """Runs the real CLI `python -m medvl_jax.main ...` from the repo root."""
+  import subprocess
+  import sys
+  full_env = dict(os.environ, **(env or {}))
+  return subprocess.run([sys.executable, "-m", "medvl_jax.main", *args], cwd=REPO,
+                        env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory) -> pathlib.Path:
+  """One tfds data dir per test session; the sample is built into it on first use."""
+  return tmp_path_factory.mktemp("tfds")
+
+
+def read_scalars(logdir: pathlib.Path) -> dict[str, dict[int, float]]:
+  """All scalars of the TensorBoard event files under `logdir`: tag -> step -> value.
+
+  Files are read oldest first, so a resumed run's values replace the killed run's.
+  """
+  import tensorflow as tf
+  out: dict[str, dict[int, float]] = {}
+  files = sorted(logdir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+  for f in files:
+    for rec in tf.data.TFRecordDataset(str(f)):
+      event = tf.compat.v1.Event.FromString(rec.numpy())
+      for v in event.summary.value:
+        if v.HasField("tensor"):
+          val = tf.make_ndarray(v.tensor)
+          if val.shape == ():
+            out.setdefault(v.tag, {})[event.step] = float(val)
+        elif v.HasField("simple_value"):
+          out.setdefault(v.tag, {})[event.step] = v.simple_value
+  return out

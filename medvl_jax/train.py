@@ -1,0 +1,342 @@
+"""The training loop, top to bottom in the order data flows.
+
+  config check -> mesh -> input -> model & optimizer -> shardings & state -> update step
+  -> checkpoint restore -> evaluation -> loop (log, eval, checkpoint, preemption)
+
+`train_step` and `eval_step` are pure functions of (state, batch) jitted with explicit
+shardings; everything else here is the plumbing around them.
+"""
+import functools
+import json
+import os
+import pathlib
+import re
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from absl import logging
+from clu import metric_writers
+from clu import metrics as clu_metrics
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from medvl_jax import checkpoint
+from medvl_jax import input_pipeline
+from medvl_jax import losses
+from medvl_jax import models
+from medvl_jax import sharding
+from medvl_jax import weights
+from medvl_jax.errors import ConfigError
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average.from_output("loss")
+  loss_i2t: clu_metrics.Average.from_output("loss_i2t")
+  loss_t2i: clu_metrics.Average.from_output("loss_t2i")
+  acc_i2t: clu_metrics.Average.from_output("acc_i2t")
+  acc_t2i: clu_metrics.Average.from_output("acc_t2i")
+
+
+# ----------------------------------------------------------------------------- config check
+SCHEDULES = ("constant", "plateau")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Fails in the first second, naming the key and the valid values."""
+  registries = [("config.model.name", config.model.name, models.MODELS),
+                ("config.data.name", config.data.name, input_pipeline.DATASETS),
+                ("config.loss.name", config.loss.name, losses.LOSSES),
+                ("config.optimizer.schedule", config.optimizer.schedule, SCHEDULES)]
+  for key, value, valid in registries:
+    if value not in valid:
+      raise ConfigError(f"{key}={value!r} is unknown; valid: {', '.join(sorted(valid))}")
+  for key in ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every"):
+    if int(config[key]) <= 0:
+      raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
+
+
+# ----------------------------------------------------------------------------- frozen params
+def trainable_mask(params: Any, model_cfg: ml_collections.ConfigDict) -> Any:
+  """Bool tree: False for BERT embeddings and the first K layers (ConVIRT freezes 6 of 12)."""
+  num_layers = len(params["text"]["encoder"]["layer"])
+  k = model_cfg.text.frozen_layers
+  k = num_layers // 2 if k < 0 else k
+  if k > num_layers:
+    raise ConfigError(f"config.model.text.frozen_layers={k} exceeds the {num_layers} layers")
+  frozen = [rf"^text/encoder/layer/{i}/" for i in range(k)]
+  if model_cfg.text.freeze_embeddings:
+    frozen.append(r"^text/embeddings/")
+  regex = re.compile("|".join(frozen)) if frozen else None
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not (regex and regex.search(sharding.path_str(path))), params)
+
+
+def make_optimizer(opt_cfg: ml_collections.ConfigDict, mask: Any) -> optax.GradientTransformation:
+  """Adam with L2 weight decay (torch.optim.Adam semantics); frozen leaves carry no state."""
+  parts = [optax.add_decayed_weights(opt_cfg.weight_decay), optax.scale_by_adam(),
+           optax.scale(-opt_cfg.lr)]
+  if opt_cfg.schedule == "plateau":
+    parts.append(optax.contrib.reduce_on_plateau(
+        factor=opt_cfg.plateau_factor, patience=opt_cfg.plateau_patience,
+        accumulation_size=opt_cfg.plateau_accumulation))
+  labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
+  return optax.partition({"train": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels)
+
+
+# ----------------------------------------------------------------------------- steps
+def loss_and_grads(params, batch_stats, batch: dict, *, model, loss_fn: Callable, mask: Any,
+                   rng: jax.Array):
+  """Loss of the global batch and its gradient w.r.t. the trainable params (frozen: zeros)."""
+
+  def loss_of(params):
+    params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
+    out, new_vars = model.apply(
+        {"params": params, "batch_stats": batch_stats}, batch["image"], batch["input_ids"],
+        batch["attention_mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+    loss, metrics = loss_fn(out)
+    return loss, (metrics, new_vars["batch_stats"])
+
+  (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+  return loss, metrics, new_stats, grads
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn: Callable, mask: Any,
+               rng: jax.Array) -> tuple[TrainState, dict]:
+  """One update on the global batch. Frozen params: no gradient, no state, bit-identical."""
+  loss, metrics, batch_stats, grads = loss_and_grads(
+      state.params, state.batch_stats, batch, model=model, loss_fn=loss_fn, mask=mask,
+      rng=jax.random.fold_in(rng, state.step))
+  # `value` feeds reduce_on_plateau when configured; other transforms ignore it.
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
+  params = jax.tree.map(lambda p, u, m: (p + u).astype(p.dtype) if m else p,
+                        state.params, updates, mask)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, dict(metrics, loss=loss)
+
+
+def eval_step(state: TrainState, batch: dict, *, model, loss_fn: Callable) -> dict:
+  out = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                    batch["image"], batch["input_ids"], batch["attention_mask"], train=False)
+  loss, metrics = loss_fn(out, batch["mask"])
+  n = jnp.sum(batch["mask"].astype(jnp.float32))
+  return {"loss_sum": loss * n, "count": n, "acc_i2t_sum": metrics["acc_i2t"] * n}
+
+
+def evaluate(eval_fn, state, config, tokenizer, mesh) -> dict[str, float]:
+  totals = {}
+  for local in input_pipeline.create_eval_iterator(
+      config, tokenizer, config.data.eval_split, process_index=jax.process_index(),
+      process_count=jax.process_count()):
+    out = jax.device_get(eval_fn(state, sharding.to_global(local, mesh)))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  count = max(totals.get("count", 0.0), 1.0)
+  return {"val_loss": totals.get("loss_sum", 0.0) / count,
+          "val_acc_i2t": totals.get("acc_i2t_sum", 0.0) / count}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _dummy_batch(config) -> dict[str, np.ndarray]:
+  s, l = config.data.image_size, config.data.max_length
+  return {"image": np.zeros((1, s, s, 1), np.uint8), "input_ids": np.zeros((1, l), np.int32),
+          "attention_mask": np.ones((1, l), np.int32)}
+
+
+def rngs(config) -> tuple[jax.Array, jax.Array]:
+  """(init rng, step rng) derived from config.seed."""
+  return tuple(jax.random.split(jax.random.key(config.seed)))
+
+
+def init_variables(model, config, rng: jax.Array) -> dict:
+  """Randomly initialised flax variables ({'params', 'batch_stats'}) for a 1-example batch."""
+  dummy = _dummy_batch(config)
+  return model.init({"params": rng, "dropout": rng}, dummy["image"], dummy["input_ids"],
+                    dummy["attention_mask"], train=False)
+
+
+def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, default=str))
+  os.replace(tmp, path)
+
+
+def _fmt_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class _Preemption:
+  """SIGTERM (as sent by schedulers before preemption) -> save at the next step and stop."""
+
+  def __init__(self):
+    self.requested = False
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: checkpointing at the next step, then stopping.")
+    self.requested = True
+
+
+# ----------------------------------------------------------------------------- main entry
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) in `workdir`; returns the last logged train and eval metrics."""
+  check_config(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    _write_json_atomic(workdir / "config.json", config.to_dict())
+
+  # Mesh.
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.batch_size, mesh)
+  logging.info("mesh: %d devices (%s) over %d processes", mesh.devices.size,
+               jax.devices()[0].platform, jax.process_count())
+
+  # Input: the sample is prepared on first use; the tokenizer comes from the text checkpoint.
+  input_pipeline.prepare(config)
+  tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
+
+  # Model & optimizer.
+  model = models.build(config.model)
+  loss_impl = losses.LOSSES[config.loss.name]
+  loss_fn = lambda out, mask=None: loss_impl(out, config.loss, mask)  # noqa: E731
+  init_rng, step_rng = rngs(config)
+  init_fn = functools.partial(init_variables, model, config)
+  abstract_vars = jax.eval_shape(init_fn, init_rng)
+  mask = trainable_mask(abstract_vars["params"], config.model)
+  tx = make_optimizer(config.optimizer, mask)
+
+  def make_state(variables):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(variables["params"]))
+
+  # Shardings: derived from shapes, so parameters are born sharded.
+  abstract_state = jax.eval_shape(make_state, abstract_vars)
+  state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding.rules)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+      state_sharding)
+
+  # Checkpoint restore, else fresh init (+ pretrained weights where configured).
+  mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    state, data_state = checkpoint.restore(mngr, abstract_state)
+    if data_state.get("seed") != config.seed:
+      raise ConfigError(f"config.seed={config.seed} differs from the seed "
+                        f"{data_state.get('seed')} of the run being resumed in {workdir}")
+    start_step = int(data_state["batches_consumed"])
+    logging.info("resumed from checkpoint step %d in %s", start_step, mngr.directory)
+  else:
+    variables = jax.jit(init_fn)(init_rng)
+    variables = weights.init_from_pretrained(jax.device_get(variables), config.model)
+    var_sharding = {"params": state_sharding.params, "batch_stats": state_sharding.batch_stats}
+    variables = {k: variables.get(k, {}) for k in var_sharding}
+    state = jax.jit(make_state, in_shardings=(var_sharding,), out_shardings=state_sharding)(
+        jax.device_put(variables, var_sharding))
+    start_step = 0
+
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  n_train = sum(x.size for x, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mask)) if m)
+  logging.info("model %s: %.1fM params, %.1fM trainable", config.model.name, n_params / 1e6,
+               n_train / 1e6)
+
+  # Update step: jitted with explicit shardings; the old state is donated.
+  batch_shard = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(
+      lambda st, b: train_step(st, b, model=model, tx=tx, loss_fn=loss_fn, mask=mask,
+                               rng=step_rng),
+      in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, None),
+      donate_argnums=0)
+  eval_fn = jax.jit(lambda st, b: eval_step(st, b, model=model, loss_fn=loss_fn),
+                    in_shardings=(state_sharding, batch_shard))
+
+  train_iter = input_pipeline.create_train_iterator(
+      config, tokenizer, start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  writer = metric_writers.create_default_writer(
+      str(workdir / "tensorboard"), just_logging=not is_chief, asynchronous=True)
+  if start_step == 0:
+    writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
+
+  # Compile ahead of the loop, so the first progress line already times a real step.
+  t0 = time.perf_counter()
+  first = sharding.to_global(next(train_iter), mesh)
+  step_fn = step_fn.lower(state, first).compile()
+  logging.info("compiled the train step in %.1f s", time.perf_counter() - t0)
+
+  preemption = _Preemption()
+  last_train, last_eval = {}, {}
+  acc: TrainMetrics | None = None
+  t_report, step_report = time.perf_counter(), start_step
+  batch = first
+  for step in range(start_step + 1, config.total_steps + 1):
+    if batch is None:
+      batch = sharding.to_global(next(train_iter), mesh)
+    state, metrics = step_fn(state, batch)
+    batch = None
+    m = TrainMetrics.single_from_model_output(**metrics)
+    acc = m if acc is None else acc.merge(m)
+
+    if step % config.log_every == 0 or step == config.total_steps or step == start_step + 1:
+      last_train = {f"train_{k}": float(v) for k, v in acc.compute().items()}
+      acc = None
+      now = time.perf_counter()
+      sec_per_step = (now - t_report) / (step - step_report)
+      t_report, step_report = now, step
+      writer.write_scalars(step, dict(last_train, sec_per_step=sec_per_step))
+      logging.info("step %d/%d | loss %.4f | %.2f s/step | %.1f examples/s | ETA %s", step,
+                   config.total_steps, last_train["train_loss"], sec_per_step,
+                   config.batch_size / sec_per_step,
+                   _fmt_duration(sec_per_step * (config.total_steps - step)))
+
+    val_loss = None
+    if step % config.eval_every == 0 or step == config.total_steps:
+      last_eval = evaluate(eval_fn, state, config, tokenizer, mesh)
+      val_loss = last_eval["val_loss"]
+      writer.write_scalars(step, last_eval)
+      logging.info("step %d | validation loss %.4f | image->text top-1 %.3f", step, val_loss,
+                   last_eval["val_acc_i2t"])
+
+    stop = preemption.requested or mngr.reached_preemption(step)
+    if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
+      checkpoint.save(mngr, step, state, {"batches_consumed": step, "seed": config.seed},
+                      val_loss=val_loss)
+    if stop:
+      logging.warning("stopping at step %d for preemption; rerun the command to resume", step)
+      break
+
+  mngr.wait_until_finished()
+  writer.flush()
+  writer.close()
+  mngr.close()
+  return dict(last_train, **last_eval)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

@@ -1,0 +1,152 @@
+"""End to end on the real sample through the real CLI: smoke training, TensorBoard, Orbax
+checkpoints, resume after SIGKILL, frozen layers, and one-line errors on bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, read_scalars, run_main
+
+SMOKE = "configs/convirt.py:smoke"
+
+
+def smoke_args(workdir, tfds_dir, *extra):
+  return (f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}",
+          *extra)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tfds_dir, sample_data_dir):
+  workdir = tmp_path_factory.mktemp("smoke")
+  proc = run_main(*smoke_args(workdir, tfds_dir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_smoke_loss_decreases_and_logs(smoke_run):
+  workdir, proc = smoke_run
+  scalars = read_scalars(workdir / "tensorboard")
+  losses = scalars["train_loss"]
+  assert sorted(losses) == list(range(1, 31))
+  first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean(
+      [losses[s] for s in range(26, 31)])
+  assert last < first, (first, last)
+  assert set(scalars["val_loss"]) == {10, 20, 30}
+  assert all(np.isfinite(v) for v in scalars["val_loss"].values())
+  # The progress line: step, loss, s/step, examples/s and an ETA.
+  assert "step 1/30 | loss" in proc.stderr and "ETA" in proc.stderr
+
+
+def test_checkpoint_restores(smoke_run, tfds_dir):
+  from medvl_jax import checkpoint
+  workdir, _ = smoke_run
+  mngr = checkpoint.manager(workdir, read_only=True)
+  assert mngr.latest_step() == 30
+  # Best by validation loss is preserved next to the latest ones.
+  assert mngr.best_step() in mngr.all_steps()
+  restored = mngr.restore(30)
+  assert int(restored["state"]["step"]) == 30
+  assert restored["data"] == {"batches_consumed": 30, "seed": 0}
+  leaves = jax.tree.leaves(restored["state"]["params"])
+  assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+
+
+def _smoke_config(tfds_dir):
+  from configs import convirt
+  cfg = convirt.get_config("smoke")
+  cfg.data.data_dir = str(tfds_dir)
+  return cfg
+
+
+def test_frozen_layers_bit_identical_and_stateless(smoke_run, tfds_dir):
+  from medvl_jax import checkpoint, models, train
+  workdir, _ = smoke_run
+  cfg = _smoke_config(tfds_dir)
+  model = models.build(cfg.model)
+  init_rng, _ = train.rngs(cfg)
+  init = jax.device_get(jax.jit(lambda r: train.init_variables(model, cfg, r))(init_rng))
+  final = checkpoint.manager(workdir, read_only=True).restore(30)["state"]["params"]
+  mask = train.trainable_mask(init["params"], cfg.model)
+  flat_init = jax.tree_util.tree_flatten_with_path(init["params"])[0]
+  flat_final = jax.tree.leaves(final)
+  flat_mask = jax.tree.leaves(mask)
+  n_frozen = 0
+  for (path, a), b, trainable in zip(flat_init, flat_final, flat_mask):
+    name = jax.tree_util.keystr(path)
+    if trainable:
+      assert not np.array_equal(a, b), f"trainable {name} did not change"
+    else:
+      n_frozen += 1
+      assert np.array_equal(a, b), f"frozen {name} changed"
+  # Smoke BERT has 2 layers: embeddings + layer 0 frozen, layer 1 trained.
+  assert n_frozen > 0
+  assert "text/encoder/layer/0/" in "\n".join(
+      "/".join(str(getattr(k, "key", k)) for k in p) for (p, _), m in zip(flat_init, flat_mask)
+      if not m)
+  # No optimizer state for frozen params: Adam's moments exist only for trainable leaves.
+  tx = train.make_optimizer(cfg.optimizer, mask)
+  opt_leaves = jax.tree.leaves(jax.eval_shape(tx.init, init["params"]))
+  n_trainable = sum(flat_mask)
+  assert len(opt_leaves) == 2 * n_trainable + 1  # mu, nu per trainable leaf + Adam's count
+
+
+def test_resume_after_sigkill_matches_uninterrupted(smoke_run, tfds_dir, tmp_path):
+  reference = read_scalars(smoke_run[0] / "tensorboard")["train_loss"]
+  workdir = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "medvl_jax.main", *smoke_args(workdir, tfds_dir)]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  first_ckpt = workdir / "checkpoints" / "10"
+  deadline = time.time() + 240
+  while not first_ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert first_ckpt.exists(), "no checkpoint appeared"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  resumed = run_main(*smoke_args(workdir, tfds_dir))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from checkpoint step" in resumed.stderr
+  start = int(resumed.stderr.split("resumed from checkpoint step ")[1].split()[0])
+  assert start >= 10
+  losses = read_scalars(workdir / "tensorboard")["train_loss"]
+  for step in range(start + 1, 31):
+    # Same program, same data, same RNG: CPU XLA is deterministic, so equal to float32 noise.
+    np.testing.assert_allclose(losses[step], reference[step], rtol=1e-6, err_msg=f"step {step}")
+
+
+# ----------------------------------------------------------------------------- bad input
+def _one_line_error(proc, *needles):
+  assert proc.returncode != 0
+  err_lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  last = err_lines[-1]
+  for needle in needles:
+    assert needle in last, f"{needle!r} not in last line {last!r}\n{proc.stderr[-2000:]}"
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_error_sample_data_missing(tmp_path):
+  proc = run_main(*smoke_args(tmp_path / "w", tmp_path / "empty_tfds"),
+                  env={"MEDVL_SAMPLE_DIR": str(tmp_path / "nowhere")})
+  _one_line_error(proc, str(tmp_path / "nowhere"), "shared/data")
+
+
+def test_error_unknown_config_key(tmp_path):
+  proc = run_main(*smoke_args(tmp_path / "w", tmp_path), "--config.no_such_key=1")
+  _one_line_error(proc, "no_such_key")
+
+
+@pytest.mark.parametrize("key,valid", [("model.name", "convirt"), ("data.name", "cxr_sample")])
+def test_error_unknown_registry_name(tmp_path, key, valid):
+  proc = run_main(*smoke_args(tmp_path / "w", tmp_path), f"--config.{key}=nope")
+  _one_line_error(proc, f"config.{key}='nope'", valid)
+
+
+def test_error_batch_not_divisible_by_devices(tmp_path):
+  proc = run_main(*smoke_args(tmp_path / "w", tmp_path), "--config.batch_size=6",
+                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  _one_line_error(proc, "batch_size=6", "4 devices")
