@@ -1,0 +1,92 @@
+"""Hugging Face BERT checkpoints (local directory) <-> `medvl_jax.models.bert.BertModel`."""
+import json
+import os
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medvl_jax import weights
+from medvl_jax.errors import WeightsError
+from medvl_jax.models.bert import BertConfig, BertModel
+
+# Preferred first. Sharded checkpoints (*.index.json) are not supported.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_IGNORED_PREFIXES = ("pooler.", "cls.")
+_IGNORED_SUFFIXES = ("position_ids", "token_type_ids")  # Registered buffers, not weights.
+
+
+def read_config(path: str | os.PathLike) -> BertConfig:
+  """Reads `<path>/config.json` of a HF BERT directory."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise WeightsError(f"{path}: BERT checkpoint directory not found")
+  config_file = path / "config.json"
+  if not config_file.is_file():
+    raise WeightsError(f"{config_file}: not found (expected a Hugging Face BERT directory)")
+  try:
+    d = json.loads(config_file.read_text())
+  except (OSError, ValueError) as e:
+    raise WeightsError(f"{config_file}: cannot parse: {e}") from e
+  if not isinstance(d, dict):
+    raise WeightsError(f"{config_file}: expected a JSON object")
+  return BertConfig.from_hf(d, source=str(config_file))
+
+
+def param_shapes(config: BertConfig) -> Mapping[str, Any]:
+  """Abstract `params` tree (shapes only) of `BertModel(config)`."""
+  ids = jnp.zeros((1, 1), jnp.int32)
+  init = lambda: BertModel(config).init(jax.random.key(0), ids, ids)
+  return jax.eval_shape(init)["params"]
+
+
+def normalise_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Drops pooler/`cls.*`/buffers, strips a `bert.` prefix, renames legacy gamma/beta."""
+  out = {}
+  for name, value in state_dict.items():
+    if name.startswith("bert."):
+      name = name[len("bert."):]
+    if name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES):
+      continue
+    if name.endswith("LayerNorm.gamma"):
+      name = name[:-len("gamma")] + "weight"
+    elif name.endswith("LayerNorm.beta"):
+      name = name[:-len("beta")] + "bias"
+    out[name] = value
+  return out
+
+
+def from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: BertConfig,
+                       source: str) -> dict[str, Any]:
+  """HF BertModel state dict (any prefix/extras) -> flax `params` of `BertModel(config)`."""
+  trees = weights.from_torch(normalise_keys(state_dict), {"params": param_shapes(config)},
+                             source)
+  return trees["params"]
+
+
+def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Flax `BertModel` params -> HF `BertModel` state dict (no prefix, no pooler)."""
+  return weights.to_torch(params)
+
+
+def load_bert(path: str | os.PathLike) -> tuple[BertConfig, dict[str, Any]]:
+  """Reads a local HF BERT directory (config.json + model.safetensors or pytorch_model.bin).
+
+  Returns:
+    The config and the flax `params` tree of `BertModel(config)` as float32 NumPy arrays.
+
+  Raises:
+    WeightsError: one line naming the directory/file and what is wrong.
+  """
+  path = pathlib.Path(path)
+  config = read_config(path)
+  for name in WEIGHT_FILES:
+    if (path / name).is_file():
+      weights_file = path / name
+      break
+  else:
+    raise WeightsError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+  state_dict = weights.read_state_dict(weights_file)
+  return config, from_hf_state_dict(state_dict, config, str(weights_file))
