@@ -1,0 +1,242 @@
+"""tfds builder for the bundled real sample (`../shared/data`, see its README).
+
+Configs:
+  paired:    `covid_cxr_notes/` chest X-ray PNGs with their clinical notes.
+  text_only: `iu_reports/iu_reports_2000.csv` IU/Open-i radiology reports (no images).
+
+The data is read from `dl_manager.manual_dir`, which must be the sample folder itself:
+
+  builder = Builder(config='paired', data_dir=...)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=SAMPLE_DIR, try_download_gcs=False))
+
+Splits are by patient (a hash of the patient id, so no patient is in two splits; each IU
+report counts as its own patient). Bad records are skipped and counted per reason; the counts
+are logged and stored in `builder.info.metadata['skipped']`.
+"""
+import collections
+import csv
+import hashlib
+import io
+import struct
+from typing import Any, Iterator
+
+from absl import logging
+from etils import epath
+import numpy as np
+from PIL import Image as PILImage
+import tensorflow_datasets as tfds
+
+from data_pipelines import sentences as sentences_lib
+from medvl_jax.errors import DataError
+
+PAIRED_CSV = "covid_cxr_notes/pairs.csv"
+IU_CSV = "iu_reports/iu_reports_2000.csv"
+# Patient-hash buckets out of 100: [0, 80) train, [80, 90) validation, [90, 100) test.
+SPLIT_BUCKETS = (("train", 80), ("validation", 90), ("test", 100))
+
+_CITATION = """\
+@article{cohen2020covid, title={COVID-19 Image Data Collection: Prospective Predictions Are
+  the Future}, author={Cohen, Joseph Paul and Morrison, Paul and Dao, Lan and Roth, Karsten
+  and Duong, Tim Q and Ghassemi, Marzyeh}, journal={arXiv 2006.11988}, year={2020}}
+@article{demner2016preparing, title={Preparing a collection of radiology examinations for
+  distribution and retrieval}, author={Demner-Fushman, Dina and others},
+  journal={JAMIA}, volume={23}, number={2}, pages={304--310}, year={2016}}
+"""
+
+
+def split_for_patient(patient_id: str) -> str:
+  """Deterministic patient-level split: sha256 of the id mapped to 100 buckets."""
+  digest = hashlib.sha256(patient_id.strip().encode("utf-8")).hexdigest()
+  bucket = int(digest[:8], 16) % 100
+  for name, upper in SPLIT_BUCKETS:
+    if bucket < upper:
+      return name
+  raise AssertionError(bucket)  # Unreachable.
+
+
+def strip_iccp(png: bytes) -> bytes:
+  """Drops iCCP chunks (lossless): libpng warns on every decode of an RGB profile in a gray
+  PNG, which would flood training logs."""
+  out, pos = [png[:8]], 8
+  while pos + 8 <= len(png):
+    length = struct.unpack(">I", png[pos:pos + 4])[0]
+    end = pos + 12 + length
+    if png[pos + 4:pos + 8] != b"iCCP":
+      out.append(png[pos:end])
+    pos = end
+  return b"".join(out)
+
+
+def read_grayscale_png(path) -> bytes:
+  """Returns the file as 8-bit grayscale PNG bytes (as stored, less iCCP, if it is one).
+
+  Raises:
+    OSError / ValueError (from PIL) if the file cannot be decoded.
+  """
+  data = path.read_bytes()
+  with PILImage.open(io.BytesIO(data)) as img:
+    img.load()  # Full decode: catches truncated or corrupt files.
+    if img.format == "PNG" and img.mode == "L":
+      return strip_iccp(data) if "icc_profile" in img.info else data
+    if img.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit or float: rescale to 8 bits.
+      arr = np.asarray(img, dtype=np.float32)
+      arr = arr * (255.0 / max(float(arr.max()), 1.0))
+      img = PILImage.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
+    else:
+      img = img.convert("L")
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _read_csv(path) -> list[dict[str, str]]:
+  if not path.exists():
+    raise DataError(f"{path}: sample CSV not found (manual_dir must be the sample folder "
+                    "holding covid_cxr_notes/ and iu_reports/)")
+  return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """The bundled real chest X-ray sample: paired image-note data and text-only reports."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(
+          name="paired", description="covid_cxr_notes: CXR images with clinical notes."),
+      tfds.core.BuilderConfig(
+          name="text_only", description="iu_reports: IU/Open-i radiology reports, no images."),
+  ]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Pass the sample folder (holding covid_cxr_notes/ and iu_reports/, normally "
+      "../shared/data beside the repo or $MEDVL_SAMPLE_DIR) as manual_dir.")
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # tfds 4.9.10 computes this through the `importlib_resources` backport, which is not
+    # installed on Python >= 3.9; the module file is what it would return.
+    return epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    if self.builder_config.name == "paired":
+      features = {
+          "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
+                                       encoding_format="png"),
+          "image_id": tfds.features.Text(),
+          "text": tfds.features.Text(),
+          "sentences": tfds.features.Sequence(tfds.features.Text()),
+          "finding": tfds.features.Text(),
+          "patient_id": tfds.features.Text(),
+          "view": tfds.features.Text(),
+      }
+    else:
+      features = {
+          "report_id": tfds.features.Text(),
+          "findings": tfds.features.Text(),
+          "impression": tfds.features.Text(),
+          "text": tfds.features.Text(),
+          "sentences": tfds.features.Sequence(tfds.features.Text()),
+          "is_normal": tfds.features.Scalar(dtype=np.int32),
+      }
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(features),
+        metadata=tfds.core.MetadataDict(),
+        citation=_CITATION,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    try:
+      root = dl_manager.manual_dir
+    except AssertionError as e:  # tfds: "Manual directory <path> does not exist or is empty."
+      raise DataError(f"cxr_sample: {str(e).splitlines()[0]}") from e
+    self._skipped = collections.Counter()
+    if self.builder_config.name == "paired":
+      rows, patient_key = _read_csv(root / PAIRED_CSV), "patientid"
+    else:
+      rows, patient_key = _read_csv(root / IU_CSV), "report_id"
+    by_split = collections.defaultdict(list)
+    for row in rows:
+      by_split[split_for_patient(row[patient_key])].append(row)
+    return {name: self._generate_examples(root, by_split[name], name)
+            for name, _ in SPLIT_BUCKETS}
+
+  def _generate_examples(self, root, rows, split):
+    if self.builder_config.name == "paired":
+      return self._paired_examples(root, rows, split)
+    return self._text_only_examples(root, rows, split)
+
+  def _skip(self, reason: str, record: str) -> None:
+    self._skipped[reason] += 1
+    logging.warning("cxr_sample/%s: skipping %s (%s)", self.builder_config.name, record, reason)
+
+  def _finish_split(self, split: str, kept: int) -> None:
+    self.info.metadata["skipped"] = dict(sorted(self._skipped.items()))
+    logging.info("cxr_sample/%s: split %s: %d examples", self.builder_config.name, split, kept)
+
+  def _paired_examples(self, root, rows, split) -> Iterator[tuple[str, dict[str, Any]]]:
+    kept = 0
+    for row in rows:
+      image_id = row["image_file"].rsplit("/", 1)[-1]
+      text = row["clinical_notes"].strip()
+      path = root / "covid_cxr_notes" / row["image_file"]
+      if not text:
+        self._skip("empty_text", image_id)
+        continue
+      sentences = sentences_lib.split_sentences(text)
+      if not sentences:
+        self._skip("no_sentences", image_id)
+        continue
+      if not path.exists():
+        self._skip("missing_image", str(path))
+        continue
+      try:
+        image = read_grayscale_png(path)
+      except (OSError, ValueError, SyntaxError) as e:
+        self._skip("unreadable_image", f"{path}: {type(e).__name__}")
+        continue
+      kept += 1
+      yield image_id, {
+          "image": image,
+          "image_id": image_id,
+          "text": text,
+          "sentences": sentences,
+          "finding": row["finding"].strip(),
+          "patient_id": row["patientid"].strip(),
+          "view": row["view"].strip(),
+      }
+    self._finish_split(split, kept)
+
+  def _text_only_examples(self, root, rows, split) -> Iterator[tuple[str, dict[str, Any]]]:
+    del root  # Text only.
+    kept = 0
+    for row in rows:
+      report_id = row["report_id"].strip()
+      findings, impression = row["findings"].strip(), row["impression"].strip()
+      text = " ".join(t for t in (findings, impression) if t)
+      if not text:
+        self._skip("empty_text", f"report {report_id}")
+        continue
+      sentences = (sentences_lib.split_sentences(findings)
+                   + sentences_lib.split_sentences(impression))
+      if not sentences:
+        self._skip("no_sentences", f"report {report_id}")
+        continue
+      kept += 1
+      yield report_id, {
+          "report_id": report_id,
+          "findings": findings,
+          "impression": impression,
+          "text": text,
+          "sentences": sentences,
+          "is_normal": int(row["is_normal"] or 0),
+      }
+    self._finish_split(split, kept)
+
+  def _post_download_and_prepare_hook(self) -> None:
+    skipped = dict(self.info.metadata.get("skipped", {}))
+    logging.info("cxr_sample/%s: built %s; skipped %d bad records %s",
+                 self.builder_config.name,
+                 {k: v.num_examples for k, v in self.info.splits.items()},
+                 sum(skipped.values()), skipped)
