@@ -37,7 +37,9 @@ def manager(workdir: str | pathlib.Path, keep: int = 2, read_only: bool = False
       create=not read_only,
   )
   directory = pathlib.Path(workdir).absolute() / "checkpoints"
-  return ocp.CheckpointManager(directory, item_names=("state", "data"), options=options)
+  # Handlers named up front, so tools (export, evaluate) can restore without a target tree.
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict,

@@ -59,12 +59,41 @@ def main(argv):
     train.train_and_evaluate(_CONFIG.value, workdir)
   except MedvlError as e:
     logging.flush()
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _die(str(e))
 
 
 FLAGS = flags.FLAGS
 
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with config mistakes reported as one line instead of a traceback."""
+  try:
+    rest = FLAGS(argv)
+    if FLAGS["config"].present:
+      FLAGS.config.to_dict()  # a failed load surfaces on first attribute access: do it here
+    return rest
+  except flags.Error as e:
+    _die(_last_line(e))
+  except (AttributeError, KeyError) as e:  # ml_collections: override of a key that is absent
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    _die(f"config key {str(e).strip(chr(34) + chr(39))!r} does not exist "
+         f"(overrides given: {' '.join(overrides)})")
+  except (OSError, ValueError, TypeError) as e:  # missing config file, bad value or variant
+    _die(f"--config: {_last_line(e)}")
+  return []
+
+
+def _last_line(e: Exception) -> str:
+  """ml_collections embeds tracebacks in its messages; the last line says what is wrong."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
+def _die(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

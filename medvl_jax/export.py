@@ -1,0 +1,334 @@
+r"""Export a ConVIRT run to PyTorch / Hugging Face files.
+
+  python -m medvl_jax.export --workdir=runs/convirt --out=exported [--step=N] [--overwrite]
+
+Writes (see docs/pytorch.md for the PyTorch side):
+  OUT/image_encoder/model.safetensors    torchvision ResNet state dict without `fc.*`: set
+                                         `model.fc = torch.nn.Identity()`, then
+                                         `load_state_dict(..., strict=True)`
+  OUT/image_encoder/preprocessing.json   what to do to pixels to match `ConVIRT.encode_image`
+  OUT/text_encoder/                      Hugging Face BERT directory (config, weights, tokenizer)
+  OUT/projection_heads.safetensors       `image.fc1.weight` [out, in], ... (torch Linear layout)
+  OUT/export.json                        config, step, source, versions, the embedding math
+
+OUT is written into a sibling `OUT.tmp-*` directory that is renamed to OUT when complete, so
+OUT is either the previous content or the complete export, never a partial one.
+"""
+import importlib.metadata
+import json
+import os
+import pathlib
+import secrets
+import shutil
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import safetensors.numpy
+
+from medvl_jax import checkpoint
+from medvl_jax import models
+from medvl_jax import weights
+from medvl_jax.errors import MedvlError, WeightsError
+from medvl_jax.weights import hf_bert, torchvision_resnet
+
+POOLING = ("max over non-padding tokens: h_u[j] = max over tokens t with attention_mask[t] == 1 "
+           "of last_hidden_state[t, j]; a row without any token gives zeros")
+EMBEDDING = {
+    "image": "z_v = fc2(relu(fc1(h_v))), h_v = image_encoder(preprocess(pixels)) (pooled)",
+    "text": "z_u = fc2(relu(fc1(h_u))), h_u = pooling(text_encoder(input_ids, attention_mask))",
+    "similarity": "cosine: <z_v / |z_v|, z_u / |z_u|>; the training loss divides it by "
+                  "loss.temperature",
+    "heads": "projection_heads.safetensors: fc(x) = x @ weight.T + bias (torch.nn.Linear)",
+}
+_ST_METADATA = {"format": "pt"}  # transformers and safetensors.torch expect this tag.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                   "special_tokens_map.json", "added_tokens.json")
+_VERSIONS = ("medvl_jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "transformers",
+             "safetensors", "numpy", "torch", "torchvision")
+
+
+# ----------------------------------------------------------------------------- reading the run
+def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The config a run was trained with (`<workdir>/config.json`, written by train.py)."""
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise WeightsError(f"{path}: not found (is {workdir} a training workdir?)")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (OSError, ValueError) as e:
+    raise WeightsError(f"{path}: cannot parse: {e}") from e
+
+
+def _abstract_variables(model: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  s, length = config.data.image_size, config.data.max_length
+  images = jnp.zeros((1, s, s, 1), jnp.uint8)
+  ids = jnp.zeros((1, length), jnp.int32)
+  key = jax.random.key(0)
+  return jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, images, ids,
+                                           jnp.ones_like(ids), train=False))
+
+
+def restore_variables(workdir: pathlib.Path, config: ml_collections.ConfigDict, model: Any,
+                      step: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+  """Restores (step, params, batch_stats) as host NumPy arrays; the optimizer state is skipped.
+
+  Raises:
+    WeightsError: no checkpoints, `step` not among them (lists the available ones), or a
+      checkpoint that does not fit the model built from the run's config.
+  """
+  ckpt_dir = workdir / "checkpoints"
+  if not ckpt_dir.is_dir():
+    raise WeightsError(f"{ckpt_dir}: no checkpoints (train first, or check --workdir)")
+  mngr = checkpoint.manager(workdir, read_only=True)
+  try:
+    steps = sorted(mngr.all_steps())
+    if not steps:
+      raise WeightsError(f"{ckpt_dir}: no complete checkpoints")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise WeightsError(f"no checkpoint for step {step} in {ckpt_dir} "
+                         f"(available: {', '.join(map(str, steps))})")
+    step_dir = ocp.step.find_step_path(mngr.directory, ocp.step.standard_name_format(),
+                                       step=step)
+  finally:
+    mngr.close()
+  # The `state` item alone, without the optimizer state, straight to host NumPy arrays.
+  abstract = _abstract_variables(model, config)
+  item = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract["params"],
+          "batch_stats": abstract.get("batch_stats", {})}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      state = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+          item, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    raise WeightsError(f"{step_dir}: cannot restore it for the model of "
+                       f"{workdir / 'config.json'}: {type(e).__name__}: {first_line}") from e
+  _check_shapes(state, item, f"{ckpt_dir}/{step}", workdir / "config.json")
+  return step, state["params"], state["batch_stats"]
+
+
+def _check_shapes(restored: Any, wanted: Any, source: str, config_file: pathlib.Path) -> None:
+  """Orbax restores the stored shapes whatever the target: compare them with the model's."""
+  def shapes(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(np.shape(x)) for path, x in flat}
+  got = shapes(restored)
+  bad = [f"{k} checkpoint {got.get(k)} vs model {shape}"
+         for k, shape in shapes(wanted).items() if got.get(k) != shape]
+  if bad:
+    raise WeightsError(f"{source}: does not fit the model of {config_file}: "
+                       f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+
+
+# ----------------------------------------------------------------------------- state dicts
+def image_state_dict(params: Any, batch_stats: Any) -> dict[str, np.ndarray]:
+  """torchvision ResNet state dict (no `fc.*`), `num_batches_tracked` as int64 zeros."""
+  out = torchvision_resnet.to_torchvision_state_dict(params, batch_stats)
+  for name in [n for n in out if n.endswith(".running_mean")]:
+    # Not tracked in JAX; torch reads it only for BatchNorm(momentum=None).
+    out[name[:-len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+  return out
+
+
+def text_state_dict(params: Any, hidden_size: int) -> dict[str, np.ndarray]:
+  """HF BertModel state dict; `pooler.*` zeros (unused by ConVIRT) so loading warns of none."""
+  out = hf_bert.to_hf_state_dict(params)
+  out["pooler.dense.weight"] = np.zeros((hidden_size, hidden_size), np.float32)
+  out["pooler.dense.bias"] = np.zeros((hidden_size,), np.float32)
+  return out
+
+
+def heads_state_dict(params: Any) -> dict[str, np.ndarray]:
+  """{'image.fc1.weight': [out, in], 'image.fc1.bias': [out], ..., 'text.fc2.bias'}."""
+  return weights.to_torch({"image": params["image_proj"], "text": params["text_proj"]})
+
+
+def image_preprocessing(config: ml_collections.ConfigDict, model: Any) -> dict[str, Any]:
+  """What a PyTorch user does to pixels to feed the exported ResNet as `encode_image` does."""
+  enc = model.image_encoder
+  stages, width = tuple(enc.stage_sizes), int(enc.width)
+  resnet50 = stages == (3, 4, 6, 3) and width == 64
+  return {
+      "architecture": "torchvision.models.resnet50" if resnet50 else
+                      f"ResNet v1.5 bottleneck, stage_sizes={list(stages)}, width={width}",
+      "fc": "not exported: set model.fc = torch.nn.Identity() before load_state_dict",
+      "feature_dim": 4 * width * 2 ** (len(stages) - 1),
+      "input": "8-bit grayscale image (PIL mode 'L'), values 0..255",
+      "resize": int(config.data.resize),
+      "crop_size": int(config.data.image_size),
+      "resize_crop": "eval transform: shorter side to `resize` (bilinear, antialiased), then "
+                     "the central crop_size x crop_size window",
+      "scale": "x / 255 in float32",
+      "grayscale_to_rgb": "repeat the one channel 3 times",
+      "mean": [float(m) for m in model.image_mean],
+      "std": [float(s) for s in model.image_std],
+      "normalise": "(x - mean) / std per channel",
+      "layout": "torch NCHW [N, 3, crop_size, crop_size] (JAX: NHWC)",
+  }
+
+
+def _versions() -> dict[str, str]:
+  out = {}
+  for name in _VERSIONS:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def _save(tensors: dict[str, np.ndarray], path: pathlib.Path) -> None:
+  tensors = {k: np.ascontiguousarray(v, np.float32 if np.issubdtype(np.asarray(v).dtype,
+                                                                    np.floating) else None)
+             for k, v in tensors.items()}
+  # Written through Python (not save_file) so that the file mode follows the umask.
+  path.write_bytes(safetensors.numpy.save(tensors, metadata=_ST_METADATA))
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+  path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- writing
+def _check_out(out: pathlib.Path, overwrite: bool) -> None:
+  if not out.exists():
+    return
+  if not out.is_dir():
+    raise WeightsError(f"{out}: exists and is not a directory")
+  if any(out.iterdir()):
+    if not overwrite:
+      raise WeightsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    if not (out / "export.json").is_file():
+      raise WeightsError(f"{out}: not an export directory (no export.json); refusing to "
+                         "replace it")
+
+
+def _install(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
+  """Renames the complete `tmp` to `out`; a previous export is removed only afterwards."""
+  if out.exists() and any(out.iterdir()):
+    _check_out(out, overwrite)
+    old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old)
+  else:
+    os.replace(tmp, out)  # An empty directory at `out` is replaced atomically.
+
+
+def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
+           overwrite: bool = False) -> dict[str, Any]:
+  """Exports checkpoint `step` (default: latest) of a ConVIRT run; returns export.json's dict.
+
+  Raises:
+    WeightsError (or another MedvlError): one line naming what is missing or wrong.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  out = pathlib.Path(out).absolute()
+  if not workdir.is_dir():
+    raise WeightsError(f"{workdir}: workdir not found")
+  config = load_run_config(workdir)
+  if config.model.name != "convirt":
+    raise WeightsError(f"{workdir}: model.name={config.model.name!r}; export supports "
+                       "'convirt' only")
+  _check_out(out, overwrite)
+  tokenizer_dir = config.model.text.tokenizer or config.model.text.init
+  if not tokenizer_dir or not pathlib.Path(tokenizer_dir).is_dir():
+    raise WeightsError(f"tokenizer directory of the run not found: {str(tokenizer_dir)!r} "
+                       "(config.model.text.tokenizer or .init)")
+  model = models.build(config.model)
+  step, params, batch_stats = restore_variables(workdir, config, model, step)
+  bert = model.text_encoder.config
+  preprocessing = image_preprocessing(config, model)
+  meta = {
+      "step": int(step),
+      "source_workdir": str(workdir),
+      "model": "convirt",
+      "files": {"image_encoder": "image_encoder/model.safetensors",
+                "text_encoder": "text_encoder/", "heads": "projection_heads.safetensors"},
+      "image_preprocessing": preprocessing,
+      "text_preprocessing": {
+          "tokenizer": "text_encoder/ (AutoTokenizer)",
+          "max_length": int(config.data.max_length), "truncation": True,
+          "token_type_ids": "zeros",
+          "padding": "any: padding tokens are masked out of attention and pooling"},
+      "pooling": POOLING,
+      "text_pooler": "pooler.* written as zeros so that AutoModel loads without warnings; "
+                     "ConVIRT does not use it (pooler_output is meaningless)",
+      "embedding": EMBEDDING,
+      "temperature": float(config.loss.temperature),
+      "versions": _versions(),
+      "config": config.to_dict(),
+  }
+
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+  tmp.mkdir()
+  try:
+    (tmp / "image_encoder").mkdir()
+    _save(image_state_dict(params["image"], batch_stats["image"]),
+          tmp / "image_encoder" / "model.safetensors")
+    _write_json(tmp / "image_encoder" / "preprocessing.json", preprocessing)
+    text_dir = tmp / "text_encoder"
+    text_dir.mkdir()
+    _copy_tokenizer(tokenizer_dir, text_dir)
+    _write_json(text_dir / "config.json", bert.to_hf())
+    _save(text_state_dict(params["text"], bert.hidden_size), text_dir / "model.safetensors")
+    _save(heads_state_dict(params), tmp / "projection_heads.safetensors")
+    _write_json(tmp / "export.json", meta)
+    _install(tmp, out, overwrite)
+  except BaseException as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise WeightsError(f"{out}: cannot write the export: {e}") from e
+    raise
+  return meta
+
+
+def _copy_tokenizer(tokenizer_dir: str, text_dir: pathlib.Path) -> None:
+  """Copies the run's tokenizer files unchanged (the ones training loaded)."""
+  src = pathlib.Path(tokenizer_dir)
+  copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+  if "tokenizer.json" not in copied and "vocab.txt" not in copied:
+    raise WeightsError(f"{src}: no tokenizer.json or vocab.txt to export")
+  for name in copied:
+    shutil.copyfile(src / name, text_dir / name)
+
+
+# ----------------------------------------------------------------------------- CLI
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and "
+                               "checkpoints/).")
+_OUT = flags.DEFINE_string("out", None, "Output directory (created; must not exist or be "
+                           "empty unless --overwrite).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export in --out.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)  # Orbax's INFO/WARNING chatter on read-only restores.
+  try:
+    meta = export(_WORKDIR.value, _OUT.value, _STEP.value, _OVERWRITE.value)
+  except MedvlError as e:
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"exported step {meta['step']} of {meta['source_workdir']} to "
+        f"{pathlib.Path(_OUT.value).absolute()}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir", "out"])
+  app.run(main)
