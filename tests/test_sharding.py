@@ -42,7 +42,7 @@ def run(devices):
 
 l8, g8, s8 = run(jax.devices())
 l1, g1, s1 = run(jax.devices()[:1])
-gdiff = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+gdiff = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-6))
             for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)))
 sdiff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(s8), jax.tree.leaves(s1)))
 nonzero = sum(int(np.any(x != 0)) for x in jax.tree.leaves(g1))
@@ -59,7 +59,8 @@ def test_loss_and_grads_8_devices_equal_1_device():
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   # Different reduction orders across 8 shards: float32 round-off only. Loss to 1e-5
-  # relative; every gradient leaf to 1e-4 of its largest entry; BN running stats to 1e-5.
+  # relative; every gradient leaf to 1e-4 of its largest entry (+1e-6 absolute: the key bias
+  # gradient is exactly zero in theory, ~1e-11 round-off in practice); BN stats to 1e-5.
   assert abs(r["l8"] - r["l1"]) <= 1e-5 * abs(r["l1"]), r
   assert r["gdiff"] <= 1e-4, r
   assert r["sdiff"] <= 1e-5, r
