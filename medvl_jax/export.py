@@ -67,7 +67,8 @@ def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
     raise WeightsError(f"{path}: cannot parse: {e}") from e
 
 
-def _abstract_variables(model: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+def abstract_variables(model: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Shapes of `model.init` ({'params', 'batch_stats'}) at the run's input sizes."""
   s, length = config.data.image_size, config.data.max_length
   images = jnp.zeros((1, s, s, 1), jnp.uint8)
   ids = jnp.zeros((1, length), jnp.int32)
@@ -102,7 +103,7 @@ def restore_variables(workdir: pathlib.Path, config: ml_collections.ConfigDict, 
   finally:
     mngr.close()
   # The `state` item alone, without the optimizer state, straight to host NumPy arrays.
-  abstract = _abstract_variables(model, config)
+  abstract = abstract_variables(model, config)
   item = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract["params"],
           "batch_stats": abstract.get("batch_stats", {})}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
@@ -131,24 +132,7 @@ def _check_shapes(restored: Any, wanted: Any, source: str, config_file: pathlib.
                        f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
 
 
-# ----------------------------------------------------------------------------- state dicts
-def image_state_dict(params: Any, batch_stats: Any) -> dict[str, np.ndarray]:
-  """torchvision ResNet state dict (no `fc.*`), `num_batches_tracked` as int64 zeros."""
-  out = torchvision_resnet.to_torchvision_state_dict(params, batch_stats)
-  for name in [n for n in out if n.endswith(".running_mean")]:
-    # Not tracked in JAX; torch reads it only for BatchNorm(momentum=None).
-    out[name[:-len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
-  return out
-
-
-def text_state_dict(params: Any, hidden_size: int) -> dict[str, np.ndarray]:
-  """HF BertModel state dict; `pooler.*` zeros (unused by ConVIRT) so loading warns of none."""
-  out = hf_bert.to_hf_state_dict(params)
-  out["pooler.dense.weight"] = np.zeros((hidden_size, hidden_size), np.float32)
-  out["pooler.dense.bias"] = np.zeros((hidden_size,), np.float32)
-  return out
-
-
+# ----------------------------------------------------------------------------- files
 def heads_state_dict(params: Any) -> dict[str, np.ndarray]:
   """{'image.fc1.weight': [out, in], 'image.fc1.bias': [out], ..., 'text.fc2.bias'}."""
   return weights.to_torch({"image": params["image_proj"], "text": params["text_proj"]})
@@ -189,11 +173,14 @@ def _versions() -> dict[str, str]:
 
 
 def _save(tensors: dict[str, np.ndarray], path: pathlib.Path) -> None:
-  tensors = {k: np.ascontiguousarray(v, np.float32 if np.issubdtype(np.asarray(v).dtype,
-                                                                    np.floating) else None)
-             for k, v in tensors.items()}
+  arrays = {}
+  for name, value in tensors.items():
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.floating):
+      value = value.astype(np.float32)
+    arrays[name] = np.ascontiguousarray(value)
   # Written through Python (not save_file) so that the file mode follows the umask.
-  path.write_bytes(safetensors.numpy.save(tensors, metadata=_ST_METADATA))
+  path.write_bytes(safetensors.numpy.save(arrays, metadata=_ST_METADATA))
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
@@ -201,6 +188,16 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- writing
+def _copy_tokenizer(tokenizer_dir: str, text_dir: pathlib.Path) -> None:
+  """Copies the run's tokenizer files unchanged (the ones training loaded)."""
+  src = pathlib.Path(tokenizer_dir)
+  copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+  if "tokenizer.json" not in copied and "vocab.txt" not in copied:
+    raise WeightsError(f"{src}: no tokenizer.json or vocab.txt to export")
+  for name in copied:
+    shutil.copyfile(src / name, text_dir / name)
+
+
 def _check_out(out: pathlib.Path, overwrite: bool) -> None:
   if not out.exists():
     return
@@ -216,14 +213,18 @@ def _check_out(out: pathlib.Path, overwrite: bool) -> None:
 
 def _install(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
   """Renames the complete `tmp` to `out`; a previous export is removed only afterwards."""
-  if out.exists() and any(out.iterdir()):
-    _check_out(out, overwrite)
-    old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
-    os.rename(out, old)
+  if not (out.exists() and any(out.iterdir())):
+    os.replace(tmp, out)  # Also replaces an empty directory at `out`, atomically.
+    return
+  _check_out(out, overwrite)
+  old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+  os.rename(out, old)
+  try:
     os.rename(tmp, out)
-    shutil.rmtree(old)
-  else:
-    os.replace(tmp, out)  # An empty directory at `out` is replaced atomically.
+  except OSError:
+    os.rename(old, out)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
@@ -276,14 +277,15 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
   tmp.mkdir()
   try:
     (tmp / "image_encoder").mkdir()
-    _save(image_state_dict(params["image"], batch_stats["image"]),
+    _save(torchvision_resnet.to_torchvision_loadable_state_dict(params["image"],
+                                                                batch_stats["image"]),
           tmp / "image_encoder" / "model.safetensors")
     _write_json(tmp / "image_encoder" / "preprocessing.json", preprocessing)
     text_dir = tmp / "text_encoder"
     text_dir.mkdir()
     _copy_tokenizer(tokenizer_dir, text_dir)
     _write_json(text_dir / "config.json", bert.to_hf())
-    _save(text_state_dict(params["text"], bert.hidden_size), text_dir / "model.safetensors")
+    _save(hf_bert.to_hf_state_dict_with_pooler(params["text"]), text_dir / "model.safetensors")
     _save(heads_state_dict(params), tmp / "projection_heads.safetensors")
     _write_json(tmp / "export.json", meta)
     _install(tmp, out, overwrite)
@@ -295,40 +297,41 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
   return meta
 
 
-def _copy_tokenizer(tokenizer_dir: str, text_dir: pathlib.Path) -> None:
-  """Copies the run's tokenizer files unchanged (the ones training loaded)."""
-  src = pathlib.Path(tokenizer_dir)
-  copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
-  if "tokenizer.json" not in copied and "vocab.txt" not in copied:
-    raise WeightsError(f"{src}: no tokenizer.json or vocab.txt to export")
-  for name in copied:
-    shutil.copyfile(src / name, text_dir / name)
-
-
 # ----------------------------------------------------------------------------- CLI
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and "
-                               "checkpoints/).")
-_OUT = flags.DEFINE_string("out", None, "Output directory (created; must not exist or be "
-                           "empty unless --overwrite).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing export in --out.")
+def _define_flags() -> None:
+  """Defined only when run as a script, so importing this module defines no global flags."""
+  flags.DEFINE_string("workdir", None, "Training workdir (holds config.json, checkpoints/).")
+  flags.DEFINE_string("out", None, "Output directory; must not exist or be empty unless "
+                      "--overwrite.")
+  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+  flags.DEFINE_bool("overwrite", False, "Replace a previous export in --out.")
+  flags.mark_flags_as_required(["workdir", "out"])
 
 
-def main(argv):
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
+  fl = flags.FLAGS
+  if not fl["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # Orbax's INFO/WARNING chatter on read-only restores.
   try:
-    meta = export(_WORKDIR.value, _OUT.value, _STEP.value, _OVERWRITE.value)
+    meta = export(fl.workdir, fl.out, fl.step, fl.overwrite)
   except MedvlError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f"exported step {meta['step']} of {meta['source_workdir']} to "
-        f"{pathlib.Path(_OUT.value).absolute()}")
+        f"{pathlib.Path(fl.out).absolute()}")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  _define_flags()
+  app.run(main, flags_parser=_parse_flags)

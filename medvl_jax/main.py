@@ -3,6 +3,7 @@ r"""Entry point: `python -m medvl_jax.main --config=configs/convirt.py [--workdi
 Flags follow ml_collections: `--config.batch_size=64`, `--config.model.text.init=/path/bert`.
 Re-running the same command on the same workdir resumes from the newest complete checkpoint.
 """
+import logging as pylogging
 import os
 import pathlib
 import sys
@@ -40,6 +41,15 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Keeps the console readable: INFO chatter of Orbax/tfds/clu internals is dropped."""
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/clu/", "/etils/")
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -52,6 +62,7 @@ def main(argv):
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir",
                       os.path.expanduser("~/.cache/medvl_jax/xla"))
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
   logging.info("workdir: %s", os.path.abspath(workdir))

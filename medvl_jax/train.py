@@ -311,7 +311,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     val_loss = None
     if step % config.eval_every == 0 or step == config.total_steps:
+      t_eval = time.perf_counter()
       last_eval = evaluate(eval_fn, state, config, tokenizer, mesh)
+      t_report += time.perf_counter() - t_eval  # the train rate excludes evaluation time
       val_loss = last_eval["val_loss"]
       writer.write_scalars(step, last_eval)
       logging.info("step %d | validation loss %.4f | image->text top-1 %.3f", step, val_loss,

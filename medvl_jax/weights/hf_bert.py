@@ -90,3 +90,16 @@ def load_bert(path: str | os.PathLike) -> tuple[BertConfig, dict[str, Any]]:
     raise WeightsError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
   state_dict = weights.read_state_dict(weights_file)
   return config, from_hf_state_dict(state_dict, config, str(weights_file))
+
+
+def to_hf_state_dict_with_pooler(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """`to_hf_state_dict` plus a zero `pooler.*`, so `BertModel` loads with no missing keys.
+
+  The flax model has no pooler (ConVIRT max-pools tokens); a zero pooler makes
+  `pooler_output` all zeros rather than random, so using it by mistake is easy to spot.
+  """
+  out = to_hf_state_dict(params)
+  hidden = out["embeddings.word_embeddings.weight"].shape[1]
+  out["pooler.dense.weight"] = np.zeros((hidden, hidden), np.float32)
+  out["pooler.dense.bias"] = np.zeros((hidden,), np.float32)
+  return out

@@ -49,3 +49,17 @@ def load_resnet50(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, An
   """
   state_dict = weights.read_state_dict(path)
   return from_torchvision_state_dict(state_dict, str(path))
+
+
+def to_torchvision_loadable_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any]
+                                       ) -> dict[str, np.ndarray]:
+  """Like `to_torchvision_state_dict`, plus `num_batches_tracked` (int64 zeros) per BatchNorm.
+
+  The result loads with `load_state_dict(strict=True)` into the torchvision model once its
+  `fc` is `torch.nn.Identity()`. JAX does not count batches; torch reads the count only for
+  BatchNorm with `momentum=None`.
+  """
+  out = to_torchvision_state_dict(params, batch_stats)
+  for name in [n for n in out if n.endswith(".running_mean")]:
+    out[name[:-len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+  return out
