@@ -10,11 +10,10 @@ import functools
 import json
 import os
 import pathlib
-import re
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 from clu import metric_writers
@@ -23,23 +22,15 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 
 from medvl_jax import checkpoint
 from medvl_jax import input_pipeline
 from medvl_jax import losses
 from medvl_jax import models
 from medvl_jax import sharding
+from medvl_jax import step as step_lib
 from medvl_jax import weights
 from medvl_jax.errors import ConfigError
-
-
-class TrainState(flax.struct.PyTreeNode):
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
 
 
 @flax.struct.dataclass
@@ -69,74 +60,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
 
 
-# ----------------------------------------------------------------------------- frozen params
-def trainable_mask(params: Any, model_cfg: ml_collections.ConfigDict) -> Any:
-  """Bool tree: False for BERT embeddings and the first K layers (ConVIRT freezes 6 of 12)."""
-  num_layers = len(params["text"]["encoder"]["layer"])
-  k = model_cfg.text.frozen_layers
-  k = num_layers // 2 if k < 0 else k
-  if k > num_layers:
-    raise ConfigError(f"config.model.text.frozen_layers={k} exceeds the {num_layers} layers")
-  frozen = [rf"^text/encoder/layer/{i}/" for i in range(k)]
-  if model_cfg.text.freeze_embeddings:
-    frozen.append(r"^text/embeddings/")
-  regex = re.compile("|".join(frozen)) if frozen else None
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: not (regex and regex.search(sharding.path_str(path))), params)
-
-
-def make_optimizer(opt_cfg: ml_collections.ConfigDict, mask: Any) -> optax.GradientTransformation:
-  """Adam with L2 weight decay (torch.optim.Adam semantics); frozen leaves carry no state."""
-  parts = [optax.add_decayed_weights(opt_cfg.weight_decay), optax.scale_by_adam(),
-           optax.scale(-opt_cfg.lr)]
-  if opt_cfg.schedule == "plateau":
-    parts.append(optax.contrib.reduce_on_plateau(
-        factor=opt_cfg.plateau_factor, patience=opt_cfg.plateau_patience,
-        accumulation_size=opt_cfg.plateau_accumulation))
-  labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
-  return optax.partition({"train": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels)
-
-
-# ----------------------------------------------------------------------------- steps
-def loss_and_grads(params, batch_stats, batch: dict, *, model, loss_fn: Callable, mask: Any,
-                   rng: jax.Array):
-  """Loss of the global batch and its gradient w.r.t. the trainable params (frozen: zeros)."""
-
-  def loss_of(params):
-    params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
-    out, new_vars = model.apply(
-        {"params": params, "batch_stats": batch_stats}, batch["image"], batch["input_ids"],
-        batch["attention_mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-    loss, metrics = loss_fn(out)
-    return loss, (metrics, new_vars["batch_stats"])
-
-  (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-  return loss, metrics, new_stats, grads
-
-
-def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn: Callable, mask: Any,
-               rng: jax.Array) -> tuple[TrainState, dict]:
-  """One update on the global batch. Frozen params: no gradient, no state, bit-identical."""
-  loss, metrics, batch_stats, grads = loss_and_grads(
-      state.params, state.batch_stats, batch, model=model, loss_fn=loss_fn, mask=mask,
-      rng=jax.random.fold_in(rng, state.step))
-  # `value` feeds reduce_on_plateau when configured; other transforms ignore it.
-  updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
-  params = jax.tree.map(lambda p, u, m: (p + u).astype(p.dtype) if m else p,
-                        state.params, updates, mask)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
-  return new_state, dict(metrics, loss=loss)
-
-
-def eval_step(state: TrainState, batch: dict, *, model, loss_fn: Callable) -> dict:
-  out = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                    batch["image"], batch["input_ids"], batch["attention_mask"], train=False)
-  loss, metrics = loss_fn(out, batch["mask"])
-  n = jnp.sum(batch["mask"].astype(jnp.float32))
-  return {"loss_sum": loss * n, "count": n, "acc_i2t_sum": metrics["acc_i2t"] * n}
-
-
+# ----------------------------------------------------------------------------- evaluation
 def evaluate(eval_fn, state, config, tokenizer, mesh) -> dict[str, float]:
   totals = {}
   for local in input_pipeline.create_eval_iterator(
@@ -151,24 +75,6 @@ def evaluate(eval_fn, state, config, tokenizer, mesh) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _dummy_batch(config) -> dict[str, np.ndarray]:
-  s, l = config.data.image_size, config.data.max_length
-  return {"image": np.zeros((1, s, s, 1), np.uint8), "input_ids": np.zeros((1, l), np.int32),
-          "attention_mask": np.ones((1, l), np.int32)}
-
-
-def rngs(config) -> tuple[jax.Array, jax.Array]:
-  """(init rng, step rng) derived from config.seed."""
-  return tuple(jax.random.split(jax.random.key(config.seed)))
-
-
-def init_variables(model, config, rng: jax.Array) -> dict:
-  """Randomly initialised flax variables ({'params', 'batch_stats'}) for a 1-example batch."""
-  dummy = _dummy_batch(config)
-  return model.init({"params": rng, "dropout": rng}, dummy["image"], dummy["input_ids"],
-                    dummy["attention_mask"], train=False)
-
-
 def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
   tmp = path.with_suffix(path.suffix + ".tmp")
   tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -219,14 +125,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = models.build(config.model)
   loss_impl = losses.LOSSES[config.loss.name]
   loss_fn = lambda out, mask=None: loss_impl(out, config.loss, mask)  # noqa: E731
-  init_rng, step_rng = rngs(config)
-  init_fn = functools.partial(init_variables, model, config)
+  init_rng, step_rng = step_lib.rngs(config)
+  init_fn = functools.partial(step_lib.init_variables, model, config)
   abstract_vars = jax.eval_shape(init_fn, init_rng)
-  mask = trainable_mask(abstract_vars["params"], config.model)
-  tx = make_optimizer(config.optimizer, mask)
+  mask = step_lib.trainable_mask(abstract_vars["params"], config.model)
+  tx = step_lib.make_optimizer(config.optimizer, mask)
 
   def make_state(variables):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+    return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(variables["params"]))
 
@@ -263,11 +169,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Update step: jitted with explicit shardings; the old state is donated.
   batch_shard = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
-      lambda st, b: train_step(st, b, model=model, tx=tx, loss_fn=loss_fn, mask=mask,
+      lambda st, b: step_lib.train_step(st, b, model=model, tx=tx, loss_fn=loss_fn, mask=mask,
                                rng=step_rng),
       in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, None),
       donate_argnums=0)
-  eval_fn = jax.jit(lambda st, b: eval_step(st, b, model=model, loss_fn=loss_fn),
+  eval_fn = jax.jit(lambda st, b: step_lib.eval_step(st, b, model=model, loss_fn=loss_fn),
                     in_shardings=(state_sharding, batch_shard))
 
   train_iter = input_pipeline.create_train_iterator(

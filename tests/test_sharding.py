@@ -11,14 +11,14 @@ SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from configs import convirt
-from medvl_jax import losses, models, sharding, train
+from medvl_jax import losses, models, sharding, step
 
 cfg = convirt.get_config("smoke")
 assert jax.device_count() == 8, jax.device_count()
 model = models.build(cfg.model)
-init_rng, step_rng = train.rngs(cfg)
-variables = jax.jit(lambda r: train.init_variables(model, cfg, r))(init_rng)
-mask = train.trainable_mask(variables["params"], cfg.model)
+init_rng, step_rng = step.rngs(cfg)
+variables = jax.jit(lambda r: step.init_variables(model, cfg, r))(init_rng)
+mask = step.trainable_mask(variables["params"], cfg.model)
 rng = np.random.default_rng(0)
 n, s, l = 16, cfg.data.image_size, cfg.data.max_length
 lengths = rng.integers(4, l, size=n)
@@ -32,7 +32,7 @@ loss_fn = lambda out, m=None: losses.LOSSES["infonce"](out, cfg.loss, m)
 def run(devices):
   mesh = sharding.make_mesh(devices)
   rep = sharding.replicated(mesh)
-  fn = jax.jit(lambda p, bs, b: train.loss_and_grads(p, bs, b, model=model, loss_fn=loss_fn,
+  fn = jax.jit(lambda p, bs, b: step.loss_and_grads(p, bs, b, model=model, loss_fn=loss_fn,
                                                      mask=mask, rng=step_rng),
                in_shardings=(rep, rep, sharding.batch_sharding(mesh)))
   b = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}

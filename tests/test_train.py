@@ -1,6 +1,5 @@
 """End to end on the real sample through the real CLI: smoke training, TensorBoard, Orbax
 checkpoints, resume after SIGKILL, frozen layers, and one-line errors on bad input."""
-import os
 import signal
 import subprocess
 import sys
@@ -64,14 +63,14 @@ def _smoke_config(tfds_dir):
 
 
 def test_frozen_layers_bit_identical_and_stateless(smoke_run, tfds_dir):
-  from medvl_jax import checkpoint, models, train
+  from medvl_jax import checkpoint, models, step
   workdir, _ = smoke_run
   cfg = _smoke_config(tfds_dir)
   model = models.build(cfg.model)
-  init_rng, _ = train.rngs(cfg)
-  init = jax.device_get(jax.jit(lambda r: train.init_variables(model, cfg, r))(init_rng))
+  init_rng, _ = step.rngs(cfg)
+  init = jax.device_get(jax.jit(lambda r: step.init_variables(model, cfg, r))(init_rng))
   final = checkpoint.manager(workdir, read_only=True).restore(30)["state"]["params"]
-  mask = train.trainable_mask(init["params"], cfg.model)
+  mask = step.trainable_mask(init["params"], cfg.model)
   flat_init = jax.tree_util.tree_flatten_with_path(init["params"])[0]
   flat_final = jax.tree.leaves(final)
   flat_mask = jax.tree.leaves(mask)
@@ -89,7 +88,7 @@ def test_frozen_layers_bit_identical_and_stateless(smoke_run, tfds_dir):
       "/".join(str(getattr(k, "key", k)) for k in p) for (p, _), m in zip(flat_init, flat_mask)
       if not m)
   # No optimizer state for frozen params: Adam's moments exist only for trainable leaves.
-  tx = train.make_optimizer(cfg.optimizer, mask)
+  tx = step.make_optimizer(cfg.optimizer, mask)
   opt_leaves = jax.tree.leaves(jax.eval_shape(tx.init, init["params"]))
   n_trainable = sum(flat_mask)
   assert len(opt_leaves) == 2 * n_trainable + 1  # mu, nu per trainable leaf + Adam's count

@@ -1,0 +1,110 @@
+"""The pure core of training: train state, frozen-parameter mask, optimizer, update steps.
+
+Nothing here does I/O: `train.py` wires these into the loop, benchmarks and tests call them
+directly. `train_step`/`eval_step` are pure functions of (state, batch) to be jitted with
+explicit shardings.
+"""
+import re
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from medvl_jax import sharding
+from medvl_jax.errors import ConfigError
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+
+def trainable_mask(params: Any, model_cfg: ml_collections.ConfigDict) -> Any:
+  """Bool tree: False for BERT embeddings and the first K layers (ConVIRT freezes 6 of 12)."""
+  num_layers = len(params["text"]["encoder"]["layer"])
+  k = model_cfg.text.frozen_layers
+  k = num_layers // 2 if k < 0 else k
+  if k > num_layers:
+    raise ConfigError(f"config.model.text.frozen_layers={k} exceeds the {num_layers} layers")
+  frozen = [rf"^text/encoder/layer/{i}/" for i in range(k)]
+  if model_cfg.text.freeze_embeddings:
+    frozen.append(r"^text/embeddings/")
+  regex = re.compile("|".join(frozen)) if frozen else None
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not (regex and regex.search(sharding.path_str(path))), params)
+
+
+def make_optimizer(opt_cfg: ml_collections.ConfigDict, mask: Any) -> optax.GradientTransformation:
+  """Adam with L2 weight decay (torch.optim.Adam semantics); frozen leaves carry no state."""
+  parts = [optax.add_decayed_weights(opt_cfg.weight_decay), optax.scale_by_adam(),
+           optax.scale(-opt_cfg.lr)]
+  if opt_cfg.schedule == "plateau":
+    parts.append(optax.contrib.reduce_on_plateau(
+        factor=opt_cfg.plateau_factor, patience=opt_cfg.plateau_patience,
+        accumulation_size=opt_cfg.plateau_accumulation))
+  labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
+  return optax.partition({"train": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels)
+
+
+def loss_and_grads(params, batch_stats, batch: dict, *, model, loss_fn: Callable, mask: Any,
+                   rng: jax.Array):
+  """Loss of the global batch and its gradient w.r.t. the trainable params (frozen: zeros)."""
+
+  def loss_of(params):
+    params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
+    out, new_vars = model.apply(
+        {"params": params, "batch_stats": batch_stats}, batch["image"], batch["input_ids"],
+        batch["attention_mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+    loss, metrics = loss_fn(out)
+    return loss, (metrics, new_vars["batch_stats"])
+
+  (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+  return loss, metrics, new_stats, grads
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn: Callable, mask: Any,
+               rng: jax.Array) -> tuple[TrainState, dict]:
+  """One update on the global batch. Frozen params: no gradient, no state, bit-identical."""
+  loss, metrics, batch_stats, grads = loss_and_grads(
+      state.params, state.batch_stats, batch, model=model, loss_fn=loss_fn, mask=mask,
+      rng=jax.random.fold_in(rng, state.step))
+  # `value` feeds reduce_on_plateau when configured; other transforms ignore it.
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
+  params = jax.tree.map(lambda p, u, m: (p + u).astype(p.dtype) if m else p,
+                        state.params, updates, mask)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, dict(metrics, loss=loss)
+
+
+def eval_step(state: TrainState, batch: dict, *, model, loss_fn: Callable) -> dict:
+  out = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                    batch["image"], batch["input_ids"], batch["attention_mask"], train=False)
+  loss, metrics = loss_fn(out, batch["mask"])
+  n = jnp.sum(batch["mask"].astype(jnp.float32))
+  return {"loss_sum": loss * n, "count": n, "acc_i2t_sum": metrics["acc_i2t"] * n}
+
+
+def dummy_batch(config) -> dict[str, np.ndarray]:
+  s, l = config.data.image_size, config.data.max_length
+  return {"image": np.zeros((1, s, s, 1), np.uint8), "input_ids": np.zeros((1, l), np.int32),
+          "attention_mask": np.ones((1, l), np.int32)}
+
+
+def rngs(config) -> tuple[jax.Array, jax.Array]:
+  """(init rng, step rng) derived from config.seed."""
+  return tuple(jax.random.split(jax.random.key(config.seed)))
+
+
+def init_variables(model, config, rng: jax.Array) -> dict:
+  """Randomly initialised flax variables ({'params', 'batch_stats'}) for a 1-example batch."""
+  dummy = dummy_batch(config)
+  return model.init({"params": rng, "dropout": rng}, dummy["image"], dummy["input_ids"],
+                    dummy["attention_mask"], train=False)
