@@ -1,8 +1,14 @@
 """Shared test set-up: persistent XLA compilation cache, sample-data location."""
 import os
 import pathlib
+import sys
 
 import pytest
+
+# libtriton (loaded by torchvision and transformers through torch._dynamo) segfaults when it is
+# loaded after TensorFlow in one process, as in a full test run where the input-pipeline tests
+# come first. The CPU tests need no triton: make its import fail cleanly; torch carries on.
+sys.modules.setdefault("triton", None)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A persistent compilation cache cuts compile time of repeated tiny models across tests and

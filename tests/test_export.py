@@ -17,6 +17,7 @@ import pytest
 
 from medvl_jax import checkpoint
 from medvl_jax import export
+from medvl_jax import losses
 from medvl_jax import models
 from medvl_jax.errors import WeightsError
 from tests.conftest import REPO, run_main
@@ -29,7 +30,7 @@ transformers = pytest.importorskip("transformers", reason="the text tower is che
 from PIL import Image  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
-ATOL = 1e-4  # Absolute, on the projected embeddings (fp32, values of order 0.1-1).
+ATOL = 1e-4  # Absolute, on the fp32 projections (smoke run: |z_v| <~ 0.3, |z_u| <~ 2).
 STEPS = 3
 DOCS = REPO / "docs" / "pytorch.md"
 
@@ -55,9 +56,10 @@ def tiny_torchvision_resnet(stage_sizes=(1, 1, 1, 1), width=8):
   model.inplanes = width
   model.conv1 = torch.nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
   model.bn1 = torch.nn.BatchNorm2d(width)
+  make_layer = model._make_layer  # pylint: disable=protected-access
   for i, blocks in enumerate(stage_sizes):
-    layer = model._make_layer(Bottleneck, width * 2**i, blocks, stride=1 if i == 0 else 2)  # pylint: disable=protected-access
-    setattr(model, f"layer{i + 1}", layer)
+    setattr(model, f"layer{i + 1}",
+            make_layer(Bottleneck, width * 2**i, blocks, stride=1 if i == 0 else 2))
   return model
 
 
@@ -216,8 +218,9 @@ def test_docs_snippet_runs_and_matches_jax(exported, jax_model, sample_pairs, mo
               tokens["attention_mask"].numpy().astype(np.int32))
   np.testing.assert_allclose(ns["z_image"].numpy(), ref["image_embed"], rtol=0, atol=ATOL)
   np.testing.assert_allclose(ns["z_text"].numpy(), ref["text_embed"], rtol=0, atol=ATOL)
-  v, u = (np.asarray(ref[k]) for k in ("image_embed", "text_embed"))
-  cosine = float((v / np.linalg.norm(v)) @ (u / np.linalg.norm(u)).T)
+  # The normalisation the training loss applies.
+  cosine = float(np.sum(losses.l2_normalize(ref["image_embed"])
+                        * losses.l2_normalize(ref["text_embed"])))
   assert printed == pytest.approx(cosine, abs=ATOL)
   assert config.data.max_length == json.loads(
       (exported / "export.json").read_text())["text_preprocessing"]["max_length"]
@@ -233,7 +236,7 @@ def test_resnet50_export_loads_into_torchvision_resnet50(tmp_path):
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps(config.to_dict()))
   model = models.build(config.model)
-  abstract = export._abstract_variables(model, config)  # pylint: disable=protected-access
+  abstract = export.abstract_variables(model, config)
   rng = np.random.default_rng(0)
   fill = lambda x: rng.normal(0.0, 0.05, x.shape).astype(np.float32)  # noqa: E731
   variables = jax.tree.map(fill, abstract)
@@ -261,6 +264,17 @@ def test_resnet50_export_loads_into_torchvision_resnet50(tmp_path):
                                 variables["batch_stats"]["image"]["layer4"]["2"]["bn3"]["var"])
   np.testing.assert_array_equal(got["layer3.0.downsample.1.weight"],
                                 image["layer3"]["0"]["downsample"]["1"]["scale"])
+  # And the forward pass: torchvision's ResNet-50 on the same pixels as `encode_image`.
+  pixels = rng.integers(0, 256, (2, 64, 64, 1), dtype=np.uint8)
+  ref = model.apply(variables, pixels, train=False, method=model.encode_image)
+  pre = meta["image_preprocessing"]
+  x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1) / 255
+  x = (x - torch.tensor(pre["mean"])[:, None, None]) / torch.tensor(pre["std"])[:, None, None]
+  with torch.no_grad():
+    features = cnn.eval()(x).numpy()
+  scale = float(np.abs(ref).max())
+  np.testing.assert_allclose(features, ref, rtol=0, atol=ATOL * scale)
+  print(f"resnet50 features: max |diff| {np.abs(features - ref).max():.2e} of scale {scale:.2e}")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -315,7 +329,7 @@ def test_overwrite_replaces_and_failure_keeps_previous(run_dir, tmp_path, monkey
   def broken(*args, **kwargs):
     raise OSError("disk full")
   monkeypatch.setattr(export, "heads_state_dict", broken)
-  with pytest.raises(OSError, match="disk full"):
+  with pytest.raises(WeightsError, match="cannot write the export: disk full"):
     export.export(run_dir, out, overwrite=True)
   assert (out / "stale.txt").exists() and leftovers(tmp_path) == []
   monkeypatch.undo()

@@ -1,0 +1,129 @@
+r"""The PyTorch baseline: one ConVIRT train step as the public re-implementations write it.
+
+  python bench/torch_convirt_step.py --text=bert-base --batch=32 [--amp] [--compile]
+
+torchvision resnet50 (fc removed) + transformers BertModel (random weights, the same shape as
+bench/train_step.py), max-pooled text features, 2-layer projection heads, the asymmetric InfoNCE
+(lambda 0.75, tau 0.1), BERT embeddings + first half of the layers frozen, Adam(lr 1e-4,
+weight_decay 1e-6). Same synthetic inputs and shapes as bench/train_step.py, so the two print
+comparable s/step on the same machine. `--amp` = bfloat16 autocast (the usual mixed precision),
+`--compile` = torch.compile.
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+import transformers
+
+TEXT_SHAPES = {
+    "minilm": dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                   num_attention_heads=12, intermediate_size=1536),
+    "bert-base": dict(vocab_size=28996, hidden_size=768, num_hidden_layers=12,
+                      num_attention_heads=12, intermediate_size=3072),
+}
+
+
+class ConVIRT(torch.nn.Module):
+
+  def __init__(self, text_shape: dict, d: int = 512):
+    super().__init__()
+    self.image = torchvision.models.resnet50()
+    self.image.fc = torch.nn.Identity()
+    self.text = transformers.BertModel(transformers.BertConfig(**text_shape),
+                                       add_pooling_layer=False)
+    h = text_shape["hidden_size"]
+    self.image_proj = torch.nn.Sequential(torch.nn.Linear(2048, d), torch.nn.ReLU(),
+                                          torch.nn.Linear(d, d))
+    self.text_proj = torch.nn.Sequential(torch.nn.Linear(h, d), torch.nn.ReLU(),
+                                         torch.nn.Linear(d, d))
+    frozen = text_shape["num_hidden_layers"] // 2
+    for p in self.text.embeddings.parameters():
+      p.requires_grad_(False)
+    for layer in self.text.encoder.layer[:frozen]:
+      for p in layer.parameters():
+        p.requires_grad_(False)
+
+  def forward(self, images, ids, mask):
+    v = self.image_proj(self.image(images))
+    hidden = self.text(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = hidden.masked_fill(~mask.bool()[..., None], torch.finfo(hidden.dtype).min)
+    u = self.text_proj(hidden.max(dim=1).values)
+    return v, u
+
+
+def infonce(v, u, lam=0.75, tau=0.1):
+  v, u = F.normalize(v.float(), dim=-1), F.normalize(u.float(), dim=-1)
+  logits = v @ u.t() / tau
+  target = torch.arange(len(v), device=v.device)
+  return lam * F.cross_entropy(logits, target) + (1 - lam) * F.cross_entropy(logits.t(), target)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--text", choices=sorted(TEXT_SHAPES), default="minilm")
+  ap.add_argument("--image_size", type=int, default=224)
+  ap.add_argument("--max_length", type=int, default=128)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--amp", action="store_true")
+  ap.add_argument("--compile", action="store_true")
+  ap.add_argument("--channels_last", action="store_true")
+  args = ap.parse_args()
+  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  torch.manual_seed(0)
+  model = ConVIRT(TEXT_SHAPES[args.text]).to(dev).train()
+  if args.channels_last:
+    model = model.to(memory_format=torch.channels_last)
+  opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                         weight_decay=1e-6)
+  rng = np.random.default_rng(0)
+  n, s, l = args.batch, args.image_size, args.max_length
+  lengths = rng.integers(16, l, size=n)
+  gray = torch.from_numpy(rng.integers(0, 256, (n, 1, s, s), dtype=np.uint8)).to(dev)
+  ids = torch.from_numpy(rng.integers(1000, 28000, (n, l))).to(dev)
+  mask = torch.from_numpy((np.arange(l)[None] < lengths[:, None]).astype(np.int64)).to(dev)
+  mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
+
+  def train_step():
+    images = (gray.float() / 255).expand(-1, 3, -1, -1)
+    images = (images - mean) / std
+    if args.channels_last:
+      images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp):
+      v, u = model(images, ids, mask)
+    loss = infonce(v, u)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+  step_fn = torch.compile(train_step) if args.compile else train_step
+  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+  t0 = time.perf_counter()
+  for _ in range(2):  # warm-up (and compilation with --compile)
+    loss = step_fn()
+  sync()
+  warm_s = time.perf_counter() - t0
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    loss = step_fn()
+    sync()
+    times.append(time.perf_counter() - t0)
+  sec = float(np.median(times))
+  print(json.dumps({
+      "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+      "torch": torch.__version__, "batch": n, "text": args.text, "amp_bf16": args.amp,
+      "compile": args.compile, "channels_last": args.channels_last,
+      "warmup_s": round(warm_s, 1), "s_per_step_median": round(sec, 4),
+      "s_per_step_min": round(min(times), 4), "examples_per_s": round(n / sec, 1),
+      "loss": float(loss)}))
+
+
+if __name__ == "__main__":
+  main()
