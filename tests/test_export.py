@@ -32,7 +32,7 @@ from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top,g
 
 ATOL = 1e-4  # Absolute, on the fp32 projections (smoke run: |z_v| <~ 0.3, |z_u| <~ 2).
 STEPS = 3
-DOCS = REPO / "docs" / "pytorch.md"
+DOCS = REPO / "README.md"
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
@@ -205,7 +205,7 @@ def test_docs_snippet_runs_and_matches_jax(exported, jax_model, sample_pairs, mo
   code, n_in = re.subn(r"^image_file, sentence = .*$",
                        f"image_file, sentence = {str(images[-1])!r}, {sentences[-1]!r}",
                        code, flags=re.M)
-  assert (n_out, n_in) == (1, 1), "docs/pytorch.md: the snippet's path lines changed"
+  assert (n_out, n_in) == (1, 1), "README.md: the snippet's path lines changed"
   # The smoke run's image tower is the width-8 ResNet (see tiny_torchvision_resnet).
   monkeypatch.setattr(torchvision.models, "resnet50", tiny_torchvision_resnet)
   ns = {}
