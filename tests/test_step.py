@@ -36,3 +36,19 @@ def test_overfits_a_fixed_real_batch(tfds_dir, sample_data_dir):
   assert history[-1] < 0.1 * chance, history[-5:]  # seen: 2.36 -> 0.02 with log(8) = 2.08
   assert float(metrics["acc_i2t"]) == 1.0 and float(metrics["acc_t2i"]) == 1.0
   assert int(state.step) == 60
+
+
+def test_plateau_schedule_reduces_the_step_size():
+  import ml_collections
+  opt = ml_collections.ConfigDict(dict(lr=1.0, weight_decay=0.0, schedule="plateau",
+                                       plateau_factor=0.5, plateau_patience=2,
+                                       plateau_accumulation=1))
+  params = {"w": jnp.ones(())}
+  tx = step.make_optimizer(opt, {"w": True})
+  state = tx.init(params)
+  sizes = []
+  for _ in range(8):  # the loss never improves: after `patience` checks the scale halves
+    updates, state = tx.update({"w": jnp.ones(())}, state, params, value=jnp.asarray(1.0))
+    sizes.append(abs(float(updates["w"])))
+  assert sizes[0] > 0.9  # Adam's first step is ~lr
+  assert sizes[-1] < 0.6 * sizes[0], sizes
