@@ -66,3 +66,19 @@ def read_scalars(logdir: pathlib.Path) -> dict[str, dict[int, float]]:
         elif v.HasField("simple_value"):
           out.setdefault(v.tag, {})[event.step] = v.simple_value
   return out
+
+
+SMOKE = "configs/convirt.py:smoke"
+
+
+def smoke_args(workdir, tfds_dir, *extra):
+  return (f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}",
+          *extra)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, tfds_dir, sample_data_dir):
+  workdir = tmp_path_factory.mktemp("smoke")
+  proc = run_main(*smoke_args(workdir, tfds_dir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc

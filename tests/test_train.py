@@ -9,23 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, read_scalars, run_main
-
-SMOKE = "configs/convirt.py:smoke"
-
-
-def smoke_args(workdir, tfds_dir, *extra):
-  return (f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}",
-          *extra)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, tfds_dir, sample_data_dir):
-  workdir = tmp_path_factory.mktemp("smoke")
-  proc = run_main(*smoke_args(workdir, tfds_dir))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc
-
+from tests.conftest import REPO, read_scalars, run_main, smoke_args
 
 def test_smoke_loss_decreases_and_logs(smoke_run):
   workdir, proc = smoke_run
