@@ -61,6 +61,17 @@ DATASETS: dict[str, DatasetSpec] = {
     "cxr_sample": DatasetSpec(tfds_name="cxr_sample", module="data_pipelines.cxr_sample",
                               image_key="image", sentences_key="sentences",
                               auto_prepare=True),
+    # Corpora prepared with `python -m data_pipelines.prepare NAME --manual_dir=...`.
+    "mimic_cxr": DatasetSpec(tfds_name="mimic_cxr", module="data_pipelines.mimic_cxr",
+                             image_key="image", sentences_key="sentences",
+                             auto_prepare=False),
+    "openi": DatasetSpec(tfds_name="openi", module="data_pipelines.openi",
+                         image_key="image", sentences_key="sentences", auto_prepare=False),
+    # Image + label corpora (no text: sentences_key is empty; for probes and evaluators).
+    "nih14": DatasetSpec(tfds_name="nih14", module="data_pipelines.nih14",
+                         image_key="image", sentences_key="", auto_prepare=False),
+    "chexpert": DatasetSpec(tfds_name="chexpert", module="data_pipelines.chexpert",
+                            image_key="image", sentences_key="", auto_prepare=False),
 }
 
 _REQUIRED_KEYS = (
@@ -174,9 +185,12 @@ def _per_host(config: ml_collections.ConfigDict, process_count: int) -> int:
 
 def _records(builder, spec: DatasetSpec, split: str) -> tf.data.Dataset:
   """(index, (encoded image, sentences)) in the split's fixed file order."""
-  if spec.image_key not in builder.info.features:
-    raise ConfigError(f"config.data.builder_config={builder.builder_config.name!r} has no "
-                      f"{spec.image_key!r} feature (image-text pairs needed)")
+  if (spec.image_key not in builder.info.features
+      or spec.sentences_key not in builder.info.features):
+    raise ConfigError(f"config.data.name={builder.name!r} "
+                      f"(builder_config={builder.builder_config.name!r}) has no "
+                      f"{spec.image_key!r} + {spec.sentences_key or 'sentences'!r} features: "
+                      f"image-text pairs are needed for pretraining")
   ds = builder.as_dataset(
       split=split, shuffle_files=False,
       decoders={spec.image_key: tfds.decode.SkipDecoding()},

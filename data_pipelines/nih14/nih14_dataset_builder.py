@@ -1,0 +1,85 @@
+"""tfds builder for NIH ChestX-ray14 (images + `Data_Entry_2017[_v2020].csv` + official lists).
+
+One example per image. Splits: `test_list.txt` is `test`; `train_val_list.txt` is cut by
+patient hash into `train` (80%) and `validation` (20%), so no patient is in two splits
+(the official lists are already patient-disjoint). Labels: the 14 NIH findings, multi-hot
+(`No Finding` is all zeros). No text.
+"""
+from typing import Any
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+from data_pipelines import common
+
+NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
+              "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
+              "Pleural_Thickening", "Hernia")
+ENTRY_CSVS = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+
+
+class Builder(common.CorpusBuilder):
+  """NIH ChestX-ray14: 112,120 frontal images, 14 NLP-mined labels."""
+
+  BUILDER_CONFIGS = common.make_configs([("default", "Images and 14 labels.", {})])
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+Download from https://nihcc.app.box.com/v/ChestXray-NIHCC (or Kaggle `nih-chest-xrays/data`)
+into manual_dir, as published:
+  <manual_dir>/Data_Entry_2017_v2020.csv   (or the 2017 Data_Entry_2017.csv)
+  <manual_dir>/train_val_list.txt
+  <manual_dir>/test_list.txt
+  <manual_dir>/images_001/images/00000001_000.png ... images_012/images/*.png
+    (Kaggle layout; the Box tarballs images_01.tar.gz..images_12.tar.gz extract to
+    <manual_dir>/images/*.png, which is read too)
+"""
+  _CITATION = """\
+@inproceedings{wang2017chestxray8, title={ChestX-ray8: Hospital-scale Chest X-ray Database and
+  Benchmarks on Weakly-Supervised Classification and Localization of Common Thorax Diseases},
+  author={Wang, Xiaosong and Peng, Yifan and Lu, Le and Lu, Zhiyong and Bagheri, Mohammadhadi
+  and Summers, Ronald M}, booktitle={CVPR}, pages={3462--3471}, year={2017}}
+"""
+
+  def _features(self) -> dict[str, Any]:
+    return {"image": common.image_feature(), "image_id": tfds.features.Text(),
+            "patient_id": tfds.features.Text(), "view": tfds.features.Text(),
+            "labels": common.labels_feature(len(NIH_LABELS))}
+
+  def _split_records(self, root: epath.Path) -> dict[str, list[dict[str, Any]]]:
+    entry = next((root / n for n in ENTRY_CSVS if (root / n).exists()), root / ENTRY_CSVS[0])
+    rows = common.read_csv(entry, ("Image Index", "Finding Labels", "Patient ID",
+                                   "View Position"))
+    lists = {}
+    for name in ("train_val_list.txt", "test_list.txt"):
+      lists[name] = set(common.require(root / name, "official split list").read_text().split())
+    images = {}
+    for folder in sorted(root.glob("images*")):
+      for sub in (folder, folder / "images"):
+        if sub.is_dir():
+          images.update({p.name: p for p in sub.glob("*.png")})
+    by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in self.SPLITS}
+    for row in rows:
+      name, patient = row["Image Index"].strip(), row["Patient ID"].strip()
+      if name in lists["test_list.txt"]:
+        split = "test"
+      elif name in lists["train_val_list.txt"]:
+        split = "train" if common.split_for_patient(patient) == "train" else "validation"
+      else:
+        self.skip("no_split", name)
+        continue
+      record: dict[str, Any] = {"_key": name}
+      by_split[split].append(record)
+      findings = {f.strip() for f in row["Finding Labels"].split("|")} - {"No Finding", ""}
+      view = row["View Position"].strip()
+      if name not in images:
+        record["_skip"] = ("missing_image", name)
+      elif findings - set(NIH_LABELS):
+        record["_skip"] = ("bad_labels", f"{name}: {sorted(findings - set(NIH_LABELS))}")
+      elif not view:
+        record["_skip"] = ("unknown_view", name)
+      else:
+        record.update(_image=images[name], image_id=name, patient_id=patient, view=view,
+                      labels=[int(l in findings) for l in NIH_LABELS])
+    return by_split
+
+  def _example(self, record: dict[str, Any], png: bytes) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if not k.startswith("_")} | {"image": png}
