@@ -224,7 +224,7 @@ def test_config_errors_name_the_key(data_dir, tokenizer):
     ip.create_train_iterator(make_config(data_dir, **{"data.name": "mimic"}), tokenizer)
   with pytest.raises(ConfigError, match=r"builder_config='nope'.*paired, text_only"):
     ip.prepare(make_config(data_dir, **{"data.builder_config": "nope"}))
-  with pytest.raises(ConfigError, match="has no 'image' feature"):
+  with pytest.raises(ConfigError, match=r"has no 'image' \+ 'sentences' features"):
     ip.create_train_iterator(make_config(data_dir, **{"data.builder_config": "text_only"}),
                              tokenizer)
   config = make_config(data_dir)
