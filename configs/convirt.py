@@ -92,6 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       plateau_accumulation=10, # steps averaged per plateau check
   ))
 
+  # Downstream evaluators run at every evaluation, logged to TensorBoard; entries are
+  # {'name': task, **settings} (medvl_jax.evaluate.EVALUATORS), e.g. [{'name': 'linear_probe'}].
+  c.evaluators = []
+
   c.sharding = ml_collections.ConfigDict()
   # (param-path regex, partition spec over mesh axes) rules; unmatched params are replicated.
   c.sharding.rules = ()

@@ -175,6 +175,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       donate_argnums=0)
   eval_fn = jax.jit(lambda st, b: step_lib.eval_step(st, b, model=model, loss_fn=loss_fn),
                     in_shardings=(state_sharding, batch_shard))
+  # Downstream evaluators (config.evaluators), run at each evaluation; see medvl_jax/evaluate.
+  evaluators = []
+  if config.evaluators:
+    if jax.process_count() > 1:
+      raise ConfigError("config.evaluators runs on one process only; on several hosts, "
+                        "evaluate checkpoints with `python -m medvl_jax.evaluate`")
+    from medvl_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    evaluators = evaluate_lib.build_all(model, config, tokenizer)
 
   train_iter = input_pipeline.create_train_iterator(
       config, tokenizer, start_step=start_step, process_index=jax.process_index(),
@@ -219,6 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if step % config.eval_every == 0 or step == config.total_steps:
       t_eval = time.perf_counter()
       last_eval = evaluate(eval_fn, state, config, tokenizer, mesh)
+      if evaluators:
+        last_eval.update(evaluate_lib.run_all(evaluators, state))
       t_report += time.perf_counter() - t_eval  # the train rate excludes evaluation time
       val_loss = last_eval["val_loss"]
       writer.write_scalars(step, last_eval)

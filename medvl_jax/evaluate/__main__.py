@@ -1,0 +1,193 @@
+r"""Evaluate a training run's checkpoint on a downstream task, or compare evaluations.
+
+  python -m medvl_jax.evaluate --workdir=runs/convirt --task=retrieval [--step=N] [--out=DIR] \
+      [--cfg=chexpert_dir=/data/chexpert --cfg=n_boot=200]
+  python -m medvl_jax.evaluate --compare DIR1 DIR2 [...] [--out=FILE.md]
+
+Writes OUT/metrics.json ({'task', 'step', 'workdir', 'cfg', 'metrics'}) and the task's PNGs;
+OUT defaults to WORKDIR/eval/<task>-step<N>. OUT is written into a sibling temporary directory
+renamed into place when complete, so it never holds a partial result. Task settings: the run's
+`config.evaluators` entry of that name (if any), then each `--cfg key=value` (Python literal or
+string). Errors: one line `error: ...` on stderr, exit status 2.
+"""
+import ast
+import json
+import os
+import pathlib
+import secrets
+import shutil
+import sys
+import types
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from medvl_jax.errors import ConfigError, MedvlError
+
+
+def task_config(config: Any, task: str, overrides: list[str]) -> dict[str, Any]:
+  cfg = {}
+  for entry in (config.get("evaluators") or []):
+    entry = dict(entry)
+    if entry.pop("name", None) == task:
+      cfg.update(entry)
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"--cfg {item!r}: expected key=value")
+    try:
+      cfg[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      cfg[key] = value
+  return cfg
+
+
+def build_evaluator(encoders: Any, task: str, cfg: dict[str, Any]) -> Any:
+  from medvl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  cls = evaluate.get(task)
+  try:
+    return cls(encoders, **cfg)
+  except TypeError as e:
+    raise ConfigError(f"task {task!r}: bad setting: {e}") from e
+
+
+def load_run(workdir: pathlib.Path, step: int | None):
+  """(config, encoders, state, step) of a run's checkpoint, without optimizer state."""
+  from medvl_jax import export  # pylint: disable=g-import-not-at-top
+  from medvl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from medvl_jax import models  # pylint: disable=g-import-not-at-top
+  from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
+  config = export.load_run_config(workdir)
+  model = models.build(config.model)
+  step, params, batch_stats = export.restore_variables(workdir, config, model, step)
+  tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
+  encoders = features.Encoders(model, config, tokenizer)
+  return config, encoders, types.SimpleNamespace(params=params, batch_stats=batch_stats), step
+
+
+def _install(tmp: pathlib.Path, out: pathlib.Path) -> None:
+  if out.exists() and any(out.iterdir()):
+    if not (out / "metrics.json").is_file():
+      raise ConfigError(f"{out}: exists, is not empty and holds no metrics.json; refusing to "
+                        "replace it")
+    old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, out)
+
+
+def evaluate_run(workdir: str, task: str, step: int | None = None, out: str | None = None,
+                 overrides: list[str] = ()) -> tuple[pathlib.Path, dict[str, Any]]:
+  """Runs `task` on checkpoint `step` (default: latest); returns (OUT, metrics.json's dict)."""
+  from medvl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  evaluate.get(task)  # Unknown task: fail before loading anything.
+  workdir = pathlib.Path(workdir).absolute()
+  if not workdir.is_dir():
+    raise ConfigError(f"{workdir}: workdir not found")
+  config, encoders, state, step = load_run(workdir, step)
+  cfg = task_config(config, task, list(overrides))
+  evaluator = build_evaluator(encoders, task, cfg)  # Reads and checks its inputs.
+  values = {name: value for name, value in evaluator.run(state)}
+  result = {"task": task, "step": int(step), "workdir": str(workdir), "cfg": cfg,
+            "metrics": values}
+  out = pathlib.Path(out).absolute() if out else workdir / "eval" / f"{task}-step{step}"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+  tmp.mkdir()
+  try:
+    result["plots"] = evaluator.write_plots(tmp)
+    (tmp / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    _install(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out, result
+
+
+def compare_table(dirs: list[str]) -> str:
+  """Markdown table: one row per metric, one column per evaluation directory."""
+  runs = []
+  for d in dirs:
+    path = pathlib.Path(d) / "metrics.json"
+    if not path.is_file():
+      raise ConfigError(f"{path}: not found (an output directory of this command expected)")
+    try:
+      runs.append(json.loads(path.read_text()))
+    except ValueError as e:
+      raise ConfigError(f"{path}: cannot parse: {e}") from e
+  names = []
+  for r in runs:
+    names += [n for n in r["metrics"] if n not in names and not n.endswith(("_ci_lo", "_ci_hi"))]
+  head = ["metric"] + [f"{pathlib.Path(r['workdir']).name} @ {r['step']}" for r in runs]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for n in names:
+    cells = [n]
+    for r in runs:
+      m = r["metrics"]
+      v = m.get(n)
+      if v is None:
+        cells.append("n/a")
+        continue
+      cell = f"{v:.3f}"
+      if m.get(f"{n}_ci_lo") is not None:
+        cell += f" [{m[f'{n}_ci_lo']:.3f}, {m[f'{n}_ci_hi']:.3f}]"
+      cells.append(cell)
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- CLI
+def _define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Training workdir (holds config.json, checkpoints/).")
+  flags.DEFINE_string("task", None, "Evaluation task (see medvl_jax.evaluate.EVALUATORS).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("out", None, "Output directory (default WORKDIR/eval/TASK-stepN); with "
+                      "--compare, a Markdown file.")
+  flags.DEFINE_multi_string("cfg", [], "Task setting key=value (repeatable).")
+  flags.DEFINE_bool("compare", False, "Compare the metrics.json of the evaluation directories "
+                    "given as arguments: print a Markdown table.")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+  fl = flags.FLAGS
+  if not fl["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)
+  try:
+    if fl.compare:
+      if len(argv) < 2:
+        raise ConfigError("--compare needs at least one evaluation directory")
+      table = compare_table(argv[1:])
+      if fl.out:
+        pathlib.Path(fl.out).write_text(table)
+      print(table, end="")
+      return
+    if len(argv) > 1:
+      raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not fl.workdir or not fl.task:
+      raise ConfigError("--workdir and --task are required (or --compare DIR ...)")
+    out, result = evaluate_run(fl.workdir, fl.task, fl.step, fl.out, fl.cfg)
+  except MedvlError as e:
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  for name, value in result["metrics"].items():
+    if not name.endswith(("_ci_lo", "_ci_hi")):
+      print(f"{name}: {value}")
+  print(f"wrote {out / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,122 @@
+"""What every evaluator needs: jitted encoders of a model, and images/texts to feed them.
+
+`Encoders` is the `predict_fn` of the evaluator contract: it is built once from the model and
+the run's config, and its methods take `variables = {'params', 'batch_stats'}` (a TrainState's
+fields), so the same object serves the training loop and the CLI, and both compute the same
+numbers.
+"""
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from medvl_jax import augment
+from medvl_jax import input_pipeline
+from medvl_jax.errors import DataError
+
+FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
+
+
+def variables_of(state: Any) -> dict[str, Any]:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+class Encoders:
+  """Batched, jitted, padded (fixed shapes: one compile per function) ConVIRT encoders."""
+
+  def __init__(self, model: Any, config: ml_collections.ConfigDict, tokenizer: Any,
+               batch_size: int = 64):
+    self.model, self.config, self.tokenizer = model, config, tokenizer
+    self.batch_size = batch_size
+    self.image_size, self.resize = int(config.data.image_size), int(config.data.resize)
+    self.max_length = int(config.data.max_length)
+
+    def image_fn(variables, images):
+      h = model.apply(variables, images, False, method=type(model).encode_image)
+      z = model.apply(variables, h, method=lambda m, x: m.image_proj(x))
+      return h, z
+
+    def text_fn(variables, ids, mask):
+      h = model.apply(variables, ids, mask, False, method=type(model).encode_text)
+      return model.apply(variables, h, method=lambda m, x: m.text_proj(x))
+
+    self._image_fn, self._text_fn = jax.jit(image_fn), jax.jit(text_fn)
+
+  def _batched(self, fn, arrays: list[np.ndarray]) -> Any:
+    n, b = len(arrays[0]), self.batch_size
+    outs = []
+    for i in range(0, n, b):
+      chunk = [a[i:i + b] for a in arrays]
+      pad = b - len(chunk[0])
+      chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)]) for c in chunk]
+      out = jax.device_get(fn(*chunk))
+      outs.append(jax.tree.map(lambda x: np.asarray(x[:b - pad], np.float32), out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+  def images(self, variables: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [N, S, S, 1] -> (pooled features h_v [N, D_v], embeddings z_v [N, d])."""
+    return self._batched(lambda x: self._image_fn(variables, x), [images])
+
+  def texts(self, variables: Any, texts: list[str]) -> np.ndarray:
+    """Strings -> embeddings z_u [N, d] (truncated to data.max_length tokens)."""
+    tok = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                         max_length=self.max_length, return_tensors="np")
+    ids, mask = tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(np.int32)
+    return self._batched(lambda i, m: self._text_fn(variables, i, m), [ids, mask])
+
+  # ------------------------------------------------------------------- pixels
+  def load_image_files(self, paths: list[pathlib.Path]) -> np.ndarray:
+    """Image files -> uint8 [N, S, S, 1] with the eval transform of training (centre crop)."""
+    size, resize = self.image_size, self.resize
+    crop = tf.function(lambda x: augment.to_uint8(augment.center_crop(x, size, resize)),
+                       reduce_retracing=True)
+    out = np.empty((len(paths), size, size, 1), np.uint8)
+    for i, p in enumerate(paths):
+      try:
+        with Image.open(p) as im:
+          pixels = np.asarray(im.convert("L"))[..., None]
+      except (OSError, ValueError) as e:
+        raise DataError(f"{p}: cannot read the image: {e}") from e
+      out[i] = crop(tf.constant(pixels)).numpy()
+    return out
+
+
+def load_sample_split(config: ml_collections.ConfigDict, split: str,
+                      frontal_only: bool = False) -> dict[str, np.ndarray]:
+  """A split of the run's paired tfds dataset: centre-cropped images and their metadata.
+
+  Returns {'image': uint8 [N, S, S, 1], 'text', 'finding', 'patient_id', 'view', 'image_id'}.
+  """
+  builder = input_pipeline.prepare(config)
+  size, resize = int(config.data.image_size), int(config.data.resize)
+  keys = ("text", "finding", "patient_id", "view", "image_id")
+  missing = [k for k in ("image",) + keys if k not in builder.info.features]
+  if missing:
+    raise DataError(f"{builder.name}/{builder.builder_config.name}: no {missing} features "
+                    "(the paired sample is needed)")
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          read_config=tfds.ReadConfig(try_autocache=False))
+  ds = ds.map(lambda ex: dict({k: ex[k] for k in keys}, image=augment.to_uint8(
+      augment.center_crop(ex["image"], size, resize))))
+  rows: dict[str, list] = {k: [] for k in ("image",) + keys}
+  for ex in ds.as_numpy_iterator():
+    for k in rows:
+      v = ex[k]
+      rows[k].append(v.decode("utf-8") if isinstance(v, bytes) else v)
+  out = {k: np.asarray(v) for k, v in rows.items()}
+  if not len(out["image"]):
+    out["image"] = np.zeros((0, size, size, 1), np.uint8)
+  if frontal_only:
+    keep = np.isin(out["view"], FRONTAL_VIEWS)
+    out = {k: v[keep] for k, v in out.items()}
+  return out
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
