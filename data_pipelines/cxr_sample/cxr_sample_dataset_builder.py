@@ -16,7 +16,6 @@ are logged and stored in `builder.info.metadata['skipped']`.
 """
 import collections
 import csv
-import hashlib
 import io
 import struct
 from typing import Any, Iterator
@@ -28,13 +27,12 @@ from PIL import Image as PILImage
 import tensorflow_datasets as tfds
 
 from data_pipelines import sentences as sentences_lib
+from data_pipelines.common import SPLIT_BUCKETS, split_for_patient  # one rule, all corpora
 from medvl_jax.errors import DataError
 
 PAIRED_CSV = "covid_cxr_notes/pairs.csv"
 IU_CSV = "iu_reports/iu_reports_2000.csv"
 # Patient-hash buckets out of 100: [0, 80) train, [80, 90) validation, [90, 100) test.
-SPLIT_BUCKETS = (("train", 80), ("validation", 90), ("test", 100))
-
 _CITATION = """\
 @article{cohen2020covid, title={COVID-19 Image Data Collection: Prospective Predictions Are
   the Future}, author={Cohen, Joseph Paul and Morrison, Paul and Dao, Lan and Roth, Karsten
@@ -43,16 +41,6 @@ _CITATION = """\
   distribution and retrieval}, author={Demner-Fushman, Dina and others},
   journal={JAMIA}, volume={23}, number={2}, pages={304--310}, year={2016}}
 """
-
-
-def split_for_patient(patient_id: str) -> str:
-  """Deterministic patient-level split: sha256 of the id mapped to 100 buckets."""
-  digest = hashlib.sha256(patient_id.strip().encode("utf-8")).hexdigest()
-  bucket = int(digest[:8], 16) % 100
-  for name, upper in SPLIT_BUCKETS:
-    if bucket < upper:
-      return name
-  raise AssertionError(bucket)  # Unreachable.
 
 
 def strip_iccp(png: bytes) -> bytes:
