@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "etils==1.15.0",
     "numpy==2.4.6",
     "pillow==13.0.0",
+    "pydicom==3.0.2",  # RSNA Pneumonia DICOM (data_pipelines.rsna_pneumonia).
 ]
 
 # PyTorch side (export / verification only). These two releases are a matched pair.

@@ -28,6 +28,8 @@ CORPORA = {
     "nih14": ("data_pipelines.nih14", "default"),
     "chexpert": ("data_pipelines.chexpert", "u_ignore"),
     "openi": ("data_pipelines.openi", "paired"),
+    "rsna_pneumonia": ("data_pipelines.rsna_pneumonia", "default"),
+    "covidx": ("data_pipelines.covidx", "default"),
 }
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The corpus in its published layout.")

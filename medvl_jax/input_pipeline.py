@@ -72,6 +72,11 @@ DATASETS: dict[str, DatasetSpec] = {
                          image_key="image", sentences_key="", auto_prepare=False),
     "chexpert": DatasetSpec(tfds_name="chexpert", module="data_pipelines.chexpert",
                             image_key="image", sentences_key="", auto_prepare=False),
+    "rsna_pneumonia": DatasetSpec(tfds_name="rsna_pneumonia",
+                                  module="data_pipelines.rsna_pneumonia", image_key="image",
+                                  sentences_key="", auto_prepare=False),
+    "covidx": DatasetSpec(tfds_name="covidx", module="data_pipelines.covidx",
+                          image_key="image", sentences_key="", auto_prepare=False),
 }
 
 _REQUIRED_KEYS = (

@@ -228,3 +228,125 @@ def openi(sample: pathlib.Path, root: pathlib.Path, n_reports: int = 16) -> path
                           image_id.removeprefix("CXR") + ".dcm.png", "projection": proj})
   write_csv(root / "indiana_projections.csv", ("uid", "filename", "projection"), projections)
   return root
+
+
+RSNA_OPACITY = ("Pneumonia", "Consolidation", "Infiltration")
+
+
+def write_dicom(png: pathlib.Path, dst: pathlib.Path, patient_id: str, view: str, *,
+                monochrome1: bool = False, bits: int = 8) -> None:
+  """A real DICOM file (CR) holding a sample radiograph, written with pydicom as the RSNA
+  files are laid out: 8-bit MONOCHROME2 is JPEG Baseline (RSNA's transfer syntax); 12-bit in
+  16 and MONOCHROME1 (stored inverted) are uncompressed Explicit VR Little Endian."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import pydicom  # pylint: disable=g-import-not-at-top
+  from pydicom.dataset import FileMetaDataset  # pylint: disable=g-import-not-at-top
+  from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # pylint: disable=g-import-not-at-top
+  with Image.open(png) as img:
+    arr = np.asarray(img.convert("L"))
+  if bits > 8:
+    arr = arr.astype(np.uint16) * 16  # 12 bits stored in 16.
+    if monochrome1:
+      arr = 4095 - arr
+  elif monochrome1:
+    arr = 255 - arr
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture, as RSNA.
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = pydicom.Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID = meta.MediaStorageSOPClassUID
+  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+  ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+  ds.PatientID = ds.PatientName = patient_id
+  ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", view
+  ds.ConversionType = "WSD"
+  ds.Rows, ds.Columns = arr.shape
+  ds.SamplesPerPixel = 1
+  ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+  ds.BitsAllocated = 16 if bits > 8 else 8
+  ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
+  ds.PixelData = arr.tobytes()
+  if bits == 8 and not monochrome1:
+    from pydicom.encaps import encapsulate  # pylint: disable=g-import-not-at-top
+    from pydicom.uid import JPEGBaseline8Bit  # pylint: disable=g-import-not-at-top
+    jpeg = io.BytesIO()
+    Image.fromarray(arr).save(jpeg, format="JPEG", quality=95)
+    ds.PixelData = encapsulate([jpeg.getvalue()])
+    ds["PixelData"].VR = "OB"
+    meta.TransferSyntaxUID = JPEGBaseline8Bit
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  ds.save_as(dst, enforce_file_format=True)
+
+
+def rsna_pneumonia(sample: pathlib.Path, root: pathlib.Path, n: int = 24) -> pathlib.Path:
+  """RSNA Pneumonia Detection (Kaggle stage 2): stage_2_train_labels.csv (one row per box),
+  stage_2_detailed_class_info.csv and stage_2_train_images/<patientId>.dcm, real DICOM written
+  from real NIH sample radiographs (RSNA's images are NIH's). Target 1 where the NIH finding
+  is an opacity (pneumonia/consolidation/infiltration), with one or two boxes. Patient 1 is
+  MONOCHROME1, 2 is 12-bit MONOCHROME2, 3 is 12-bit MONOCHROME1."""
+  import uuid  # pylint: disable=g-import-not-at-top
+  labels, classes = [], []
+  for i, r in enumerate(nih_rows(sample)[:n]):
+    pid = str(uuid.uuid5(uuid.NAMESPACE_URL, "rsna/" + r["image_index"]))
+    findings = set(r["finding_labels"].split("|"))
+    write_dicom(sample / "nih14_sample" / r["image_file"],
+                root / "stage_2_train_images" / f"{pid}.dcm", pid,
+                r["view_position"] or "PA", monochrome1=i in (1, 3),
+                bits=12 if i in (2, 3) else 8)
+    if findings & set(RSNA_OPACITY):
+      boxes = [(264.0 + 3 * i, 152.0, 213.0, 379.0), (562.0, 152.0, 256.0, 453.0)][:1 + i % 2]
+      labels += [dict(zip(("patientId", "x", "y", "width", "height", "Target"), (pid, *b, 1)))
+                 for b in boxes]
+      classes.append({"patientId": pid, "class": "Lung Opacity"})
+    else:
+      labels.append({"patientId": pid, "x": "", "y": "", "width": "", "height": "",
+                     "Target": 0})
+      classes.append({"patientId": pid, "class": "Normal" if findings == {"No Finding"}
+                      else "No Lung Opacity / Not Normal"})
+  write_csv(root / "stage_2_train_labels.csv",
+            ("patientId", "x", "y", "width", "height", "Target"), labels)
+  write_csv(root / "stage_2_detailed_class_info.csv", ("patientId", "class"), classes)
+  return root
+
+
+def covidx(sample: pathlib.Path, root: pathlib.Path, n_covid: int = 10,
+           n_other: int = 8) -> pathlib.Path:
+  """COVIDx CXR-3 layout: train/ and test/ image folders, the 3-class label files
+  train_COVIDx_CXR-3A.txt / test_COVIDx_CXR-3A.txt (`patient_id filename class source`) and
+  the Kaggle binary train.txt / test.txt beside them. COVID-19 images are the sample's real
+  covid-chestxray-dataset ones (source `cohen`, 1-2 per patient); normal and pneumonia are
+  real NIH radiographs under RSNA-style uuid names (source `rsna`, as COVIDx takes them)."""
+  import uuid  # pylint: disable=g-import-not-at-top
+  by_patient: dict[str, list[dict[str, str]]] = {}
+  for row in covid_pairs(sample):
+    if row["finding"].startswith("COVID-19"):
+      by_patient.setdefault(row["patientid"], []).append(row)
+  items = []  # (patient, source image, filename, class, source)
+  for pid in sorted(by_patient, key=lambda p: (-len(by_patient[p]), p))[:n_covid]:
+    for row in by_patient[pid][:2]:
+      items.append((pid, sample / "covid_cxr_notes" / row["image_file"],
+                    pathlib.Path(row["image_file"]).name, "COVID-19", "cohen"))
+  nih = nih_rows(sample)
+  for cls, match in (("normal", lambda f: f == "No Finding"),
+                     ("pneumonia", lambda f: "Pneumonia" in f)):
+    for r in [r for r in nih if match(r["finding_labels"])][:n_other]:
+      pid = str(uuid.uuid5(uuid.NAMESPACE_URL, "covidx/" + r["image_index"]))
+      items.append((pid, sample / "nih14_sample" / r["image_file"], f"{pid}.png", cls,
+                    "rsna"))
+  patients = sorted({it[0] for it in items})
+  test_patients = set(patients[::4])
+  lines = {"train": [], "test": []}
+  for pid, src, name, cls, source in items:
+    part = "test" if pid in test_patients else "train"
+    dst = root / part / name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes())
+    lines[part].append((pid, name, cls, source))
+  for part, rows in lines.items():
+    (root / f"{part}_COVIDx_CXR-3A.txt").write_text(
+        "".join(" ".join(r) + "\n" for r in rows))
+    (root / f"{part}.txt").write_text("".join(
+        f"{p} {n} {'positive' if c == 'COVID-19' else 'negative'} {s}\n" for p, n, c, s in rows))
+  return root
