@@ -20,7 +20,6 @@ import os
 import pathlib
 import secrets
 import shutil
-import sys
 from typing import Any
 
 from absl import app
@@ -34,6 +33,7 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 
 from medvl_jax import checkpoint
+from medvl_jax import cli
 from medvl_jax import models
 from medvl_jax import weights
 from medvl_jax.errors import MedvlError, WeightsError
@@ -308,14 +308,6 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["workdir", "out"])
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -326,12 +318,11 @@ def main(argv: list[str]) -> None:
     meta = export(fl.workdir, fl.out, fl.step, fl.overwrite)
   except MedvlError as e:
     logging.flush()
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.die(str(e))
   print(f"exported step {meta['step']} of {meta['source_workdir']} to "
         f"{pathlib.Path(fl.out).absolute()}")
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -6,12 +6,13 @@ Re-running the same command on the same workdir resumes from the newest complete
 import logging as pylogging
 import os
 import pathlib
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from medvl_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/convirt.py:smoke",
@@ -70,7 +71,7 @@ def main(argv):
     train.train_and_evaluate(_CONFIG.value, workdir)
   except MedvlError as e:
     logging.flush()
-    _die(str(e))
+    cli.die(str(e))
 
 
 FLAGS = flags.FLAGS
@@ -84,25 +85,17 @@ def parse_flags(argv: list[str]) -> list[str]:
       FLAGS.config.to_dict()  # a failed load surfaces on first attribute access: do it here
     return rest
   except flags.Error as e:
-    _die(_last_line(e))
+    cli.die(cli.last_line(e))
   except (AttributeError, KeyError) as e:  # ml_collections: override of a key that is absent
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    _die(f"config key {str(e).strip(chr(34) + chr(39))!r} does not exist "
+    cli.die(f"config key {str(e).strip(chr(34) + chr(39))!r} does not exist "
          f"(overrides given: {' '.join(overrides)})")
   except (OSError, ValueError, TypeError) as e:  # missing config file, bad value or variant
-    _die(f"--config: {_last_line(e)}")
+    cli.die(f"--config: {cli.last_line(e)}")
   return []
 
 
-def _last_line(e: Exception) -> str:
-  """ml_collections embeds tracebacks in its messages; the last line says what is wrong."""
-  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  return lines[-1] if lines else type(e).__name__
 
-
-def _die(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 if __name__ == "__main__":
