@@ -7,12 +7,16 @@
 Used by `python -m medvl_jax.evaluate` and, through `config.evaluators`, by training.
 """
 from medvl_jax.errors import ConfigError
+from medvl_jax.evaluate import finetune
 from medvl_jax.evaluate import linear_probe
 from medvl_jax.evaluate import retrieval
+from medvl_jax.evaluate import zeroshot
 
 EVALUATORS = {
     "retrieval": retrieval.Evaluator,
     "linear_probe": linear_probe.Evaluator,
+    "finetune": finetune.Evaluator,
+    "zeroshot": zeroshot.Evaluator,
 }
 
 
