@@ -1,0 +1,115 @@
+"""Labelled image corpora for the evaluators, by registry name (`input_pipeline.DATASETS`).
+
+`load_split('chexpert', 'test', builder_config='u_ignore_64', data_dir=...)` reads a prepared
+tfds corpus (`python -m data_pipelines.prepare NAME ...`) and returns
+{'image': uint8 [N, S, S, 1] (the eval transform of training: shorter side to `resize`, central
+S x S crop), 'labels': int32 [N, C], 'patient_id', 'image_id', 'view': str [N]}.
+
+Labels are each builder's `labels` feature: multi-hot over the corpus's findings (CheXpert-style
+corpora may hold -1 = uncertain under the `u_ignore` policy: the probe masks those), one-hot for
+COVIDx's 3 classes, one column for RSNA Pneumonia. `LABEL_NAMES` and `TASK_TYPES` give each
+corpus's column names and its natural task ('multilabel' or 'multiclass').
+"""
+import importlib
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from medvl_jax import augment
+from medvl_jax import input_pipeline
+from medvl_jax.errors import ConfigError, DataError
+
+LATERAL_VIEWS = frozenset({"L", "LL", "RL", "LATERAL", "LAT"})
+
+
+def _chexpert_names() -> tuple[str, ...]:
+  from data_pipelines import common  # pylint: disable=g-import-not-at-top
+  return tuple(common.CHEXPERT_LABELS)
+
+
+def _nih_names() -> tuple[str, ...]:
+  # pylint: disable-next=g-import-not-at-top
+  from data_pipelines.nih14 import nih14_dataset_builder as m
+  return tuple(m.NIH_LABELS)
+
+
+def _covidx_names() -> tuple[str, ...]:
+  # pylint: disable-next=g-import-not-at-top
+  from data_pipelines.covidx import covidx_dataset_builder as m
+  return tuple(m.CLASSES)
+
+
+# Column names of each corpus's `labels` feature (callables: imported on use).
+LABEL_NAMES = {
+    "mimic_cxr": _chexpert_names, "openi": _chexpert_names, "chexpert": _chexpert_names,
+    "nih14": _nih_names, "covidx": _covidx_names, "rsna_pneumonia": lambda: ("Pneumonia",),
+}
+TASK_TYPES = {"covidx": "multiclass"}  # Every other labelled corpus: 'multilabel'.
+
+
+def label_names(name: str) -> tuple[str, ...] | None:
+  fn = LABEL_NAMES.get(name)
+  return fn() if fn else None
+
+
+def default_task_type(name: str) -> str:
+  return TASK_TYPES.get(name, "multilabel")
+
+
+def builder(name: str, builder_config: str | None = None,
+            data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """The prepared tfds builder of registry `name`; one clear ConfigError/DataError otherwise."""
+  if name not in input_pipeline.DATASETS:
+    raise ConfigError(f"dataset={name!r} is not a known dataset; valid names: "
+                      f"{', '.join(sorted(input_pipeline.DATASETS))}")
+  spec = input_pipeline.DATASETS[name]
+  importlib.import_module(spec.module)
+  cls = tfds.builder_cls(spec.tfds_name)
+  names = [c.name for c in cls.BUILDER_CONFIGS]
+  config = builder_config or names[0]
+  if config not in names:
+    raise ConfigError(f"builder_config={config!r} is not a config of {spec.tfds_name}; "
+                      f"valid: {', '.join(names)}")
+  b = cls(config=config, data_dir=data_dir or None)
+  if not b.is_prepared():
+    raise DataError(f"{b.data_dir}: dataset {spec.tfds_name}/{config} is not prepared; run "
+                    f"`python -m data_pipelines.prepare {spec.tfds_name} --manual_dir=... "
+                    f"--data_dir=...`")
+  return b
+
+
+def load_split(name: str, split: str, *, builder_config: str | None = None,
+               data_dir: str | None = None, image_size: int = 224, resize: int = 256,
+               frontal_only: bool = False) -> dict[str, np.ndarray]:
+  """One split of a labelled corpus, centre-cropped; see the module docstring."""
+  b = builder(name, builder_config, data_dir)
+  keys = ("labels", "patient_id", "image_id", "view")
+  missing = [k for k in ("image",) + keys if k not in b.info.features]
+  if missing:
+    raise DataError(f"{b.name}/{b.builder_config.name}: no {missing} features (a labelled "
+                    "corpus is needed: " + ", ".join(sorted(LABEL_NAMES)) + ")")
+  if split not in b.info.splits:
+    raise ConfigError(f"split {split!r} not in {b.name}/{b.builder_config.name}: "
+                      f"{', '.join(b.info.splits)}")
+  ds = b.as_dataset(split=split, shuffle_files=False,
+                    read_config=tfds.ReadConfig(try_autocache=False))
+  ds = ds.map(lambda ex: dict({k: ex[k] for k in keys}, image=augment.to_uint8(
+      augment.center_crop(ex["image"], image_size, resize))))
+  rows: dict[str, list[Any]] = {k: [] for k in ("image",) + keys}
+  for ex in ds.as_numpy_iterator():
+    for k in rows:
+      v = ex[k]
+      rows[k].append(v.decode("utf-8") if isinstance(v, bytes) else v)
+  n_labels = b.info.features["labels"].shape[0]
+  out = {
+      "image": (np.stack(rows["image"]) if rows["image"]
+                else np.zeros((0, image_size, image_size, 1), np.uint8)),
+      "labels": (np.stack(rows["labels"]).astype(np.int32) if rows["labels"]
+                 else np.zeros((0, n_labels), np.int32)),
+      **{k: np.asarray(rows[k], dtype=str) for k in ("patient_id", "image_id", "view")},
+  }
+  if frontal_only:  # Unknown ('') views are kept: COVIDx publishes none.
+    keep = np.array([v.strip().upper() not in LATERAL_VIEWS for v in out["view"]], bool)
+    out = {k: v[keep] for k, v in out.items()}
+  return out
