@@ -53,7 +53,7 @@ def save_as(src: pathlib.Path, dst: pathlib.Path, fmt: str) -> None:
 def mimic_report(iu: dict[str, str], *, findings: bool = True) -> str:
   """An IU report's real sections in the MIMIC-CXR report file format."""
   parts = ["                                 FINAL REPORT",
-           f" EXAMINATION:  CHEST (PA AND LAT)", "",
+           " EXAMINATION:  CHEST (PA AND LAT)", "",
            f" INDICATION:  {iu['indication']}", "",
            f" COMPARISON:  {iu['comparison']}", ""]
   if findings:

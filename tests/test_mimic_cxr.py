@@ -1,7 +1,5 @@
 """`mimic_cxr`: report section parsing on real IU text, and the builder on a fixture tree in
 the MIMIC-CXR-JPG + mimic-cxr-reports layout (real images and report text)."""
-import gzip
-import pathlib
 
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import tensorflow_datasets as tfds
 
 from data_pipelines.mimic_cxr import Builder
 from tests import fixtures_layout as fl
