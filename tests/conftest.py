@@ -82,3 +82,18 @@ def smoke_run(tmp_path_factory, tfds_dir, sample_data_dir):
   proc = run_main(*smoke_args(workdir, tfds_dir))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir, proc
+
+
+SHORT_STEPS = 3
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory, tfds_dir, sample_data_dir) -> pathlib.Path:
+  """A 3-step smoke training run with a checkpoint at step 3, shared read-only by the export
+  and evaluation tests (they write their outputs elsewhere)."""
+  workdir = tmp_path_factory.mktemp("short_run")
+  proc = run_main(*smoke_args(workdir, tfds_dir, f"--config.total_steps={SHORT_STEPS}",
+                              f"--config.checkpoint_every={SHORT_STEPS}",
+                              f"--config.eval_every={SHORT_STEPS}"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir

@@ -18,9 +18,9 @@ from medvl_jax.evaluate import __main__ as cli
 from medvl_jax.evaluate import features
 from medvl_jax.evaluate import finetune
 from medvl_jax.evaluate import zeroshot
-from tests.conftest import REPO, run_main
+from tests.conftest import REPO, SHORT_STEPS
 
-STEPS = 2
+STEPS = SHORT_STEPS
 
 
 # ----------------------------------------------------------------------------- oracle
@@ -139,13 +139,8 @@ def run_eval(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tfds_dir, sample_data_dir) -> pathlib.Path:
-  workdir = tmp_path_factory.mktemp("zs_ft_run")
-  proc = run_main("--config=configs/convirt.py:smoke", f"--workdir={workdir}",
-                  f"--config.data.data_dir={tfds_dir}", f"--config.total_steps={STEPS}",
-                  f"--config.checkpoint_every={STEPS}", f"--config.eval_every={STEPS}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
+def run_dir(short_run) -> pathlib.Path:
+  return short_run
 
 
 @pytest.fixture(scope="module")

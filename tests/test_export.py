@@ -20,7 +20,7 @@ from medvl_jax import export
 from medvl_jax import losses
 from medvl_jax import models
 from medvl_jax.errors import WeightsError
-from tests.conftest import REPO, run_main
+from tests.conftest import REPO, SHORT_STEPS
 
 torch = pytest.importorskip("torch", reason="export is checked against PyTorch (extra 'torch')")
 torchvision = pytest.importorskip("torchvision", reason="the image tower is checked against "
@@ -31,7 +31,7 @@ from PIL import Image  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 ATOL = 1e-4  # Absolute, on the fp32 projections (smoke run: |z_v| <~ 0.3, |z_u| <~ 2).
-STEPS = 3
+STEPS = SHORT_STEPS
 DOCS = REPO / "README.md"
 
 
@@ -65,13 +65,8 @@ def tiny_torchvision_resnet(stage_sizes=(1, 1, 1, 1), width=8):
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tfds_dir, sample_data_dir) -> pathlib.Path:
-  workdir = tmp_path_factory.mktemp("export_run")
-  proc = run_main("--config=configs/convirt.py:smoke", f"--workdir={workdir}",
-                  f"--config.data.data_dir={tfds_dir}", f"--config.total_steps={STEPS}",
-                  f"--config.checkpoint_every={STEPS}", f"--config.eval_every={STEPS}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
+def run_dir(short_run) -> pathlib.Path:
+  return short_run
 
 
 @pytest.fixture(scope="module")
