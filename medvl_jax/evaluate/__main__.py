@@ -16,7 +16,6 @@ import os
 import pathlib
 import secrets
 import shutil
-import sys
 import types
 from typing import Any
 
@@ -24,6 +23,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from medvl_jax import cli
 from medvl_jax.errors import ConfigError, MedvlError
 
 
@@ -152,14 +152,6 @@ def _define_flags() -> None:
                     "given as arguments: print a Markdown table.")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
   fl = flags.FLAGS
   if not fl["verbosity"].present:
@@ -169,8 +161,10 @@ def main(argv: list[str]) -> None:
       if len(argv) < 2:
         raise ConfigError("--compare needs at least one evaluation directory")
       table = compare_table(argv[1:])
-      if fl.out:
-        pathlib.Path(fl.out).write_text(table)
+      if fl.out:  # atomic: a reader never sees half a table
+        tmp = pathlib.Path(f"{fl.out}.tmp-{secrets.token_hex(4)}")
+        tmp.write_text(table)
+        os.replace(tmp, fl.out)
       print(table, end="")
       return
     if len(argv) > 1:
@@ -180,8 +174,7 @@ def main(argv: list[str]) -> None:
     out, result = evaluate_run(fl.workdir, fl.task, fl.step, fl.out, fl.cfg)
   except MedvlError as e:
     logging.flush()
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.die(str(e))
   for name, value in result["metrics"].items():
     if not name.endswith(("_ci_lo", "_ci_hi")):
       print(f"{name}: {value}")
@@ -190,4 +183,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
