@@ -133,3 +133,29 @@ def test_error_batch_not_divisible_by_devices(tmp_path):
   proc = run_main(*smoke_args(tmp_path / "w", tmp_path), "--config.batch_size=6",
                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
   _one_line_error(proc, "batch_size=6", "4 devices")
+
+
+def test_sigterm_checkpoints_and_stops(smoke_run, tfds_dir, tmp_path):
+  """Schedulers send SIGTERM before preemption: save at the next step, exit 0, resume later."""
+  reference = read_scalars(smoke_run[0] / "tensorboard")["train_loss"]
+  workdir = tmp_path / "preempted"
+  cmd = [sys.executable, "-m", "medvl_jax.main", *smoke_args(workdir, tfds_dir)]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 240
+  while not (workdir / "checkpoints" / "10").exists() and time.time() < deadline:
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "stopping at step" in err
+  stopped = int(err.split("stopping at step ")[1].split()[0])
+  from medvl_jax import checkpoint
+  assert checkpoint.manager(workdir, read_only=True).latest_step() == stopped
+  if stopped < 30:
+    resumed = run_main(*smoke_args(workdir, tfds_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from checkpoint step {stopped}" in resumed.stderr
+    losses = read_scalars(workdir / "tensorboard")["train_loss"]
+    np.testing.assert_allclose(losses[30], reference[30], rtol=1e-6)
