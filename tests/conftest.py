@@ -41,6 +41,13 @@ def run_main(*args: str, env: dict | None = None, timeout: int = 300, **kw):
                         env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def run_eval(*args: str, timeout: int = 300):
+  """Runs the real CLI `python -m medvl_jax.evaluate ...` from the repo root."""
+  import subprocess
+  return subprocess.run([sys.executable, "-m", "medvl_jax.evaluate", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory) -> pathlib.Path:
   """One tfds data dir per test session; the sample is built into it on first use."""

@@ -5,7 +5,6 @@ import json
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,15 +16,10 @@ from medvl_jax.evaluate import __main__ as cli
 from medvl_jax.evaluate import features
 from medvl_jax.evaluate import linear_probe
 from medvl_jax.evaluate import retrieval
-from tests.conftest import REPO, SHORT_STEPS
+from tests.conftest import SHORT_STEPS, run_eval
 
 STEPS = SHORT_STEPS
 FAST = ["--cfg=n_boot=100"]
-
-
-def run_eval(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "medvl_jax.evaluate", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -3,8 +3,6 @@ evaluator, independent scores (scikit-learn), and both tasks end to end through 
 real smoke checkpoint of the bundled sample."""
 import json
 import pathlib
-import subprocess
-import sys
 import types
 
 import jax
@@ -18,7 +16,7 @@ from medvl_jax.evaluate import __main__ as cli
 from medvl_jax.evaluate import features
 from medvl_jax.evaluate import finetune
 from medvl_jax.evaluate import zeroshot
-from tests.conftest import REPO, SHORT_STEPS
+from tests.conftest import SHORT_STEPS, run_eval
 
 STEPS = SHORT_STEPS
 
@@ -133,11 +131,6 @@ def test_bad_prompts():
 
 
 # ----------------------------------------------------------------------------- real model
-def run_eval(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "medvl_jax.evaluate", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def run_dir(short_run) -> pathlib.Path:
   return short_run

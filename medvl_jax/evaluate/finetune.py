@@ -147,29 +147,15 @@ class Evaluator:
     patients = data["test"]["patient_id"]
     dim = self.enc.images(variables, x_train[:1])[0].shape[1]
     self.details = {"curves": {}}
-    for frac in self.fractions:
-      aucs, accs = [], []
-      tag = f"{round(frac * 100):g}pct"
-      for seed in self.seeds:
-        idx = metrics.stratified_fraction(y_train, frac, seed)
-        tuned, _ = self.tuner.fit(self.tuner.init(variables, dim, seed), x_train[idx],
-                                  y_train[idx], self.epochs, seed)
-        score = self.tuner.logits(tuned, x_test).astype(np.float64)
-        aucs.append(metrics.roc_auc(y_test, score))
-        accs.append(metrics.accuracy(y_test, (score > 0).astype(int)))
-        if seed == self.seeds[0]:
-          ci = metrics.bootstrap_ci(lambda r, s=score: metrics.roc_auc(y_test[r], s[r]),
-                                    patients, n_boot=self.n_boot, seed=seed)
-          curve = metrics.roc_curve(y_test, score)
-          if curve is not None:
-            self.details["curves"][f"{tag} labels (n={len(idx)})"] = (*curve, aucs[-1])
-      auc, acc = metrics.mean_std(aucs), metrics.mean_std(accs)
-      yield f"finetune/auc_{tag}", auc["mean"]
-      yield f"finetune/auc_{tag}_std", auc["std"]
-      yield f"finetune/auc_{tag}_ci_lo", ci["lo"]
-      yield f"finetune/auc_{tag}_ci_hi", ci["hi"]
-      yield f"finetune/acc_{tag}", acc["mean"]
-      yield f"finetune/acc_{tag}_std", acc["std"]
+
+    def fit_score(rows, seed):
+      tuned, _ = self.tuner.fit(self.tuner.init(variables, dim, seed), x_train[rows],
+                                y_train[rows], self.epochs, seed)
+      return self.tuner.logits(tuned, x_test)
+
+    yield from metrics.binary_fraction_sweep(
+        "finetune", fit_score, y_train, y_test, patients, fractions=self.fractions,
+        seeds=self.seeds, n_boot=self.n_boot, curves=self.details["curves"])
     yield "finetune/n_train", float(len(y_train))
     yield "finetune/n_test", float(len(y_test))
     yield "finetune/test_prevalence", float(y_test.mean())

@@ -246,28 +246,14 @@ class Evaluator:
       yield from values
       return
     self.details = {"curves": {}}
-    for frac in self.fractions:
-      aucs, accs = [], []
-      tag = f"{round(frac * 100):g}pct"
-      for seed in self.seeds:
-        idx = metrics.stratified_fraction(y_train, frac, seed)
-        w, b = fit_logistic(x_train[idx], y_train[idx], self.c)
-        score = x_test @ w + b
-        aucs.append(metrics.roc_auc(y_test, score))
-        accs.append(metrics.accuracy(y_test, (score > 0).astype(int)))
-        if seed == self.seeds[0]:
-          ci = metrics.bootstrap_ci(lambda r, s=score: metrics.roc_auc(y_test[r], s[r]),
-                                    patients, n_boot=self.n_boot, seed=seed)
-          curve = metrics.roc_curve(y_test, score)
-          if curve is not None:
-            self.details["curves"][f"{tag} labels (n={len(idx)})"] = (*curve, aucs[-1])
-      auc, acc = metrics.mean_std(aucs), metrics.mean_std(accs)
-      yield f"linear_probe/auc_{tag}", auc["mean"]
-      yield f"linear_probe/auc_{tag}_std", auc["std"]
-      yield f"linear_probe/auc_{tag}_ci_lo", ci["lo"]
-      yield f"linear_probe/auc_{tag}_ci_hi", ci["hi"]
-      yield f"linear_probe/acc_{tag}", acc["mean"]
-      yield f"linear_probe/acc_{tag}_std", acc["std"]
+
+    def fit_score(rows, seed):  # pylint: disable=unused-argument
+      w, b = fit_logistic(x_train[rows], y_train[rows], self.c)
+      return x_test @ w + b
+
+    yield from metrics.binary_fraction_sweep(
+        "linear_probe", fit_score, y_train, y_test, patients, fractions=self.fractions,
+        seeds=self.seeds, n_boot=self.n_boot, curves=self.details["curves"])
     yield "linear_probe/n_train", float(len(y_train))
     yield "linear_probe/n_test", float(len(y_test))
     yield "linear_probe/test_prevalence", float(y_test.mean())

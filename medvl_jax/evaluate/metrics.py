@@ -188,3 +188,37 @@ def mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
   if not defined:
     return {"mean": None, "std": None, "n": 0}
   return {"mean": float(np.mean(defined)), "std": float(np.std(defined)), "n": len(defined)}
+
+
+def binary_fraction_sweep(prefix: str, fit_score: Callable[[np.ndarray, int], np.ndarray],
+                          y_train: np.ndarray, y_test: np.ndarray, patients: np.ndarray, *,
+                          fractions: Sequence[float], seeds: Sequence[int], n_boot: int,
+                          curves: dict):
+  """Label-fraction x seed sweep of a binary classifier, shared by the probe and fine-tuning.
+
+  `fit_score(train_rows, seed)` fits on those training rows and returns test scores (logits).
+  Yields (f'{prefix}/auc_{k}pct', mean) and its _std / _ci_lo / _ci_hi, accuracy mean/std; the
+  CI (patients resampled) and the ROC curve put into `curves` come from the first seed's fit.
+  """
+  for frac in fractions:
+    aucs, accs = [], []
+    tag = f"{round(frac * 100):g}pct"
+    ci = {"lo": None, "hi": None}
+    for seed in seeds:
+      idx = stratified_fraction(y_train, frac, seed)
+      score = np.asarray(fit_score(idx, seed), np.float64)
+      aucs.append(roc_auc(y_test, score))
+      accs.append(accuracy(y_test, (score > 0).astype(int)))
+      if seed == seeds[0]:
+        ci = bootstrap_ci(lambda r, s=score: roc_auc(y_test[r], s[r]), patients,
+                          n_boot=n_boot, seed=seed)
+        curve = roc_curve(y_test, score)
+        if curve is not None:
+          curves[f"{tag} labels (n={len(idx)})"] = (*curve, aucs[-1])
+    auc, acc = mean_std(aucs), mean_std(accs)
+    yield f"{prefix}/auc_{tag}", auc["mean"]
+    yield f"{prefix}/auc_{tag}_std", auc["std"]
+    yield f"{prefix}/auc_{tag}_ci_lo", ci["lo"]
+    yield f"{prefix}/auc_{tag}_ci_hi", ci["hi"]
+    yield f"{prefix}/acc_{tag}", acc["mean"]
+    yield f"{prefix}/acc_{tag}_std", acc["std"]
