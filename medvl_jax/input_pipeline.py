@@ -286,6 +286,17 @@ def _tokenized(batches: Iterator[dict[str, Any]], tokenizer, max_length: int
     yield batch
 
 
+def _checked_source(config: ml_collections.ConfigDict, process_index: int,
+                    process_count: int) -> tuple[DatasetSpec, Any]:
+  """Validates the config and host layout; returns the dataset spec and its (prepared) builder."""
+  _check_config(config)
+  spec = _spec(config)
+  _per_host(config, process_count)
+  if not 0 <= process_index < process_count:
+    raise ConfigError(f"process_index={process_index} not in [0, {process_count})")
+  return spec, prepare(config)
+
+
 def create_train_iterator(config: ml_collections.ConfigDict, tokenizer, *, start_step: int = 0,
                           process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
   """Infinite per-host train batches; batch k is global batch `start_step + k`.
@@ -294,12 +305,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, tokenizer, *, start
   'attention_mask': int32 [B/P, L]} with B = config.batch_size, P = process_count,
   S = config.data.image_size, L = config.data.max_length.
   """
-  _check_config(config)
-  spec = _spec(config)
-  _per_host(config, process_count)
-  if not 0 <= process_index < process_count:
-    raise ConfigError(f"process_index={process_index} not in [0, {process_count})")
-  builder = prepare(config)
+  spec, builder = _checked_source(config, process_index, process_count)
   ds = _train_dataset(config, builder, spec, start_step, process_index, process_count)
   return _tokenized(ds.as_numpy_iterator(), tokenizer, config.data.max_length)
 
@@ -342,11 +348,6 @@ def create_eval_iterator(config: ml_collections.ConfigDict, tokenizer, split: st
   text). Every host yields ceil(N / B) batches; host i gets rows [i * B / P, (i + 1) * B / P)
   of each global batch.
   """
-  _check_config(config)
-  spec = _spec(config)
-  _per_host(config, process_count)
-  if not 0 <= process_index < process_count:
-    raise ConfigError(f"process_index={process_index} not in [0, {process_count})")
-  builder = prepare(config)
+  spec, builder = _checked_source(config, process_index, process_count)
   ds = _eval_dataset(config, builder, spec, split, process_index, process_count)
   return _tokenized(ds.as_numpy_iterator(), tokenizer, config.data.max_length)
