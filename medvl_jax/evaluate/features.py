@@ -117,6 +117,26 @@ def load_sample_split(config: ml_collections.ConfigDict, split: str,
   return out
 
 
+def load_sample_task(config: Any, positive: str, exclude: tuple, frontal_only: bool,
+                     train_split: str, test_splits: tuple, task: str
+                     ) -> dict[str, dict[str, np.ndarray]]:
+  """{'train', 'test'}: sample rows with a binary 'label' (finding starts with `positive`);
+  rows whose finding is in `exclude` dropped. Shared by the probe and fine-tuning tasks."""
+  parts = {"train": [load_sample_split(config, train_split, frontal_only)],
+           "test": [load_sample_split(config, s, frontal_only) for s in test_splits]}
+  data = {}
+  for name, splits in parts.items():
+    d = {k: np.concatenate([s[k] for s in splits]) for k in splits[0]}
+    keep = ~np.isin(d["finding"], exclude)
+    d = {k: v[keep] for k, v in d.items()}
+    d["label"] = np.char.startswith(d["finding"].astype(str), positive).astype(int)
+    if len(np.unique(d["label"])) < 2:
+      raise DataError(f"{task}: the {name} split(s) need both {positive!r} and other findings; "
+                      f"got {len(d['label'])} rows, {int(d['label'].sum())} positive")
+    data[name] = d
+  return data
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 

@@ -21,28 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medvl_jax.errors import DataError
 from medvl_jax.evaluate import features
 from medvl_jax.evaluate import metrics
 from medvl_jax.evaluate import plots
-
-
-def load_task(config: Any, positive: str, exclude: tuple, frontal_only: bool, train_split: str,
-              test_splits: tuple, task: str) -> dict[str, dict[str, np.ndarray]]:
-  """{'train', 'test'}: sample rows with a binary 'label' (finding starts with `positive`)."""
-  parts = {"train": [features.load_sample_split(config, train_split, frontal_only)],
-           "test": [features.load_sample_split(config, s, frontal_only) for s in test_splits]}
-  data = {}
-  for name, splits in parts.items():
-    d = {k: np.concatenate([s[k] for s in splits]) for k in splits[0]}
-    keep = ~np.isin(d["finding"], exclude)
-    d = {k: v[keep] for k, v in d.items()}
-    d["label"] = np.char.startswith(d["finding"].astype(str), positive).astype(int)
-    if len(np.unique(d["label"])) < 2:
-      raise DataError(f"{task}: the {name} split(s) need both {positive!r} and other findings; "
-                      f"got {len(d['label'])} rows, {int(d['label'].sum())} positive")
-    data[name] = d
-  return data
 
 
 class FineTuner:
@@ -135,7 +116,7 @@ class Evaluator:
 
   def _load(self) -> dict[str, dict[str, np.ndarray]]:
     if self._data is None:
-      self._data = load_task(self.enc.config, self.positive, self.exclude, self.frontal_only,
+      self._data = features.load_sample_task(self.enc.config, self.positive, self.exclude, self.frontal_only,
                              self.train_split, tuple(self.test_splits), "finetune")
     return self._data
 

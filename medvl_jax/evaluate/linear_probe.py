@@ -211,22 +211,9 @@ class Evaluator:
     if self._data is None and self.dataset is not None:
       self._data = self._load_dataset()
     if self._data is None:
-      cfg = self.enc.config
-      parts = {"train": [features.load_sample_split(cfg, self.train_split, self.frontal_only)],
-               "test": [features.load_sample_split(cfg, s, self.frontal_only)
-                        for s in self.test_splits]}
-      data = {}
-      for name, splits in parts.items():
-        d = {k: np.concatenate([s[k] for s in splits]) for k in splits[0]}
-        keep = ~np.isin(d["finding"], self.exclude)
-        d = {k: v[keep] for k, v in d.items()}
-        d["label"] = np.char.startswith(d["finding"].astype(str), self.positive).astype(int)
-        if len(np.unique(d["label"])) < 2:
-          raise DataError(f"linear_probe: the {name} split(s) need both {self.positive!r} and "
-                          f"other findings; got {len(d['label'])} rows, "
-                          f"{int(d['label'].sum())} positive")
-        data[name] = d
-      self._data = data
+      self._data = features.load_sample_task(
+          self.enc.config, self.positive, self.exclude, self.frontal_only, self.train_split,
+          tuple(self.test_splits), "linear_probe")
     return self._data
 
   def run(self, state: Any) -> Iterator[tuple[str, float]]:
