@@ -133,8 +133,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def make_state(variables):
     return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(variables["params"]))
+                               batch_stats=variables.get("batch_stats", {}),
+                               opt_state=tx.init(variables["params"]))
 
   # Shardings: derived from shapes, so parameters are born sharded.
   abstract_state = jax.eval_shape(make_state, abstract_vars)
@@ -153,12 +153,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = int(data_state["batches_consumed"])
     logging.info("resumed from checkpoint step %d in %s", start_step, mngr.directory)
   else:
-    variables = jax.jit(init_fn)(init_rng)
-    variables = weights.init_from_pretrained(jax.device_get(variables), config.model)
-    var_sharding = {"params": state_sharding.params, "batch_stats": state_sharding.batch_stats}
-    variables = {k: variables.get(k, {}) for k in var_sharding}
-    state = jax.jit(make_state, in_shardings=(var_sharding,), out_shardings=state_sharding)(
-        jax.device_put(variables, var_sharding))
+    var_sharding = {"params": state_sharding.params}
+    if "batch_stats" in abstract_vars:
+      var_sharding["batch_stats"] = state_sharding.batch_stats
+    variables = jax.jit(init_fn, out_shardings=var_sharding)(init_rng)  # born sharded
+    if config.model.text.init or config.model.image.init:  # host round trip only when needed
+      variables = jax.device_put(
+          weights.init_from_pretrained(jax.device_get(variables), config.model), var_sharding)
+    state = jax.jit(make_state, out_shardings=state_sharding)(variables)
     start_step = 0
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -170,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_shard = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
       lambda st, b: step_lib.train_step(st, b, model=model, tx=tx, loss_fn=loss_fn, mask=mask,
-                               rng=step_rng),
+                                        rng=step_rng),
       in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, None),
       donate_argnums=0)
   eval_fn = jax.jit(lambda st, b: step_lib.eval_step(st, b, model=model, loss_fn=loss_fn),
