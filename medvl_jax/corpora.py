@@ -1,0 +1,147 @@
+"""The one dataset registry: every corpus the trainer, the in-loop eval, the evaluators and
+`python -m data_pipelines.prepare` read by name.
+
+  corpus = corpora.get("chexpert")            # Corpus: builder module, labels, task type, ...
+  b = corpora.builder("chexpert", "u_ignore_64", data_dir=...)   # a tfds builder instance
+  corpora.kinds("cxr_sample", "text_only")    # frozenset({'text'})
+
+A corpus's builder lives in `data_pipelines/<module>`; it is imported by name only when a
+builder is needed, so importing this module imports no data pipeline (nor TensorFlow).
+`kinds` is decided from the builder's declared features (its `_info()`), without reading or
+preparing data: 'paired' needs the image and the text feature, 'image' the image, 'text' the
+sentences.
+
+To add a corpus: write its tfds builder under `data_pipelines/<name>/` and add one `Corpus`
+entry to `CORPORA` below (see data_pipelines/README.md, "Adding a corpus").
+"""
+from collections.abc import Callable
+import dataclasses
+import functools
+import importlib
+import tempfile
+from typing import Any
+
+from medvl_jax.errors import ConfigError
+
+KINDS = ("paired", "image", "text")
+TASK_TYPES = ("multilabel", "multiclass")
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """How to find, build and read one registered corpus."""
+  name: str  # Registry name (config.data.name, an evaluator's `dataset`, prepare's argument).
+  tfds_name: str  # The name its tfds builder registers.
+  module: str  # Importing it registers the builder; it exports the class as `Builder`.
+  default_config: str  # The builder config used when none is given.
+  image_key: str = "image"  # Feature holding the image ('' = the corpus has none).
+  text_key: str = ""  # Feature holding the report sentences ('' = the corpus has none).
+  label_names: Callable[[], tuple[str, ...]] | None = None  # Columns of `labels` (lazy).
+  task_type: str | None = None  # 'multilabel' | 'multiclass' for labelled corpora.
+  auto_prepare: bool = False  # Built from the bundled sample on first use.
+
+
+# Label names import their builder module, so they are looked up only when asked for.
+def _chexpert_labels() -> tuple[str, ...]:
+  return tuple(importlib.import_module("data_pipelines.common").CHEXPERT_LABELS)
+
+
+def _nih_labels() -> tuple[str, ...]:
+  return tuple(importlib.import_module("data_pipelines.nih14.nih14_dataset_builder").NIH_LABELS)
+
+
+def _covidx_labels() -> tuple[str, ...]:
+  return tuple(importlib.import_module("data_pipelines.covidx.covidx_dataset_builder").CLASSES)
+
+
+def _rsna_labels() -> tuple[str, ...]:
+  return ("Pneumonia",)
+
+
+CORPORA: dict[str, Corpus] = {c.name: c for c in (
+    # The bundled real sample (../shared/data): paired notes, text-only reports, image-only NIH.
+    Corpus("cxr_sample", "cxr_sample", "data_pipelines.cxr_sample", "paired",
+           text_key="sentences", auto_prepare=True),
+    # Corpora prepared with `python -m data_pipelines.prepare NAME --manual_dir=...`.
+    Corpus("mimic_cxr", "mimic_cxr", "data_pipelines.mimic_cxr", "paired",
+           text_key="sentences", label_names=_chexpert_labels, task_type="multilabel"),
+    Corpus("openi", "openi", "data_pipelines.openi", "paired", text_key="sentences",
+           label_names=_chexpert_labels, task_type="multilabel"),
+    # Image + label corpora (no text; for probes, evaluators and image-only sources).
+    Corpus("nih14", "nih14", "data_pipelines.nih14", "default", label_names=_nih_labels,
+           task_type="multilabel"),
+    Corpus("chexpert", "chexpert", "data_pipelines.chexpert", "u_ignore",
+           label_names=_chexpert_labels, task_type="multilabel"),
+    Corpus("rsna_pneumonia", "rsna_pneumonia", "data_pipelines.rsna_pneumonia", "default",
+           label_names=_rsna_labels, task_type="multilabel"),
+    Corpus("covidx", "covidx", "data_pipelines.covidx", "default", label_names=_covidx_labels,
+           task_type="multiclass"),
+)}
+
+
+def names() -> tuple[str, ...]:
+  return tuple(sorted(CORPORA))
+
+
+def get(name: str, *, key: str = "dataset") -> Corpus:
+  """The registered corpus `name`; ConfigError naming `key` and the valid names otherwise."""
+  if name not in CORPORA:
+    raise ConfigError(f"{key}={name!r} is not a known dataset; valid: {', '.join(names())}")
+  return CORPORA[name]
+
+
+def builder_cls(name: str) -> type[Any]:
+  """The tfds builder class of corpus `name` (imports its module, which registers it)."""
+  return importlib.import_module(get(name).module).Builder
+
+
+def config_names(name: str) -> tuple[str, ...]:
+  return tuple(c.name for c in builder_cls(name).BUILDER_CONFIGS)
+
+
+def check_config(name: str, builder_config: str | None = None, *,
+                 key: str = "builder_config") -> str:
+  """The builder config to use (`builder_config` or the default); ConfigError if unknown."""
+  corpus = get(name)
+  config = builder_config or corpus.default_config
+  valid = config_names(name)
+  if config not in valid:
+    raise ConfigError(f"{key}={config!r} is not a config of {corpus.tfds_name}; valid: "
+                      f"{', '.join(valid)}")
+  return config
+
+
+def builder(name: str, builder_config: str | None = None, data_dir: str | None = None):
+  """A tfds builder instance of corpus `name` (prepared or not: callers decide what to do)."""
+  config = check_config(name, builder_config)
+  return builder_cls(name)(config=config, data_dir=data_dir or None)
+
+
+@functools.cache
+def features(name: str, builder_config: str | None = None):
+  """The builder's declared `FeaturesDict` for that config; reads no data."""
+  config = check_config(name, builder_config)
+  # A fresh empty data dir: the features come from the builder's `_info()`, not from files.
+  with tempfile.TemporaryDirectory() as empty:
+    return builder_cls(name)(config=config, data_dir=empty).info.features
+
+
+def kinds(name: str, builder_config: str | None = None) -> frozenset[str]:
+  """The kinds of source ('paired', 'image', 'text') this corpus/config can serve."""
+  corpus = get(name)
+  feats = features(name, builder_config)
+  has_image = bool(corpus.image_key) and corpus.image_key in feats
+  has_text = bool(corpus.text_key) and corpus.text_key in feats
+  return frozenset(k for k, ok in (("paired", has_image and has_text), ("image", has_image),
+                                   ("text", has_text)) if ok)
+
+
+def label_names(name: str) -> tuple[str, ...] | None:
+  """Column names of the corpus's `labels` feature; None for a corpus without labels."""
+  fn = get(name).label_names
+  return fn() if fn else None
+
+
+def task_type(name: str) -> str | None:
+  """'multilabel' or 'multiclass' for a labelled corpus; None otherwise."""
+  return get(name).task_type
