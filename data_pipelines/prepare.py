@@ -9,7 +9,6 @@ so an interrupted run never leaves a dataset that reads as prepared. Stale `inco
 folders of an earlier, killed run of the same config are removed first. At the end a summary
 gives the records written per split and the records skipped by reason.
 """
-import importlib
 import os
 import sys
 import time
@@ -20,17 +19,9 @@ from absl import logging
 from etils import epath
 
 from data_pipelines import common
+from medvl_jax import corpora
 from medvl_jax.errors import MedvlError
 
-# Corpus name -> (module that registers its builder, default base config).
-CORPORA = {
-    "mimic_cxr": ("data_pipelines.mimic_cxr", "paired"),
-    "nih14": ("data_pipelines.nih14", "default"),
-    "chexpert": ("data_pipelines.chexpert", "u_ignore"),
-    "openi": ("data_pipelines.openi", "paired"),
-    "rsna_pneumonia": ("data_pipelines.rsna_pneumonia", "default"),
-    "covidx": ("data_pipelines.covidx", "default"),
-}
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The corpus in its published layout.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data dir (default ~/tensorflow_datasets).")
@@ -42,17 +33,17 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
 
 
 def builder_for(name: str, *, config: str | None, image_size: int, data_dir: str | None):
-  """The tfds builder of corpus `name` at `image_size` (raises MedvlError on a bad name)."""
-  if name not in CORPORA:
-    raise MedvlError(f"unknown corpus {name!r}; valid: {', '.join(sorted(CORPORA))}")
-  module, default = CORPORA[name]
-  cls = importlib.import_module(module).Builder
-  full = common.config_name(config or default, image_size)
-  names = [c.name for c in cls.BUILDER_CONFIGS]
+  """The tfds builder of registered corpus `name` (`medvl_jax.corpora`) at `image_size`.
+
+  Raises MedvlError (one line) on an unknown name or config.
+  """
+  full = common.config_name(config or corpora.get(name, key="corpus").default_config,
+                            image_size)
+  names = corpora.config_names(name)
   if full not in names:
     bases = sorted({n for n in names if not n.rsplit("_", 1)[-1].isdigit()})
     raise MedvlError(f"{name}: no config {full!r}; base configs: {', '.join(bases)}")
-  return cls(config=full, data_dir=data_dir)
+  return corpora.builder(name, full, data_dir)
 
 
 def remove_stale_incomplete(builder) -> list[epath.Path]:
@@ -96,7 +87,7 @@ def prepare(name: str, manual_dir: str, *, data_dir: str | None = None,
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError(f"usage: python -m data_pipelines.prepare "
-                         f"{{{','.join(sorted(CORPORA))}}} --manual_dir=DIR")
+                         f"{{{','.join(corpora.names())}}} --manual_dir=DIR")
   start = time.perf_counter()
   try:
     builder = prepare(argv[1], _MANUAL_DIR.value, data_dir=_DATA_DIR.value,

@@ -1,4 +1,4 @@
-"""Labelled image corpora for the evaluators, by registry name (`input_pipeline.DATASETS`).
+"""Labelled image corpora for the evaluators, by registry name (`medvl_jax.corpora`).
 
 `load_split('chexpert', 'test', builder_config='u_ignore_64', data_dir=...)` reads a prepared
 tfds corpus (`python -m data_pipelines.prepare NAME ...`) and returns
@@ -7,74 +7,37 @@ S x S crop), 'labels': int32 [N, C], 'patient_id', 'image_id', 'view': str [N]}.
 
 Labels are each builder's `labels` feature: multi-hot over the corpus's findings (CheXpert-style
 corpora may hold -1 = uncertain under the `u_ignore` policy: the probe masks those), one-hot for
-COVIDx's 3 classes, one column for RSNA Pneumonia. `LABEL_NAMES` and `TASK_TYPES` give each
-corpus's column names and its natural task ('multilabel' or 'multiclass').
+COVIDx's 3 classes, one column for RSNA Pneumonia. The registry (`corpora.label_names`,
+`corpora.task_type`) gives each corpus's column names and its natural task.
 """
-import importlib
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from medvl_jax import augment
-from medvl_jax import input_pipeline
+from medvl_jax import corpora
 from medvl_jax.errors import ConfigError, DataError
 
 LATERAL_VIEWS = frozenset({"L", "LL", "RL", "LATERAL", "LAT"})
 
 
-def _chexpert_names() -> tuple[str, ...]:
-  from data_pipelines import common  # pylint: disable=g-import-not-at-top
-  return tuple(common.CHEXPERT_LABELS)
-
-
-def _nih_names() -> tuple[str, ...]:
-  # pylint: disable-next=g-import-not-at-top
-  from data_pipelines.nih14 import nih14_dataset_builder as m
-  return tuple(m.NIH_LABELS)
-
-
-def _covidx_names() -> tuple[str, ...]:
-  # pylint: disable-next=g-import-not-at-top
-  from data_pipelines.covidx import covidx_dataset_builder as m
-  return tuple(m.CLASSES)
-
-
-# Column names of each corpus's `labels` feature (callables: imported on use).
-LABEL_NAMES = {
-    "mimic_cxr": _chexpert_names, "openi": _chexpert_names, "chexpert": _chexpert_names,
-    "nih14": _nih_names, "covidx": _covidx_names, "rsna_pneumonia": lambda: ("Pneumonia",),
-}
-TASK_TYPES = {"covidx": "multiclass"}  # Every other labelled corpus: 'multilabel'.
-
-
 def label_names(name: str) -> tuple[str, ...] | None:
-  fn = LABEL_NAMES.get(name)
-  return fn() if fn else None
+  return corpora.label_names(name)
 
 
 def default_task_type(name: str) -> str:
-  return TASK_TYPES.get(name, "multilabel")
+  """The corpus's task type; 'multilabel' for a corpus that declares none."""
+  return corpora.task_type(name) or "multilabel"
 
 
 def builder(name: str, builder_config: str | None = None,
             data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """The prepared tfds builder of registry `name`; one clear ConfigError/DataError otherwise."""
-  if name not in input_pipeline.DATASETS:
-    raise ConfigError(f"dataset={name!r} is not a known dataset; valid names: "
-                      f"{', '.join(sorted(input_pipeline.DATASETS))}")
-  spec = input_pipeline.DATASETS[name]
-  importlib.import_module(spec.module)
-  cls = tfds.builder_cls(spec.tfds_name)
-  names = [c.name for c in cls.BUILDER_CONFIGS]
-  config = builder_config or names[0]
-  if config not in names:
-    raise ConfigError(f"builder_config={config!r} is not a config of {spec.tfds_name}; "
-                      f"valid: {', '.join(names)}")
-  b = cls(config=config, data_dir=data_dir or None)
+  b = corpora.builder(name, builder_config, data_dir)
   if not b.is_prepared():
-    raise DataError(f"{b.data_dir}: dataset {spec.tfds_name}/{config} is not prepared; run "
-                    f"`python -m data_pipelines.prepare {spec.tfds_name} --manual_dir=... "
+    raise DataError(f"{b.data_dir}: dataset {b.name}/{b.builder_config.name} is not prepared; "
+                    f"run `python -m data_pipelines.prepare {name} --manual_dir=... "
                     f"--data_dir=...`")
   return b
 
@@ -88,7 +51,8 @@ def load_split(name: str, split: str, *, builder_config: str | None = None,
   missing = [k for k in ("image",) + keys if k not in b.info.features]
   if missing:
     raise DataError(f"{b.name}/{b.builder_config.name}: no {missing} features (a labelled "
-                    "corpus is needed: " + ", ".join(sorted(LABEL_NAMES)) + ")")
+                    "corpus is needed: " + ", ".join(
+                        n for n in corpora.names() if corpora.get(n).label_names) + ")")
   if split not in b.info.splits:
     raise ConfigError(f"split {split!r} not in {b.name}/{b.builder_config.name}: "
                       f"{', '.join(b.info.splits)}")
