@@ -5,19 +5,25 @@ r"""The PyTorch baseline: one ConVIRT train step as the public re-implementation
 torchvision resnet50 (fc removed) + transformers BertModel (random weights, the same shape as
 bench/train_step.py), max-pooled text features, 2-layer projection heads, the asymmetric InfoNCE
 (lambda 0.75, tau 0.1), BERT embeddings + first half of the layers frozen, Adam(lr 1e-4,
-weight_decay 1e-6). Same synthetic inputs and shapes as bench/train_step.py, so the two print
-comparable s/step on the same machine. `--amp` = bfloat16 autocast (the usual mixed precision),
+weight_decay 1e-6). Same synthetic inputs (`medvl_jax.batch.random`) and shapes as
+bench/train_step.py, so the two print comparable s/step on the same machine. `--amp` = bfloat16 autocast (the usual mixed precision),
 `--compile` = torch.compile.
 """
 import argparse
 import json
+import os
+import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-import torchvision
-import transformers
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+import transformers  # noqa: E402
+
+from medvl_jax import batch as batch_lib  # noqa: E402  (NumPy only: no JAX needed here)
 
 TEXT_SHAPES = {
     "minilm": dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
@@ -80,12 +86,11 @@ def main():
     model = model.to(memory_format=torch.channels_last)
   opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                          weight_decay=1e-6)
-  rng = np.random.default_rng(0)
   n, s, l = args.batch, args.image_size, args.max_length
-  lengths = rng.integers(16, l, size=n)
-  gray = torch.from_numpy(rng.integers(0, 256, (n, 1, s, s), dtype=np.uint8)).to(dev)
-  ids = torch.from_numpy(rng.integers(1000, 28000, (n, l))).to(dev)
-  mask = torch.from_numpy((np.arange(l)[None] < lengths[:, None]).astype(np.int64)).to(dev)
+  batch = batch_lib.random(n, s, l, seed=0)  # The same synthetic batch as bench/train_step.py.
+  gray = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(dev)  # NHWC -> NCHW
+  ids = torch.from_numpy(batch["input_ids"].astype(np.int64)).to(dev)
+  mask = torch.from_numpy(batch["attention_mask"].astype(np.int64)).to(dev)
   mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
   std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import convirt  # noqa: E402
+from medvl_jax import batch as batch_lib  # noqa: E402
 from medvl_jax import losses, models, sharding, step  # noqa: E402
 
 TEXT_SHAPES = {
@@ -76,12 +77,8 @@ def main():
                   out_shardings=rep)(variables)
   loss_fn = lambda out, m=None: losses.LOSSES[cfg.loss.name](out, cfg.loss, m)  # noqa: E731
 
-  rng = np.random.default_rng(0)
   n, s, l = args.batch, args.image_size, args.max_length
-  lengths = rng.integers(16, l, size=n)
-  batch = {"image": rng.integers(0, 256, (n, s, s, 1), dtype=np.uint8),
-           "input_ids": rng.integers(1000, 28000, (n, l)).astype(np.int32),
-           "attention_mask": (np.arange(l)[None] < lengths[:, None]).astype(np.int32)}
+  batch = batch_lib.random(n, s, l, seed=0)  # The layout of medvl_jax.batch, paired rows.
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
 
   fn = jax.jit(lambda st, b: step.train_step(st, b, model=model, tx=tx, loss_fn=loss_fn,

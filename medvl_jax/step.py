@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from medvl_jax import batch as batch_lib
 from medvl_jax import sharding
 from medvl_jax.errors import ConfigError
 
@@ -60,8 +61,8 @@ def loss_and_grads(params, batch_stats, batch: dict, *, model, loss_fn: Callable
   def loss_of(params):
     params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
     out, new_vars = model.apply(
-        {"params": params, "batch_stats": batch_stats}, batch["image"], batch["input_ids"],
-        batch["attention_mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+        {"params": params, "batch_stats": batch_stats},
+        *(batch[k] for k in batch_lib.MODEL_INPUTS), train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
     loss, metrics = loss_fn(out)
     return loss, (metrics, new_vars["batch_stats"])
 
@@ -86,16 +87,15 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn: Callable, 
 
 def eval_step(state: TrainState, batch: dict, *, model, loss_fn: Callable) -> dict:
   out = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                    batch["image"], batch["input_ids"], batch["attention_mask"], train=False)
+                    *(batch[k] for k in batch_lib.MODEL_INPUTS), train=False)
   loss, metrics = loss_fn(out, batch["mask"])
   n = jnp.sum(batch["mask"].astype(jnp.float32))
   return {"loss_sum": loss * n, "count": n, "acc_i2t_sum": metrics["acc_i2t"] * n}
 
 
-def dummy_batch(config) -> dict[str, np.ndarray]:
-  s, l = config.data.image_size, config.data.max_length
-  return {"image": np.zeros((1, s, s, 1), np.uint8), "input_ids": np.zeros((1, l), np.int32),
-          "attention_mask": np.ones((1, l), np.int32)}
+def dummy_batch(config, batch_size: int = 1) -> dict[str, np.ndarray]:
+  """A train batch of the layout in `medvl_jax.batch` (zeros; every row has image and text)."""
+  return batch_lib.from_config(config, batch_size)
 
 
 def rngs(config) -> tuple[jax.Array, jax.Array]:
@@ -106,5 +106,5 @@ def rngs(config) -> tuple[jax.Array, jax.Array]:
 def init_variables(model, config, rng: jax.Array) -> dict:
   """Randomly initialised flax variables ({'params', 'batch_stats'}) for a 1-example batch."""
   dummy = dummy_batch(config)
-  return model.init({"params": rng, "dropout": rng}, dummy["image"], dummy["input_ids"],
-                    dummy["attention_mask"], train=False)
+  return model.init({"params": rng, "dropout": rng},
+                    *(dummy[k] for k in batch_lib.MODEL_INPUTS), train=False)
