@@ -6,8 +6,8 @@ torchvision resnet50 (fc removed) + transformers BertModel (random weights, the 
 bench/train_step.py), max-pooled text features, 2-layer projection heads, the asymmetric InfoNCE
 (lambda 0.75, tau 0.1), BERT embeddings + first half of the layers frozen, Adam(lr 1e-4,
 weight_decay 1e-6). Same synthetic inputs (`medvl_jax.batch.random`) and shapes as
-bench/train_step.py, so the two print comparable s/step on the same machine. `--amp` = bfloat16 autocast (the usual mixed precision),
-`--compile` = torch.compile.
+bench/train_step.py, so the two print comparable s/step on the same machine. `--amp` =
+bfloat16 autocast (the usual mixed precision), `--compile` = torch.compile.
 """
 import argparse
 import json

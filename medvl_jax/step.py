@@ -62,7 +62,8 @@ def loss_and_grads(params, batch_stats, batch: dict, *, model, loss_fn: Callable
     params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
     out, new_vars = model.apply(
         {"params": params, "batch_stats": batch_stats},
-        *(batch[k] for k in batch_lib.MODEL_INPUTS), train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+        *(batch[k] for k in batch_lib.MODEL_INPUTS), train=True, rngs={"dropout": rng},
+        mutable=["batch_stats"])
     loss, metrics = loss_fn(out)
     return loss, (metrics, new_vars["batch_stats"])
 
