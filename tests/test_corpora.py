@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from data_pipelines import chexpert  # noqa: F401  (before tfds's own `chexpert`: see below)
 from data_pipelines import common
 from data_pipelines import prepare
 from data_pipelines.covidx import covidx_dataset_builder
@@ -12,6 +13,9 @@ from medvl_jax import corpora
 from medvl_jax.errors import ConfigError
 from medvl_jax.evaluate import datasets
 from tests.conftest import REPO
+
+# tfds ships a builder named `chexpert` too; ours must register first, which importing it here
+# (at collection) ensures even when a tfds harness test lists tfds's builders before this runs.
 
 # What each corpus/config can serve, from what its builder declares (image and/or sentences).
 EXPECTED_KINDS = {
