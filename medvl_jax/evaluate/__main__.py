@@ -19,9 +19,7 @@ import shutil
 import types
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from medvl_jax import cli
 from medvl_jax.errors import ConfigError, MedvlError
@@ -55,9 +53,11 @@ def build_evaluator(encoders: Any, task: str, cfg: dict[str, Any]) -> Any:
 
 def load_run(workdir: pathlib.Path, step: int | None):
   """(config, encoders, state, step) of a run's checkpoint, without optimizer state."""
-  from medvl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from medvl_jax import models  # pylint: disable=g-import-not-at-top
-  from medvl_jax import run  # pylint: disable=g-import-not-at-top
+  from medvl_jax import (
+    input_pipeline,  # pylint: disable=g-import-not-at-top
+    models,  # pylint: disable=g-import-not-at-top
+    run,  # pylint: disable=g-import-not-at-top
+  )
   from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
   config = run.load_run_config(workdir)
   model = models.build(config.model)

@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from medvl_jax import augment
-from medvl_jax import input_pipeline
+from medvl_jax import augment, input_pipeline
 from medvl_jax.errors import ConfigError, DataError
 
 LATERAL_VIEWS = frozenset({"L", "LL", "RL", "LATERAL", "LAT"})
