@@ -83,7 +83,8 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
   if data.image_size > data.resize:
     raise ConfigError(f"config.data.image_size={data.image_size} is larger than "
                       f"config.data.resize={data.resize}")
-  # Multi-source training (`config.data.sources`): its own check is called here as well.
+  # `config.data.sources` (multi-source training, input_pipeline's own check) goes here: each
+  # source's name, builder config, kind and weight, before anything is read.
 
 
 # ----------------------------------------------------------------------------- evaluators
