@@ -17,8 +17,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests import fixtures_layout as fl  # pylint: disable=g-import-not-at-top
-from tests.conftest import sample_dir  # pylint: disable=g-import-not-at-top
+from tests import fixtures_layout as fl  # noqa: E402  # pylint: disable=g-import-not-at-top
+from tests.conftest import sample_dir  # noqa: E402  # pylint: disable=g-import-not-at-top
 
 
 def main():

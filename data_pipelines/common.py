@@ -7,6 +7,7 @@ plus its PNG bytes into an example in `_example(record, png)`. Everything else (
 pool, skip counts in `info.metadata['skipped']`, the log line) is here.
 """
 import collections
+from collections.abc import Iterable, Iterator
 import csv
 import dataclasses
 import gzip
@@ -14,7 +15,6 @@ import hashlib
 import io
 import multiprocessing
 import re
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 from absl import logging

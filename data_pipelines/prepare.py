@@ -13,9 +13,7 @@ import os
 import sys
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from etils import epath
 
 from data_pipelines import common

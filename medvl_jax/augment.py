@@ -8,8 +8,8 @@ pipeline derives the seeds from (config seed, epoch, example position). Ops retu
 The train chain follows METHODS.md (ConVIRT): random resized crop (after resizing the shorter
 side), horizontal flip, affine, brightness/contrast jitter, Gaussian blur.
 """
-import math
 from collections.abc import Mapping, Sequence
+import math
 from typing import Any
 
 import tensorflow as tf

@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from medvl_jax.errors import WeightsError
+from medvl_jax.errors import CheckpointError
 
 VAL_LOSS = "val_loss"
 
@@ -56,7 +56,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None =
   steps = mngr.all_steps()
   step = mngr.latest_step() if step is None else step
   if step is None or step not in steps:
-    raise WeightsError(f"no checkpoint for step {step} in {mngr.directory} "
+    raise CheckpointError(f"no checkpoint for step {step} in {mngr.directory} "
                        f"(available: {list(steps) or 'none'})")
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)

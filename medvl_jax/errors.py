@@ -15,3 +15,8 @@ class DataError(MedvlError):
 
 class WeightsError(MedvlError):
   """A checkpoint to import/export is missing or does not match the model (names what)."""
+
+
+class CheckpointError(MedvlError):
+  """A training run cannot be read: no config.json, no checkpoint (at a step), or one that
+  does not fit the model built from the run's config (names the directory and step)."""

@@ -22,21 +22,13 @@ import secrets
 import shutil
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-import jax.numpy as jnp
+from absl import app, flags, logging
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import safetensors.numpy
 
-from medvl_jax import checkpoint
-from medvl_jax import cli
-from medvl_jax import models
-from medvl_jax import weights
-from medvl_jax.errors import MedvlError, WeightsError
+from medvl_jax import cli, models, run, weights
+from medvl_jax.errors import CheckpointError, MedvlError, WeightsError
 from medvl_jax.weights import hf_bert, torchvision_resnet
 
 POOLING = ("max over non-padding tokens: h_u[j] = max over tokens t with attention_mask[t] == 1 "
@@ -53,83 +45,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
                    "special_tokens_map.json", "added_tokens.json")
 _VERSIONS = ("medvl_jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "transformers",
              "safetensors", "numpy", "torch", "torchvision")
-
-
-# ----------------------------------------------------------------------------- reading the run
-def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`<workdir>/config.json`, written by train.py)."""
-  path = workdir / "config.json"
-  if not path.is_file():
-    raise WeightsError(f"{path}: not found (is {workdir} a training workdir?)")
-  try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-  except (OSError, ValueError) as e:
-    raise WeightsError(f"{path}: cannot parse: {e}") from e
-
-
-def abstract_variables(model: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Shapes of `model.init` ({'params', 'batch_stats'}) at the run's input sizes."""
-  s, length = config.data.image_size, config.data.max_length
-  images = jnp.zeros((1, s, s, 1), jnp.uint8)
-  ids = jnp.zeros((1, length), jnp.int32)
-  key = jax.random.key(0)
-  return jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, images, ids,
-                                           jnp.ones_like(ids), train=False))
-
-
-def restore_variables(workdir: pathlib.Path, config: ml_collections.ConfigDict, model: Any,
-                      step: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]]:
-  """Restores (step, params, batch_stats) as host NumPy arrays; the optimizer state is skipped.
-
-  Raises:
-    WeightsError: no checkpoints, `step` not among them (lists the available ones), or a
-      checkpoint that does not fit the model built from the run's config.
-  """
-  ckpt_dir = workdir / "checkpoints"
-  if not ckpt_dir.is_dir():
-    raise WeightsError(f"{ckpt_dir}: no checkpoints (train first, or check --workdir)")
-  mngr = checkpoint.manager(workdir, read_only=True)
-  try:
-    steps = sorted(mngr.all_steps())
-    if not steps:
-      raise WeightsError(f"{ckpt_dir}: no complete checkpoints")
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise WeightsError(f"no checkpoint for step {step} in {ckpt_dir} "
-                         f"(available: {', '.join(map(str, steps))})")
-    step_dir = ocp.step.find_step_path(mngr.directory, ocp.step.standard_name_format(),
-                                       step=step)
-  finally:
-    mngr.close()
-  # The `state` item alone, without the optimizer state, straight to host NumPy arrays.
-  abstract = abstract_variables(model, config)
-  item = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract["params"],
-          "batch_stats": abstract.get("batch_stats", {})}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  try:
-    with ocp.PyTreeCheckpointer() as ckptr:
-      state = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-          item, restore_args=restore_args, partial_restore=True))
-  except Exception as e:  # pylint: disable=broad-except
-    first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    raise WeightsError(f"{step_dir}: cannot restore it for the model of "
-                       f"{workdir / 'config.json'}: {type(e).__name__}: {first_line}") from e
-  _check_shapes(state, item, f"{ckpt_dir}/{step}", workdir / "config.json")
-  return step, state["params"], state["batch_stats"]
-
-
-def _check_shapes(restored: Any, wanted: Any, source: str, config_file: pathlib.Path) -> None:
-  """Orbax restores the stored shapes whatever the target: compare them with the model's."""
-  def shapes(tree):
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(np.shape(x)) for path, x in flat}
-  got = shapes(restored)
-  bad = [f"{k} checkpoint {got.get(k)} vs model {shape}"
-         for k, shape in shapes(wanted).items() if got.get(k) != shape]
-  if bad:
-    raise WeightsError(f"{source}: does not fit the model of {config_file}: "
-                       f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
 
 
 # ----------------------------------------------------------------------------- files
@@ -232,13 +147,14 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
   """Exports checkpoint `step` (default: latest) of a ConVIRT run; returns export.json's dict.
 
   Raises:
-    WeightsError (or another MedvlError): one line naming what is missing or wrong.
+    CheckpointError: the run cannot be read (workdir, config.json, checkpoint step).
+    WeightsError (or another MedvlError): one line naming what else is missing or wrong.
   """
   workdir = pathlib.Path(workdir).absolute()
   out = pathlib.Path(out).absolute()
   if not workdir.is_dir():
-    raise WeightsError(f"{workdir}: workdir not found")
-  config = load_run_config(workdir)
+    raise CheckpointError(f"{workdir}: workdir not found")
+  config = run.load_run_config(workdir)
   if config.model.name != "convirt":
     raise WeightsError(f"{workdir}: model.name={config.model.name!r}; export supports "
                        "'convirt' only")
@@ -248,7 +164,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
     raise WeightsError(f"tokenizer directory of the run not found: {str(tokenizer_dir)!r} "
                        "(config.model.text.tokenizer or .init)")
   model = models.build(config.model)
-  step, params, batch_stats = restore_variables(workdir, config, model, step)
+  step, params, batch_stats = run.restore_variables(workdir, config, model, step)
   bert = model.text_encoder.config
   preprocessing = image_preprocessing(config, model)
   meta = {

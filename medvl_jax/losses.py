@@ -4,7 +4,7 @@ Every function here is pure and shape-polymorphic; under `jax.jit` with a batch 
 mesh, XLA computes the N x N similarity across devices, so the loss means the same thing on one
 CPU or a pod: it is always the loss of the whole global batch.
 """
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -7,9 +7,7 @@ import logging as pylogging
 import os
 import pathlib
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from medvl_jax import cli
@@ -56,6 +54,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax  # pylint: disable=g-import-not-at-top
+
   from medvl_jax import train  # pylint: disable=g-import-not-at-top
   from medvl_jax.errors import MedvlError  # pylint: disable=g-import-not-at-top
 

@@ -4,12 +4,14 @@ Batches are sharded over 'data' (global-batch semantics: one jit over the global
 Parameters are replicated unless a `config.sharding.rules` entry (param-path regex -> partition
 spec) says otherwise, e.g. (("text/encoder/.*/kernel", (None, "data")),) for FSDP-style splits.
 """
+from collections.abc import Sequence
 import re
-from typing import Any, Sequence
+from typing import Any
 
 import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from medvl_jax.errors import ConfigError
 

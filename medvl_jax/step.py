@@ -4,8 +4,9 @@ Nothing here does I/O: `train.py` wires these into the loop, benchmarks and test
 directly. `train_step`/`eval_step` are pure functions of (state, batch) to be jitted with
 explicit shardings.
 """
+from collections.abc import Callable
 import re
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax

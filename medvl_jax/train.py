@@ -23,14 +23,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from medvl_jax import checkpoint
-from medvl_jax import input_pipeline
-from medvl_jax import losses
-from medvl_jax import models
-from medvl_jax import sharding
+from medvl_jax import checkpoint, config_check, input_pipeline, losses, models, sharding
 from medvl_jax import step as step_lib
-from medvl_jax import weights
 from medvl_jax.errors import ConfigError
+from medvl_jax.weights import pretrained
 
 
 @flax.struct.dataclass
@@ -40,24 +36,6 @@ class TrainMetrics(clu_metrics.Collection):
   loss_t2i: clu_metrics.Average.from_output("loss_t2i")
   acc_i2t: clu_metrics.Average.from_output("acc_i2t")
   acc_t2i: clu_metrics.Average.from_output("acc_t2i")
-
-
-# ----------------------------------------------------------------------------- config check
-SCHEDULES = ("constant", "plateau")
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Fails in the first second, naming the key and the valid values."""
-  registries = [("config.model.name", config.model.name, models.MODELS),
-                ("config.data.name", config.data.name, input_pipeline.DATASETS),
-                ("config.loss.name", config.loss.name, losses.LOSSES),
-                ("config.optimizer.schedule", config.optimizer.schedule, SCHEDULES)]
-  for key, value, valid in registries:
-    if value not in valid:
-      raise ConfigError(f"{key}={value!r} is unknown; valid: {', '.join(sorted(valid))}")
-  for key in ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every"):
-    if int(config[key]) <= 0:
-      raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -104,7 +82,7 @@ class _Preemption:
 # ----------------------------------------------------------------------------- main entry
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) in `workdir`; returns the last logged train and eval metrics."""
-  check_config(config)
+  config_check.check(config)  # every name and choice, before anything is read or written
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
@@ -159,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     variables = jax.jit(init_fn, out_shardings=var_sharding)(init_rng)  # born sharded
     if config.model.text.init or config.model.image.init:  # host round trip only when needed
       variables = jax.device_put(
-          weights.init_from_pretrained(jax.device_get(variables), config.model), var_sharding)
+          pretrained.init_from_pretrained(jax.device_get(variables), config.model), var_sharding)
     state = jax.jit(make_state, out_shardings=state_sharding)(variables)
     start_step = 0
 
@@ -180,9 +158,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Downstream evaluators (config.evaluators), run at each evaluation; see medvl_jax/evaluate.
   evaluators = []
   if config.evaluators:
-    if jax.process_count() > 1:
-      raise ConfigError("config.evaluators runs on one process only; on several hosts, "
-                        "evaluate checkpoints with `python -m medvl_jax.evaluate`")
     from medvl_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
     evaluators = evaluate_lib.build_all(model, config, tokenizer)
 

@@ -127,7 +127,8 @@ def nih14(sample: pathlib.Path, root: pathlib.Path, n: int = 30) -> pathlib.Path
   for i, r in enumerate(rows):
     folder = root / f"images_{1 + i % 2:03d}" / "images"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / r["image_index"]).write_bytes((sample / "nih14_sample" / r["image_file"]).read_bytes())
+    image = sample / "nih14_sample" / r["image_file"]
+    (folder / r["image_index"]).write_bytes(image.read_bytes())
     entries.append(dict(zip(NIH_ENTRY_COLUMNS, (
         r["image_index"], r["finding_labels"], r["follow_up"], r["patient_id"], r["age"],
         r["sex"], r["view_position"], r["original_width"], r["original_height"],

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from medvl_jax import checkpoint
-from medvl_jax.errors import WeightsError
+from medvl_jax.errors import CheckpointError
 
 
 def test_keeps_latest_n_and_best(tmp_path):
@@ -30,5 +30,5 @@ def test_restore_of_missing_step_names_available(tmp_path):
   state = {"w": jnp.ones((2,))}
   checkpoint.save(mngr, 7, state, {"batches_consumed": 7, "seed": 0})
   mngr.wait_until_finished()
-  with pytest.raises(WeightsError, match=r"step 9 .*available: \[7\]"):
+  with pytest.raises(CheckpointError, match=r"step 9 .*available: \[7\]"):
     checkpoint.restore(mngr, jax.tree.map(lambda x: x, state), step=9)

@@ -11,16 +11,15 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from data_pipelines import common
 from data_pipelines.chexpert import Builder as ChexpertBuilder
 from data_pipelines.mimic_cxr import Builder as MimicBuilder
 from medvl_jax.errors import ConfigError, DataError
-from medvl_jax.evaluate import datasets
-from medvl_jax.evaluate import linear_probe
+from medvl_jax.evaluate import datasets, linear_probe
 from tests import fixtures_layout as fl
 from tests.conftest import REPO, run_main
 

@@ -30,8 +30,9 @@ def sample_tfds_dir(tmp_path_factory, sample_data_dir: pathlib.Path) -> pathlib.
   `paired` is built the way the train job builds it: by `input_pipeline.prepare`.
   """
   if "dir" not in _BUILT:
-    from medvl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     import ml_collections  # pylint: disable=g-import-not-at-top
+
+    from medvl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     data_dir = tmp_path_factory.mktemp("tfds")
     config = ml_collections.ConfigDict({"data": {
         "name": "cxr_sample", "builder_config": "paired", "data_dir": str(data_dir),

@@ -7,15 +7,13 @@ import shutil
 import subprocess
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 from sklearn.linear_model import LogisticRegression
 
 from medvl_jax.errors import DataError
 from medvl_jax.evaluate import __main__ as cli
-from medvl_jax.evaluate import features
-from medvl_jax.evaluate import linear_probe
-from medvl_jax.evaluate import retrieval
+from medvl_jax.evaluate import features, linear_probe, retrieval
 from tests.conftest import SHORT_STEPS, run_eval
 
 STEPS = SHORT_STEPS

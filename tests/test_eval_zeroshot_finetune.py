@@ -7,15 +7,13 @@ import types
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 from medvl_jax import evaluate
 from medvl_jax.evaluate import __main__ as cli
-from medvl_jax.evaluate import features
-from medvl_jax.evaluate import finetune
-from medvl_jax.evaluate import zeroshot
+from medvl_jax.evaluate import features, finetune, zeroshot
 from tests.conftest import SHORT_STEPS, run_eval
 
 STEPS = SHORT_STEPS

@@ -15,11 +15,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medvl_jax import checkpoint
-from medvl_jax import export
-from medvl_jax import losses
-from medvl_jax import models
-from medvl_jax.errors import WeightsError
+from medvl_jax import checkpoint, export, losses, models, run
+from medvl_jax.errors import CheckpointError, WeightsError
 from tests.conftest import REPO, SHORT_STEPS
 
 torch = pytest.importorskip("torch", reason="export is checked against PyTorch (extra 'torch')")
@@ -27,8 +24,8 @@ torchvision = pytest.importorskip("torchvision", reason="the image tower is chec
                                   "torchvision (extra 'torch')")
 transformers = pytest.importorskip("transformers", reason="the text tower is checked against "
                                    "transformers")
-from PIL import Image  # pylint: disable=g-import-not-at-top,g-bad-import-order
-from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from PIL import Image  # noqa: E402  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from safetensors.torch import load_file  # noqa: E402  # pylint: disable=g-import-not-at-top
 
 ATOL = 1e-4  # Absolute, on the fp32 projections (smoke run: |z_v| <~ 0.3, |z_u| <~ 2).
 STEPS = SHORT_STEPS
@@ -231,7 +228,7 @@ def test_resnet50_export_loads_into_torchvision_resnet50(tmp_path):
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps(config.to_dict()))
   model = models.build(config.model)
-  abstract = export.abstract_variables(model, config)
+  abstract = run.abstract_variables(model, config)
   rng = np.random.default_rng(0)
   fill = lambda x: rng.normal(0.0, 0.05, x.shape).astype(np.float32)  # noqa: E731
   variables = jax.tree.map(fill, abstract)
@@ -309,7 +306,7 @@ def test_no_checkpoints(tmp_path, run_dir):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "config.json").write_text((run_dir / "config.json").read_text())
-  with pytest.raises(WeightsError, match="no checkpoints"):
+  with pytest.raises(CheckpointError, match="no checkpoints"):
     export.export(workdir, tmp_path / "out")
   assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 

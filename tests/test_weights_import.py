@@ -9,12 +9,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medvl_jax import weights
 from medvl_jax.errors import WeightsError
 from medvl_jax.models import convirt
 from medvl_jax.models.bert import BertConfig, BertModel
 from medvl_jax.models.resnet import ResNet50
-from medvl_jax.weights import hf_bert, torchvision_resnet
+from medvl_jax.weights import hf_bert, pretrained, torchvision_resnet
 
 torch = pytest.importorskip("torch", reason="checkpoint import is checked against PyTorch")
 transformers = pytest.importorskip("transformers", reason="BERT is checked against transformers")
@@ -283,7 +282,7 @@ def test_init_from_pretrained_replaces_towers(minilm_dir, resnet_files):
   cfg = model_cfg(str(minilm_dir), str(path / "r50.pth"), "resnet50")
   variables = abstract_variables(cfg)
   assert convirt.from_config(cfg).text_encoder.config.hidden_dropout == 0.0
-  out = weights.init_from_pretrained(variables, cfg)
+  out = pretrained.init_from_pretrained(variables, cfg)
   _, text = hf_bert.load_bert(minilm_dir)
   params, stats = torchvision_resnet.load_resnet50(path / "r50.pth")
   jax.tree_util.tree_map(np.testing.assert_array_equal, out["params"]["text"], text)
@@ -300,7 +299,7 @@ def test_init_from_pretrained_rejects_mismatching_model(resnet_files):
   cfg.text.update(vocab_size=100, hidden_size=8, num_layers=1, num_heads=2,
                   intermediate_size=16, max_position_embeddings=16)
   with pytest.raises(WeightsError, match=r"r50\.pth.*params/image.*layer1/1"):
-    weights.init_from_pretrained(abstract_variables(cfg), cfg)
+    pretrained.init_from_pretrained(abstract_variables(cfg), cfg)
   # Same structure, one leaf of another shape: named with both shapes.
   cfg.image.variant = "resnet50"
   variables = abstract_variables(cfg)
@@ -308,4 +307,4 @@ def test_init_from_pretrained_rejects_mismatching_model(resnet_files):
       (3, 3, 128, 64), np.float32)
   with pytest.raises(WeightsError, match=r"params/image/layer2/0/conv2/kernel imported "
                                          r"\(3, 3, 128, 128\) vs model \(3, 3, 128, 64\)"):
-    weights.init_from_pretrained(variables, cfg)
+    pretrained.init_from_pretrained(variables, cfg)

@@ -15,10 +15,11 @@ report counts as its own patient). Bad records are skipped and counted per reaso
 are logged and stored in `builder.info.metadata['skipped']`.
 """
 import collections
+from collections.abc import Iterator
 import csv
 import io
 import struct
-from typing import Any, Iterator
+from typing import Any
 
 from absl import logging
 from etils import epath

@@ -55,7 +55,8 @@ class Builder(common.CorpusBuilder):
 Download from https://openi.nlm.nih.gov/faq (NLMCXR_reports.tgz and NLMCXR_png.tgz) and
 extract both into manual_dir:
   <manual_dir>/ecgen-radiology/1.xml ...        (reports; AbstractText FINDINGS/IMPRESSION,
-                                                 MeSH <major>, <parentImage id="CXR1_1_IM-0001-3001">)
+                                                 MeSH <major>,
+                                                 <parentImage id="CXR1_1_IM-0001-3001">)
   <manual_dir>/NLMCXR_png/CXR1_1_IM-0001-3001.png ...
 Optional, for Frontal/Lateral: <manual_dir>/indiana_projections.csv (uid, filename,
 projection) from Kaggle raddar/chest-xrays-indiana-university.

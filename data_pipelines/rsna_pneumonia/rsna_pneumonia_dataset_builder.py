@@ -19,8 +19,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import common
-from data_pipelines import imaging
+from data_pipelines import common, imaging
 
 LABELS_CSV = "stage_2_train_labels.csv"
 CLASS_CSV = "stage_2_detailed_class_info.csv"

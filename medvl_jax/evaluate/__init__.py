@@ -7,10 +7,7 @@
 Used by `python -m medvl_jax.evaluate` and, through `config.evaluators`, by training.
 """
 from medvl_jax.errors import ConfigError
-from medvl_jax.evaluate import finetune
-from medvl_jax.evaluate import linear_probe
-from medvl_jax.evaluate import retrieval
-from medvl_jax.evaluate import zeroshot
+from medvl_jax.evaluate import finetune, linear_probe, retrieval, zeroshot
 
 EVALUATORS = {
     "retrieval": retrieval.Evaluator,

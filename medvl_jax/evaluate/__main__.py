@@ -19,9 +19,7 @@ import shutil
 import types
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from medvl_jax import cli
 from medvl_jax.errors import ConfigError, MedvlError
@@ -55,13 +53,15 @@ def build_evaluator(encoders: Any, task: str, cfg: dict[str, Any]) -> Any:
 
 def load_run(workdir: pathlib.Path, step: int | None):
   """(config, encoders, state, step) of a run's checkpoint, without optimizer state."""
-  from medvl_jax import export  # pylint: disable=g-import-not-at-top
-  from medvl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from medvl_jax import models  # pylint: disable=g-import-not-at-top
+  from medvl_jax import (
+    input_pipeline,  # pylint: disable=g-import-not-at-top
+    models,  # pylint: disable=g-import-not-at-top
+    run,  # pylint: disable=g-import-not-at-top
+  )
   from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
-  config = export.load_run_config(workdir)
+  config = run.load_run_config(workdir)
   model = models.build(config.model)
-  step, params, batch_stats = export.restore_variables(workdir, config, model, step)
+  step, params, batch_stats = run.restore_variables(workdir, config, model, step)
   tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
   encoders = features.Encoders(model, config, tokenizer)
   return config, encoders, types.SimpleNamespace(params=params, batch_stats=batch_stats), step

@@ -15,8 +15,7 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from medvl_jax import augment
-from medvl_jax import input_pipeline
+from medvl_jax import augment, input_pipeline
 from medvl_jax.errors import DataError
 
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
@@ -55,7 +54,7 @@ class Encoders:
       pad = b - len(chunk[0])
       chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)]) for c in chunk]
       out = jax.device_get(fn(*chunk))
-      outs.append(jax.tree.map(lambda x: np.asarray(x[:b - pad], np.float32), out))
+      outs.append(jax.tree.map(lambda x: np.asarray(x[:b - pad], np.float32), out))  # noqa: B023
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
   def images(self, variables: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,18 +12,17 @@ AUC with a 95% bootstrap CI over test patients. The checkpoint itself is never m
 Cost: epochs * ceil(n / batch_size) steps per fit, one compile per evaluator (fixed batch
 shape: a batch is filled by cycling a per-epoch permutation of the fraction's rows).
 """
+from collections.abc import Iterator
 import math
 import pathlib
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medvl_jax.evaluate import features
-from medvl_jax.evaluate import metrics
-from medvl_jax.evaluate import plots
+from medvl_jax.evaluate import features, metrics, plots
 
 
 class FineTuner:
@@ -116,8 +115,9 @@ class Evaluator:
 
   def _load(self) -> dict[str, dict[str, np.ndarray]]:
     if self._data is None:
-      self._data = features.load_sample_task(self.enc.config, self.positive, self.exclude, self.frontal_only,
-                             self.train_split, tuple(self.test_splits), "finetune")
+      self._data = features.load_sample_task(
+          self.enc.config, self.positive, self.exclude, self.frontal_only, self.train_split,
+          tuple(self.test_splits), "finetune")
     return self._data
 
   def run(self, state: Any) -> Iterator[tuple[str, float]]:

@@ -19,17 +19,15 @@ CI); uncertain labels (-1, CheXpert `u_ignore`) are masked per class. `task_type
 (mean, std, CI), plus the one-vs-rest AUCs as above.
 Label fractions are stratified as for the sample (`metrics.stratified_fraction`).
 """
+from collections.abc import Iterator
 import pathlib
 import re
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from medvl_jax.errors import ConfigError, DataError
-from medvl_jax.evaluate import datasets
-from medvl_jax.evaluate import features
-from medvl_jax.evaluate import metrics
-from medvl_jax.evaluate import plots
+from medvl_jax.evaluate import datasets, features, metrics, plots
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0, iters: int = 100

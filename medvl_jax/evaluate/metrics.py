@@ -8,8 +8,8 @@ Conventions:
     `None`, never 0.5; aggregates (macro AUC, bootstrap) skip undefined values and say how many
     were defined.
 """
+from collections.abc import Callable, Sequence
 import math
-from typing import Callable, Sequence
 
 import numpy as np
 

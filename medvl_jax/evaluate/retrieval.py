@@ -14,17 +14,16 @@ Held-out pairs (always; real data here): images of `pairs_split` of the run's pa
 and their full notes. image->text and text->image Recall@k; an image and a note match when they
 belong to the same patient (follow-up images share notes). CI by bootstrap over patients.
 """
+from collections.abc import Iterator
 import csv
 import pathlib
 import re
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from medvl_jax.errors import DataError
-from medvl_jax.evaluate import features
-from medvl_jax.evaluate import metrics
-from medvl_jax.evaluate import plots
+from medvl_jax.evaluate import features, metrics, plots
 
 CATEGORIES = ("Atelectasis", "Cardiomegaly", "Edema", "Fracture", "No Finding",
               "Pleural Effusion", "Pneumonia", "Pneumothorax")

@@ -24,15 +24,14 @@ the style of ConVIRT's CheXpert category sentences (findings phrased as a radiol
 to be passed as `--cfg prompts=...` or in `config.evaluators`. It is an illustration, not the
 prompt set of any paper.
 """
+from collections.abc import Iterator
 import pathlib
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from medvl_jax.errors import ConfigError
-from medvl_jax.evaluate import features
-from medvl_jax.evaluate import metrics
-from medvl_jax.evaluate import plots
+from medvl_jax.evaluate import features, metrics, plots
 
 # The sample task: COVID-19 vs other findings, phrased like the sample's clinical notes.
 DEFAULT_PROMPTS = {

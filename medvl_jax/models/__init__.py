@@ -1,5 +1,5 @@
 """Model registry: config.model.name -> builder(config.model) -> flax.linen Module."""
-from typing import Callable
+from collections.abc import Callable
 
 from medvl_jax.errors import ConfigError
 

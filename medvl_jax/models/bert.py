@@ -4,8 +4,12 @@ Submodule names follow the Hugging Face state-dict names (`embeddings/word_embed
 `encoder/layer/0/attention/self/query`, ...) so `medvl_jax.weights` maps them one-to-one.
 The pooler is left out: ConVIRT max-pools the token outputs instead.
 """
+from collections.abc import Mapping
 import dataclasses
-from typing import Any, Mapping
+import json
+import os
+import pathlib
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -215,3 +219,20 @@ class BertModel(nn.Module):
         input_ids, token_type_ids, train)
     key_mask = jnp.asarray(attention_mask) > 0
     return BertEncoder(self.config, self.dtype, name="encoder")(x, key_mask, train)
+
+
+def read_config(path: str | os.PathLike) -> BertConfig:
+  """Reads `<path>/config.json` of a local Hugging Face BERT directory."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise WeightsError(f"{path}: BERT checkpoint directory not found")
+  config_file = path / "config.json"
+  if not config_file.is_file():
+    raise WeightsError(f"{config_file}: not found (expected a Hugging Face BERT directory)")
+  try:
+    d = json.loads(config_file.read_text())
+  except (OSError, ValueError) as e:
+    raise WeightsError(f"{config_file}: cannot parse: {e}") from e
+  if not isinstance(d, dict):
+    raise WeightsError(f"{config_file}: expected a JSON object")
+  return BertConfig.from_hf(d, source=str(config_file))

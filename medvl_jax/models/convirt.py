@@ -1,12 +1,14 @@
 """ConVIRT: image tower (ResNet) and text tower (BERT, max-pooled) with projection heads."""
+from collections.abc import Sequence
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from medvl_jax.errors import ConfigError
+from medvl_jax.models import bert
 from medvl_jax.models.bert import BertConfig, BertModel
 from medvl_jax.models.resnet import ResNet50, ResNetTiny
 
@@ -88,9 +90,7 @@ class ConVIRT(nn.Module):
 def _text_config(text_cfg: Any) -> BertConfig:
   """BERT shape from `text.init`'s config.json, or from the config's shape fields."""
   if text_cfg.init:
-    # Imported lazily: the weights package depends on the models package.
-    from medvl_jax.weights import hf_bert  # pylint: disable=g-import-not-at-top
-    config = hf_bert.read_config(text_cfg.init)
+    config = bert.read_config(text_cfg.init)
   else:
     config = BertConfig(
         vocab_size=text_cfg.vocab_size, hidden_size=text_cfg.hidden_size,

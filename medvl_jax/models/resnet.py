@@ -3,8 +3,9 @@
 Submodule names follow torchvision's state-dict names (`conv1`, `bn1`, `layer1/0/conv2`,
 `layer1/0/downsample/0`, ...) so that `medvl_jax.weights` maps the two one-to-one.
 """
+from collections.abc import Sequence
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

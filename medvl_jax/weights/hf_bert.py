@@ -1,16 +1,19 @@
-"""Hugging Face BERT checkpoints (local directory) <-> `medvl_jax.models.bert.BertModel`."""
-import json
+"""Hugging Face BERT checkpoints (local directory) <-> `medvl_jax.models.bert.BertModel`.
+
+`read_config` (the directory's config.json) lives with the model in `models.bert`.
+"""
+from collections.abc import Mapping
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medvl_jax import weights
 from medvl_jax.errors import WeightsError
-from medvl_jax.models.bert import BertConfig, BertModel
+from medvl_jax.models.bert import BertConfig, BertModel, read_config
+from medvl_jax.weights import mapping
 
 # Preferred first. Sharded checkpoints (*.index.json) are not supported.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -18,28 +21,10 @@ _IGNORED_PREFIXES = ("pooler.", "cls.")
 _IGNORED_SUFFIXES = ("position_ids", "token_type_ids")  # Registered buffers, not weights.
 
 
-def read_config(path: str | os.PathLike) -> BertConfig:
-  """Reads `<path>/config.json` of a HF BERT directory."""
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    raise WeightsError(f"{path}: BERT checkpoint directory not found")
-  config_file = path / "config.json"
-  if not config_file.is_file():
-    raise WeightsError(f"{config_file}: not found (expected a Hugging Face BERT directory)")
-  try:
-    d = json.loads(config_file.read_text())
-  except (OSError, ValueError) as e:
-    raise WeightsError(f"{config_file}: cannot parse: {e}") from e
-  if not isinstance(d, dict):
-    raise WeightsError(f"{config_file}: expected a JSON object")
-  return BertConfig.from_hf(d, source=str(config_file))
-
-
 def param_shapes(config: BertConfig) -> Mapping[str, Any]:
   """Abstract `params` tree (shapes only) of `BertModel(config)`."""
   ids = jnp.zeros((1, 1), jnp.int32)
-  init = lambda: BertModel(config).init(jax.random.key(0), ids, ids)
-  return jax.eval_shape(init)["params"]
+  return jax.eval_shape(lambda: BertModel(config).init(jax.random.key(0), ids, ids))["params"]
 
 
 def normalise_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -61,14 +46,14 @@ def normalise_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 def from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: BertConfig,
                        source: str) -> dict[str, Any]:
   """HF BertModel state dict (any prefix/extras) -> flax `params` of `BertModel(config)`."""
-  trees = weights.from_torch(normalise_keys(state_dict), {"params": param_shapes(config)},
+  trees = mapping.from_torch(normalise_keys(state_dict), {"params": param_shapes(config)},
                              source)
   return trees["params"]
 
 
 def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Flax `BertModel` params -> HF `BertModel` state dict (no prefix, no pooler)."""
-  return weights.to_torch(params)
+  return mapping.to_torch(params)
 
 
 def load_bert(path: str | os.PathLike) -> tuple[BertConfig, dict[str, Any]]:
@@ -88,7 +73,7 @@ def load_bert(path: str | os.PathLike) -> tuple[BertConfig, dict[str, Any]]:
       break
   else:
     raise WeightsError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
-  state_dict = weights.read_state_dict(weights_file)
+  state_dict = mapping.read_state_dict(weights_file)
   return config, from_hf_state_dict(state_dict, config, str(weights_file))
 
 

@@ -1,14 +1,15 @@
 """torchvision ResNet state dicts <-> `medvl_jax.models.resnet.ResNet` variables."""
+from collections.abc import Mapping
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medvl_jax import weights
 from medvl_jax.models.resnet import ResNet50
+from medvl_jax.weights import mapping
 
 
 def variable_shapes(model: nn.Module) -> dict[str, Any]:
@@ -28,14 +29,14 @@ def from_torchvision_state_dict(
   """torchvision state dict -> (params, batch_stats) of `model` (default ResNet50())."""
   kept = {k: v for k, v in state_dict.items() if not _is_ignored(k)}
   shapes = variable_shapes(model if model is not None else ResNet50())
-  trees = weights.from_torch(kept, shapes, source)
+  trees = mapping.from_torch(kept, shapes, source)
   return trees["params"], trees["batch_stats"]
 
 
 def to_torchvision_state_dict(params: Mapping[str, Any],
                               batch_stats: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """(params, batch_stats) -> torchvision state dict without `fc.*`/`num_batches_tracked`."""
-  return weights.to_torch(params, batch_stats)
+  return mapping.to_torch(params, batch_stats)
 
 
 def load_resnet50(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -47,7 +48,7 @@ def load_resnet50(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, An
   Raises:
     WeightsError: one line naming the file and what is wrong.
   """
-  state_dict = weights.read_state_dict(path)
+  state_dict = mapping.read_state_dict(path)
   return from_torchvision_state_dict(state_dict, str(path))
 
 

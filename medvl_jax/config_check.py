@@ -1,0 +1,138 @@
+"""Every name and nested choice of a training config, checked in one pass before any I/O.
+
+`train.train_and_evaluate` calls `check(config)` first: before the workdir or its config.json
+is written, before any dataset is read or built and before any model is initialised. Each
+mistake is one `ConfigError` line naming the key and the valid values. Nothing here reads data:
+a registry lookup, a builder class (imported by name, its configs listed) and, for a pretrained
+text tower, the small `config.json` of its directory.
+
+Checks, in order: registry names (model, dataset, loss, schedule), the model's nested choices
+(dtype, image variant, mean/std, checkpoint paths), the data section (builder config, what the
+dataset can serve, sizes), the step counts, and each evaluator's name and settings (against the
+evaluator constructor's signature, without building it).
+"""
+from collections.abc import Callable
+import inspect
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from medvl_jax import corpora, losses, models
+from medvl_jax.errors import ConfigError
+
+SCHEDULES = ("constant", "plateau")
+POSITIVE_INTS = ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every")
+
+
+def _valid(key: str, value: Any, valid) -> None:
+  if value not in valid:
+    raise ConfigError(f"{key}={value!r} is unknown; valid: {', '.join(sorted(valid))}")
+
+
+# ----------------------------------------------------------------------------- model
+def _check_convirt(model_cfg: ml_collections.ConfigDict) -> None:
+  from medvl_jax.models import (
+    bert,  # pylint: disable=g-import-not-at-top
+    convirt,  # pylint: disable=g-import-not-at-top
+  )
+  _valid("config.model.dtype", model_cfg.dtype, convirt.DTYPES)
+  _valid("config.model.image.variant", model_cfg.image.variant, convirt.IMAGE_VARIANTS)
+  for key in ("mean", "std"):
+    if len(model_cfg.image[key]) != 3:
+      raise ConfigError(f"config.model.image.{key}={tuple(model_cfg.image[key])}: expected 3 "
+                        "values (one per RGB channel)")
+  if model_cfg.image.init and not pathlib.Path(model_cfg.image.init).is_file():
+    raise ConfigError(f"config.model.image.init={model_cfg.image.init!r}: file not found "
+                      "(a torchvision resnet50 state dict, .safetensors or .pth; '' = random)")
+  text = model_cfg.text
+  if text.init:
+    if not pathlib.Path(text.init).is_dir():
+      raise ConfigError(f"config.model.text.init={text.init!r}: directory not found (a local "
+                        "Hugging Face BERT directory; '' = random)")
+    bert.read_config(text.init)  # model_type, activation, shape: WeightsError naming the file
+  tokenizer = text.tokenizer or text.init
+  if not tokenizer:
+    raise ConfigError("config.model.text.tokenizer is required when config.model.text.init "
+                      "is '' (a directory with tokenizer.json or vocab.txt)")
+  if not pathlib.Path(tokenizer).is_dir():
+    raise ConfigError(f"config.model.text.tokenizer={tokenizer!r}: directory not found")
+
+
+# Per model family: the checks of its nested choices (a new family adds its entry here).
+MODEL_CHECKS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    "convirt": _check_convirt,
+}
+
+
+# ----------------------------------------------------------------------------- data
+def _check_data(config: ml_collections.ConfigDict) -> None:
+  data = config.data
+  # The builder class only (imported by name, its declared features): no data is touched.
+  corpora.check_config(data.name, data.builder_config, key="config.data.builder_config")
+  if "paired" not in corpora.kinds(data.name, data.builder_config):
+    paired = [n for n in corpora.names()
+              if "paired" in corpora.kinds(n, corpora.get(n).default_config)]
+    raise ConfigError(f"config.data.name={data.name!r} (builder_config="
+                      f"{data.builder_config!r}) has no image-text pairs to pretrain on; "
+                      f"valid: {', '.join(paired)}")
+  if data.image_size > data.resize:
+    raise ConfigError(f"config.data.image_size={data.image_size} is larger than "
+                      f"config.data.resize={data.resize}")
+  # `config.data.sources` (multi-source training, input_pipeline's own check) goes here: each
+  # source's name, builder config, kind and weight, before anything is read.
+
+
+# ----------------------------------------------------------------------------- evaluators
+def check_evaluator(name: str, settings: dict[str, Any], key: str = "config.evaluators") -> None:
+  """Checks an evaluator's name and its settings against its constructor, without building it."""
+  from medvl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  _valid(f"{key} name", name, evaluate.EVALUATORS)
+  signature = inspect.signature(evaluate.EVALUATORS[name])
+  params = list(signature.parameters.values())[1:]  # after `encoders`
+  if any(p.kind == p.VAR_KEYWORD for p in params):
+    return
+  valid = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  unknown = sorted(set(settings) - set(valid))
+  if unknown:
+    raise ConfigError(f"{key} ({name}): unknown setting {unknown[0]!r}; valid: "
+                      f"{', '.join(sorted(valid))}")
+  missing = [p.name for p in params if p.default is p.empty and p.name not in settings
+             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  if missing:
+    raise ConfigError(f"{key} ({name}): setting {missing[0]!r} is required")
+
+
+def _check_evaluators(config: ml_collections.ConfigDict) -> None:
+  for i, entry in enumerate(config.evaluators or []):
+    entry = dict(entry)
+    key = f"config.evaluators[{i}]"
+    if "name" not in entry:
+      raise ConfigError(f"{key}: no 'name' (entries are {{'name': task, **settings}})")
+    name = entry.pop("name")
+    check_evaluator(name, entry, key)
+  if config.evaluators:
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() > 1:
+      raise ConfigError("config.evaluators runs on one process only; on several hosts, "
+                        "evaluate checkpoints with `python -m medvl_jax.evaluate`")
+
+
+# ----------------------------------------------------------------------------- all
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (or WeightsError for an unusable text checkpoint) on the first mistake.
+
+  Reads nothing but the text checkpoint's config.json and writes nothing.
+  """
+  _valid("config.model.name", config.model.name, models.MODELS)
+  corpora.get(config.data.name, key="config.data.name")
+  _valid("config.loss.name", config.loss.name, losses.LOSSES)
+  _valid("config.optimizer.schedule", config.optimizer.schedule, SCHEDULES)
+  check_model = MODEL_CHECKS.get(config.model.name)
+  if check_model is not None:
+    check_model(config.model)
+  _check_data(config)
+  for key in POSITIVE_INTS:
+    if int(config[key]) <= 0:
+      raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
+  _check_evaluators(config)

@@ -1,0 +1,96 @@
+"""Early validation: every name and nested choice fails through the real CLI in one line, with
+exit status 2, before anything is built or written (no workdir contents, no tfds directory)."""
+import pathlib
+import textwrap
+
+import pytest
+
+from tests.conftest import REPO, run_main, smoke_args
+
+CASES = [
+    # (override, words the one error line must hold: the key and the valid values)
+    ("--config.model.name=nope", ["config.model.name='nope'", "convirt"]),
+    ("--config.data.name=nope", ["config.data.name='nope'", "cxr_sample", "nih14"]),
+    # A labels-only corpus cannot be pretrained on: refused before the pipeline reads it.
+    ("--config.data.name=nih14", ["config.data.name='nih14'", "no image-text pairs",
+                                  "cxr_sample, mimic_cxr, openi"]),
+    ("--config.data.builder_config=nope", ["config.data.builder_config='nope'", "paired"]),
+    ("--config.model.dtype=float8", ["config.model.dtype='float8'", "bfloat16, float32"]),
+    ("--config.model.image.variant=vit", ["config.model.image.variant='vit'",
+                                          "resnet50, resnet_tiny"]),
+    ("--config.loss.name=nope", ["config.loss.name='nope'", "infonce"]),
+    ("--config.optimizer.schedule=cosine", ["config.optimizer.schedule='cosine'",
+                                            "constant, plateau"]),
+    ("--config.model.text.tokenizer=/no/such/dir", ["config.model.text.tokenizer",
+                                                    "/no/such/dir", "not found"]),
+    ("--config.model.image.init=/no/such.pth", ["config.model.image.init", "/no/such.pth"]),
+    ("--config.data.image_size=300", ["config.data.image_size=300", "config.data.resize=72"]),
+    ("--config.total_steps=0", ["config.total_steps=0", "positive"]),
+]
+
+EVALUATOR_CASES = [
+    ("[{'name': 'nope'}]", ["config.evaluators[0] name='nope'", "linear_probe, retrieval"]),
+    ("[{'name': 'linear_probe', 'nope': 1}]",
+     ["config.evaluators[0] (linear_probe)", "'nope'", "fractions", "seeds"]),
+    ("[{'n_boot': 10}]", ["config.evaluators[0]", "no 'name'"]),
+]
+
+
+def _assert_refused(proc, words, workdir: pathlib.Path, tfds_dir: pathlib.Path):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  errors = [l for l in lines if l.startswith("error: ")]
+  assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr[-2000:]
+  for w in words:
+    assert w in errors[0], f"{w!r} not in {errors[0]!r}"
+  assert "Traceback" not in proc.stderr
+  # Nothing built or written: no config.json, no checkpoints, no tfds data dir.
+  assert not workdir.exists() or not any(workdir.iterdir()), list(workdir.iterdir())
+  assert not tfds_dir.exists()
+
+
+@pytest.mark.parametrize("override,words", CASES, ids=[c[0].split("=")[0][9:] + "=" +
+                                                        c[0].split("=")[1] for c in CASES])
+def test_refused_before_anything_is_built(tmp_path, override, words):
+  workdir, tfds_dir = tmp_path / "w", tmp_path / "tfds"
+  proc = run_main(*smoke_args(workdir, tfds_dir, override))
+  _assert_refused(proc, words, workdir, tfds_dir)
+
+
+@pytest.mark.parametrize("evaluators,words", EVALUATOR_CASES,
+                         ids=["unknown_name", "unknown_setting", "no_name"])
+def test_evaluators_refused_before_anything_is_built(tmp_path, evaluators, words):
+  """Evaluators are a list (no flag override): a config file of the user's sets them."""
+  config_file = tmp_path / "my_config.py"
+  config_file.write_text(textwrap.dedent(f"""\
+      import sys
+      sys.path.insert(0, {str(REPO)!r})
+      from configs import convirt
+
+      def get_config():
+        c = convirt.get_config("smoke")
+        c.evaluators = {evaluators}
+        return c
+      """))
+  workdir, tfds_dir = tmp_path / "w", tmp_path / "tfds"
+  proc = run_main(f"--config={config_file}", f"--workdir={workdir}",
+                  f"--config.data.data_dir={tfds_dir}")
+  _assert_refused(proc, words, workdir, tfds_dir)
+
+
+def test_evaluator_settings_match_the_constructors():
+  """The signature check accepts every evaluator's own defaults and refuses a typo."""
+  import inspect  # pylint: disable=g-import-not-at-top
+
+  from medvl_jax import (
+    config_check,  # pylint: disable=g-import-not-at-top
+    evaluate,  # pylint: disable=g-import-not-at-top
+  )
+  from medvl_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  for name, cls in evaluate.EVALUATORS.items():
+    params = list(inspect.signature(cls).parameters.values())[1:]
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
+    assert defaults, name
+    config_check.check_evaluator(name, defaults)
+    with pytest.raises(ConfigError, match=rf"\({name}\): unknown setting 'n_bootz'"):
+      config_check.check_evaluator(name, dict(defaults, n_bootz=1))
