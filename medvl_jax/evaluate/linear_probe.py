@@ -34,18 +34,19 @@ from medvl_jax.evaluate import metrics
 from medvl_jax.evaluate import plots
 
 
-# lbfgs stopping tolerance: scikit-learn's default (1e-4) leaves probabilities up to ~3e-3 from
-# the optimum at 2,048 features; 1e-6 brings them within ~1e-5 (tests/test_eval_probe.py).
-TOL, MAX_ITER = 1e-6, 2000
+# lbfgs stopping tolerance: scikit-learn's default (1e-4) leaves test probabilities up to ~3e-3
+# from the optimum at 2,048 features, 1e-6 up to ~1e-3; 1e-8 brings them within ~1e-5 of an
+# exact Newton solve (bench/linear_probe.py) at little cost in the rows' span (see fit_logistic).
+TOL, MAX_ITER = 1e-8, 5000
 
 
 def row_basis(x: np.ndarray) -> np.ndarray | None:
-  """Orthonormal basis [D, r] of the span of the rows of x [N, D], or None if N >= D."""
+  """Orthonormal basis [D, N] of a space holding the rows of x [N, D] (QR of x^T; the span of
+  the rows if they are independent), or None if N >= D (no narrower space)."""
   if len(x) >= x.shape[1]:
     return None
-  _, s, vt = np.linalg.svd(x, full_matrices=False)
-  keep = s > s[0] * 1e-10 if s[0] > 0 else np.arange(len(s)) < 1
-  return vt[keep].T
+  q, _ = np.linalg.qr(np.asarray(x, np.float64).T)
+  return q
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0,
@@ -55,9 +56,10 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0,
 
   With fewer rows than features (a probe on 2,048 features), the optimal w lies in the span of
   the rows (any component orthogonal to them raises the penalty and changes no logit), so the
-  fit runs on the rows' coordinates in `basis` (default: `row_basis(x)`; any basis of a span
-  containing the rows gives the same optimum) and w is mapped back: the same objective and
-  minimiser, ~20x faster on 600 x 2,048 features (bench/linear_probe.py, bench/RESULTS.md).
+  fit runs on the rows' coordinates in `basis` (default: `row_basis(x)`; any orthonormal basis
+  of a space containing the rows gives the same optimum) and w is mapped back: the same
+  objective and minimiser, one probe in seconds where the full width took minutes
+  (bench/linear_probe.py; figures in bench/RESULTS.md).
   """
   x = np.asarray(x, np.float64)
   if basis is None:
