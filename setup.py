@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "pillow==13.0.0",
     "pydicom==3.0.2",  # RSNA Pneumonia DICOM (data_pipelines.rsna_pneumonia).
+    "scikit-learn==1.9.1",  # Evaluation: AUC, ROC, the linear probe's logistic regression.
+    "matplotlib==3.11.2",  # Evaluation: ROC plots, retrieval sheets, --compare charts.
+    "tqdm==4.70.1",  # Progress bars on long evaluation passes and exports.
 ]
 
 # PyTorch side (export / verification only). These two releases are a matched pair.
@@ -45,6 +48,6 @@ setup(
     extras_require={
         "torch": TORCH,
         # With its dependencies (torch): the tests compare against PyTorch anyway.
-        "test": [SAMPLE_CHECKPOINT] + TORCH + LINT + ["pytest==9.2.0", "scikit-learn==1.9.1"],
+        "test": [SAMPLE_CHECKPOINT] + TORCH + LINT + ["pytest==9.2.0"],
     },
 )

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from medvl_jax import cli, models, run, weights
+from medvl_jax import cli, models, progress, run, weights
 from medvl_jax.errors import CheckpointError, MedvlError, WeightsError
 from medvl_jax.weights import hf_bert, torchvision_resnet
 
@@ -89,11 +89,16 @@ def _versions() -> dict[str, str]:
 
 def _save(tensors: dict[str, np.ndarray], path: pathlib.Path) -> None:
   arrays = {}
+  n_bytes = sum(np.asarray(v).nbytes for v in tensors.values())
+  bar = progress.bar(n_bytes, f"export {path.name}", unit="B",
+                     min_total=progress.MIN_EXPORT_BYTES, unit_scale=True)
   for name, value in tensors.items():
     value = np.asarray(value)
+    bar.update(value.nbytes)
     if np.issubdtype(value.dtype, np.floating):
       value = value.astype(np.float32)
     arrays[name] = np.ascontiguousarray(value)
+  bar.close()
   # Written through Python (not save_file) so that the file mode follows the umask.
   path.write_bytes(safetensors.numpy.save(arrays, metadata=_ST_METADATA))
 

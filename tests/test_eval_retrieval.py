@@ -164,6 +164,9 @@ def test_compare_table(probe_out, tmp_path):
   lines = md.read_text().splitlines()
   assert lines[0].count("|") == 4 and "linear_probe/auc_1pct" in md.read_text()
   assert proc.stdout == md.read_text()
+  with Image.open(tmp_path / "cmp.png") as im:  # The chart beside the table.
+    im.load()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp.md", "cmp.png"]
 
 
 # ----------------------------------------------------------------------------- bad input

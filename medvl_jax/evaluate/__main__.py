@@ -2,7 +2,7 @@ r"""Evaluate a training run's checkpoint on a downstream task, or compare evalua
 
   python -m medvl_jax.evaluate --workdir=runs/convirt --task=retrieval [--step=N] [--out=DIR] \
       [--cfg=chexpert_dir=/data/chexpert --cfg=n_boot=200]
-  python -m medvl_jax.evaluate --compare DIR1 DIR2 [...] [--out=FILE.md]
+  python -m medvl_jax.evaluate --compare DIR1 DIR2 [...] [--out=FILE.md]   # + FILE.png chart
 
 Writes OUT/metrics.json ({'task', 'step', 'workdir', 'cfg', 'metrics'}) and the task's PNGs;
 OUT defaults to WORKDIR/eval/<task>-step<N>. OUT is written into a sibling temporary directory
@@ -108,8 +108,8 @@ def evaluate_run(workdir: str, task: str, step: int | None = None, out: str | No
   return out, result
 
 
-def compare_table(dirs: list[str]) -> str:
-  """Markdown table: one row per metric, one column per evaluation directory."""
+def read_evaluations(dirs: list[str]) -> list[dict[str, Any]]:
+  """The metrics.json dicts of evaluation output directories."""
   runs = []
   for d in dirs:
     path = pathlib.Path(d) / "metrics.json"
@@ -119,12 +119,26 @@ def compare_table(dirs: list[str]) -> str:
       runs.append(json.loads(path.read_text()))
     except ValueError as e:
       raise ConfigError(f"{path}: cannot parse: {e}") from e
+  return runs
+
+
+def _metric_names(runs: list[dict[str, Any]]) -> list[str]:
   names = []
   for r in runs:
     names += [n for n in r["metrics"] if n not in names and not n.endswith(("_ci_lo", "_ci_hi"))]
-  head = ["metric"] + [f"{pathlib.Path(r['workdir']).name} @ {r['step']}" for r in runs]
+  return names
+
+
+def _run_labels(runs: list[dict[str, Any]]) -> list[str]:
+  return [f"{pathlib.Path(r['workdir']).name} @ {r['step']}" for r in runs]
+
+
+def compare_table(dirs: list[str]) -> str:
+  """Markdown table: one row per metric, one column per evaluation directory."""
+  runs = read_evaluations(dirs)
+  head = ["metric"] + _run_labels(runs)
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for n in names:
+  for n in _metric_names(runs):
     cells = [n]
     for r in runs:
       m = r["metrics"]
@@ -140,13 +154,20 @@ def compare_table(dirs: list[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def compare_chart(dirs: list[str], path: pathlib.Path) -> None:
+  """PNG: one bar chart per metric across the evaluation directories (CIs as error bars)."""
+  from medvl_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
+  runs = read_evaluations(dirs)
+  plots.comparison_chart(path, runs, _metric_names(runs), _run_labels(runs))
+
+
 # ----------------------------------------------------------------------------- CLI
 def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training workdir (holds config.json, checkpoints/).")
   flags.DEFINE_string("task", None, "Evaluation task (see medvl_jax.evaluate.EVALUATORS).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("out", None, "Output directory (default WORKDIR/eval/TASK-stepN); with "
-                      "--compare, a Markdown file.")
+                      "--compare, a Markdown file (and a bar chart per metric beside it, .png).")
   flags.DEFINE_multi_string("cfg", [], "Task setting key=value (repeatable).")
   flags.DEFINE_bool("compare", False, "Compare the metrics.json of the evaluation directories "
                     "given as arguments: print a Markdown table.")
@@ -161,10 +182,17 @@ def main(argv: list[str]) -> None:
       if len(argv) < 2:
         raise ConfigError("--compare needs at least one evaluation directory")
       table = compare_table(argv[1:])
-      if fl.out:  # atomic: a reader never sees half a table
+      if fl.out:  # atomic: a reader never sees half a table; the chart beside it (.png)
+        chart = pathlib.Path(fl.out).with_suffix(".png")
+        if chart == pathlib.Path(fl.out):
+          raise ConfigError(f"--out={fl.out}: the Markdown table's file, not a .png, expected")
         tmp = pathlib.Path(f"{fl.out}.tmp-{secrets.token_hex(4)}")
-        tmp.write_text(table)
-        os.replace(tmp, fl.out)
+        try:
+          tmp.write_text(table)
+          compare_chart(argv[1:], chart)
+          os.replace(tmp, fl.out)
+        finally:
+          tmp.unlink(missing_ok=True)
       print(table, end="")
       return
     if len(argv) > 1:

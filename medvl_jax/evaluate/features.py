@@ -3,7 +3,7 @@
 `Encoders` is the `predict_fn` of the evaluator contract: it is built once from the model and
 the run's config, and its methods take `variables = {'params', 'batch_stats'}` (a TrainState's
 fields), so the same object serves the training loop and the CLI, and both compute the same
-numbers.
+numbers. Passes over many images (>= progress.MIN_IMAGES) show a progress bar on stderr.
 """
 import pathlib
 from typing import Any
@@ -15,7 +15,7 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from medvl_jax import augment, input_pipeline
+from medvl_jax import augment, input_pipeline, progress
 from medvl_jax.errors import DataError
 
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
@@ -46,27 +46,31 @@ class Encoders:
 
     self._image_fn, self._text_fn = jax.jit(image_fn), jax.jit(text_fn)
 
-  def _batched(self, fn, arrays: list[np.ndarray]) -> Any:
+  def _batched(self, fn, arrays: list[np.ndarray], desc: str) -> Any:
     n, b = len(arrays[0]), self.batch_size
     outs = []
+    bar = progress.bar(n, desc)  # Shown for passes over >= progress.MIN_IMAGES rows.
     for i in range(0, n, b):
       chunk = [a[i:i + b] for a in arrays]
       pad = b - len(chunk[0])
       chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)]) for c in chunk]
       out = jax.device_get(fn(*chunk))
       outs.append(jax.tree.map(lambda x: np.asarray(x[:b - pad], np.float32), out))  # noqa: B023
+      bar.update(b - pad)
+    bar.close()
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
   def images(self, variables: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [N, S, S, 1] -> (pooled features h_v [N, D_v], embeddings z_v [N, d])."""
-    return self._batched(lambda x: self._image_fn(variables, x), [images])
+    return self._batched(lambda x: self._image_fn(variables, x), [images], "image features")
 
   def texts(self, variables: Any, texts: list[str]) -> np.ndarray:
     """Strings -> embeddings z_u [N, d] (truncated to data.max_length tokens)."""
     tok = self.tokenizer(list(texts), padding="max_length", truncation=True,
                          max_length=self.max_length, return_tensors="np")
     ids, mask = tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(np.int32)
-    return self._batched(lambda i, m: self._text_fn(variables, i, m), [ids, mask])
+    return self._batched(lambda i, m: self._text_fn(variables, i, m), [ids, mask],
+                         "text embeddings")
 
   # ------------------------------------------------------------------- pixels
   def load_image_files(self, paths: list[pathlib.Path]) -> np.ndarray:
@@ -75,7 +79,7 @@ class Encoders:
     crop = tf.function(lambda x: augment.to_uint8(augment.center_crop(x, size, resize)),
                        reduce_retracing=True)
     out = np.empty((len(paths), size, size, 1), np.uint8)
-    for i, p in enumerate(paths):
+    for i, p in enumerate(progress.iterate(paths, len(paths), "loading images")):
       try:
         with Image.open(p) as im:
           pixels = np.asarray(im.convert("L"))[..., None]
@@ -103,7 +107,8 @@ def load_sample_split(config: ml_collections.ConfigDict, split: str,
   ds = ds.map(lambda ex: dict({k: ex[k] for k in keys}, image=augment.to_uint8(
       augment.center_crop(ex["image"], size, resize))))
   rows: dict[str, list] = {k: [] for k in ("image",) + keys}
-  for ex in ds.as_numpy_iterator():
+  total = builder.info.splits[split].num_examples
+  for ex in progress.iterate(ds.as_numpy_iterator(), total, f"loading {split} images"):
     for k in rows:
       v = ex[k]
       rows[k].append(v.decode("utf-8") if isinstance(v, bytes) else v)

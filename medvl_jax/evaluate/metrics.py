@@ -1,5 +1,9 @@
-"""Evaluation metrics in NumPy: ranking (Precision@k, Recall@k), ROC AUC, bootstrap CIs over
+"""Evaluation metrics: ranking (Precision@k, Recall@k), ROC AUC and curves, bootstrap CIs over
 patients, stratified label-fraction sampling.
+
+AUC, ROC curves and accuracy are scikit-learn's (`roc_auc_score`, `roc_curve`,
+`accuracy_score`); what scikit-learn lacks is ours: tie-aware P@k / R@k, the patient-level
+bootstrap, label fractions that never leave a class without positives, undefined values as None.
 
 Conventions:
   * Ties in a ranking are broken uniformly at random *in expectation*: a metric is the mean
@@ -12,6 +16,10 @@ from collections.abc import Callable, Sequence
 import math
 
 import numpy as np
+import scipy.stats
+import sklearn.metrics
+
+from medvl_jax import progress
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -68,55 +76,57 @@ def hit_at_k(scores: np.ndarray, relevant: np.ndarray, k: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- AUC
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-  """1-based ranks, tied values get the mean of their ranks."""
-  order = np.argsort(x, kind="mergesort")
-  xs = x[order]
-  ranks = np.empty(len(x))
-  start = 0
-  for end in range(1, len(x) + 1):
-    if end == len(x) or xs[end] != xs[start]:
-      ranks[order[start:end]] = (start + end + 1) / 2.0
-      start = end
-  return ranks
-
-
-def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float | None:
-  """Binary ROC AUC (Mann-Whitney U, ties count 1/2); None if only one class is present."""
+def _binary(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+  """(bool labels, float64 scores), or None when one class is absent (metric undefined)."""
   y_true = np.asarray(y_true).astype(bool).ravel()
   y_score = np.asarray(y_score, np.float64).ravel()
-  n_pos = int(y_true.sum())
-  n_neg = len(y_true) - n_pos
-  if n_pos == 0 or n_neg == 0:
+  if y_true.all() or not y_true.any():
     return None
-  ranks = _average_ranks(y_score)
-  return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+  return y_true, y_score
+
+
+def roc_auc(y_true: np.ndarray, y_score: np.ndarray, fast: bool = False) -> float | None:
+  """Binary ROC AUC (scikit-learn's: ties count 1/2); None if only one class is present.
+
+  fast=True (for bootstrap replicates): the same number (Mann-Whitney U from average ranks;
+  equal to scikit-learn's within 1e-12, tests/test_eval_sklearn.py) without scikit-learn's
+  input validation: 0.09 vs 2.8 ms per call on 156 rows (2-core CPU), so a 1,000-replicate CI
+  of a 14-label macro AUC at 3 label fractions (42k calls) takes ~4 s instead of ~2 min.
+  """
+  yy = _binary(y_true, y_score)
+  if yy is None:
+    return None
+  if not fast:
+    return float(sklearn.metrics.roc_auc_score(*yy))
+  y, s = yy
+  n_pos = int(y.sum())
+  ranks = scipy.stats.rankdata(s)  # Ties get their average rank.
+  return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(y) - n_pos)))
 
 
 def roc_curve(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-  """(false positive rates, true positive rates) from (0, 0) to (1, 1); None if undefined."""
-  y_true = np.asarray(y_true).astype(bool).ravel()
-  y_score = np.asarray(y_score, np.float64).ravel()
-  n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
-  if n_pos == 0 or n_neg == 0:
+  """(false positive rates, true positive rates) from (0, 0) to (1, 1) (scikit-learn's, with
+  collinear points dropped); None if undefined."""
+  yy = _binary(y_true, y_score)
+  if yy is None:
     return None
-  thresholds = np.unique(y_score)[::-1]
-  tpr = [0.0] + [float((y_score[y_true] >= t).sum()) / n_pos for t in thresholds]
-  fpr = [0.0] + [float((y_score[~y_true] >= t).sum()) / n_neg for t in thresholds]
-  return np.asarray(fpr), np.asarray(tpr)
+  fpr, tpr, _ = sklearn.metrics.roc_curve(*yy)
+  return fpr, tpr
 
 
-def macro_auc(y_true: np.ndarray, y_score: np.ndarray) -> tuple[float | None, list]:
+def macro_auc(y_true: np.ndarray, y_score: np.ndarray, fast: bool = False
+              ) -> tuple[float | None, list]:
   """(mean over defined classes or None, per-class AUCs with None) for [N, C] arrays."""
   y_true, y_score = np.asarray(y_true), np.asarray(y_score)
-  per_class = [roc_auc(y_true[:, c], y_score[:, c]) for c in range(y_true.shape[1])]
+  per_class = [roc_auc(y_true[:, c], y_score[:, c], fast) for c in range(y_true.shape[1])]
   defined = [a for a in per_class if a is not None]
   return (float(np.mean(defined)) if defined else None), per_class
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
+  """scikit-learn's accuracy; None for no rows."""
   y_true, y_pred = np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()
-  return float(np.mean(y_true == y_pred)) if len(y_true) else None
+  return float(sklearn.metrics.accuracy_score(y_true, y_pred)) if len(y_true) else None
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -136,7 +146,9 @@ def bootstrap_ci(metric: Callable[[np.ndarray], float | None], groups: Sequence,
   rows_of = [np.flatnonzero(inverse == g) for g in range(len(unique))]
   rng = np.random.default_rng(seed)
   values = []
-  for _ in range(n_boot):
+  large = len(unique) >= progress.MIN_IMAGES  # A bar only where the replicates take a while.
+  for _ in progress.iterate(range(n_boot), n_boot, "bootstrap", unit="resample",
+                            min_total=0 if large else n_boot + 1):
     drawn = rng.integers(0, len(unique), size=len(unique))
     v = metric(np.concatenate([rows_of[g] for g in drawn]))
     if v is not None and np.isfinite(v):
@@ -210,7 +222,7 @@ def binary_fraction_sweep(prefix: str, fit_score: Callable[[np.ndarray, int], np
       aucs.append(roc_auc(y_test, score))
       accs.append(accuracy(y_test, (score > 0).astype(int)))
       if seed == seeds[0]:
-        ci = bootstrap_ci(lambda r, s=score: roc_auc(y_test[r], s[r]), patients,
+        ci = bootstrap_ci(lambda r, s=score: roc_auc(y_test[r], s[r], fast=True), patients,
                           n_boot=n_boot, seed=seed)
         curve = roc_curve(y_test, score)
         if curve is not None:

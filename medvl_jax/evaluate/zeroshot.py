@@ -138,7 +138,7 @@ class Evaluator:
       margin = s[:, 0] - s[:, 1]
       pos = (y == 0).astype(int)
       auc = metrics.roc_auc(pos, margin)
-      ci = metrics.bootstrap_ci(lambda r: metrics.roc_auc(pos[r], margin[r]), patients,
+      ci = metrics.bootstrap_ci(lambda r: metrics.roc_auc(pos[r], margin[r], True), patients,
                                 n_boot=self.n_boot, seed=self.seed)
       curve = metrics.roc_curve(pos, margin)
       if curve is not None:
@@ -149,7 +149,7 @@ class Evaluator:
     else:
       onehot = (y[:, None] == np.arange(len(self.classes))).astype(int)
       macro, per_class = metrics.macro_auc(onehot, s)
-      ci = metrics.bootstrap_ci(lambda r: metrics.macro_auc(onehot[r], s[r])[0], patients,
+      ci = metrics.bootstrap_ci(lambda r: metrics.macro_auc(onehot[r], s[r], True)[0], patients,
                                 n_boot=self.n_boot, seed=self.seed)
       yield "zeroshot/auc_macro", macro
       yield "zeroshot/auc_macro_ci_lo", ci["lo"]
