@@ -34,7 +34,7 @@ setup(
     version="0.1.0",
     description="JAX/Flax image-text pretraining for chest X-rays (ConVIRT, mixed-data masked)",
     packages=find_packages(include=["medvl_jax", "medvl_jax.*", "data_pipelines", "data_pipelines.*"]),
-    package_data={"data_pipelines": ["*/*.txt", "*/*.md"]},
+    package_data={"data_pipelines": ["*/*.txt", "*/*.md", "*/*.bib"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -80,8 +80,10 @@ class _Harness:
     """The dataset card and citation next to the builder are what tfds reports."""
     folder = pathlib.Path(self.DATASET_CLASS.code_path).parent
     info = self.builder.info
-    self.assertEqual(info.description, (folder / "README.md").read_text(encoding="utf-8"))
-    self.assertEqual(info.citation, (folder / "CITATIONS.bib").read_text(encoding="utf-8"))
+    # tfds strips the files' surrounding whitespace.
+    self.assertEqual(info.description,
+                     (folder / "README.md").read_text(encoding="utf-8").strip())
+    self.assertEqual(info.citation, (folder / "CITATIONS.bib").read_text(encoding="utf-8").strip())
     self.assertTrue(info.citation.lstrip().startswith("@"))
     for section in ("## Source", "## License", "## Layout", "## Features", "## Splits"):
       self.assertIn(section, info.description)

@@ -21,8 +21,8 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import common
 
-# The published Open-i label derivation (Wang et al., TieNet, CVPR 2018; first author's
-# repository github.com/xiaosongwang/openi_processor, `openi_gnerate_label.py` with the
+# The published Open-i label derivation (the seed paper, Wang et al. arXiv 2103.16022: its first
+# author's repository github.com/xiaosongwang/openi_processor, `openi_gnerate_label.py` with the
 # `mimic`-style word lists of commit a643559, which produced its `front_label_list_chexpert.csv`):
 # each MeSH major term is lower-cased, spaces dropped, "," and "/" turned into "-"; a label is
 # positive when one of its words occurs as a substring of the report's normalised terms; `No
@@ -74,12 +74,6 @@ extract both into manual_dir:
 Optional, for Frontal/Lateral: <manual_dir>/indiana_projections.csv (uid, filename,
 projection) from Kaggle raddar/chest-xrays-indiana-university.
 """
-  _CITATION = """\
-@article{demner2016preparing, title={Preparing a collection of radiology examinations for
-  distribution and retrieval}, author={Demner-Fushman, Dina and others},
-  journal={JAMIA}, volume={23}, number={2}, pages={304--310}, year={2016}}
-"""
-
   def _features(self) -> dict[str, Any]:
     return {"image": common.image_feature(), "image_id": tfds.features.Text(),
             "patient_id": tfds.features.Text(), "view": tfds.features.Text(),
