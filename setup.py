@@ -40,6 +40,6 @@ setup(
     extras_require={
         "sample": SAMPLE,
         "torch": TORCH,
-        "test": SAMPLE + ["pytest==9.2.0", "scikit-learn==1.9.1"],
+        "test": SAMPLE + ["pytest==9.2.0", "scikit-learn==1.9.1", "dill==0.4.1"],
     },
 )

@@ -95,7 +95,7 @@ def test_bad_input(tree, tmp_path):
 
 
 # The real 3,955 Open-i reports ship in this PyPI wheel; fetched once into the repo's pytest
-# cache folder (ignored by git).
+# cache folder (ignored by git); skipped with the reason where PyPI cannot be reached.
 TXV_WHEEL = "torchxrayvision-1.5.7-py3-none-any.whl"
 WHEEL_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "wheels"
 # Reports with at least one image, per label: the table in data_pipelines/README.md.
