@@ -42,12 +42,12 @@ setup(
     description="JAX/Flax image-text pretraining for chest X-rays (ConVIRT, mixed-data masked)",
     packages=find_packages(
         include=["medvl_jax", "medvl_jax.*", "data_pipelines", "data_pipelines.*"]),
-    package_data={"data_pipelines": ["*/*.txt", "*/*.md"]},
+    package_data={"data_pipelines": ["*/*.txt", "*/*.md", "*/*.bib"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "torch": TORCH,
         # With its dependencies (torch): the tests compare against PyTorch anyway.
-        "test": [SAMPLE_CHECKPOINT] + TORCH + LINT + ["pytest==9.2.0"],
+        "test": [SAMPLE_CHECKPOINT] + TORCH + LINT + ["pytest==9.2.0", "dill==0.4.1"]  # dill: tfds.testing,
     },
 )

@@ -228,13 +228,13 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _example(self, record: dict[str, Any], png: bytes) -> dict[str, Any]:
     raise NotImplementedError
 
-  _CITATION = ""
-
   # --- shared
   def _info(self) -> tfds.core.DatasetInfo:
+    # Description and citation: the README.md (dataset card) and CITATIONS.bib beside the
+    # builder module, which tfds reads through `code_path`.
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict(self._features()),
-        metadata=tfds.core.MetadataDict(), citation=self._CITATION)
+        metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     try:

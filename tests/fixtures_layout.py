@@ -209,11 +209,15 @@ def openi_xml(iu: dict[str, str]) -> str:
 """
 
 
-def openi(sample: pathlib.Path, root: pathlib.Path, n_reports: int = 16) -> pathlib.Path:
+def openi(sample: pathlib.Path, root: pathlib.Path, n_reports: int = 16,
+          report_ids: tuple[str, ...] = ()) -> pathlib.Path:
   """Open-i: ecgen-radiology/<report_id>.xml (real IU reports), NLMCXR_png/<image id>.png
   (real NIH sample radiographs standing in for the IU images, which are not in the sample),
-  and the Kaggle indiana_projections.csv."""
-  reports = [r for r in iu_reports(sample) if r["image_projections"]][:n_reports]
+  and the Kaggle indiana_projections.csv. The first `n_reports` reports with images, or those
+  with the given `report_ids`."""
+  reports = [r for r in iu_reports(sample) if r["image_projections"]]
+  reports = ([r for r in reports if r["report_id"] in report_ids] if report_ids
+             else reports[:n_reports])
   # Mix normal and abnormal reports so that several MeSH-derived labels occur.
   nih = nih_rows(sample)
   (root / "ecgen-radiology").mkdir(parents=True, exist_ok=True)

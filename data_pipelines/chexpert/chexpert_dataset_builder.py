@@ -34,12 +34,6 @@ CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg) is relative to 
   <manual_dir>/CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg
 (or the same under CheXpert-v1.0/ for the full-resolution release).
 """
-  _CITATION = """\
-@inproceedings{irvin2019chexpert, title={CheXpert: A Large Chest Radiograph Dataset with
-  Uncertainty Labels and Expert Comparison}, author={Irvin, Jeremy and others},
-  booktitle={AAAI}, year={2019}}
-"""
-
   def _features(self) -> dict[str, Any]:
     return {"image": common.image_feature(), "image_id": tfds.features.Text(),
             "patient_id": tfds.features.Text(), "view": tfds.features.Text(),

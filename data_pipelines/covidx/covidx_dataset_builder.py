@@ -67,13 +67,6 @@ folder (e.g. train_COVIDx_CXR-3A.txt and test_COVIDx_CXR-3A.txt), into manual_di
 train.txt/test.txt if they hold normal/pneumonia/COVID-19 labels). The Kaggle train.txt/test.txt
 of COVIDx CXR-2 and later are binary (positive/negative) and are not enough on their own.
 """
-  _CITATION = """\
-@article{wang2020covidnet, title={COVID-Net: A Tailored Deep Convolutional Neural Network
-  Design for Detection of COVID-19 Cases from Chest X-Ray Images}, author={Wang, Linda and
-  Lin, Zhong Qiu and Wong, Alexander}, journal={Scientific Reports}, volume={10},
-  pages={19549}, year={2020}}
-"""
-
   def _features(self) -> dict[str, Any]:
     return {"image": common.image_feature(), "image_id": tfds.features.Text(),
             "patient_id": tfds.features.Text(), "view": tfds.features.Text(),

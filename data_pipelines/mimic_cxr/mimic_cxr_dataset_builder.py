@@ -44,12 +44,6 @@ and the reports: unzip mimic-cxr-reports.zip (from the MIMIC-CXR project) into t
 manual_dir, which puts each study's report beside its image folder:
   <manual_dir>/files/p10/p10000032/s50414267.txt
 """
-  _CITATION = """\
-@article{johnson2019mimicjpg, title={MIMIC-CXR-JPG, a large publicly available database of
-  labeled chest radiographs}, author={Johnson, Alistair EW and others},
-  journal={arXiv 1901.07042}, year={2019}}
-"""
-
   def _features(self) -> dict[str, Any]:
     return {
         "image": common.image_feature(),

@@ -32,13 +32,6 @@ into manual_dir, as published:
     (Kaggle layout; the Box tarballs images_01.tar.gz..images_12.tar.gz extract to
     <manual_dir>/images/*.png, which is read too)
 """
-  _CITATION = """\
-@inproceedings{wang2017chestxray8, title={ChestX-ray8: Hospital-scale Chest X-ray Database and
-  Benchmarks on Weakly-Supervised Classification and Localization of Common Thorax Diseases},
-  author={Wang, Xiaosong and Peng, Yifan and Lu, Le and Lu, Zhiyong and Bagheri, Mohammadhadi
-  and Summers, Ronald M}, booktitle={CVPR}, pages={3462--3471}, year={2017}}
-"""
-
   def _features(self) -> dict[str, Any]:
     return {"image": common.image_feature(), "image_id": tfds.features.Text(),
             "patient_id": tfds.features.Text(), "view": tfds.features.Text(),

@@ -41,13 +41,6 @@ manual_dir, as published:
   <manual_dir>/stage_2_train_images/<patientId>.dcm
 (stage_2_test_images/ and stage_2_sample_submission.csv may stay; they are not read.)
 """
-  _CITATION = """\
-@article{shih2019rsna, title={Augmenting the National Institutes of Health Chest Radiograph
-  Dataset with Expert Annotations of Possible Pneumonia}, author={Shih, George and Wu, Carol C
-  and Halabi, Safwan S and others}, journal={Radiology: Artificial Intelligence}, volume={1},
-  number={1}, pages={e180041}, year={2019}}
-"""
-
   def _features(self) -> dict[str, Any]:
     return {"image": common.image_feature(), "image_id": tfds.features.Text(),
             "patient_id": tfds.features.Text(), "view": tfds.features.Text(),
