@@ -5,7 +5,8 @@ draws them from the 'masking' rng stream, separate from 'dropout').
 """
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,7 @@ def block_mask(key: jax.Array, batch: int, grid: int, block: int, ratio: float) 
   `ratio` up to that rounding and the cropped edges.
   """
   nb = math.ceil(grid / block)
-  num_masked = int(round(ratio * nb * nb))
+  num_masked = round(ratio * nb * nb)
   noise = jax.random.uniform(key, (batch, nb * nb))
   ranks = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
   blocks = (ranks < num_masked).reshape(batch, nb, nb)

@@ -1,9 +1,8 @@
 """MLM and multi-scale image masks: ratios, randomness, excluded tokens, bad config."""
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from medvl_jax import masking
 from medvl_jax.errors import ConfigError
@@ -79,7 +78,7 @@ def test_block_mask_ratio_and_block_shape(k):
 
 def test_multiscale_mask_balances_scales_and_varies():
   m1, s1 = masking.multiscale_mask(jax.random.key(0), 12, IMAGE)
-  m2, s2 = masking.multiscale_mask(jax.random.key(1), 12, IMAGE)
+  m2, _ = masking.multiscale_mask(jax.random.key(1), 12, IMAGE)
   assert np.bincount(np.asarray(s1), minlength=3).tolist() == [4, 4, 4]
   assert not np.array_equal(np.asarray(m1), np.asarray(m2))
   m1 = np.asarray(m1)

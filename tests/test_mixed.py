@@ -1,9 +1,8 @@
 """Mixed-data model and losses: NumPy references, masking by has_image/has_text, configs."""
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from configs import mixed as mixed_config
 from medvl_jax import losses

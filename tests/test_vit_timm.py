@@ -1,9 +1,8 @@
 """The JAX ViT against a real timm VisionTransformer, through the timm name mapping both ways."""
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from medvl_jax.errors import ConfigError, WeightsError
 from medvl_jax.models.vit import ViT, ViTConfig, patchify, unpatchify

@@ -184,6 +184,6 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 def unpatchify(patches: jax.Array, patch_size: int, channels: int) -> jax.Array:
   """Inverse of `patchify`: [N, P, p*p*C] -> [N, S, S, C]."""
   n, num, _ = patches.shape
-  g = int(round(num ** 0.5))
+  g = round(num ** 0.5)
   x = patches.reshape(n, g, g, patch_size, patch_size, channels).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(n, g * patch_size, g * patch_size, channels)

@@ -5,7 +5,8 @@ the package's one mapping rule; only the two root parameters `cls_token` and `po
 their names and shapes ([1, 1, D] and [1, 1 + P, D] on both sides).
 """
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
