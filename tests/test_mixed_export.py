@@ -1,10 +1,9 @@
 """Mixed model towers: HF/timm import into the model, export back, PyTorch reproduces the
 JAX embeddings."""
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from configs import mixed as mixed_config
 from medvl_jax.models import mixed
