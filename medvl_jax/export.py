@@ -34,7 +34,7 @@ import safetensors.numpy
 
 from medvl_jax import checkpoint
 from medvl_jax import cli
-from medvl_jax import models
+from medvl_jax import families
 from medvl_jax import weights
 from medvl_jax.errors import MedvlError, WeightsError
 from medvl_jax.weights import hf_bert, torchvision_resnet
@@ -247,7 +247,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
   if not tokenizer_dir or not pathlib.Path(tokenizer_dir).is_dir():
     raise WeightsError(f"tokenizer directory of the run not found: {str(tokenizer_dir)!r} "
                        "(config.model.text.tokenizer or .init)")
-  model = models.build(config.model)
+  model = families.get(config.model.name).build(config.model)
   step, params, batch_stats = restore_variables(workdir, config, model, step)
   bert = model.text_encoder.config
   preprocessing = image_preprocessing(config, model)

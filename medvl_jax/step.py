@@ -1,10 +1,9 @@
-"""The pure core of training: train state, frozen-parameter mask, optimizer, update steps.
+"""The pure core of training: train state, optimizer, update steps (through a model family).
 
 Nothing here does I/O: `train.py` wires these into the loop, benchmarks and tests call them
 directly. `train_step`/`eval_step` are pure functions of (state, batch) to be jitted with
 explicit shardings.
 """
-import re
 from typing import Any, Callable
 
 import flax
@@ -14,8 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from medvl_jax import sharding
-from medvl_jax.errors import ConfigError
+from medvl_jax import families
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -23,22 +21,6 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   batch_stats: Any
   opt_state: Any
-
-
-
-def trainable_mask(params: Any, model_cfg: ml_collections.ConfigDict) -> Any:
-  """Bool tree: False for BERT embeddings and the first K layers (ConVIRT freezes 6 of 12)."""
-  num_layers = len(params["text"]["encoder"]["layer"])
-  k = model_cfg.text.frozen_layers
-  k = num_layers // 2 if k < 0 else k
-  if k > num_layers:
-    raise ConfigError(f"config.model.text.frozen_layers={k} exceeds the {num_layers} layers")
-  frozen = [rf"^text/encoder/layer/{i}/" for i in range(k)]
-  if model_cfg.text.freeze_embeddings:
-    frozen.append(r"^text/embeddings/")
-  regex = re.compile("|".join(frozen)) if frozen else None
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: not (regex and regex.search(sharding.path_str(path))), params)
 
 
 def make_optimizer(opt_cfg: ml_collections.ConfigDict, mask: Any) -> optax.GradientTransformation:
@@ -55,15 +37,16 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, mask: Any) -> optax.Gradi
 
 def loss_and_grads(params, batch_stats, batch: dict, *, model, loss_fn: Callable, mask: Any,
                    rng: jax.Array):
-  """Loss of the global batch and its gradient w.r.t. the trainable params (frozen: zeros)."""
+  """Loss of the global batch and its gradient w.r.t. the trainable params (frozen: zeros).
+
+  `loss_fn` is the family's (`families.Family.make_loss(config)`): it sees the whole batch.
+  """
 
   def loss_of(params):
     params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
-    out, new_vars = model.apply(
-        {"params": params, "batch_stats": batch_stats}, batch["image"], batch["input_ids"],
-        batch["attention_mask"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-    loss, metrics = loss_fn(out)
-    return loss, (metrics, new_vars["batch_stats"])
+    loss, metrics, new_stats = loss_fn(model, {"params": params, "batch_stats": batch_stats},
+                                       batch, rng, True)
+    return loss, (metrics, new_stats)
 
   (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
   return loss, metrics, new_stats, grads
@@ -85,11 +68,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn: Callable, 
 
 
 def eval_step(state: TrainState, batch: dict, *, model, loss_fn: Callable) -> dict:
-  out = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                    batch["image"], batch["input_ids"], batch["attention_mask"], train=False)
-  loss, metrics = loss_fn(out, batch["mask"])
+  """Sums over the batch's real rows (`mask`): 'count', 'loss_sum' and '<metric>_sum'."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  loss, metrics, _ = loss_fn(model, variables, batch, None, False)
   n = jnp.sum(batch["mask"].astype(jnp.float32))
-  return {"loss_sum": loss * n, "count": n, "acc_i2t_sum": metrics["acc_i2t"] * n}
+  return dict({f"{k}_sum": v * n for k, v in metrics.items()}, loss_sum=loss * n, count=n)
 
 
 def dummy_batch(config) -> dict[str, np.ndarray]:
@@ -105,6 +88,4 @@ def rngs(config) -> tuple[jax.Array, jax.Array]:
 
 def init_variables(model, config, rng: jax.Array) -> dict:
   """Randomly initialised flax variables ({'params', 'batch_stats'}) for a 1-example batch."""
-  dummy = dummy_batch(config)
-  return model.init({"params": rng, "dropout": rng}, dummy["image"], dummy["input_ids"],
-                    dummy["attention_mask"], train=False)
+  return families.get(config.model.name).init(model, dummy_batch(config), rng)

@@ -18,7 +18,7 @@ import pytest
 from medvl_jax import checkpoint
 from medvl_jax import export
 from medvl_jax import losses
-from medvl_jax import models
+from medvl_jax import families
 from medvl_jax.errors import WeightsError
 from tests.conftest import REPO, SHORT_STEPS
 
@@ -82,7 +82,7 @@ def exported(run_dir, tmp_path_factory) -> pathlib.Path:
 def jax_model(run_dir):
   """(apply_fn, config) of the JAX model on the checkpoint as restored by Orbax."""
   config = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
-  model = models.build(config.model)
+  model = families.get(config.model.name).build(config.model)
   mngr = checkpoint.manager(run_dir, read_only=True)
   state = mngr.restore(mngr.latest_step())["state"]
   mngr.close()
@@ -230,7 +230,7 @@ def test_resnet50_export_loads_into_torchvision_resnet50(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps(config.to_dict()))
-  model = models.build(config.model)
+  model = families.get(config.model.name).build(config.model)
   abstract = export.abstract_variables(model, config)
   rng = np.random.default_rng(0)
   fill = lambda x: rng.normal(0.0, 0.05, x.shape).astype(np.float32)  # noqa: E731

@@ -57,10 +57,10 @@ def load_run(workdir: pathlib.Path, step: int | None):
   """(config, encoders, state, step) of a run's checkpoint, without optimizer state."""
   from medvl_jax import export  # pylint: disable=g-import-not-at-top
   from medvl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from medvl_jax import models  # pylint: disable=g-import-not-at-top
+  from medvl_jax import families  # pylint: disable=g-import-not-at-top
   from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
   config = export.load_run_config(workdir)
-  model = models.build(config.model)
+  model = families.get(config.model.name).build(config.model)
   step, params, batch_stats = export.restore_variables(workdir, config, model, step)
   tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
   encoders = features.Encoders(model, config, tokenizer)

@@ -16,6 +16,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from medvl_jax import augment
+from medvl_jax import families
 from medvl_jax import input_pipeline
 from medvl_jax.errors import DataError
 
@@ -27,7 +28,8 @@ def variables_of(state: Any) -> dict[str, Any]:
 
 
 class Encoders:
-  """Batched, jitted, padded (fixed shapes: one compile per function) ConVIRT encoders."""
+  """Batched, jitted, padded (fixed shapes: one compile per function) encoders of a model
+  family (`families.Family.encoders`)."""
 
   def __init__(self, model: Any, config: ml_collections.ConfigDict, tokenizer: Any,
                batch_size: int = 64):
@@ -36,16 +38,8 @@ class Encoders:
     self.image_size, self.resize = int(config.data.image_size), int(config.data.resize)
     self.max_length = int(config.data.max_length)
 
-    def image_fn(variables, images):
-      h = model.apply(variables, images, False, method=type(model).encode_image)
-      z = model.apply(variables, h, method=lambda m, x: m.image_proj(x))
-      return h, z
-
-    def text_fn(variables, ids, mask):
-      h = model.apply(variables, ids, mask, False, method=type(model).encode_text)
-      return model.apply(variables, h, method=lambda m, x: m.text_proj(x))
-
-    self._image_fn, self._text_fn = jax.jit(image_fn), jax.jit(text_fn)
+    fns = families.get(config.model.name).encoders(model)  # The family's encoders.
+    self._image_fn, self._text_fn = jax.jit(fns.image), jax.jit(fns.text)
 
   def _batched(self, fn, arrays: list[np.ndarray]) -> Any:
     n, b = len(arrays[0]), self.batch_size
