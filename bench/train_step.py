@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from configs import convirt  # noqa: E402
 from medvl_jax import batch as batch_lib  # noqa: E402
-from medvl_jax import losses, models, sharding, step  # noqa: E402
+from medvl_jax import families, sharding, step  # noqa: E402
 
 TEXT_SHAPES = {
     "minilm": dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
@@ -64,18 +64,18 @@ def main():
   cfg.model.dtype = args.dtype
   cfg.model.text.init = ""
   cfg.model.text.update(TEXT_SHAPES[args.text], max_position_embeddings=512)
-  model = models.build(cfg.model)
+  model = families.get(cfg.model.name).build(cfg.model)
   init_rng, step_rng = step.rngs(cfg)
   mesh = sharding.make_mesh()
   rep = sharding.replicated(mesh)
   variables = jax.jit(lambda r: step.init_variables(model, cfg, r), out_shardings=rep)(init_rng)
-  mask = step.trainable_mask(variables["params"], cfg.model)
+  mask = families.get(cfg.model.name).trainable_mask(variables["params"], cfg.model)
   tx = step.make_optimizer(cfg.optimizer, mask)
   state = jax.jit(lambda v: step.TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
                                             batch_stats=v["batch_stats"],
                                             opt_state=tx.init(v["params"])),
                   out_shardings=rep)(variables)
-  loss_fn = lambda out, m=None: losses.LOSSES[cfg.loss.name](out, cfg.loss, m)  # noqa: E731
+  loss_fn = families.get(cfg.model.name).make_loss(cfg)
 
   n, s, l = args.batch, args.image_size, args.max_length
   batch = batch_lib.random(n, s, l, seed=0)  # The layout of medvl_jax.batch, paired rows.

@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "convirt"     # registry name (medvl_jax.models.MODELS)
+  c.model.name = "convirt"     # model family (medvl_jax.families)
   c.model.dtype = "float32"    # compute dtype; 'bfloat16' on TPU/GPU
   c.model.projection_dim = 512
   c.model.projection_hidden = 512

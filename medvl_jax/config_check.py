@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from medvl_jax import corpora, losses, models
+from medvl_jax import corpora, families, losses
 from medvl_jax.errors import ConfigError
 
 SCHEDULES = ("constant", "plateau")
@@ -31,40 +31,6 @@ def _valid(key: str, value: Any, valid) -> None:
 
 
 # ----------------------------------------------------------------------------- model
-def _check_convirt(model_cfg: ml_collections.ConfigDict) -> None:
-  from medvl_jax.models import (
-    bert,  # pylint: disable=g-import-not-at-top
-    convirt,  # pylint: disable=g-import-not-at-top
-  )
-  _valid("config.model.dtype", model_cfg.dtype, convirt.DTYPES)
-  _valid("config.model.image.variant", model_cfg.image.variant, convirt.IMAGE_VARIANTS)
-  for key in ("mean", "std"):
-    if len(model_cfg.image[key]) != 3:
-      raise ConfigError(f"config.model.image.{key}={tuple(model_cfg.image[key])}: expected 3 "
-                        "values (one per RGB channel)")
-  if model_cfg.image.init and not pathlib.Path(model_cfg.image.init).is_file():
-    raise ConfigError(f"config.model.image.init={model_cfg.image.init!r}: file not found "
-                      "(a torchvision resnet50 state dict, .safetensors or .pth; '' = random)")
-  text = model_cfg.text
-  if text.init:
-    if not pathlib.Path(text.init).is_dir():
-      raise ConfigError(f"config.model.text.init={text.init!r}: directory not found (a local "
-                        "Hugging Face BERT directory; '' = random)")
-    bert.read_config(text.init)  # model_type, activation, shape: WeightsError naming the file
-  tokenizer = text.tokenizer or text.init
-  if not tokenizer:
-    raise ConfigError("config.model.text.tokenizer is required when config.model.text.init "
-                      "is '' (a directory with tokenizer.json or vocab.txt)")
-  if not pathlib.Path(tokenizer).is_dir():
-    raise ConfigError(f"config.model.text.tokenizer={tokenizer!r}: directory not found")
-
-
-# Per model family: the checks of its nested choices (a new family adds its entry here).
-MODEL_CHECKS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    "convirt": _check_convirt,
-}
-
-
 # ----------------------------------------------------------------------------- data
 def _check_data(config: ml_collections.ConfigDict) -> None:
   data = config.data
@@ -124,13 +90,11 @@ def check(config: ml_collections.ConfigDict) -> None:
 
   Reads nothing but the text checkpoint's config.json and writes nothing.
   """
-  _valid("config.model.name", config.model.name, models.MODELS)
+  family = families.get(config.model.name)
   corpora.get(config.data.name, key="config.data.name")
   _valid("config.loss.name", config.loss.name, losses.LOSSES)
   _valid("config.optimizer.schedule", config.optimizer.schedule, SCHEDULES)
-  check_model = MODEL_CHECKS.get(config.model.name)
-  if check_model is not None:
-    check_model(config.model)
+  family.check_config(config.model)
   _check_data(config)
   for key in POSITIVE_INTS:
     if int(config[key]) <= 0:

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from medvl_jax import cli, models, progress, run, weights
+from medvl_jax import cli, families, progress, run, weights
 from medvl_jax.errors import CheckpointError, MedvlError, WeightsError
 from medvl_jax.weights import hf_bert, torchvision_resnet
 
@@ -168,7 +168,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
   if not tokenizer_dir or not pathlib.Path(tokenizer_dir).is_dir():
     raise WeightsError(f"tokenizer directory of the run not found: {str(tokenizer_dir)!r} "
                        "(config.model.text.tokenizer or .init)")
-  model = models.build(config.model)
+  model = families.get(config.model.name).build(config.model)
   step, params, batch_stats = run.restore_variables(workdir, config, model, step)
   bert = model.text_encoder.config
   preprocessing = image_preprocessing(config, model)

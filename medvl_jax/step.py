@@ -1,11 +1,10 @@
-"""The pure core of training: train state, frozen-parameter mask, optimizer, update steps.
+"""The pure core of training: train state, optimizer, update steps (through a model family).
 
 Nothing here does I/O: `train.py` wires these into the loop, benchmarks and tests call them
 directly. `train_step`/`eval_step` are pure functions of (state, batch) to be jitted with
 explicit shardings.
 """
 from collections.abc import Callable
-import re
 from typing import Any
 
 import flax
@@ -16,8 +15,7 @@ import numpy as np
 import optax
 
 from medvl_jax import batch as batch_lib
-from medvl_jax import sharding
-from medvl_jax.errors import ConfigError
+from medvl_jax import families
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -25,22 +23,6 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   batch_stats: Any
   opt_state: Any
-
-
-
-def trainable_mask(params: Any, model_cfg: ml_collections.ConfigDict) -> Any:
-  """Bool tree: False for BERT embeddings and the first K layers (ConVIRT freezes 6 of 12)."""
-  num_layers = len(params["text"]["encoder"]["layer"])
-  k = model_cfg.text.frozen_layers
-  k = num_layers // 2 if k < 0 else k
-  if k > num_layers:
-    raise ConfigError(f"config.model.text.frozen_layers={k} exceeds the {num_layers} layers")
-  frozen = [rf"^text/encoder/layer/{i}/" for i in range(k)]
-  if model_cfg.text.freeze_embeddings:
-    frozen.append(r"^text/embeddings/")
-  regex = re.compile("|".join(frozen)) if frozen else None
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: not (regex and regex.search(sharding.path_str(path))), params)
 
 
 def make_optimizer(opt_cfg: ml_collections.ConfigDict, mask: Any) -> optax.GradientTransformation:
@@ -57,16 +39,16 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, mask: Any) -> optax.Gradi
 
 def loss_and_grads(params, batch_stats, batch: dict, *, model, loss_fn: Callable, mask: Any,
                    rng: jax.Array):
-  """Loss of the global batch and its gradient w.r.t. the trainable params (frozen: zeros)."""
+  """Loss of the global batch and its gradient w.r.t. the trainable params (frozen: zeros).
+
+  `loss_fn` is the family's (`families.Family.make_loss(config)`): it sees the whole batch.
+  """
 
   def loss_of(params):
     params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
-    out, new_vars = model.apply(
-        {"params": params, "batch_stats": batch_stats},
-        *(batch[k] for k in batch_lib.MODEL_INPUTS), train=True, rngs={"dropout": rng},
-        mutable=["batch_stats"])
-    loss, metrics = loss_fn(out)
-    return loss, (metrics, new_vars["batch_stats"])
+    loss, metrics, new_stats = loss_fn(model, {"params": params, "batch_stats": batch_stats},
+                                       batch, rng, True)
+    return loss, (metrics, new_stats)
 
   (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
   return loss, metrics, new_stats, grads
@@ -88,11 +70,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn: Callable, 
 
 
 def eval_step(state: TrainState, batch: dict, *, model, loss_fn: Callable) -> dict:
-  out = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                    *(batch[k] for k in batch_lib.MODEL_INPUTS), train=False)
-  loss, metrics = loss_fn(out, batch["mask"])
+  """Sums over the batch's real rows (`mask`): 'count', 'loss_sum' and '<metric>_sum'."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  loss, metrics, _ = loss_fn(model, variables, batch, None, False)
   n = jnp.sum(batch["mask"].astype(jnp.float32))
-  return {"loss_sum": loss * n, "count": n, "acc_i2t_sum": metrics["acc_i2t"] * n}
+  return dict({f"{k}_sum": v * n for k, v in metrics.items()}, loss_sum=loss * n, count=n)
 
 
 def dummy_batch(config, batch_size: int = 1) -> dict[str, np.ndarray]:
@@ -107,6 +89,4 @@ def rngs(config) -> tuple[jax.Array, jax.Array]:
 
 def init_variables(model, config, rng: jax.Array) -> dict:
   """Randomly initialised flax variables ({'params', 'batch_stats'}) for a 1-example batch."""
-  dummy = dummy_batch(config)
-  return model.init({"params": rng, "dropout": rng},
-                    *(dummy[k] for k in batch_lib.MODEL_INPUTS), train=False)
+  return families.get(config.model.name).init(model, dummy_batch(config), rng)

@@ -17,29 +17,21 @@ from typing import Any
 
 from absl import logging
 from clu import metric_writers
-from clu import metrics as clu_metrics
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from medvl_jax import checkpoint, config_check, input_pipeline, losses, models, sharding
+from medvl_jax import checkpoint, config_check, families, input_pipeline, sharding
 from medvl_jax import step as step_lib
 from medvl_jax.errors import ConfigError
 from medvl_jax.weights import pretrained
 
 
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average.from_output("loss")
-  loss_i2t: clu_metrics.Average.from_output("loss_i2t")
-  loss_t2i: clu_metrics.Average.from_output("loss_t2i")
-  acc_i2t: clu_metrics.Average.from_output("acc_i2t")
-  acc_t2i: clu_metrics.Average.from_output("acc_t2i")
 
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(eval_fn, state, config, tokenizer, mesh) -> dict[str, float]:
+  """val_<metric>: the mean over the real (unpadded) rows of the eval split."""
   totals = {}
   for local in input_pipeline.create_eval_iterator(
       config, tokenizer, config.data.eval_split, process_index=jax.process_index(),
@@ -47,9 +39,24 @@ def evaluate(eval_fn, state, config, tokenizer, mesh) -> dict[str, float]:
     out = jax.device_get(eval_fn(state, sharding.to_global(local, mesh)))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
-  count = max(totals.get("count", 0.0), 1.0)
-  return {"val_loss": totals.get("loss_sum", 0.0) / count,
-          "val_acc_i2t": totals.get("acc_i2t_sum", 0.0) / count}
+  count = max(totals.pop("count", 0.0), 1.0)
+  return {f"val_{k.removesuffix('_sum')}": v / count for k, v in totals.items()}
+
+
+class MeanMetrics:
+  """Running means of the step metrics, summed on the devices (no per-step host sync)."""
+
+  def __init__(self):
+    self.sums, self.count = None, 0
+
+  def add(self, metrics: dict) -> None:
+    self.sums = metrics if self.sums is None else jax.tree.map(jnp.add, self.sums, metrics)
+    self.count += 1
+
+  def pop(self) -> dict[str, float]:
+    out = {k: float(v) / self.count for k, v in jax.device_get(self.sums).items()}
+    self.sums, self.count = None, 0
+    return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -99,14 +106,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   input_pipeline.prepare(config)
   tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
 
-  # Model & optimizer.
-  model = models.build(config.model)
-  loss_impl = losses.LOSSES[config.loss.name]
-  loss_fn = lambda out, mask=None: loss_impl(out, config.loss, mask)  # noqa: E731
+  # Model & optimizer, through the model family (families/): the loss sees the whole batch.
+  family = families.get(config.model.name)
+  model = family.build(config.model)
+  loss_fn = family.make_loss(config)
   init_rng, step_rng = step_lib.rngs(config)
   init_fn = functools.partial(step_lib.init_variables, model, config)
   abstract_vars = jax.eval_shape(init_fn, init_rng)
-  mask = step_lib.trainable_mask(abstract_vars["params"], config.model)
+  mask = family.trainable_mask(abstract_vars["params"], config.model)
   tx = step_lib.make_optimizer(config.optimizer, mask)
 
   def make_state(variables):
@@ -135,9 +142,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if "batch_stats" in abstract_vars:
       var_sharding["batch_stats"] = state_sharding.batch_stats
     variables = jax.jit(init_fn, out_shardings=var_sharding)(init_rng)  # born sharded
-    if config.model.text.init or config.model.image.init:  # host round trip only when needed
+    if family.has_pretrained(config.model):  # host round trip only when importing weights
       variables = jax.device_put(
-          pretrained.init_from_pretrained(jax.device_get(variables), config.model), var_sharding)
+          family.init_from_pretrained(jax.device_get(variables), config.model), var_sharding)
     state = jax.jit(make_state, out_shardings=state_sharding)(variables)
     start_step = 0
 
@@ -177,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   preemption = _Preemption()
   last_train, last_eval = {}, {}
-  acc: TrainMetrics | None = None
+  acc = MeanMetrics()
   t_report, step_report = time.perf_counter(), start_step
   batch = first
   for step in range(start_step + 1, config.total_steps + 1):
@@ -185,12 +192,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = sharding.to_global(next(train_iter), mesh)
     state, metrics = step_fn(state, batch)
     batch = None
-    m = TrainMetrics.single_from_model_output(**metrics)
-    acc = m if acc is None else acc.merge(m)
+    acc.add(metrics)
 
     if step % config.log_every == 0 or step == config.total_steps or step == start_step + 1:
-      last_train = {f"train_{k}": float(v) for k, v in acc.compute().items()}
-      acc = None
+      last_train = {f"train_{k}": v for k, v in acc.pop().items()}
       now = time.perf_counter()
       sec_per_step = (now - t_report) / (step - step_report)
       t_report, step_report = now, step
@@ -209,8 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       t_report += time.perf_counter() - t_eval  # the train rate excludes evaluation time
       val_loss = last_eval["val_loss"]
       writer.write_scalars(step, last_eval)
-      logging.info("step %d | validation loss %.4f | image->text top-1 %.3f", step, val_loss,
-                   last_eval["val_acc_i2t"])
+      logging.info("step %d | validation loss %.4f%s", step, val_loss, "".join(
+          f" | {k} {last_eval[f'val_{k}']:.3f}" for k in family.summary_metrics))
 
     stop = preemption.requested or mngr.reached_preemption(step)
     if step % config.checkpoint_every == 0 or step == config.total_steps or stop:

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medvl_jax import checkpoint, export, losses, models, run
+from medvl_jax import checkpoint, export, families, losses, run
 from medvl_jax.errors import CheckpointError, WeightsError
 from tests.conftest import REPO, SHORT_STEPS
 
@@ -79,7 +79,7 @@ def exported(run_dir, tmp_path_factory) -> pathlib.Path:
 def jax_model(run_dir):
   """(apply_fn, config) of the JAX model on the checkpoint as restored by Orbax."""
   config = ml_collections.ConfigDict(json.loads((run_dir / "config.json").read_text()))
-  model = models.build(config.model)
+  model = families.get(config.model.name).build(config.model)
   mngr = checkpoint.manager(run_dir, read_only=True)
   state = mngr.restore(mngr.latest_step())["state"]
   mngr.close()
@@ -227,7 +227,7 @@ def test_resnet50_export_loads_into_torchvision_resnet50(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "config.json").write_text(json.dumps(config.to_dict()))
-  model = models.build(config.model)
+  model = families.get(config.model.name).build(config.model)
   abstract = run.abstract_variables(model, config)
   rng = np.random.default_rng(0)
   fill = lambda x: rng.normal(0.0, 0.05, x.shape).astype(np.float32)  # noqa: E731

@@ -11,14 +11,14 @@ SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from configs import convirt
-from medvl_jax import losses, models, sharding, step
+from medvl_jax import families, sharding, step
 
 cfg = convirt.get_config("smoke")
 assert jax.device_count() == 8, jax.device_count()
-model = models.build(cfg.model)
+model = families.get(cfg.model.name).build(cfg.model)
 init_rng, step_rng = step.rngs(cfg)
 variables = jax.jit(lambda r: step.init_variables(model, cfg, r))(init_rng)
-mask = step.trainable_mask(variables["params"], cfg.model)
+mask = families.get(cfg.model.name).trainable_mask(variables["params"], cfg.model)
 rng = np.random.default_rng(0)
 n, s, l = 16, cfg.data.image_size, cfg.data.max_length
 lengths = rng.integers(4, l, size=n)
@@ -27,7 +27,7 @@ batch = {
     "input_ids": rng.integers(1000, 30000, size=(n, l)).astype(np.int32),
     "attention_mask": (np.arange(l)[None] < lengths[:, None]).astype(np.int32),
 }
-loss_fn = lambda out, m=None: losses.LOSSES["infonce"](out, cfg.loss, m)
+loss_fn = families.get(cfg.model.name).make_loss(cfg)
 
 def run(devices):
   mesh = sharding.make_mesh(devices)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import convirt
-from medvl_jax import input_pipeline, losses, models, step
+from medvl_jax import families, input_pipeline, step
 
 
 def test_overfits_a_fixed_real_batch(tfds_dir, sample_data_dir):
@@ -16,15 +16,15 @@ def test_overfits_a_fixed_real_batch(tfds_dir, sample_data_dir):
   batch = next(input_pipeline.create_eval_iterator(cfg, tokenizer, "train"))
   assert batch["mask"].all()
   batch = {k: v for k, v in batch.items() if k != "mask"}
-  model = models.build(cfg.model)
+  model = families.get(cfg.model.name).build(cfg.model)
   init_rng, step_rng = step.rngs(cfg)
   variables = jax.jit(lambda r: step.init_variables(model, cfg, r))(init_rng)
-  mask = step.trainable_mask(variables["params"], cfg.model)
+  mask = families.get(cfg.model.name).trainable_mask(variables["params"], cfg.model)
   tx = step.make_optimizer(cfg.optimizer, mask)
   state = step.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                           batch_stats=variables["batch_stats"],
                           opt_state=tx.init(variables["params"]))
-  loss_fn = lambda out, m=None: losses.LOSSES["infonce"](out, cfg.loss, m)  # noqa: E731
+  loss_fn = families.get(cfg.model.name).make_loss(cfg)
   fn = jax.jit(lambda s, b: step.train_step(s, b, model=model, tx=tx, loss_fn=loss_fn,
                                             mask=mask, rng=step_rng))
   history = []

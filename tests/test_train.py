@@ -48,14 +48,14 @@ def _smoke_config(tfds_dir):
 
 
 def test_frozen_layers_bit_identical_and_stateless(smoke_run, tfds_dir):
-  from medvl_jax import checkpoint, models, step
+  from medvl_jax import checkpoint, families, step
   workdir, _ = smoke_run
   cfg = _smoke_config(tfds_dir)
-  model = models.build(cfg.model)
+  model = families.get(cfg.model.name).build(cfg.model)
   init_rng, _ = step.rngs(cfg)
   init = jax.device_get(jax.jit(lambda r: step.init_variables(model, cfg, r))(init_rng))
   final = checkpoint.manager(workdir, read_only=True).restore(30)["state"]["params"]
-  mask = step.trainable_mask(init["params"], cfg.model)
+  mask = families.get(cfg.model.name).trainable_mask(init["params"], cfg.model)
   flat_init = jax.tree_util.tree_flatten_with_path(init["params"])[0]
   flat_final = jax.tree.leaves(final)
   flat_mask = jax.tree.leaves(mask)

@@ -54,13 +54,13 @@ def build_evaluator(encoders: Any, task: str, cfg: dict[str, Any]) -> Any:
 def load_run(workdir: pathlib.Path, step: int | None):
   """(config, encoders, state, step) of a run's checkpoint, without optimizer state."""
   from medvl_jax import (
+    families,  # pylint: disable=g-import-not-at-top
     input_pipeline,  # pylint: disable=g-import-not-at-top
-    models,  # pylint: disable=g-import-not-at-top
     run,  # pylint: disable=g-import-not-at-top
   )
   from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
   config = run.load_run_config(workdir)
-  model = models.build(config.model)
+  model = families.get(config.model.name).build(config.model)
   step, params, batch_stats = run.restore_variables(workdir, config, model, step)
   tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
   encoders = features.Encoders(model, config, tokenizer)

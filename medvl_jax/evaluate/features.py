@@ -15,7 +15,7 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from medvl_jax import augment, input_pipeline, progress
+from medvl_jax import augment, families, input_pipeline, progress
 from medvl_jax.errors import DataError
 
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
@@ -26,7 +26,8 @@ def variables_of(state: Any) -> dict[str, Any]:
 
 
 class Encoders:
-  """Batched, jitted, padded (fixed shapes: one compile per function) ConVIRT encoders."""
+  """Batched, jitted, padded (fixed shapes: one compile per function) encoders of a model
+  family (`families.Family.encoders`)."""
 
   def __init__(self, model: Any, config: ml_collections.ConfigDict, tokenizer: Any,
                batch_size: int = 64):
@@ -35,16 +36,8 @@ class Encoders:
     self.image_size, self.resize = int(config.data.image_size), int(config.data.resize)
     self.max_length = int(config.data.max_length)
 
-    def image_fn(variables, images):
-      h = model.apply(variables, images, False, method=type(model).encode_image)
-      z = model.apply(variables, h, method=lambda m, x: m.image_proj(x))
-      return h, z
-
-    def text_fn(variables, ids, mask):
-      h = model.apply(variables, ids, mask, False, method=type(model).encode_text)
-      return model.apply(variables, h, method=lambda m, x: m.text_proj(x))
-
-    self._image_fn, self._text_fn = jax.jit(image_fn), jax.jit(text_fn)
+    fns = families.get(config.model.name).encoders(model)  # The family's encoders.
+    self._image_fn, self._text_fn = jax.jit(fns.image), jax.jit(fns.text)
 
   def _batched(self, fn, arrays: list[np.ndarray], desc: str) -> Any:
     n, b = len(arrays[0]), self.batch_size

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from medvl_jax import losses, masking
-from medvl_jax.errors import ConfigError, WeightsError
+from medvl_jax.errors import ConfigError
 from medvl_jax.models import vit
 from medvl_jax.models.bert import BertModel
 from medvl_jax.models.convirt import DTYPES, ProjectionHead, _text_config
@@ -389,50 +389,3 @@ def init(model: MixedModel, key: jax.Array, batch: Mapping[str, jax.Array] | Non
   batch = dummy_batch(model) if batch is None else batch
   k_params, k_mask = jax.random.split(key)
   return model.init({"params": k_params, "masking": k_mask}, batch, train=False)
-
-
-def init_from_pretrained(variables: Mapping[str, Any], model_cfg: Any) -> dict[str, Any]:
-  """Returns `variables` with the towers imported: `text.init` (local HF BERT directory, the
-  same import as ConVIRT) into params['text'], `image.init` (timm ViT state dict file) into
-  params['image']; '' keeps the initialisation. WeightsError on any mismatch."""
-  # Imported here: the weights package depends on the models package.
-  from medvl_jax.weights import hf_bert, timm_vit  # pylint: disable=g-import-not-at-top
-  params = dict(variables["params"])
-  imported = {}
-  if model_cfg.text.init:
-    imported["text"] = (hf_bert.load_bert(model_cfg.text.init)[1], str(model_cfg.text.init))
-  if model_cfg.image.init:
-    imported["image"] = (timm_vit.load_vit(model_cfg.image.init, vit_config(model_cfg.image)),
-                         str(model_cfg.image.init))
-  for key, (new, source) in imported.items():
-    old = params[key]
-    if jax.tree_util.tree_structure(old) != jax.tree_util.tree_structure(new):
-      raise WeightsError(f"{source}: imported params/{key} do not match the model's tree")
-    flat_old = jax.tree_util.tree_flatten_with_path(old)[0]
-    bad = ["/".join(str(k.key) for k in path) for (path, a), b in
-           zip(flat_old, jax.tree_util.tree_leaves(new)) if tuple(a.shape) != tuple(b.shape)]
-    if bad:
-      raise WeightsError(f"{source}: shape mismatch in params/{key}: {', '.join(bad[:5])}")
-    params[key] = jax.tree_util.tree_map(lambda a, b: jnp.asarray(b, a.dtype), old, new)
-  return {**variables, "params": params}
-
-
-def export_state_dicts(model: MixedModel, params: Mapping[str, Any]) -> dict[str, Any]:
-  """PyTorch-side artefacts of a trained model (the export writes them to files).
-
-  Returns:
-    {'image_encoder': timm state dict (strict-loads into `timm.create_model(*timm)`),
-     'timm': {'architecture': name, 'kwargs': {...}} for `image_encoder/timm.json`,
-     'text_encoder': HF BertModel state dict (zero pooler), 'text_config': HF config dict,
-     'heads': projection heads as '{image,text}.fc{1,2}.{weight,bias}'}.
-  """
-  from medvl_jax import weights  # pylint: disable=g-import-not-at-top
-  from medvl_jax.weights import hf_bert, timm_vit  # pylint: disable=g-import-not-at-top
-  name, kwargs = timm_vit.timm_architecture(model.vit_config)
-  return {
-      "image_encoder": timm_vit.to_timm_state_dict(params["image"]),
-      "timm": {"architecture": name, "kwargs": kwargs},
-      "text_encoder": hf_bert.to_hf_state_dict_with_pooler(params["text"]),
-      "text_config": model.text_encoder.config.to_hf(),
-      "heads": weights.to_torch({"image": params["image_proj"], "text": params["text_proj"]}),
-  }

@@ -1,0 +1,100 @@
+"""Model families: one small record per family, the only place that knows a family's shape.
+
+The trainer (`train.py`, `step.py`), `export.py`, `evaluate/` and `bench/` reach a model only
+through its `Family`; none of them names a family. `config.model.name` selects it:
+
+  family = families.get(config.model.name)
+  model = family.build(config.model)
+  variables = family.init(model, dummy_batch, rng)            # {'params', 'batch_stats'?}
+  loss_fn = family.make_loss(config)
+  loss, metrics, new_batch_stats = loss_fn(model, variables, batch, rng, train=True)
+
+`batch` is the whole batch in the layout of `medvl_jax.batch` (image, input_ids,
+attention_mask, has_image, has_text, source; eval batches add `mask`), so a family's loss sees
+its targets and which rows carry which modality. `rng` is the step's key; the family derives
+its streams from it (`dropout`, and e.g. `masking`).
+
+Adding a family: a module under `medvl_jax/families/` that defines `FAMILY = Family(...)`, and
+its name in `_MODULES` below.
+"""
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+from medvl_jax.errors import ConfigError
+
+# config.model.name -> module defining FAMILY (imported on use: a family's heavy imports, e.g.
+# its export side, are paid only by the runs that use it).
+_MODULES = {
+    "convirt": "medvl_jax.families.convirt",
+    "mixed": "medvl_jax.families.mixed",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+  """Pure functions the evaluators jit: pixels -> (pooled features h, embedding z) and
+  tokens -> embedding z; `variables` is {'params', 'batch_stats'}."""
+  image: Callable[[Any, Any], tuple[Any, Any]]  # (variables, uint8 [N,S,S,1]) -> (h, z)
+  text: Callable[[Any, Any, Any], Any]  # (variables, input_ids, attention_mask) -> z
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """Everything the trainer, export and evaluators need to know about one model family.
+
+  Attributes:
+    name: the `config.model.name` that selects it.
+    build: config.model -> flax.linen Module.
+    init: (model, batch, rng) -> freshly initialised variables for a (dummy) batch.
+    make_loss: config -> loss_fn(model, variables, batch, rng, train) ->
+      (scalar loss, {metric name: scalar}, new batch_stats); metric names as `metrics`.
+    metrics: names of the metrics `loss_fn` always returns besides the loss (logged as
+      train_<name> and val_<name>; a family may add config-dependent ones, e.g. per-scale MVM).
+    summary_metrics: the subset shown on the validation log line.
+    trainable_mask: (params, config.model) -> bool tree (False = frozen: no gradient, no
+      optimizer state).
+    init_from_pretrained: (host variables, config.model) -> variables with the configured
+      pretrained checkpoints imported (a no-op when none is configured).
+    has_pretrained: config.model -> whether init_from_pretrained has anything to import.
+    encoders: model -> `Encoders` for the evaluators.
+    check_config: config.model -> None; ConfigError naming the key on a bad nested choice
+      (called by `config_check` before anything is read or built).
+  """
+  name: str
+  build: Callable[[Any], Any]
+  init: Callable[[Any, dict, Any], dict]
+  make_loss: Callable[[Any], Callable]
+  metrics: tuple[str, ...]
+  summary_metrics: tuple[str, ...]
+  trainable_mask: Callable[[Any, Any], Any]
+  init_from_pretrained: Callable[[dict, Any], dict]
+  has_pretrained: Callable[[Any], bool]
+  encoders: Callable[[Any], Encoders]
+  check_config: Callable[[Any], None]
+
+
+def names() -> tuple[str, ...]:
+  return tuple(sorted(_MODULES))
+
+
+def get(name: str) -> Family:
+  """The family registered as `name`; ConfigError naming the valid ones otherwise."""
+  if name not in _MODULES:
+    raise ConfigError(f"config.model.name={name!r} is unknown; valid: {', '.join(names())}")
+  family = importlib.import_module(_MODULES[name]).FAMILY
+  if family.name != name:
+    raise AssertionError(f"{_MODULES[name]}.FAMILY is named {family.name!r}, not {name!r}")
+  return family
+
+
+def row_mask(batch: dict) -> Any:
+  """AND of the batch's row masks that are present (`mask`, `has_image`, `has_text`), or None
+  when the batch has none of them (every row counts)."""
+  present = [batch[k] for k in ("mask", "has_image", "has_text") if k in batch]
+  if not present:
+    return None
+  out = present[0].astype(bool)
+  for m in present[1:]:
+    out = out & m.astype(bool)
+  return out

@@ -1,0 +1,114 @@
+"""The ConVIRT family: ResNet + BERT towers with projection heads, asymmetric InfoNCE.
+
+Rows count in the loss where they are paired (`has_image & has_text`) and, in eval batches,
+not padding (`mask`); a ConVIRT run on the one-source shorthand has only paired rows.
+"""
+import pathlib
+import re
+
+import jax
+
+from medvl_jax import losses
+from medvl_jax import sharding
+from medvl_jax.weights import pretrained
+from medvl_jax.errors import ConfigError
+from medvl_jax.families import Encoders, Family, row_mask
+from medvl_jax.models import bert as bert_model
+from medvl_jax.models import convirt as convirt_model
+
+
+def init(model, batch: dict, rng: jax.Array) -> dict:
+  return model.init({"params": rng, "dropout": rng}, batch["image"], batch["input_ids"],
+                    batch["attention_mask"], train=False)
+
+
+def make_loss(config):
+  loss_impl = losses.LOSSES[config.loss.name]
+  loss_cfg = config.loss
+
+  def loss_fn(model, variables, batch: dict, rng, train: bool):
+    if train:
+      out, new_vars = model.apply(
+          variables, batch["image"], batch["input_ids"], batch["attention_mask"], train=True,
+          rngs={"dropout": rng}, mutable=["batch_stats"])
+      new_stats = new_vars["batch_stats"]
+    else:
+      out = model.apply(variables, batch["image"], batch["input_ids"], batch["attention_mask"],
+                        train=False)
+      new_stats = variables.get("batch_stats", {})
+    loss, metrics = loss_impl(out, loss_cfg, row_mask(batch))
+    return loss, metrics, new_stats
+
+  return loss_fn
+
+
+def trainable_mask(params, model_cfg):
+  """Bool tree: False for BERT embeddings and the first K layers (ConVIRT freezes 6 of 12)."""
+  num_layers = len(params["text"]["encoder"]["layer"])
+  k = model_cfg.text.frozen_layers
+  k = num_layers // 2 if k < 0 else k
+  if k > num_layers:
+    raise ConfigError(f"config.model.text.frozen_layers={k} exceeds the {num_layers} layers")
+  frozen = [rf"^text/encoder/layer/{i}/" for i in range(k)]
+  if model_cfg.text.freeze_embeddings:
+    frozen.append(r"^text/embeddings/")
+  regex = re.compile("|".join(frozen)) if frozen else None
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not (regex and regex.search(sharding.path_str(path))), params)
+
+
+def encoders(model) -> Encoders:
+  def image(variables, images):
+    h = model.apply(variables, images, False, method=type(model).encode_image)
+    return h, model.apply(variables, h, method=lambda m, x: m.image_proj(x))
+
+  def text(variables, ids, mask):
+    h = model.apply(variables, ids, mask, False, method=type(model).encode_text)
+    return model.apply(variables, h, method=lambda m, x: m.text_proj(x))
+
+  return Encoders(image=image, text=text)
+
+
+def _valid(key, value, valid) -> None:
+  if value not in valid:
+    raise ConfigError(f"{key}={value!r} is unknown; valid: {', '.join(sorted(valid))}")
+
+
+def check_config(model_cfg) -> None:
+  """dtype, image variant, mean/std, checkpoint paths and tokenizer: no data read."""
+  _valid("config.model.dtype", model_cfg.dtype, convirt_model.DTYPES)
+  _valid("config.model.image.variant", model_cfg.image.variant, convirt_model.IMAGE_VARIANTS)
+  for key in ("mean", "std"):
+    if len(model_cfg.image[key]) != 3:
+      raise ConfigError(f"config.model.image.{key}={tuple(model_cfg.image[key])}: expected 3 "
+                        "values (one per RGB channel)")
+  if model_cfg.image.init and not pathlib.Path(model_cfg.image.init).is_file():
+    raise ConfigError(f"config.model.image.init={model_cfg.image.init!r}: file not found "
+                      "(a torchvision resnet50 state dict, .safetensors or .pth; '' = random)")
+  text = model_cfg.text
+  if text.init:
+    if not pathlib.Path(text.init).is_dir():
+      raise ConfigError(f"config.model.text.init={text.init!r}: directory not found (a local "
+                        "Hugging Face BERT directory; '' = random)")
+    bert_model.read_config(text.init)  # model_type, activation, shape: WeightsError naming the file
+  tokenizer = text.tokenizer or text.init
+  if not tokenizer:
+    raise ConfigError("config.model.text.tokenizer is required when config.model.text.init "
+                      "is '' (a directory with tokenizer.json or vocab.txt)")
+  if not pathlib.Path(tokenizer).is_dir():
+    raise ConfigError(f"config.model.text.tokenizer={tokenizer!r}: directory not found")
+
+
+FAMILY = Family(
+    name="convirt",
+    build=convirt_model.from_config,
+    init=init,
+    make_loss=make_loss,
+    metrics=("loss_i2t", "loss_t2i", "acc_i2t", "acc_t2i"),
+    summary_metrics=("acc_i2t",),
+    trainable_mask=trainable_mask,
+    init_from_pretrained=pretrained.init_from_pretrained,
+    has_pretrained=lambda model_cfg: bool(model_cfg.text.init or model_cfg.image.init),
+    encoders=encoders,
+    check_config=check_config,
+)
