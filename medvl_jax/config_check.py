@@ -35,13 +35,13 @@ def _valid(key: str, value: Any, valid) -> None:
 def _check_data(config: ml_collections.ConfigDict) -> None:
   data = config.data
   # The builder class only (imported by name, its declared features): no data is touched.
-  corpora.check_config(data.name, data.builder_config, key="config.data.builder_config")
-  if "paired" not in corpora.kinds(data.name, data.builder_config):
+  if "paired" not in corpora.kinds(data.name, corpora.get(data.name).default_config):
     paired = [n for n in corpora.names()
               if "paired" in corpora.kinds(n, corpora.get(n).default_config)]
     raise ConfigError(f"config.data.name={data.name!r} (builder_config="
                       f"{data.builder_config!r}) has no image-text pairs to pretrain on; "
                       f"valid: {', '.join(paired)}")
+  corpora.check_config(data.name, data.builder_config, key="config.data.builder_config")
   if data.image_size > data.resize:
     raise ConfigError(f"config.data.image_size={data.image_size} is larger than "
                       f"config.data.resize={data.resize}")
