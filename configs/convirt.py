@@ -42,7 +42,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.image_size = 224
   c.data.resize = 256          # shorter side before the random-resized crop
   c.data.max_length = 128      # tokens (ConVIRT re-impl)
-  c.data.shuffle_buffer = 10_000
+  c.data.text_mode = "sentence"  # 'sentence': one sampled per example per epoch; 'report'
+  c.data.augment_chain = "convirt"  # medvl_jax.augment.CHAINS: 'convirt' | 'mae'
+  # Train sources: () = the one paired source above (name, builder_config, train_split).
+  # Else a tuple of dicts {'name', 'builder_config', 'split', 'kind': 'paired' | 'image' |
+  # 'text', 'weight' > 0, optional 'augment'}; see medvl_jax/input_pipeline.py.
+  c.data.sources = ()
   c.data.augment = ml_collections.ConfigDict(dict(
       crop_scale=(0.6, 1.0),
       flip_p=0.5,
