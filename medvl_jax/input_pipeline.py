@@ -29,12 +29,14 @@ sentence per example, the last batch padded with `mask == False` rows so every h
 same number of batches; each host reads only its rows.
 """
 from collections.abc import Iterator
+import atexit
 import dataclasses
 import importlib
 import math
 import os
 import pathlib
 from typing import Any
+import weakref
 
 from absl import logging
 import ml_collections
@@ -62,6 +64,15 @@ KINDS = ("paired", "image", "text")
 TEXT_MODES = {"sentence": "sentences", "report": "text"}  # text_mode -> tfds feature.
 
 Batch = dict[str, np.ndarray]
+# Live iterators: closed at exit, since a tf.data generator thread still running at interpreter
+# shutdown can hang it.
+_LIVE: "weakref.WeakSet[Iterator[Batch]]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  for iterator in list(_LIVE):
+    iterator.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,17 +207,28 @@ def _features(builder, spec: DatasetSpec, kind: str, text_mode: str) -> tuple[st
   return (image_key if need_image else ""), (text_key if need_text else "")
 
 
-def _check_split(builder, split: str, where: str) -> int:
+def _split_range(builder, split: str, where: str) -> tuple[str, int, int]:
+  """(split name, first, end) of a split or one tfds slice of it ('train', 'train[:10%]')."""
   try:
-    n = builder.info.splits[split].num_examples
-  except (KeyError, ValueError):
+    (inst,) = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
+  except (KeyError, ValueError, AssertionError) as e:
+    valid = ", ".join(builder.info.splits)
     raise ConfigError(f"{where}: split {split!r} not in {builder.name}/"
-                      f"{builder.builder_config.name}: {', '.join(builder.info.splits)}"
-                      ) from None
-  if n == 0:
+                      f"{builder.builder_config.name} ({valid}; one split or a slice of one: "
+                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+  n = builder.info.splits[inst.splitname].num_examples
+  first = 0 if inst.from_ is None else inst.from_
+  end = n if inst.to is None else inst.to
+  return inst.splitname, first, end
+
+
+def _check_split(builder, split: str, where: str) -> int:
+  """The number of examples of `split` (ConfigError if unknown, DataError if empty)."""
+  _, first, end = _split_range(builder, split, where)
+  if end <= first:
     raise DataError(f"{where}: split {split!r} of {builder.name}/"
                     f"{builder.builder_config.name} is empty")
-  return n
+  return end - first
 
 
 def check_sources(config: ml_collections.ConfigDict) -> list[Source]:
@@ -283,31 +305,36 @@ def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
 
 class RecordStore:
-  """Random access to the serialized tf.train.Examples of one split, in file order."""
+  """Random access to the serialized tf.train.Examples of one split (or slice), file order."""
 
-  def __init__(self, paths: list[str], size: int):
+  def __init__(self, paths: list[str], size: int, first: int = 0):
     from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
     self._source = array_record_data_source.ArrayRecordDataSource(paths)
-    if len(self._source) != size:
-      raise DataError(f"{paths[0]}: {len(self._source)} records, the split has {size}")
+    self._first, self._size = first, size
+    if len(self._source) < first + size:
+      raise DataError(f"{paths[0]}: {len(self._source)} records, the split needs "
+                      f"{first + size}")
 
   def __len__(self) -> int:
-    return len(self._source)
+    return self._size
 
   def read(self, indices: list[int]) -> list[bytes]:
-    return self._source.__getitems__(indices)
+    # One by one in the caller's thread: __getitems__ fans out to a thread pool, which is
+    # slower for a host's few rows and fails once the interpreter shuts down.
+    return [self._source[self._first + i] for i in indices]
 
   @classmethod
   def open(cls, builder, split: str) -> "RecordStore":
     """The split's records; writes the ArrayRecord copy of tfrecord shards on first use."""
-    info = builder.info.splits[split]
+    name, first, end = _split_range(builder, split, "split")
+    info = builder.info.splits[name]
     data_dir = pathlib.Path(builder.data_dir)
     if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-      return cls([os.fspath(data_dir / f) for f in info.filenames], info.num_examples)
-    path = data_dir / "random_access" / f"{split}.array_record"
+      return cls([os.fspath(data_dir / f) for f in info.filenames], end - first, first)
+    path = data_dir / "random_access" / f"{name}.array_record"
     if not path.exists():
       _write_array_record(path, [os.fspath(data_dir / f) for f in info.filenames])
-    return cls([os.fspath(path)], info.num_examples)
+    return cls([os.fspath(path)], end - first, first)
 
 
 def _write_array_record(path: pathlib.Path, shards: list[str]) -> None:
@@ -465,6 +492,13 @@ def _train_dataset(config: ml_collections.ConfigDict, start_step: int, process_i
 
 def _tokenized(batches: Iterator[dict[str, Any]], tokenizer, max_length: int
                ) -> Iterator[Batch]:
+  iterator = _tokenize(batches, tokenizer, max_length)
+  _LIVE.add(iterator)
+  return iterator
+
+
+def _tokenize(batches: Iterator[dict[str, Any]], tokenizer, max_length: int
+              ) -> Iterator[Batch]:
   """Replaces 'text' by 'input_ids' and 'attention_mask' (int32); rows without text get an
   all-padding text."""
   for batch in batches:
