@@ -105,6 +105,7 @@ class _Preemption:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) in `workdir`; returns the last logged train and eval metrics."""
   check_config(config)
+  input_pipeline.check_sources(config)  # Every data source, before any record is read.
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0

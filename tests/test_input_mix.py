@@ -10,8 +10,8 @@ import pytest
 from medvl_jax import input_pipeline as ip
 from medvl_jax import mixing
 from medvl_jax.errors import ConfigError, DataError
-from tests.test_cxr_sample import _csv
-from tests.test_input_pipeline import data_dir, make_config, take, tokenizer  # pylint: disable=unused-import
+from tests.test_cxr_sample import _csv, sample_tfds_dir
+from tests.test_input_pipeline import TOKENIZER_DIR, make_config, take
 
 WEIGHTS = {"paired": 2.0, "image": 1.0, "text": 1.0}
 SOURCES = (
@@ -22,6 +22,16 @@ SOURCES = (
     {"name": "cxr_sample", "builder_config": "text_only", "split": "train", "kind": "text",
      "weight": WEIGHTS["text"]},
 )
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, sample_data_dir) -> pathlib.Path:
+  return sample_tfds_dir(tmp_path_factory, sample_data_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return ip.load_tokenizer(TOKENIZER_DIR)
 
 
 def mix_config(data_dir, **overrides):
