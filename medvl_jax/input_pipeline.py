@@ -398,19 +398,15 @@ def _decode(encoded: tf.Tensor) -> tf.Tensor:
 
 @dataclasses.dataclass
 class _Reader:
-  """A prepared source: its records, parser and the features its kind reads."""
+  """A prepared source: its records and a parser of the features its kind reads."""
   source: Source
   store: RecordStore
-  features: Any
-  parser: Any
+  parser: Any  # Parses the image (still encoded) and text features only.
   image_key: str
   text_key: str
 
   def parse(self, raw: tf.Tensor) -> dict[str, tf.Tensor]:
-    ex = self.features.decode_example(
-        self.parser.parse_example(raw),
-        decoders={self.image_key: tfds.decode.SkipDecoding()} if self.image_key else None)
-    return ex
+    return self.parser.parse_example(raw)
 
 
 def _readers(config, resolved: list[Source]) -> list[_Reader]:
@@ -420,9 +416,11 @@ def _readers(config, resolved: list[Source]) -> list[_Reader]:
     spec = _corpus(source.name)
     _check_split(builder, source.split, source.where)
     image_key, text_key = _features(builder, spec, source.kind, config.data.text_mode)
-    features = builder.info.features
-    out.append(_Reader(source, _open_store(builder, source.split), features,
-                       example_parser.ExampleParser(features.get_serialized_info()),
+    info = builder.info.features.get_serialized_info()
+    keys = [k for k in (image_key, text_key) if k]
+    # The image stays encoded (decoded in _decode); text features need no decoding.
+    out.append(_Reader(source, _open_store(builder, source.split),
+                       example_parser.ExampleParser({k: info[k] for k in keys}),
                        image_key, text_key))
   return out
 
@@ -437,16 +435,17 @@ def _text(reader: _Reader, ex, seed) -> tf.Tensor:
 
 def train_records(config, readers: list[_Reader], plan: mixing.Plan, start_step: int,
                   process_index: int, process_count: int) -> Iterator[tuple]:
-  """(serialized record, source, epoch, position, index) of this host's rows, batch by batch."""
+  """Per global batch from `start_step` on, this host's rows: (serialized records, source,
+  epoch, position, record index), each an array over the rows."""
+  del config  # The plan holds everything.
   b = start_step
   while True:
     src, epochs, positions, index = plan.host_rows(b, process_index, process_count)
-    raw = [b""] * len(src)
+    raw = np.empty(len(src), object)
     for s in np.unique(src):
       rows = np.flatnonzero(src == s)
-      for row, record in zip(rows, readers[s].store.read(index[rows].tolist())):
-        raw[row] = record
-    yield from zip(raw, src, epochs, positions, index)
+      raw[rows] = readers[s].store.read(index[rows].tolist())
+    yield raw, src, epochs, positions, index
     b += 1
 
 
@@ -482,10 +481,10 @@ def _train_dataset(config: ml_collections.ConfigDict, start_step: int, process_i
           (lambda i=i, r=r: branch(i, r, raw, e, p)) for i, r in enumerate(readers)])
     return dict(out, source=tf.cast(s, tf.int32), index=index)
 
-  signature = (tf.TensorSpec([], tf.string),) + (tf.TensorSpec([], tf.int64),) * 4
-  ds = tf.data.Dataset.from_generator(
+  signature = (tf.TensorSpec([per_host], tf.string),) + (tf.TensorSpec([per_host], tf.int64),) * 4
+  ds = tf.data.Dataset.from_generator(  # One Python call per host batch.
       lambda: train_records(config, readers, plan, start_step, process_index, process_count),
-      output_signature=signature)
+      output_signature=signature).unbatch()
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(per_host, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 

@@ -67,14 +67,22 @@ def counted(monkeypatch):
   return stores
 
 
+def take_rows(it, batches: int) -> list[tuple]:
+  """Rows (raw, source, epoch, position, index) of the next `batches` host batches."""
+  out = []
+  for _ in range(batches):
+    raw, *columns = next(it)
+    out += [(r, *(int(v) for v in values)) for r, values in zip(raw, zip(*columns))]
+  return out
+
+
 def records(config, start_step, process_index, process_count, batches):
   """(raw, source, epoch, position, index) of a host's rows of `batches` global batches."""
   readers = ip._readers(config, ip.sources(config))
   plan = mixing.Plan(config.seed, config.batch_size, tuple(len(r.store) for r in readers),
                      tuple(r.source.weight for r in readers))
-  per_host = config.batch_size // process_count
   it = ip.train_records(config, readers, plan, start_step, process_index, process_count)
-  return [next(it) for _ in range(batches * per_host)], plan
+  return take_rows(it, batches), plan
 
 
 def test_three_kinds_in_one_batch_layout(data_dir, tokenizer):
@@ -172,11 +180,11 @@ def test_shuffle_spans_the_file_and_differs_between_epochs(store_20k):
   n, batch = 20_000, 64
   store = CountingStore(ip.RecordStore([str(store_20k)], n))
   source = ip.Source("fixture", "fixture", "", "train", "text", 1.0, "convirt")
-  reader = ip._Reader(source, store, None, None, "", "")
+  reader = ip._Reader(source, store, None, "", "")
   plan = mixing.Plan(seed=3, batch_size=batch, sizes=(n,), weights=(1.0,))
   it = ip.train_records(None, [reader], plan, 0, 0, 1)
   steps = 2 * n // batch  # 625 batches: two epochs.
-  rows = [next(it) for _ in range(steps * batch)]
+  rows = take_rows(it, steps)
   positions = np.array([int(r[0]) for r in rows])
   np.testing.assert_array_equal(positions, [r[4] for r in rows])  # Read what was asked.
   epochs = positions[:n], positions[n:2 * n]
@@ -192,7 +200,7 @@ def test_shuffle_spans_the_file_and_differs_between_epochs(store_20k):
   # Resume at step 10,000 (epoch 32 of this store) reads one batch of records.
   store.count = 0
   resumed = ip.train_records(None, [reader], plan, 10_000, 0, 1)
-  first = [next(resumed) for _ in range(batch)]
+  first = take_rows(resumed, 1)
   assert store.count == batch
   assert [r[2] for r in first] == [10_000 * batch // n] * batch
 
