@@ -21,8 +21,9 @@ one sentence drawn per example per epoch (`data.text_mode='sentence'`) or the wh
 ('report'), then tokenisation. Batches follow the agreed layout: image, input_ids,
 attention_mask, has_image, has_text, source (+ eval mask). Text-only rows carry a zero image,
 image-only rows an all-padding text (attention_mask all 0). With one source the stream is the
-landed pipeline's, example for example, whenever the split fits one `data.shuffle_buffer`
-block (the landed code then permuted the whole split; larger splits are now fully permuted).
+landed pipeline's, example for example, for splits of up to 10,000 records (its
+`shuffle_buffer` block, which then held the whole split); larger splits, which the landed code
+only shuffled within 10k windows, are now fully permuted.
 
 Eval stream: one pass over `data.name`'s `data.eval_split` in file order, centre crop, a fixed
 sentence per example, the last batch padded with `mask == False` rows so every host yields the
