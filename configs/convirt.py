@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2       # latest N kept, plus the best by validation loss
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "cxr_sample"   # registry name (medvl_jax.input_pipeline.DATASETS)
+  c.data.name = "cxr_sample"   # registry name (medvl_jax.corpora); the one-source shorthand of data.sources
   c.data.builder_config = "paired"
   c.data.data_dir = ""         # tfds data dir; '' = tfds default (~/tensorflow_datasets)
   c.data.sample_dir = ""       # '' = $MEDVL_SAMPLE_DIR, else <repo>/../shared/data
@@ -42,7 +42,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.image_size = 224
   c.data.resize = 256          # shorter side before the random-resized crop
   c.data.max_length = 128      # tokens (ConVIRT re-impl)
-  c.data.shuffle_buffer = 10_000
+  c.data.text_mode = "sentence"  # 'sentence': one sampled per example per epoch; 'report'
+  c.data.augment_chain = "convirt"  # medvl_jax.augment.CHAINS: 'convirt' | 'mae'
+  # Train sources: () = the one paired source above (name, builder_config, train_split).
+  # Else a tuple of dicts {'name', 'builder_config', 'split', 'kind': 'paired' | 'image' |
+  # 'text', 'weight' > 0, optional 'augment'}; see medvl_jax/input_pipeline.py.
+  c.data.sources = ()
   c.data.augment = ml_collections.ConfigDict(dict(
       crop_scale=(0.6, 1.0),
       flip_p=0.5,

@@ -222,3 +222,20 @@ def convirt_train_augment(image: tf.Tensor, seed: tf.Tensor, cfg: Mapping[str, A
                    contrast=tuple(cfg["contrast"]))
   x = gaussian_blur(x, seeds[4], sigma=tuple(cfg["blur_sigma"]))
   return to_uint8(x)
+
+
+def mae_train_augment(image: tf.Tensor, seed: tf.Tensor, cfg: Mapping[str, Any], *,
+                      size: int = 224, resize: int = 256) -> tf.Tensor:
+  """A light, MAE-style chain: random resized crop + horizontal flip; uint8 [size, size, C].
+
+  Uses `cfg['crop_scale']` and `cfg['flip_p']` of `config.data.augment` (MAE itself crops
+  with scale (0.2, 1.0)).
+  """
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  x = random_resized_crop(image, seeds[0], size, scale=tuple(cfg["crop_scale"]),
+                          resize=resize)
+  return to_uint8(random_flip(x, seeds[1], p=cfg["flip_p"]))
+
+
+# Train chains by name (`config.data.augment_chain`, or a source's 'augment').
+CHAINS = {"convirt": convirt_train_augment, "mae": mae_train_augment}

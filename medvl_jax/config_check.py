@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from medvl_jax import corpora, families, losses
+from medvl_jax import corpora, families, input_pipeline, losses
 from medvl_jax.errors import ConfigError
 
 SCHEDULES = ("constant", "plateau")
@@ -35,7 +35,7 @@ def _valid(key: str, value: Any, valid) -> None:
 def _check_data(config: ml_collections.ConfigDict) -> None:
   data = config.data
   # The builder class only (imported by name, its declared features): no data is touched.
-  if "paired" not in corpora.kinds(data.name, corpora.get(data.name).default_config):
+  if not data.get("sources") and "paired" not in corpora.kinds(data.name, corpora.get(data.name).default_config):
     paired = [n for n in corpora.names()
               if "paired" in corpora.kinds(n, corpora.get(n).default_config)]
     raise ConfigError(f"config.data.name={data.name!r} (builder_config="
@@ -45,8 +45,9 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
   if data.image_size > data.resize:
     raise ConfigError(f"config.data.image_size={data.image_size} is larger than "
                       f"config.data.resize={data.resize}")
-  # `config.data.sources` (multi-source training, input_pipeline's own check) goes here: each
-  # source's name, builder config, kind and weight, before anything is read.
+  # Every source (config.data.sources, or the one-source shorthand): name, builder config,
+  # kind, weight, augmentation chain, split; metadata only, no record is read.
+  input_pipeline.check_sources(config)
 
 
 # ----------------------------------------------------------------------------- evaluators

