@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from medvl_jax import corpora, families, input_pipeline, losses
+from medvl_jax import corpora, families, input_pipeline
 from medvl_jax.errors import ConfigError
 
 SCHEDULES = ("constant", "plateau")
@@ -93,7 +93,10 @@ def check(config: ml_collections.ConfigDict) -> None:
   """
   family = families.get(config.model.name)
   corpora.get(config.data.name, key="config.data.name")
-  _valid("config.loss.name", config.loss.name, losses.LOSSES)
+  if config.loss.name not in family.losses:  # e.g. a ConVIRT loss on the mixed model
+    raise ConfigError(f"config.loss.name={config.loss.name!r} does not fit "
+                      f"config.model.name={config.model.name!r}; valid: "
+                      f"{', '.join(family.losses)}")
   _valid("config.optimizer.schedule", config.optimizer.schedule, SCHEDULES)
   family.check_config(config.model)
   _check_data(config)

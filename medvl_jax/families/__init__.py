@@ -58,6 +58,7 @@ class Family:
       pretrained checkpoints imported (a no-op when none is configured).
     has_pretrained: config.model -> whether init_from_pretrained has anything to import.
     encoders: model -> `Encoders` for the evaluators.
+    losses: the `config.loss.name` values this family trains with.
     check_config: config.model -> None; ConfigError naming the key on a bad nested choice
       (called by `config_check` before anything is read or built).
   """
@@ -72,6 +73,7 @@ class Family:
   has_pretrained: Callable[[Any], bool]
   encoders: Callable[[Any], Encoders]
   check_config: Callable[[Any], None]
+  losses: tuple[str, ...]
 
 
 def names() -> tuple[str, ...]:

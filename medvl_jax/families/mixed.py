@@ -140,4 +140,5 @@ FAMILY = Family(
     has_pretrained=lambda model_cfg: bool(model_cfg.text.init or model_cfg.image.init),
     encoders=encoders,
     check_config=check_config,
+    losses=("mixed",),  # MLM + multi-scale MVM + InfoNCE on pairs (losses.mixed_loss)
 )
