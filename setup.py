@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "scikit-learn==1.9.1",  # Evaluation: AUC, ROC, the linear probe's logistic regression.
     "matplotlib==3.11.2",  # Evaluation: ROC plots, retrieval sheets, --compare charts.
     "tqdm==4.70.1",  # Progress bars on long evaluation passes and exports.
+    "array-record==0.8.6",  # Random-access train reads (medvl_jax/records.py).
 ]
 
 # PyTorch side (export / verification only). These two releases are a matched pair.
@@ -47,7 +48,10 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "torch": TORCH,
+        # bench/input_pipeline.py also times Grain against tf.data.
+        "bench": ["grain==0.2.18"],
         # With its dependencies (torch): the tests compare against PyTorch anyway.
-        "test": [SAMPLE_CHECKPOINT] + TORCH + LINT + ["pytest==9.2.0", "dill==0.4.1"]  # dill: tfds.testing,
+        # dill: tfds.testing (the DatasetBuilderTestCase harness) imports it.
+        "test": [SAMPLE_CHECKPOINT] + TORCH + LINT + ["pytest==9.2.0", "dill==0.4.1"],
     },
 )
