@@ -12,7 +12,6 @@ dataset can serve, sizes), the step counts, and each evaluator's name and settin
 evaluator constructor's signature, without building it).
 """
 from collections.abc import Callable
-import inspect
 import pathlib
 from typing import Any
 
@@ -52,22 +51,9 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
 
 # ----------------------------------------------------------------------------- evaluators
 def check_evaluator(name: str, settings: dict[str, Any], key: str = "config.evaluators") -> None:
-  """Checks an evaluator's name and its settings against its constructor, without building it."""
+  """An evaluator's name and settings against its constructor, without building it."""
   from medvl_jax import evaluate  # pylint: disable=g-import-not-at-top
-  _valid(f"{key} name", name, evaluate.EVALUATORS)
-  signature = inspect.signature(evaluate.EVALUATORS[name])
-  params = list(signature.parameters.values())[1:]  # after `encoders`
-  if any(p.kind == p.VAR_KEYWORD for p in params):
-    return
-  valid = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-  unknown = sorted(set(settings) - set(valid))
-  if unknown:
-    raise ConfigError(f"{key} ({name}): unknown setting {unknown[0]!r}; valid: "
-                      f"{', '.join(sorted(valid))}")
-  missing = [p.name for p in params if p.default is p.empty and p.name not in settings
-             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-  if missing:
-    raise ConfigError(f"{key} ({name}): setting {missing[0]!r} is required")
+  evaluate.check_settings(name, settings, key)
 
 
 def _check_evaluators(config: ml_collections.ConfigDict) -> None:

@@ -94,3 +94,17 @@ def test_evaluator_settings_match_the_constructors():
     config_check.check_evaluator(name, defaults)
     with pytest.raises(ConfigError, match=rf"\({name}\): unknown setting 'n_bootz'"):
       config_check.check_evaluator(name, dict(defaults, n_bootz=1))
+
+
+def test_evaluate_cli_checks_cfg_settings_before_restoring(short_run, tmp_path):
+  """`--cfg` settings of the evaluation CLI are checked against the evaluator's signature
+  before any checkpoint is restored: one line, exit 2, nothing written."""
+  from tests.conftest import run_eval
+  out = tmp_path / "eval_out"
+  proc = run_eval(f"--workdir={short_run}", "--task=linear_probe", "--cfg=no_such_setting=1",
+                  f"--out={out}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1]
+  assert "unknown setting 'no_such_setting'" in last and "fractions" in last, last
+  assert "Traceback" not in proc.stderr
+  assert not out.exists()

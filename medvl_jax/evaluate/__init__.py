@@ -6,6 +6,9 @@
 
 Used by `python -m medvl_jax.evaluate` and, through `config.evaluators`, by training.
 """
+import inspect
+from typing import Any
+
 from medvl_jax.errors import ConfigError
 from medvl_jax.evaluate import finetune, linear_probe, retrieval, zeroshot
 
@@ -21,6 +24,25 @@ def get(name: str):
   if name not in EVALUATORS:
     raise ConfigError(f"unknown evaluation task {name!r}; valid: {', '.join(sorted(EVALUATORS))}")
   return EVALUATORS[name]
+
+
+def check_settings(name: str, settings: dict[str, Any], key: str = "config.evaluators") -> None:
+  """Checks an evaluator's name and its settings against its constructor, without building it."""
+  if name not in EVALUATORS:
+    raise ConfigError(f"{key} name={name!r} is unknown; valid: {', '.join(sorted(EVALUATORS))}")
+  signature = inspect.signature(EVALUATORS[name])
+  params = list(signature.parameters.values())[1:]  # after `encoders`
+  if any(p.kind == p.VAR_KEYWORD for p in params):
+    return
+  valid = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  unknown = sorted(set(settings) - set(valid))
+  if unknown:
+    raise ConfigError(f"{key} ({name}): unknown setting {unknown[0]!r}; valid: "
+                      f"{', '.join(sorted(valid))}")
+  missing = [p.name for p in params if p.default is p.empty and p.name not in settings
+             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  if missing:
+    raise ConfigError(f"{key} ({name}): setting {missing[0]!r} is required")
 
 
 def build_all(model, config, tokenizer) -> list:

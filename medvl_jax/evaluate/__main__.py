@@ -88,8 +88,10 @@ def evaluate_run(workdir: str, task: str, step: int | None = None, out: str | No
   workdir = pathlib.Path(workdir).absolute()
   if not workdir.is_dir():
     raise ConfigError(f"{workdir}: workdir not found")
+  from medvl_jax import run  # pylint: disable=g-import-not-at-top
+  cfg = task_config(run.load_run_config(workdir), task, list(overrides))
+  evaluate.check_settings(task, cfg, key="--task/--cfg")  # Before any checkpoint is restored.
   config, encoders, state, step = load_run(workdir, step)
-  cfg = task_config(config, task, list(overrides))
   evaluator = build_evaluator(encoders, task, cfg)  # Reads and checks its inputs.
   values = {name: value for name, value in evaluator.run(state)}
   result = {"task": task, "step": int(step), "workdir": str(workdir), "cfg": cfg,

@@ -1,0 +1,97 @@
+"""The mixed-data family through the one trainer, on the real three-source sample (paired
+covid_cxr_notes + image-only nih14_sample + text-only iu_reports): each loss falls and is logged
+under its own name, checkpoints resume exactly after SIGKILL, and 2 hosts train as 1."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, read_scalars, run_main
+
+MIXED_SMOKE = "configs/mixed.py:smoke"
+STEPS = 40
+
+
+def mixed_args(workdir, tfds_dir, *extra):
+  return (f"--config={MIXED_SMOKE}", f"--workdir={workdir}",
+          f"--config.data.data_dir={tfds_dir}", *extra)
+
+
+@pytest.fixture(scope="session")
+def mixed_run(tmp_path_factory, tfds_dir, sample_data_dir):
+  workdir = tmp_path_factory.mktemp("mixed_smoke")
+  proc = run_main(*mixed_args(workdir, tfds_dir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_each_loss_falls_and_is_logged_under_its_name(mixed_run):
+  workdir, proc = mixed_run
+  scalars = read_scalars(workdir / "tensorboard")
+  for name in ("train_loss", "train_mlm", "train_mvm", "train_contrastive"):
+    values = scalars[name]
+    assert sorted(values) == list(range(1, STEPS + 1)), name
+    first = np.mean([values[s] for s in range(1, 6)])
+    last = np.mean([values[s] for s in range(STEPS - 4, STEPS + 1)])
+    assert last < first, (name, first, last)
+  # Per-scale MVM and validation metrics under their own names too.
+  for name in ("train_mvm_1x1", "train_mvm_2x2", "train_mvm_4x4", "val_loss", "val_mlm",
+               "val_mvm", "val_contrastive"):
+    assert name in scalars, name
+  # All three kinds reached the loss: pairs counted, masked tokens and patches present.
+  assert min(scalars["train_pairs"].values()) >= 1
+  assert min(scalars["train_mlm_tokens"].values()) > 0
+  assert min(scalars["train_mvm_patches"].values()) > 0
+  assert "validation loss" in proc.stderr and "| mlm " in proc.stderr
+
+
+def test_resume_after_sigkill_matches_uninterrupted(mixed_run, tfds_dir, tmp_path):
+  reference = read_scalars(mixed_run[0] / "tensorboard")["train_loss"]
+  workdir = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "medvl_jax.main", *mixed_args(workdir, tfds_dir)]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  first_ckpt = workdir / "checkpoints" / "10"
+  deadline = time.time() + 300
+  while not first_ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert first_ckpt.exists(), "no checkpoint appeared"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed = run_main(*mixed_args(workdir, tfds_dir))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  start = int(resumed.stderr.split("resumed from checkpoint step ")[1].split()[0])
+  assert start >= 10
+  losses = read_scalars(workdir / "tensorboard")["train_loss"]
+  for step in range(start + 1, STEPS + 1):
+    np.testing.assert_allclose(losses[step], reference[step], rtol=1e-6, err_msg=f"step {step}")
+
+
+def test_two_processes_match_one(mixed_run, tfds_dir, tmp_path):
+  reference = read_scalars(mixed_run[0] / "tensorboard")["train_loss"]
+  workdir, logs = tmp_path / "two_hosts", tmp_path / "logs"
+  logs.mkdir()
+  args = mixed_args(workdir, tfds_dir, "--config.total_steps=4", "--config.eval_every=4",
+                    "--config.checkpoint_every=4")
+  env = dict(os.environ, LOG_DIR=str(logs), PYTHON=sys.executable)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(["bash", "launch/local_multihost.sh", "2", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, "\n".join(
+      f.read_text()[-4000:] for f in sorted(logs.glob("process_*.log")))
+  losses = read_scalars(workdir / "tensorboard")["train_loss"]
+  assert sorted(losses) == list(range(1, 5))
+  for step in range(1, 5):
+    np.testing.assert_allclose(losses[step], reference[step], rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_family_config_mismatch_is_one_line(tmp_path, tfds_dir):
+  proc = run_main(*mixed_args(tmp_path / "w", tfds_dir, "--config.loss.name=infonce"))
+  assert proc.returncode == 2
+  last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1]
+  assert "config.loss.name='infonce' does not fit config.model.name='mixed'" in last, last
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w" / "config.json").exists()
