@@ -48,6 +48,8 @@ setup(
     extras_require={
         "torch": TORCH,
         # With its dependencies (torch): the tests compare against PyTorch anyway.
-        "test": [SAMPLE_CHECKPOINT] + TORCH + LINT + ["pytest==9.2.0", "dill==0.4.1"]  # dill: tfds.testing,
+        # dill: tfds.testing; scikit-image: the reference PSNR/SSIM of the regeneration tests.
+        "test": [SAMPLE_CHECKPOINT] + TORCH + LINT + ["pytest==9.2.0", "dill==0.4.1",
+                                                      "scikit-image==0.24.0"],
     },
 )
