@@ -51,7 +51,8 @@ setup(
         # bench/input_pipeline.py also times Grain against tf.data.
         "bench": ["grain==0.2.18"],
         # With its dependencies (torch): the tests compare against PyTorch anyway.
-        # dill: tfds.testing (the DatasetBuilderTestCase harness) imports it.
-        "test": [SAMPLE_CHECKPOINT] + TORCH + LINT + ["pytest==9.2.0", "dill==0.4.1"],
+        # dill: tfds.testing; scikit-image: the reference PSNR/SSIM of the regeneration tests.
+        "test": [SAMPLE_CHECKPOINT] + TORCH + LINT + ["pytest==9.2.0", "dill==0.4.1",
+                                                      "scikit-image==0.24.0"],
     },
 )

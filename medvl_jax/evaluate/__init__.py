@@ -10,13 +10,14 @@ import inspect
 from typing import Any
 
 from medvl_jax.errors import ConfigError
-from medvl_jax.evaluate import finetune, linear_probe, retrieval, zeroshot
+from medvl_jax.evaluate import finetune, linear_probe, regeneration, retrieval, zeroshot
 
 EVALUATORS = {
     "retrieval": retrieval.Evaluator,
     "linear_probe": linear_probe.Evaluator,
     "finetune": finetune.Evaluator,
     "zeroshot": zeroshot.Evaluator,
+    "regeneration": regeneration.Evaluator,
 }
 
 
