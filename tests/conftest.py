@@ -104,3 +104,21 @@ def short_run(tmp_path_factory, tfds_dir, sample_data_dir) -> pathlib.Path:
                               f"--config.eval_every={SHORT_STEPS}"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
+
+
+MIXED_SMOKE = "configs/mixed.py:smoke"
+
+
+def mixed_args(workdir, tfds_dir, *extra):
+  return (f"--config={MIXED_SMOKE}", f"--workdir={workdir}",
+          f"--config.data.data_dir={tfds_dir}", *extra)
+
+
+@pytest.fixture(scope="session")
+def mixed_smoke_run(tmp_path_factory, tfds_dir, sample_data_dir):
+  """The mixed family's 40-step smoke run on the three-source sample (checkpoints at 10, 20,
+  30, 40), shared read-only by the trainer, regeneration and export tests."""
+  workdir = tmp_path_factory.mktemp("mixed_smoke")
+  proc = run_main(*mixed_args(workdir, tfds_dir), timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc

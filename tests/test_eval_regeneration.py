@@ -119,14 +119,9 @@ def test_masks_are_deterministic_per_image_and_scale():
 
 # ----------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="session")
-def mixed_run(tmp_path_factory, tfds_dir, sample_data_dir) -> pathlib.Path:
-  """A trained mixed smoke run (checkpoint at its last step), shared read-only."""
-  workdir = tmp_path_factory.mktemp("mixed_smoke")
-  proc = run_main("--config=configs/mixed.py:smoke", f"--workdir={workdir}",
-                  f"--config.data.data_dir={tfds_dir}", f"--config.total_steps={MIXED_STEPS}",
-                  timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
+def mixed_run(mixed_smoke_run) -> pathlib.Path:
+  """The shared trained mixed smoke run (conftest), read-only."""
+  return mixed_smoke_run[0]
 
 
 def test_cli_on_a_trained_mixed_model(mixed_run, tmp_path):

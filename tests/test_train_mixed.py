@@ -10,23 +10,14 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, read_scalars, run_main
+from tests.conftest import REPO, mixed_args, read_scalars, run_main
 
-MIXED_SMOKE = "configs/mixed.py:smoke"
-STEPS = 40
-
-
-def mixed_args(workdir, tfds_dir, *extra):
-  return (f"--config={MIXED_SMOKE}", f"--workdir={workdir}",
-          f"--config.data.data_dir={tfds_dir}", *extra)
+STEPS = 40  # configs/mixed.py:smoke
 
 
 @pytest.fixture(scope="session")
-def mixed_run(tmp_path_factory, tfds_dir, sample_data_dir):
-  workdir = tmp_path_factory.mktemp("mixed_smoke")
-  proc = run_main(*mixed_args(workdir, tfds_dir))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, proc
+def mixed_run(mixed_smoke_run):
+  return mixed_smoke_run
 
 
 def test_each_loss_falls_and_is_logged_under_its_name(mixed_run):
