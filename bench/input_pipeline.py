@@ -34,8 +34,10 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from medvl_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from medvl_jax import mixing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from medvl_jax import (
+  input_pipeline,  # pylint: disable=g-import-not-at-top,wrong-import-position
+  mixing,  # pylint: disable=g-import-not-at-top,wrong-import-position
+)
 
 MIX = (
     {"name": "cxr_sample", "builder_config": "paired", "split": "train", "kind": "paired",

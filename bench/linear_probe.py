@@ -87,6 +87,7 @@ def main():
     threadpoolctl.threadpool_limits(args.threads)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+
   from medvl_jax.evaluate import linear_probe  # pylint: disable=g-import-not-at-top
   print(f"cpus: {os.cpu_count()}, BLAS threads: {args.threads or 'default'}, "
         f"numpy {np.__version__}, load average {os.getloadavg()[0]:.1f}")

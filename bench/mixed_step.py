@@ -97,10 +97,10 @@ def bench_jax(cfg, batch_np, steps):
 
 def bench_torch(cfg, batch_np, steps):
   import timm  # pylint: disable=g-import-not-at-top
+  from timm.models.vision_transformer import Block  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from timm.models.vision_transformer import Block  # pylint: disable=g-import-not-at-top
 
   from medvl_jax.weights import hf_bert  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
@@ -154,9 +154,10 @@ def bench_torch(cfg, batch_np, steps):
           for _ in range(d.num_layers)])
       self.dec_norm = torch.nn.LayerNorm(d.hidden_size, eps=1e-6)
       self.dec_pred = torch.nn.Linear(d.hidden_size, p * p)
-      proj = lambda n: torch.nn.Sequential(torch.nn.Linear(n, m.projection_hidden),
-                                           torch.nn.ReLU(),
-                                           torch.nn.Linear(m.projection_hidden, m.projection_dim))
+      def proj(n):
+        return torch.nn.Sequential(torch.nn.Linear(n, m.projection_hidden),
+                                                 torch.nn.ReLU(),
+                                                 torch.nn.Linear(m.projection_hidden, m.projection_dim))
       self.image_proj, self.text_proj = proj(isize), proj(tsize)
 
     def forward(self, images, ids, att, patch_mask):

@@ -33,7 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2       # latest N kept, plus the best by validation loss
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "cxr_sample"   # registry name (medvl_jax.corpora); the one-source shorthand of data.sources
+  # Registry name (medvl_jax.corpora): the one-source shorthand of data.sources.
+  c.data.name = "cxr_sample"
   c.data.builder_config = "paired"
   c.data.data_dir = ""         # tfds data dir; '' = tfds default (~/tensorflow_datasets)
   c.data.sample_dir = ""       # '' = $MEDVL_SAMPLE_DIR, else <repo>/../shared/data

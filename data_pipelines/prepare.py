@@ -20,7 +20,6 @@ from data_pipelines import common
 from medvl_jax import corpora
 from medvl_jax.errors import MedvlError
 
-
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The corpus in its published layout.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data dir (default ~/tensorflow_datasets).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", common.DEFAULT_IMAGE_SIZE,

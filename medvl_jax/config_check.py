@@ -11,8 +11,6 @@ Checks, in order: registry names (model, dataset, loss, schedule), the model's n
 dataset can serve, sizes), the step counts, and each evaluator's name and settings (against the
 evaluator constructor's signature, without building it).
 """
-from collections.abc import Callable
-import pathlib
 from typing import Any
 
 import ml_collections
@@ -34,7 +32,8 @@ def _valid(key: str, value: Any, valid) -> None:
 def _check_data(config: ml_collections.ConfigDict) -> None:
   data = config.data
   # The builder class only (imported by name, its declared features): no data is touched.
-  if not data.get("sources") and "paired" not in corpora.kinds(data.name, corpora.get(data.name).default_config):
+  default_config = corpora.get(data.name).default_config
+  if not data.get("sources") and "paired" not in corpora.kinds(data.name, default_config):
     paired = [n for n in corpora.names()
               if "paired" in corpora.kinds(n, corpora.get(n).default_config)]
     raise ConfigError(f"config.data.name={data.name!r} (builder_config="

@@ -29,8 +29,8 @@ Eval stream: one pass over `data.name`'s `data.eval_split` in file order, centre
 sentence per example, the last batch padded with `mask == False` rows so every host yields the
 same number of batches; each host reads only its rows.
 """
-from collections.abc import Iterator
 import atexit
+from collections.abc import Iterator
 import dataclasses
 import math
 import os
@@ -51,12 +51,14 @@ except RuntimeError:  # Devices already initialised by an earlier import.
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 from tensorflow_datasets.core import example_parser  # pylint: disable=g-import-not-at-top
 
-from medvl_jax import augment  # pylint: disable=g-import-not-at-top
-from medvl_jax import corpora  # pylint: disable=g-import-not-at-top
-from medvl_jax import mixing  # pylint: disable=g-import-not-at-top
-from medvl_jax import records  # pylint: disable=g-import-not-at-top
-from medvl_jax.records import RecordStore  # pylint: disable=g-import-not-at-top
+from medvl_jax import (
+  augment,  # pylint: disable=g-import-not-at-top
+  corpora,  # pylint: disable=g-import-not-at-top
+  mixing,  # pylint: disable=g-import-not-at-top
+  records,  # pylint: disable=g-import-not-at-top
+)
 from medvl_jax.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
+from medvl_jax.records import RecordStore  # pylint: disable=g-import-not-at-top
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLE_DIR = REPO_ROOT.parent / "shared" / "data"

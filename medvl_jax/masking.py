@@ -3,9 +3,9 @@
 Pure, jittable functions with static shapes; each takes its own `jax.random` key (the model
 draws them from the 'masking' rng stream, separate from 'dropout').
 """
+from collections.abc import Sequence
 import dataclasses
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import jax

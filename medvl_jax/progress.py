@@ -5,7 +5,8 @@ sample, tests) print nothing. Descriptions name the work ('image features', 'exp
 data: no report text or patient identifiers. `TQDM_DISABLE=1` in the environment silences all
 bars (tqdm reads `TQDM_*` variables as defaults).
 """
-from typing import Iterable, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 import tqdm
 

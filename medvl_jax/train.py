@@ -24,9 +24,6 @@ import ml_collections
 from medvl_jax import checkpoint, config_check, families, input_pipeline, sharding
 from medvl_jax import step as step_lib
 from medvl_jax.errors import ConfigError
-from medvl_jax.weights import pretrained
-
-
 
 
 # ----------------------------------------------------------------------------- evaluation

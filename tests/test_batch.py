@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 
 from configs import convirt
-from medvl_jax import batch
-from medvl_jax import step
+from medvl_jax import batch, step
 from medvl_jax.errors import DataError
 
 S, L, B = 32, 12, 4

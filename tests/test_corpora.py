@@ -4,9 +4,11 @@ import sys
 
 import pytest
 
-from data_pipelines import chexpert  # noqa: F401  (before tfds's own `chexpert`: see below)
-from data_pipelines import common
-from data_pipelines import prepare
+from data_pipelines import (
+  chexpert,  # noqa: F401  (before tfds's own `chexpert`: see below)
+  common,
+  prepare,
+)
 from data_pipelines.covidx import covidx_dataset_builder
 from data_pipelines.nih14 import nih14_dataset_builder
 from medvl_jax import corpora

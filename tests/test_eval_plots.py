@@ -5,13 +5,12 @@ import os
 import pathlib
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from medvl_jax import progress
 from medvl_jax.evaluate import __main__ as cli
-from medvl_jax.evaluate import metrics
-from medvl_jax.evaluate import plots
+from medvl_jax.evaluate import metrics, plots
 from tests.conftest import run_eval
 
 
@@ -111,7 +110,8 @@ def test_compare_chart_one_panel_per_metric(tmp_path):
   md.parent.mkdir()
   proc = run_eval("--compare", *dirs, f"--out={md}")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout == md.read_text() and "| probe/auc | 0.700 [0.600, 0.750] | n/a |" in proc.stdout
+  assert proc.stdout == md.read_text()
+  assert "| probe/auc | 0.700 [0.600, 0.750] | n/a |" in proc.stdout
   _open_png(md.with_suffix(".png"))
   assert sorted(p.name for p in md.parent.iterdir()) == ["cmp.md", "cmp.png"]
 
@@ -128,6 +128,7 @@ def test_progress_bar_only_for_large_passes(capsys):
 
 def test_export_progress_only_for_large_files(tmp_path, capsys):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   from medvl_jax import export  # pylint: disable=g-import-not-at-top
   os.environ.pop("TQDM_DISABLE", None)
   small = {"w": np.ones((4, 4), np.float64)}

@@ -13,7 +13,7 @@ from skimage import metrics as skm
 
 from medvl_jax import masking
 from medvl_jax.evaluate import regeneration as rg
-from tests.conftest import run_eval, run_main
+from tests.conftest import run_eval
 
 MIXED_STEPS = 40  # The smoke config's own length.
 

@@ -6,8 +6,7 @@ import pytest
 from scipy import optimize
 from sklearn.linear_model import LogisticRegression
 
-from medvl_jax.evaluate import linear_probe
-from medvl_jax.evaluate import metrics
+from medvl_jax.evaluate import linear_probe, metrics
 
 
 def mann_whitney_auc(y: np.ndarray, s: np.ndarray) -> float:

@@ -173,7 +173,8 @@ def test_single_kind_batches_train(smoke, kinds):
   cfg, model, variables = smoke
   batch = _batch(kinds, seed=3)
   rngs = {"masking": jax.random.key(1), "dropout": jax.random.key(2)}
-  fn = lambda p: mixed.forward_and_loss(model, {"params": p}, batch, rngs, cfg.loss, True)
+  def fn(p):
+    return mixed.forward_and_loss(model, {"params": p}, batch, rngs, cfg.loss, True)
   (loss, m), grads = jax.value_and_grad(fn, has_aux=True)(variables["params"])
   assert np.isfinite(float(loss))
   assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
@@ -195,8 +196,9 @@ def test_masks_come_from_the_masking_stream(smoke):
   a = _draw(model, variables, batch, seed=0)
   b = _draw(model, variables, batch, seed=1)
   assert not np.array_equal(np.asarray(a["patch_mask"]), np.asarray(b["patch_mask"]))
-  run = lambda k: mixed.forward_and_loss(model, variables, batch, {"masking": k}, cfg.loss,
-                                         False)[0]
+  def run(k):
+    return mixed.forward_and_loss(model, variables, batch, {"masking": k}, cfg.loss,
+                                           False)[0]
   assert float(run(jax.random.key(3))) == float(run(jax.random.key(3)))
   assert float(run(jax.random.key(3))) != float(run(jax.random.key(4)))
 

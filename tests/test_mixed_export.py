@@ -37,7 +37,8 @@ def trained_like():
 def test_exported_towers_reproduce_the_jax_embeddings(trained_like):
   cfg, model, variables = trained_like
   out = mixed_family.export_state_dicts(model, variables["params"])
-  as_torch = lambda sd: {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+  def as_torch(sd):
+    return {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
   heads = as_torch(out["heads"])
 
   def head(x, side):

@@ -17,7 +17,8 @@ SCRIPT = textwrap.dedent("""
     params = mixed.init(model, jax.random.key(0))["params"]
     rng = np.random.default_rng(0)
     kinds = "pitppitp"
-    has_image = np.array([k in "pi" for k in kinds]); has_text = np.array([k in "pt" for k in kinds])
+    has_image = np.array([k in "pi" for k in kinds])
+    has_text = np.array([k in "pt" for k in kinds])
     ids = rng.integers(1000, 30000, (8, 16)).astype(np.int32); att = np.ones((8, 16), np.int32)
     ids[~has_text] = 0; att[~has_text] = 0
     batch = {"image": rng.integers(0, 256, (8, 64, 64, 1)).astype(np.uint8),

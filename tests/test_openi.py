@@ -11,8 +11,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import common
 from data_pipelines import sentences as sentences_lib
-from data_pipelines.openi import Builder
-from data_pipelines.openi import agreement
+from data_pipelines.openi import Builder, agreement
 from data_pipelines.openi.openi_dataset_builder import mesh_labels
 from tests import fixtures_layout as fl
 

@@ -40,7 +40,8 @@ def test_cli_errors_are_one_line(tree, tmp_path):
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith("error: --manual_dir=")
   result = run_prepare("mimicc", f"--manual_dir={tree}")
-  assert result.returncode == 1 and "corpus='mimicc' is not a known dataset; valid:" in result.stderr
+  assert result.returncode == 1
+  assert "corpus='mimicc' is not a known dataset; valid:" in result.stderr
   result = run_prepare("mimic_cxr", f"--manual_dir={tree}", "--image_size=100")
   assert result.returncode == 1 and "image_size=100 has no config" in result.stderr
   empty = tmp_path / "empty"

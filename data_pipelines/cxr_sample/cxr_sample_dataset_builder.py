@@ -13,9 +13,10 @@ The data is read from `dl_manager.manual_dir`, which must be the sample folder i
       manual_dir=SAMPLE_DIR, try_download_gcs=False))
 
 Splits are by patient (a hash of the patient id, so no patient is in two splits; each IU
-report counts as its own patient). The input pipeline reads the sample in the ArrayRecord
-format (random access); `medvl_jax.input_pipeline.prepare` builds it so. Bad records are skipped and counted per reason; the counts
-are logged and stored in `builder.info.metadata['skipped']`.
+report counts as its own patient). The training input reads each train split by random access
+from an ArrayRecord copy written once beside the tfds files (`medvl_jax/records.py`). Bad
+records are skipped and counted per reason; the counts are logged and stored in
+`builder.info.metadata['skipped']`.
 """
 import collections
 from collections.abc import Iterator

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from medvl_jax import augment
-from medvl_jax import corpora
+from medvl_jax import augment, corpora
 from medvl_jax.errors import ConfigError, DataError
 
 LATERAL_VIEWS = frozenset({"L", "LL", "RL", "LATERAL", "LAT"})

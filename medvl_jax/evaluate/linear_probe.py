@@ -31,7 +31,6 @@ from sklearn.linear_model import LogisticRegression
 from medvl_jax.errors import ConfigError, DataError
 from medvl_jax.evaluate import datasets, features, metrics, plots
 
-
 # lbfgs stopping tolerance: scikit-learn's default (1e-4) leaves test probabilities up to ~3e-3
 # from the optimum at 2,048 features, 1e-6 up to ~1e-3; 1e-8 brings them within ~1e-5 of an
 # exact Newton solve (bench/linear_probe.py) at little cost in the rows' span (see fit_logistic).

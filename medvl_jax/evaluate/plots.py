@@ -7,11 +7,12 @@ state or backend switch, so it is safe in a training process; PNGs are rendered 
 matching writer saves it to PNG atomically (a temporary file in the same directory, renamed
 into place).
 """
+from collections.abc import Sequence
 import os
 import pathlib
 import secrets
 import textwrap
-from typing import Any, Sequence
+from typing import Any
 
 from matplotlib import patches
 from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -8,8 +8,8 @@ fuses both in co-attention layers where each modality attends to the other only 
 have it, and predicts the masked tokens (MLM head tied to the word embeddings) and the masked
 pixels (a light MAE-style decoder). `forward_and_loss` is the one entry point for training.
 """
-import dataclasses
 from collections.abc import Mapping, Sequence
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -58,8 +58,9 @@ class CrossAttention(nn.Module):
     n, lq, _ = x.shape
     lk = ctx.shape[1]
     hd = self.hidden_size // self.num_heads
-    dense = lambda name: nn.Dense(self.hidden_size, kernel_init=_INIT, dtype=self.dtype,
-                                  name=name)
+    def dense(name):
+      return nn.Dense(self.hidden_size, kernel_init=_INIT, dtype=self.dtype,
+                                      name=name)
     q = dense("query")(x).reshape(n, lq, self.num_heads, hd)
     k = dense("key")(ctx).reshape(n, lk, self.num_heads, hd)
     v = dense("value")(ctx).reshape(n, lk, self.num_heads, hd)
@@ -87,7 +88,8 @@ class FusionLayer(nn.Module):
   def __call__(self, t: jax.Array, i: jax.Array, text_keys: jax.Array, image_keys: jax.Array,
                train: bool) -> tuple[jax.Array, jax.Array]:
     cfg = self.config
-    ln = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
+    def ln(name):
+      return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
     tn, im = ln("text_norm"), ln("image_norm")
     t_norm, i_norm = tn(t), im(i)
     drop = nn.Dropout(cfg.dropout, deterministic=not train)

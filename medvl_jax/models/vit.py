@@ -108,7 +108,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array | None, train: bool) -> jax.Array:
-    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
+    def norm(name):
+      return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
     y = Attention(self.hidden_size, self.num_heads, self.attention_dropout, self.dtype,
                   name="attn")(norm("norm1")(x), key_mask, train)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)

@@ -4,8 +4,8 @@ The flax names are timm's (`blocks/3/attn/qkv/kernel` <-> `blocks.3.attn.qkv.wei
 the package's one mapping rule; only the two root parameters `cls_token` and `pos_embed` keep
 their names and shapes ([1, 1, D] and [1, 1 + P, D] on both sides).
 """
-import os
 from collections.abc import Mapping
+import os
 from typing import Any
 
 import jax
