@@ -155,9 +155,8 @@ def bench_torch(cfg, batch_np, steps):
       self.dec_norm = torch.nn.LayerNorm(d.hidden_size, eps=1e-6)
       self.dec_pred = torch.nn.Linear(d.hidden_size, p * p)
       def proj(n):
-        return torch.nn.Sequential(torch.nn.Linear(n, m.projection_hidden),
-                                                 torch.nn.ReLU(),
-                                                 torch.nn.Linear(m.projection_hidden, m.projection_dim))
+        return torch.nn.Sequential(torch.nn.Linear(n, m.projection_hidden), torch.nn.ReLU(),
+                                   torch.nn.Linear(m.projection_hidden, m.projection_dim))
       self.image_proj, self.text_proj = proj(isize), proj(tsize)
 
     def forward(self, images, ids, att, patch_mask):
