@@ -128,6 +128,7 @@ def test_progress_bar_only_for_large_passes(capsys):
 
 def test_export_progress_only_for_large_files(tmp_path, capsys):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   from medvl_jax.families import export_files  # pylint: disable=g-import-not-at-top
   os.environ.pop("TQDM_DISABLE", None)
   small = {"w": np.ones((4, 4), np.float64)}

@@ -10,14 +10,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from medvl_jax import losses
-from medvl_jax import sharding
-from medvl_jax import weights
-from medvl_jax.weights import hf_bert, pretrained, torchvision_resnet
+from medvl_jax import losses, sharding, weights
 from medvl_jax.errors import ConfigError
 from medvl_jax.families import Encoders, Family, export_files, row_mask
 from medvl_jax.models import bert as bert_model
 from medvl_jax.models import convirt as convirt_model
+from medvl_jax.weights import hf_bert, pretrained, torchvision_resnet
 
 
 def init(model, batch: dict, rng: jax.Array) -> dict:

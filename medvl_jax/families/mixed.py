@@ -13,8 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from medvl_jax import sharding
-from medvl_jax import weights
+from medvl_jax import sharding, weights
 from medvl_jax.errors import ConfigError, WeightsError
 from medvl_jax.families import Encoders, Family, export_files
 from medvl_jax.models import mixed as mixed_model
