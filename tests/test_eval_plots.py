@@ -129,14 +129,14 @@ def test_progress_bar_only_for_large_passes(capsys):
 def test_export_progress_only_for_large_files(tmp_path, capsys):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
 
-  from medvl_jax import export  # pylint: disable=g-import-not-at-top
+  from medvl_jax.families import export_files  # pylint: disable=g-import-not-at-top
   os.environ.pop("TQDM_DISABLE", None)
   small = {"w": np.ones((4, 4), np.float64)}
-  export._save(small, tmp_path / "small.safetensors")  # pylint: disable=protected-access
+  export_files.save_safetensors(small, tmp_path / "small.safetensors")
   assert capsys.readouterr().err == ""
   n = progress.MIN_EXPORT_BYTES // 4 + 1
-  export._save({"a": np.ones(n, np.float32), "b": np.arange(3)},  # pylint: disable=protected-access
-               tmp_path / "large.safetensors")
+  export_files.save_safetensors({"a": np.ones(n, np.float32), "b": np.arange(3)},
+                                tmp_path / "large.safetensors")
   err = capsys.readouterr().err
   assert "export large.safetensors" in err and "100%" in err and "B/s" in err
   got = safetensors.numpy.load_file(str(tmp_path / "large.safetensors"))

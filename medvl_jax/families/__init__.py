@@ -58,6 +58,10 @@ class Family:
       pretrained checkpoints imported (a no-op when none is configured).
     has_pretrained: config.model -> whether init_from_pretrained has anything to import.
     encoders: model -> `Encoders` for the evaluators.
+    export: (model, params, batch_stats, config, out_dir) -> dict; writes the family's
+      PyTorch / Hugging Face files into `out_dir` (a fresh temporary directory that
+      `medvl_jax.export` renames into place) and returns what export.json records about them
+      (files, preprocessing, pooling, the embedding math, package versions).
     losses: the `config.loss.name` values this family trains with.
     check_config: config.model -> None; ConfigError naming the key on a bad nested choice
       (called by `config_check` before anything is read or built).
@@ -72,6 +76,7 @@ class Family:
   init_from_pretrained: Callable[[dict, Any], dict]
   has_pretrained: Callable[[Any], bool]
   encoders: Callable[[Any], Encoders]
+  export: Callable[[Any, Any, Any, Any, Any], dict]
   check_config: Callable[[Any], None]
   losses: tuple[str, ...]
 
