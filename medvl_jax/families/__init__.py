@@ -17,9 +17,10 @@ its streams from it (`dropout`, and e.g. `masking`).
 Adding a family: a module under `medvl_jax/families/` that defines `FAMILY = Family(...)`, and
 its name in `_MODULES` below.
 """
+from collections.abc import Callable
 import dataclasses
 import importlib
-from typing import Any, Callable
+from typing import Any
 
 from medvl_jax.errors import ConfigError
 

@@ -88,8 +88,8 @@ def init_from_pretrained(variables: Mapping[str, Any], model_cfg: Any) -> dict[s
   if model_cfg.text.init:
     imported["text"] = (hf_bert.load_bert(model_cfg.text.init)[1], str(model_cfg.text.init))
   if model_cfg.image.init:
-    imported["image"] = (timm_vit.load_vit(model_cfg.image.init, mixed_model.vit_config(model_cfg.image)),
-                         str(model_cfg.image.init))
+    vit = timm_vit.load_vit(model_cfg.image.init, mixed_model.vit_config(model_cfg.image))
+    imported["image"] = (vit, str(model_cfg.image.init))
   for key, (new, source) in imported.items():
     old = params[key]
     if jax.tree_util.tree_structure(old) != jax.tree_util.tree_structure(new):
