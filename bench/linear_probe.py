@@ -20,6 +20,7 @@ Compared, in one run:
           the labels), every fit of the probe timed.
 Prints seconds per probe and the largest test-probability difference to the old solver.
 """
+
 import argparse
 import os
 import sys
@@ -47,8 +48,22 @@ def old_fit_logistic(x, y, c=1.0, iters=100):
   return w[:-1], float(w[-1])
 
 
-PREVALENCE = [0.10, 0.025, 0.12, 0.18, 0.05, 0.056, 0.013, 0.047, 0.04, 0.02, 0.022, 0.015,
-              0.03, 0.004]  # The 14 NIH labels, roughly as in ChestX-ray14.
+PREVALENCE = [
+  0.10,
+  0.025,
+  0.12,
+  0.18,
+  0.05,
+  0.056,
+  0.013,
+  0.047,
+  0.04,
+  0.02,
+  0.022,
+  0.015,
+  0.03,
+  0.004,
+]  # The 14 NIH labels, roughly as in ChestX-ray14.
 
 
 def make_data(n_train, n_test, d=2048, seed=0):
@@ -66,6 +81,7 @@ def make_data(n_train, n_test, d=2048, seed=0):
 def fit_sets(y_train, fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2)):
   """[(train rows, [labels with both classes among them])] of one probe."""
   from medvl_jax.evaluate import metrics  # pylint: disable=g-import-not-at-top
+
   out = []
   for frac in fractions:
     for seed in seeds:
@@ -77,20 +93,26 @@ def fit_sets(y_train, fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2)):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--ref_fits", type=int, default=3,
-                  help="Fits timed for old and sklearn full (old: ~6 s each).")
-  ap.add_argument("--threads", type=int, default=0,
-                  help="BLAS threads (threadpoolctl); 0 = the library default.")
+  ap.add_argument(
+    "--ref_fits", type=int, default=3, help="Fits timed for old and sklearn full (old: ~6 s each)."
+  )
+  ap.add_argument(
+    "--threads", type=int, default=0, help="BLAS threads (threadpoolctl); 0 = the library default."
+  )
   args = ap.parse_args()
   if args.threads:
     import threadpoolctl  # pylint: disable=g-import-not-at-top
+
     threadpoolctl.threadpool_limits(args.threads)
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
 
   from medvl_jax.evaluate import linear_probe  # pylint: disable=g-import-not-at-top
-  print(f"cpus: {os.cpu_count()}, BLAS threads: {args.threads or 'default'}, "
-        f"numpy {np.__version__}, load average {os.getloadavg()[0]:.1f}")
+
+  print(
+    f"cpus: {os.cpu_count()}, BLAS threads: {args.threads or 'default'}, "
+    f"numpy {np.__version__}, load average {os.getloadavg()[0]:.1f}"
+  )
   for name, n_train, n_test in (("600 rows", 600, 300), ("NIH sample", 362, 156)):
     x_tr, y_tr, x_te, _ = make_data(n_train, n_test)
     sets = fit_sets(y_tr)
@@ -105,7 +127,7 @@ def main():
     # Old and sklearn-full: the largest fraction's fits (the slowest), first `ref_fits` of
     # them, scaled to the probe's fit count. Differences are to the old (exact Newton) fit.
     idx, ks = sets[-1]
-    ks = ks[:args.ref_fits]
+    ks = ks[: args.ref_fits]
     t_old = t_sk = diff_new = diff_sk = 0.0
     for k in ks:
       t = time.perf_counter()
@@ -120,14 +142,21 @@ def main():
       diff_new = max(diff_new, float(np.abs(p_old - 1 / (1 + np.exp(-new[-1][k]))).max()))
     t_old, t_sk = t_old / len(ks) * n_fits, t_sk / len(ks) * n_fits
 
-    print(f"{name}: {n_train} train x 2048 features, {n_test} test rows, 14 labels, "
-          f"{n_fits} fits per probe")
+    print(
+      f"{name}: {n_train} train x 2048 features, {n_test} test rows, 14 labels, "
+      f"{n_fits} fits per probe"
+    )
     print(f"  old Newton   {t_old:7.1f} s/probe ({t_old / n_fits:.2f} s/fit, from {len(ks)} fits)")
-    print(f"  sklearn full {t_sk:7.1f} s/probe ({t_sk / n_fits:.2f} s/fit, from {len(ks)} fits)"
-          f"   max |p - p_old| {diff_sk:.1e}")
-    print(f"  new          {t_new:7.1f} s/probe ({t_new / n_fits:.2f} s/fit, all fits)"
-          f"   max |p - p_old| {diff_new:.1e}")
+    print(
+      f"  sklearn full {t_sk:7.1f} s/probe ({t_sk / n_fits:.2f} s/fit, from {len(ks)} fits)"
+      f"   max |p - p_old| {diff_sk:.1e}"
+    )
+    print(
+      f"  new          {t_new:7.1f} s/probe ({t_new / n_fits:.2f} s/fit, all fits)"
+      f"   max |p - p_old| {diff_new:.1e}"
+    )
     print(f"  new is {t_old / t_new:.0f}x faster than old, {t_sk / t_new:.0f}x than sklearn full")
+
 
 if __name__ == "__main__":
   main()

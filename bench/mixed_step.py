@@ -10,6 +10,7 @@ co-attention, timm `Block`s in the decoder, tied MLM head, the same masks and lo
 torch.optim.Adam. Synthetic paired inputs (every row has image and text, so all three losses
 run), random weights; medians over `--steps` after 2 warm-up steps. Prints one JSON line each.
 """
+
 import argparse
 import importlib.util
 import json
@@ -38,10 +39,14 @@ def _inputs(batch, size, length, seed=0):
   att = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
   ids[:, 0] = 101
   ids[att == 0] = 0
-  return {"image": rng.integers(0, 256, (batch, size, size, 1), dtype=np.uint8),
-          "input_ids": ids, "attention_mask": att,
-          "has_image": np.ones(batch, bool), "has_text": np.ones(batch, bool),
-          "source": np.zeros(batch, np.int32)}
+  return {
+    "image": rng.integers(0, 256, (batch, size, size, 1), dtype=np.uint8),
+    "input_ids": ids,
+    "attention_mask": att,
+    "has_image": np.ones(batch, bool),
+    "has_text": np.ones(batch, bool),
+    "source": np.zeros(batch, np.int32),
+  }
 
 
 def _time(step, steps):
@@ -62,6 +67,7 @@ def bench_jax(cfg, batch_np, steps):
   import optax  # pylint: disable=g-import-not-at-top
 
   from medvl_jax.models import mixed  # pylint: disable=g-import-not-at-top
+
   model = mixed.from_config(cfg.model)
   batch = jax.tree_util.tree_map(jax.numpy.asarray, batch_np)
   params = mixed.init(model, jax.random.key(0), batch)["params"]
@@ -73,8 +79,9 @@ def bench_jax(cfg, batch_np, steps):
     k_mask, k_drop = jax.random.split(key)
 
     def loss_fn(p):
-      return mixed.forward_and_loss(model, {"params": p}, batch,
-                                    {"masking": k_mask, "dropout": k_drop}, cfg.loss, True)
+      return mixed.forward_and_loss(
+        model, {"params": p}, batch, {"masking": k_mask, "dropout": k_drop}, cfg.loss, True
+      )
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, state = opt.update(grads, state, params)
@@ -84,15 +91,21 @@ def bench_jax(cfg, batch_np, steps):
 
   def step():
     carry["i"] += 1
-    carry["params"], carry["state"], loss = train_step(carry["params"], carry["state"],
-                                                       jax.random.key(carry["i"]))
+    carry["params"], carry["state"], loss = train_step(
+      carry["params"], carry["state"], jax.random.key(carry["i"])
+    )
     return float(loss)
 
   warm, times, loss = _time(step, steps)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6
-  return {"impl": "jax", "jax": jax.__version__, "params_M": round(n_params, 1),
-          "compile_and_warmup_s": round(warm, 1), "s_per_step_median": round(
-              float(np.median(times)), 3), "loss": loss}
+  return {
+    "impl": "jax",
+    "jax": jax.__version__,
+    "params_M": round(n_params, 1),
+    "compile_and_warmup_s": round(warm, 1),
+    "s_per_step_median": round(float(np.median(times)), 3),
+    "loss": loss,
+  }
 
 
 def bench_torch(cfg, batch_np, steps):
@@ -103,6 +116,7 @@ def bench_torch(cfg, batch_np, steps):
   import transformers  # pylint: disable=g-import-not-at-top
 
   from medvl_jax.weights import hf_bert  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(0)
   m = cfg.model
   bert_cfg = hf_bert.read_config(m.text.init).to_hf()
@@ -111,15 +125,16 @@ def bench_torch(cfg, batch_np, steps):
   grid = s // p
 
   class CoAttention(torch.nn.Module):
-
     def __init__(self):
       super().__init__()
       f = m.fusion
       self.tn, self.inorm = torch.nn.LayerNorm(tsize, eps=1e-6), torch.nn.LayerNorm(isize, 1e-6)
-      self.t2i = torch.nn.MultiheadAttention(tsize, f.num_heads, dropout=f.dropout, kdim=isize,
-                                             vdim=isize, batch_first=True)
-      self.i2t = torch.nn.MultiheadAttention(isize, f.num_heads, dropout=f.dropout, kdim=tsize,
-                                             vdim=tsize, batch_first=True)
+      self.t2i = torch.nn.MultiheadAttention(
+        tsize, f.num_heads, dropout=f.dropout, kdim=isize, vdim=isize, batch_first=True
+      )
+      self.i2t = torch.nn.MultiheadAttention(
+        isize, f.num_heads, dropout=f.dropout, kdim=tsize, vdim=tsize, batch_first=True
+      )
       drop = dict(qkv_bias=True, proj_drop=f.dropout, attn_drop=f.dropout)
       self.tb = Block(tsize, f.num_heads, f.mlp_ratio, **drop)
       self.ib = Block(isize, f.num_heads, f.mlp_ratio, **drop)
@@ -133,14 +148,21 @@ def bench_torch(cfg, batch_np, steps):
       return self.tb(t, attn_mask=t_bias), self.ib(i, attn_mask=i_bias)
 
   class Mixed(torch.nn.Module):
-
     def __init__(self):
       super().__init__()
-      self.vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
-                                   img_size=s, patch_size=p, embed_dim=isize,
-                                   depth=m.image.num_layers, num_heads=m.image.num_heads)
-      self.bert = transformers.BertModel(transformers.BertConfig(**bert_cfg),
-                                         add_pooling_layer=False)
+      self.vit = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=s,
+        patch_size=p,
+        embed_dim=isize,
+        depth=m.image.num_layers,
+        num_heads=m.image.num_heads,
+      )
+      self.bert = transformers.BertModel(
+        transformers.BertConfig(**bert_cfg), add_pooling_layer=False
+      )
       self.fusion = torch.nn.ModuleList(CoAttention() for _ in range(m.fusion.num_layers))
       self.mlm_dense = torch.nn.Linear(tsize, tsize)
       self.mlm_norm = torch.nn.LayerNorm(tsize, eps=1e-12)
@@ -149,14 +171,21 @@ def bench_torch(cfg, batch_np, steps):
       self.dec_embed = torch.nn.Linear(isize, d.hidden_size)
       self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, d.hidden_size))
       self.dec_pos = torch.nn.Parameter(torch.zeros(1, grid * grid, d.hidden_size))
-      self.dec_blocks = torch.nn.Sequential(*[
-          Block(d.hidden_size, d.num_heads, d.mlp_ratio, qkv_bias=True)
-          for _ in range(d.num_layers)])
+      self.dec_blocks = torch.nn.Sequential(
+        *[
+          Block(d.hidden_size, d.num_heads, d.mlp_ratio, qkv_bias=True) for _ in range(d.num_layers)
+        ]
+      )
       self.dec_norm = torch.nn.LayerNorm(d.hidden_size, eps=1e-6)
       self.dec_pred = torch.nn.Linear(d.hidden_size, p * p)
+
       def proj(n):
-        return torch.nn.Sequential(torch.nn.Linear(n, m.projection_hidden), torch.nn.ReLU(),
-                                   torch.nn.Linear(m.projection_hidden, m.projection_dim))
+        return torch.nn.Sequential(
+          torch.nn.Linear(n, m.projection_hidden),
+          torch.nn.ReLU(),
+          torch.nn.Linear(m.projection_hidden, m.projection_dim),
+        )
+
       self.image_proj, self.text_proj = proj(isize), proj(tsize)
 
     def forward(self, images, ids, att, patch_mask):
@@ -212,11 +241,14 @@ def bench_torch(cfg, batch_np, steps):
     logits, pred, v, u = model(x, corrupted, att, patch_mask)
     mlm = F.cross_entropy(logits[sel], ids[sel])
     target = F.unfold(gray.float() / 255, p, stride=p).transpose(1, 2)  # [N, P, p*p]
-    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, unbiased=False,
-                                                                     keepdim=True) + 1e-6).sqrt()
+    target = (target - target.mean(-1, keepdim=True)) / (
+      target.var(-1, unbiased=False, keepdim=True) + 1e-6
+    ).sqrt()
     err = ((pred - target) ** 2).mean(-1)
-    mvm = sum(w * err[patch_mask & (scale_id == k)[:, None]].mean()
-              for k, w in enumerate(lc.mvm_scale_weights))
+    mvm = sum(
+      w * err[patch_mask & (scale_id == k)[:, None]].mean()
+      for k, w in enumerate(lc.mvm_scale_weights)
+    )
     v, u = F.normalize(v, dim=-1), F.normalize(u, dim=-1)
     sim = v @ u.t() / lc.temperature
     tgt = torch.arange(n)
@@ -229,9 +261,15 @@ def bench_torch(cfg, batch_np, steps):
 
   warm, times, loss = _time(train_step, steps)
   n_params = sum(q.numel() for q in model.parameters()) / 1e6
-  return {"impl": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
-          "params_M": round(n_params, 1), "warmup_s": round(warm, 1),
-          "s_per_step_median": round(float(np.median(times)), 3), "loss": loss}
+  return {
+    "impl": "torch",
+    "torch": torch.__version__,
+    "threads": torch.get_num_threads(),
+    "params_M": round(n_params, 1),
+    "warmup_s": round(warm, 1),
+    "s_per_step_median": round(float(np.median(times)), 3),
+    "loss": loss,
+  }
 
 
 def main():

@@ -6,6 +6,7 @@ IU report text). Run: `python bench/prepare.py [--num_workers=2] [--image_size=2
 The sample images are already small (shorter side ~256 px), so decode is far cheaper than on
 the real 2,500 x 3,000 px MIMIC JPEGs: read the figure as the pipeline's overhead ceiling.
 """
+
 import argparse
 import pathlib
 import shutil
@@ -32,16 +33,29 @@ def main():
     n_images = len(list(manual.rglob("*.jpg")))
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "data_pipelines.prepare", "mimic_cxr", f"--manual_dir={manual}",
-         f"--data_dir={tmp / 'tfds'}", f"--image_size={args.image_size}",
-         f"--num_workers={args.num_workers}"], cwd=REPO, capture_output=True, text=True)
+      [
+        sys.executable,
+        "-m",
+        "data_pipelines.prepare",
+        "mimic_cxr",
+        f"--manual_dir={manual}",
+        f"--data_dir={tmp / 'tfds'}",
+        f"--image_size={args.image_size}",
+        f"--num_workers={args.num_workers}",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+    )
     seconds = time.perf_counter() - start
     if result.returncode:
       sys.exit(result.stderr[-3000:])
     print(result.stdout.strip())
-    print(f"prepare mimic_cxr: {n_images} images in {seconds:.1f}s wall (incl. ~start-up) = "
-          f"{n_images / seconds:.1f} images/s  [num_workers={args.num_workers}, "
-          f"image_size={args.image_size}]")
+    print(
+      f"prepare mimic_cxr: {n_images} images in {seconds:.1f}s wall (incl. ~start-up) = "
+      f"{n_images / seconds:.1f} images/s  [num_workers={args.num_workers}, "
+      f"image_size={args.image_size}]"
+    )
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 

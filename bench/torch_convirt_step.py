@@ -9,6 +9,7 @@ weight_decay 1e-6). Same synthetic inputs (`medvl_jax.batch.random`) and shapes 
 bench/train_step.py, so the two print comparable s/step on the same machine. `--amp` =
 bfloat16 autocast (the usual mixed precision), `--compile` = torch.compile.
 """
+
 import argparse
 import json
 import os
@@ -26,26 +27,38 @@ import transformers  # noqa: E402
 from medvl_jax import batch as batch_lib  # noqa: E402  (NumPy only: no JAX needed here)
 
 TEXT_SHAPES = {
-    "minilm": dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
-                   num_attention_heads=12, intermediate_size=1536),
-    "bert-base": dict(vocab_size=28996, hidden_size=768, num_hidden_layers=12,
-                      num_attention_heads=12, intermediate_size=3072),
+  "minilm": dict(
+    vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+  ),
+  "bert-base": dict(
+    vocab_size=28996,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+  ),
 }
 
 
 class ConVIRT(torch.nn.Module):
-
   def __init__(self, text_shape: dict, d: int = 512):
     super().__init__()
     self.image = torchvision.models.resnet50()
     self.image.fc = torch.nn.Identity()
-    self.text = transformers.BertModel(transformers.BertConfig(**text_shape),
-                                       add_pooling_layer=False)
+    self.text = transformers.BertModel(
+      transformers.BertConfig(**text_shape), add_pooling_layer=False
+    )
     h = text_shape["hidden_size"]
-    self.image_proj = torch.nn.Sequential(torch.nn.Linear(2048, d), torch.nn.ReLU(),
-                                          torch.nn.Linear(d, d))
-    self.text_proj = torch.nn.Sequential(torch.nn.Linear(h, d), torch.nn.ReLU(),
-                                         torch.nn.Linear(d, d))
+    self.image_proj = torch.nn.Sequential(
+      torch.nn.Linear(2048, d), torch.nn.ReLU(), torch.nn.Linear(d, d)
+    )
+    self.text_proj = torch.nn.Sequential(
+      torch.nn.Linear(h, d), torch.nn.ReLU(), torch.nn.Linear(d, d)
+    )
     frozen = text_shape["num_hidden_layers"] // 2
     for p in self.text.embeddings.parameters():
       p.requires_grad_(False)
@@ -84,8 +97,9 @@ def main():
   model = ConVIRT(TEXT_SHAPES[args.text]).to(dev).train()
   if args.channels_last:
     model = model.to(memory_format=torch.channels_last)
-  opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                         weight_decay=1e-6)
+  opt = torch.optim.Adam(
+    [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-6
+  )
   n, s, l = args.batch, args.image_size, args.max_length
   batch = batch_lib.random(n, s, l, seed=0)  # The same synthetic batch as bench/train_step.py.
   gray = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(dev)  # NHWC -> NCHW
@@ -121,13 +135,24 @@ def main():
     sync()
     times.append(time.perf_counter() - t0)
   sec = float(np.median(times))
-  print(json.dumps({
-      "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-      "torch": torch.__version__, "batch": n, "text": args.text, "amp_bf16": args.amp,
-      "compile": args.compile, "channels_last": args.channels_last,
-      "warmup_s": round(warm_s, 1), "s_per_step_median": round(sec, 4),
-      "s_per_step_min": round(min(times), 4), "examples_per_s": round(n / sec, 1),
-      "loss": float(loss)}))
+  print(
+    json.dumps(
+      {
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "batch": n,
+        "text": args.text,
+        "amp_bf16": args.amp,
+        "compile": args.compile,
+        "channels_last": args.channels_last,
+        "warmup_s": round(warm_s, 1),
+        "s_per_step_median": round(sec, 4),
+        "s_per_step_min": round(min(times), 4),
+        "examples_per_s": round(n / sec, 1),
+        "loss": float(loss),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ pipeline's (see bench/input_pipeline.py for that). Prints s/step, examples/s, th
 model FLOPs per step and the achieved FLOP/s (divide by the chip's peak for MFU). Imports no
 TensorFlow, so it runs on an accelerator machine with only jax/flax/optax/ml_collections installed.
 """
+
 import argparse
 import json
 import os
@@ -26,10 +27,12 @@ from medvl_jax import batch as batch_lib  # noqa: E402
 from medvl_jax import families, sharding, step  # noqa: E402
 
 TEXT_SHAPES = {
-    "minilm": dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
-                   intermediate_size=1536),
-    "bert-base": dict(vocab_size=28996, hidden_size=768, num_layers=12, num_heads=12,
-                      intermediate_size=3072),  # Bio_ClinicalBERT, as in the paper
+  "minilm": dict(
+    vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536
+  ),
+  "bert-base": dict(
+    vocab_size=28996, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072
+  ),  # Bio_ClinicalBERT, as in the paper
 }
 
 
@@ -71,18 +74,27 @@ def main():
   variables = jax.jit(lambda r: step.init_variables(model, cfg, r), out_shardings=rep)(init_rng)
   mask = families.get(cfg.model.name).trainable_mask(variables["params"], cfg.model)
   tx = step.make_optimizer(cfg.optimizer, mask)
-  state = jax.jit(lambda v: step.TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
-                                            batch_stats=v["batch_stats"],
-                                            opt_state=tx.init(v["params"])),
-                  out_shardings=rep)(variables)
+  state = jax.jit(
+    lambda v: step.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=v["params"],
+      batch_stats=v["batch_stats"],
+      opt_state=tx.init(v["params"]),
+    ),
+    out_shardings=rep,
+  )(variables)
   loss_fn = families.get(cfg.model.name).make_loss(cfg)
 
   n, s, l = args.batch, args.image_size, args.max_length
   batch = batch_lib.random(n, s, l, seed=0)  # The layout of medvl_jax.batch, paired rows.
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
 
-  fn = jax.jit(lambda st, b: step.train_step(st, b, model=model, tx=tx, loss_fn=loss_fn,
-                                             mask=mask, rng=step_rng), donate_argnums=0)
+  fn = jax.jit(
+    lambda st, b: step.train_step(
+      st, b, model=model, tx=tx, loss_fn=loss_fn, mask=mask, rng=step_rng
+    ),
+    donate_argnums=0,
+  )
   t0 = time.perf_counter()
   compiled = fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -101,15 +113,27 @@ def main():
   frozen = cfg.model.text.num_layers // 2
   mflops = model_flops(n, s, l, TEXT_SHAPES[args.text], frozen)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(json.dumps({
-      "device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
-      "jax": jax.__version__, "batch": n, "text": args.text, "dtype": args.dtype,
-      "params_M": round(n_params / 1e6, 1), "compile_s": round(compile_s, 1),
-      "s_per_step_median": round(sec, 4), "s_per_step_min": round(min(times), 4),
-      "examples_per_s": round(n / sec, 1), "model_gflop": round(mflops / 1e9, 1),
-      "model_tflops_per_s": round(mflops / sec / 1e12, 2),
-      "xla_counted_gflop": round(flops / 1e9, 1), "loss": float(metrics["loss"]),
-  }))
+  print(
+    json.dumps(
+      {
+        "device": jax.devices()[0].device_kind,
+        "n_devices": jax.device_count(),
+        "jax": jax.__version__,
+        "batch": n,
+        "text": args.text,
+        "dtype": args.dtype,
+        "params_M": round(n_params / 1e6, 1),
+        "compile_s": round(compile_s, 1),
+        "s_per_step_median": round(sec, 4),
+        "s_per_step_min": round(min(times), 4),
+        "examples_per_s": round(n / sec, 1),
+        "model_gflop": round(mflops / 1e9, 1),
+        "model_tflops_per_s": round(mflops / sec / 1e12, 2),
+        "xla_counted_gflop": round(flops / 1e9, 1),
+        "loss": float(metrics["loss"]),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

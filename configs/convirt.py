@@ -8,6 +8,7 @@ Values follow METHODS.md (the paper and its public re-implementations). The defa
 sized so the full-size model finishes on the bundled sample on a 2-core CPU in ~15 minutes; for
 MIMIC-CXR scale, set data.name and total_steps (the paper: batch 32, validation loss as guide).
 """
+
 import importlib.util
 import pathlib
 
@@ -25,78 +26,92 @@ def _minilm_dir() -> str:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.batch_size = 32            # global, over all hosts and devices (ConVIRT: 32)
-  c.total_steps = 48           # ~15 min on 2 CPU cores at full size (~18 s/step, README)
+  c.batch_size = 32  # global, over all hosts and devices (ConVIRT: 32)
+  c.total_steps = 48  # ~15 min on 2 CPU cores at full size (~18 s/step, README)
   c.log_every = 4
   c.eval_every = 16
-  c.checkpoint_every = 16      # a multiple of eval_every, so checkpoints carry val_loss
-  c.keep_checkpoints = 2       # latest N kept, plus the best by validation loss
+  c.checkpoint_every = 16  # a multiple of eval_every, so checkpoints carry val_loss
+  c.keep_checkpoints = 2  # latest N kept, plus the best by validation loss
 
   c.data = ml_collections.ConfigDict()
   # Registry name (medvl_jax.corpora): the one-source shorthand of data.sources.
   c.data.name = "cxr_sample"
   c.data.builder_config = "paired"
-  c.data.data_dir = ""         # tfds data dir; '' = tfds default (~/tensorflow_datasets)
-  c.data.sample_dir = ""       # '' = $MEDVL_SAMPLE_DIR, else <repo>/../shared/data
+  c.data.data_dir = ""  # tfds data dir; '' = tfds default (~/tensorflow_datasets)
+  c.data.sample_dir = ""  # '' = $MEDVL_SAMPLE_DIR, else <repo>/../shared/data
   c.data.train_split = "train"
   c.data.eval_split = "validation"
   c.data.image_size = 224
-  c.data.resize = 256          # shorter side before the random-resized crop
-  c.data.max_length = 128      # tokens (ConVIRT re-impl)
+  c.data.resize = 256  # shorter side before the random-resized crop
+  c.data.max_length = 128  # tokens (ConVIRT re-impl)
   c.data.text_mode = "sentence"  # 'sentence': one sampled per example per epoch; 'report'
   c.data.augment_chain = "convirt"  # medvl_jax.augment.CHAINS: 'convirt' | 'mae'
   # Train sources: () = the one paired source above (name, builder_config, train_split).
   # Else a tuple of dicts {'name', 'builder_config', 'split', 'kind': 'paired' | 'image' |
   # 'text', 'weight' > 0, optional 'augment'}; see medvl_jax/input_pipeline.py.
   c.data.sources = ()
-  c.data.augment = ml_collections.ConfigDict(dict(
+  c.data.augment = ml_collections.ConfigDict(
+    dict(
       crop_scale=(0.6, 1.0),
       flip_p=0.5,
-      rotation=20.0,           # degrees
-      translate=0.1,           # fraction of the image size
+      rotation=20.0,  # degrees
+      translate=0.1,  # fraction of the image size
       affine_scale=(0.95, 1.05),
-      brightness=(0.6, 1.4),   # brightness and contrast only: colour makes no sense for CXR
+      brightness=(0.6, 1.4),  # brightness and contrast only: colour makes no sense for CXR
       contrast=(0.6, 1.4),
       blur_sigma=(0.1, 3.0),
-  ))
+    )
+  )
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "convirt"     # model family (medvl_jax.families)
-  c.model.dtype = "float32"    # compute dtype; 'bfloat16' on TPU/GPU
+  c.model.name = "convirt"  # model family (medvl_jax.families)
+  c.model.dtype = "float32"  # compute dtype; 'bfloat16' on TPU/GPU
   c.model.projection_dim = 512
   c.model.projection_hidden = 512
-  c.model.image = ml_collections.ConfigDict(dict(
+  c.model.image = ml_collections.ConfigDict(
+    dict(
       variant="resnet50",
-      init="",                 # local torchvision resnet50 state dict (.pth/.safetensors) or ''
+      init="",  # local torchvision resnet50 state dict (.pth/.safetensors) or ''
       mean=(0.485, 0.456, 0.406),
       std=(0.229, 0.224, 0.225),
-  ))
-  c.model.text = ml_collections.ConfigDict(dict(
-      init=_minilm_dir(),      # local HF BERT directory (e.g. Bio_ClinicalBERT) or '' (random)
-      tokenizer="",            # '' = the init directory (required when init is '')
-      frozen_layers=-1,        # first K transformer layers frozen; -1 = half (ConVIRT: 6 of 12)
+    )
+  )
+  c.model.text = ml_collections.ConfigDict(
+    dict(
+      init=_minilm_dir(),  # local HF BERT directory (e.g. Bio_ClinicalBERT) or '' (random)
+      tokenizer="",  # '' = the init directory (required when init is '')
+      frozen_layers=-1,  # first K transformer layers frozen; -1 = half (ConVIRT: 6 of 12)
       freeze_embeddings=True,
       hidden_dropout=0.1,
       attention_dropout=0.1,
       # Shape, used only when init is '' (random init):
-      vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
-      intermediate_size=3072, max_position_embeddings=512,
-  ))
+      vocab_size=30522,
+      hidden_size=768,
+      num_layers=12,
+      num_heads=12,
+      intermediate_size=3072,
+      max_position_embeddings=512,
+    )
+  )
 
-  c.loss = ml_collections.ConfigDict(dict(
-      name="infonce",          # registry name (medvl_jax.losses.LOSSES)
-      lam=0.75,                # weight of image->text; 0.5 = symmetric CLIP form
+  c.loss = ml_collections.ConfigDict(
+    dict(
+      name="infonce",  # registry name (medvl_jax.losses.LOSSES)
+      lam=0.75,  # weight of image->text; 0.5 = symmetric CLIP form
       temperature=0.1,
-  ))
+    )
+  )
 
-  c.optimizer = ml_collections.ConfigDict(dict(
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
       lr=1e-4,
-      weight_decay=1e-6,       # L2 added to the gradient, as torch.optim.Adam(weight_decay=...)
-      schedule="constant",     # 'constant' | 'plateau' (reduce on plateau of the train loss)
+      weight_decay=1e-6,  # L2 added to the gradient, as torch.optim.Adam(weight_decay=...)
+      schedule="constant",  # 'constant' | 'plateau' (reduce on plateau of the train loss)
       plateau_factor=0.5,
-      plateau_patience=5,      # in accumulation windows
-      plateau_accumulation=10, # steps averaged per plateau check
-  ))
+      plateau_patience=5,  # in accumulation windows
+      plateau_accumulation=10,  # steps averaged per plateau check
+    )
+  )
 
   # Downstream evaluators run at every evaluation, logged to TensorBoard; entries are
   # {'name': task, **settings} (medvl_jax.evaluate.EVALUATORS), e.g. [{'name': 'linear_probe'}].
@@ -120,8 +135,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.image.variant = "resnet_tiny"
     c.model.text.tokenizer = c.model.text.init  # real MiniLM vocab, random tiny BERT
     c.model.text.init = ""
-    c.model.text.update(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    c.model.text.update(
+      vocab_size=30522,
+      hidden_size=32,
+      num_layers=2,
+      num_heads=2,
+      intermediate_size=64,
+      max_position_embeddings=64,
+    )
     c.optimizer.lr = 1e-3
   elif arg:
     raise ValueError(f"configs/convirt.py: unknown variant {arg!r}; valid: 'smoke' or none")

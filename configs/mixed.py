@@ -15,6 +15,7 @@ value below is our choice, justified against the closest public designs:
   TransCheX (MONAI, the paper group's public relative): separate language and vision stacks,
     then mixed layers where text attends to image; BERT-base widths.
 """
+
 import importlib.util
 import pathlib
 
@@ -32,7 +33,7 @@ def _convirt_config() -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = _convirt_config()  # Shared run, data, optimiser and sharding settings.
-  c.batch_size = 16            # MRM/m3ae use 128-4096 on accelerators; 16 fits a 2-core CPU.
+  c.batch_size = 16  # MRM/m3ae use 128-4096 on accelerators; 16 fits a 2-core CPU.
   c.total_steps = 40
 
   # --- Data: three kinds of sources in one stream (sources format: notes/common.md) ---------
@@ -40,85 +41,114 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.builder_config = "paired"
   c.data.image_size = ml_collections.FieldReference(224)
   c.data.sources = (
-      # Weights ~ how much each kind teaches per row: paired rows drive all three losses, so
-      # they get half the batch; the unpaired kinds split the rest.
-      dict(name="cxr_sample", builder_config="paired", split="train", kind="paired",
-           weight=0.5),
-      dict(name="cxr_sample", builder_config="image_only", split="train", kind="image",
-           weight=0.25),   # nih14_sample: another institute's images
-      dict(name="cxr_sample", builder_config="text_only", split="train", kind="text",
-           weight=0.25),   # iu_reports: a third institute's reports
+    # Weights ~ how much each kind teaches per row: paired rows drive all three losses, so
+    # they get half the batch; the unpaired kinds split the rest.
+    dict(name="cxr_sample", builder_config="paired", split="train", kind="paired", weight=0.5),
+    dict(
+      name="cxr_sample", builder_config="image_only", split="train", kind="image", weight=0.25
+    ),  # nih14_sample: another institute's images
+    dict(
+      name="cxr_sample", builder_config="text_only", split="train", kind="text", weight=0.25
+    ),  # iu_reports: a third institute's reports
   )
 
   # --- Model ---------------------------------------------------------------------------------
   c.model.name = "mixed"
-  c.model.projection_dim = 512   # ConVIRT's d (heads 768->512->512); same evaluators apply.
+  c.model.projection_dim = 512  # ConVIRT's d (heads 768->512->512); same evaluators apply.
   c.model.projection_hidden = 512
-  c.model.image = ml_collections.ConfigDict(dict(
+  c.model.image = ml_collections.ConfigDict(
+    dict(
       # ViT-B/16 as MRM; 224 / 16 = a 14x14 grid (TransCheX used 32px patches at 256: coarser).
       image_size=c.data.get_ref("image_size"),
-      patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_ratio=4.0,
+      patch_size=16,
+      hidden_size=768,
+      num_layers=12,
+      num_heads=12,
+      mlp_ratio=4.0,
       # Grey repeated to 3 channels: ImageNet ViT weights (timm) load unchanged and the export
       # is a stock timm model; the cost is one conv over 3 identical planes.
       in_chans=3,
-      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),  # timm vit_*_augreg normalisation
-      dropout=0.0, attention_dropout=0.0,          # MAE/MRM pretrain ViTs without dropout
-      pool="cls",                                  # h_v = class token (timm global_pool='token')
-      init="",                                     # local timm ViT state dict file, or ''
-  ))
+      mean=(0.5, 0.5, 0.5),
+      std=(0.5, 0.5, 0.5),  # timm vit_*_augreg normalisation
+      dropout=0.0,
+      attention_dropout=0.0,  # MAE/MRM pretrain ViTs without dropout
+      pool="cls",  # h_v = class token (timm global_pool='token')
+      init="",  # local timm ViT state dict file, or ''
+    )
+  )
   # Text: the same BERT stack and local HF checkpoint as ConVIRT (model.text from convirt.py:
   # init, tokenizer, dropouts, shape used when init is ''); all layers train (masked pretraining
   # updates the text stack, unlike ConVIRT's half-frozen BERT).
   c.model.text.frozen_layers = 0
   c.model.text.freeze_embeddings = False
-  c.model.text.pool = "max"    # ConVIRT's pooling, so text evaluators treat both families alike
-  c.model.fusion = ml_collections.ConfigDict(dict(
+  c.model.text.pool = "max"  # ConVIRT's pooling, so text evaluators treat both families alike
+  c.model.fusion = ml_collections.ConfigDict(
+    dict(
       # Co-attention (M3AE-medical, LXMERT/TransCheX mixed layers): text attends to image and
       # image to text, each then self-attention + MLP. Two layers as TransCheX's mixed stack;
       # m3ae's single fused stream would need equal widths (ViT 768 vs MiniLM 384 here).
-      num_layers=2, num_heads=12, mlp_ratio=4.0, dropout=0.1,
-  ))
-  c.model.decoder = ml_collections.ConfigDict(dict(
+      num_layers=2,
+      num_heads=12,
+      mlp_ratio=4.0,
+      dropout=0.1,
+    )
+  )
+  c.model.decoder = ml_collections.ConfigDict(
+    dict(
       # Light MAE-style decoder: 4 blocks (MRM's depth) at m3ae/MAE's 512 width (MRM 768).
-      hidden_size=512, num_layers=4, num_heads=16, mlp_ratio=4.0,
-      norm_pix_target=True,    # per-patch-normalised pixel targets (MAE, MRM)
-  ))
+      hidden_size=512,
+      num_layers=4,
+      num_heads=16,
+      mlp_ratio=4.0,
+      norm_pix_target=True,  # per-patch-normalised pixel targets (MAE, MRM)
+    )
+  )
   c.model.masking = ml_collections.ConfigDict()
-  c.model.masking.text = ml_collections.ConfigDict(dict(
+  c.model.masking.text = ml_collections.ConfigDict(
+    dict(
       # BERT / M3AE-medical: 15%, 80% [MASK] / 10% random / 10% kept. Token-level, not
       # whole-word: the batch carries no word ids.
-      prob=0.15, mask_frac=0.8, random_frac=0.1,
+      prob=0.15,
+      mask_frac=0.8,
+      random_frac=0.1,
       # Ids of the bundled MiniLM (uncased BERT) vocabulary: [MASK]; [PAD] [UNK] [CLS] [SEP]
       # [MASK] are never targets. Change with text.init/tokenizer.
-      mask_token_id=103, special_token_ids=(0, 100, 101, 102, 103),
-  ))
-  c.model.masking.image = ml_collections.ConfigDict(dict(
+      mask_token_id=103,
+      special_token_ids=(0, 100, 101, 102, 103),
+    )
+  )
+  c.model.masking.image = ml_collections.ConfigDict(
+    dict(
       # Multi-scale blocks of 1x1, 2x2, 4x4 patches (METHODS.md), one scale per row each step,
       # balanced within the batch. 1x1 at 75% as MAE/m3ae/MRM; 2x2 (32px blocks) at 60% as
       # SimMIM's 32px blocks; 4x4 (64px) at 50%: coarse blocks already remove whole
       # structures, so less is masked to leave context.
-      scales=(1, 2, 4), ratios=(0.75, 0.6, 0.5),
-  ))
+      scales=(1, 2, 4),
+      ratios=(0.75, 0.6, 0.5),
+    )
+  )
 
-  c.loss = ml_collections.ConfigDict(dict(
+  c.loss = ml_collections.ConfigDict(
+    dict(
       name="mixed",
       mvm_weight=1.0,
-      mlm_weight=0.5,          # m3ae's range 0.1-0.5 (upper end: reports are short) ; MRM 1
+      mlm_weight=0.5,  # m3ae's range 0.1-0.5 (upper end: reports are short) ; MRM 1
       contrastive_weight=1.0,  # FLIP-style on the masked inputs of paired rows
       mvm_scale_weights=(1 / 3, 1 / 3, 1 / 3),  # equal: no scale is known to matter more
-      lam=0.75, temperature=0.1,                # ConVIRT's InfoNCE
-  ))
-  c.optimizer.lr = 1e-4        # ConVIRT's Adam lr (MRM: AdamW 1.5e-4 x batch/256)
+      lam=0.75,
+      temperature=0.1,  # ConVIRT's InfoNCE
+    )
+  )
+  c.optimizer.lr = 1e-4  # ConVIRT's Adam lr (MRM: AdamW 1.5e-4 x batch/256)
 
   if arg == "paired_only":
-    c.data.sources = (dict(name="cxr_sample", builder_config="paired", split="train",
-                           kind="paired", weight=1.0),)
+    c.data.sources = (
+      dict(name="cxr_sample", builder_config="paired", split="train", kind="paired", weight=1.0),
+    )
   elif arg == "unpaired":
     c.data.sources = (
-        dict(name="cxr_sample", builder_config="image_only", split="train", kind="image",
-             weight=0.5),
-        dict(name="cxr_sample", builder_config="text_only", split="train", kind="text",
-             weight=0.5),
+      dict(name="cxr_sample", builder_config="image_only", split="train", kind="image", weight=0.5),
+      dict(name="cxr_sample", builder_config="text_only", split="train", kind="text", weight=0.5),
     )
     c.loss.contrastive_weight = 0.0  # no pairs: the term is always zero anyway
   elif arg == "smoke":
@@ -135,13 +165,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.image.update(patch_size=8, hidden_size=32, num_layers=2, num_heads=2)
     c.model.text.tokenizer = c.model.text.init  # real MiniLM vocab, random tiny BERT
     c.model.text.init = ""
-    c.model.text.update(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    c.model.text.update(
+      vocab_size=30522,
+      hidden_size=32,
+      num_layers=2,
+      num_heads=2,
+      intermediate_size=64,
+      max_position_embeddings=64,
+    )
     c.model.fusion.update(num_layers=1, num_heads=2)
     c.model.decoder.update(hidden_size=32, num_layers=1, num_heads=2)
     # Scales (1, 2, 4) on the 8x8 grid of 8px patches.
     c.optimizer.lr = 1e-3
   elif arg:
-    raise ValueError(f"configs/mixed.py: unknown variant {arg!r}; valid: 'paired_only', "
-                     "'unpaired', 'smoke' or none")
+    raise ValueError(
+      f"configs/mixed.py: unknown variant {arg!r}; valid: 'paired_only', "
+      "'unpaired', 'smoke' or none"
+    )
   return c

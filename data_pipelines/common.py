@@ -6,6 +6,7 @@ an `_image` path, or `_skip` = reason for a record already known to be bad) and 
 plus its PNG bytes into an example in `_example(record, png)`. Everything else (resize, worker
 pool, skip counts in `info.metadata['skipped']`, the log line) is here.
 """
+
 import collections
 from collections.abc import Iterable, Iterator
 import csv
@@ -36,9 +37,20 @@ SPLIT_BUCKETS = (("train", 80), ("validation", 90), ("test", 100))
 # The 14 CheXpert observations, in the CheXpert CSV column order (also MIMIC-CXR-JPG's
 # `-chexpert.csv.gz` and the Open-i MeSH-derived labels).
 CHEXPERT_LABELS = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-    "Pleural Other", "Fracture", "Support Devices",
+  "No Finding",
+  "Enlarged Cardiomediastinum",
+  "Cardiomegaly",
+  "Lung Opacity",
+  "Lung Lesion",
+  "Edema",
+  "Consolidation",
+  "Pneumonia",
+  "Atelectasis",
+  "Pneumothorax",
+  "Pleural Effusion",
+  "Pleural Other",
+  "Fracture",
+  "Support Devices",
 )
 # Policies for an uncertain (-1) CheXpert label (Irvin et al. 2019): keep -1 for the consumer
 # to mask ("ignore"), or map it to 1 ("ones") or 0 ("zeros"). A blank label is 0.
@@ -48,6 +60,7 @@ UNCERTAIN_POLICIES = ("ignore", "ones", "zeros")
 @dataclasses.dataclass(eq=False)
 class CorpusConfig(tfds.core.BuilderConfig):
   """A builder config: the stored shorter side and, for CheXpert-style labels, the policy."""
+
   image_size: int = DEFAULT_IMAGE_SIZE
   uncertain: str = "ignore"
 
@@ -58,16 +71,22 @@ def make_configs(bases: Iterable[tuple[str, str, dict[str, Any]]]) -> list[Corpu
   for name, description, kwargs in bases:
     for size in IMAGE_SIZES:
       suffix = "" if size == DEFAULT_IMAGE_SIZE else f"_{size}"
-      configs.append(CorpusConfig(
-          name=name + suffix, image_size=size, description=f"{description} Shorter side {size}.",
-          **kwargs))
+      configs.append(
+        CorpusConfig(
+          name=name + suffix,
+          image_size=size,
+          description=f"{description} Shorter side {size}.",
+          **kwargs,
+        )
+      )
   return configs
 
 
 def config_name(base: str, image_size: int) -> str:
   if image_size not in IMAGE_SIZES:
-    raise DataError(f"image_size={image_size} has no config; valid: "
-                    f"{', '.join(map(str, IMAGE_SIZES))}")
+    raise DataError(
+      f"image_size={image_size} has no config; valid: {', '.join(map(str, IMAGE_SIZES))}"
+    )
   return base if image_size == DEFAULT_IMAGE_SIZE else f"{base}_{image_size}"
 
 
@@ -96,26 +115,34 @@ def chexpert_value(raw: str, policy: str) -> int:
 
 # ----------------------------------------------------------------------------- files
 
+
 def require(path: epath.Path, what: str) -> epath.Path:
   if not path.exists():
     raise DataError(f"{path}: required file not found ({what})")
   return path
 
 
-def read_csv(path: epath.Path, required_columns: Iterable[str], *,
-             delimiter: str = ",", fieldnames: list[str] | None = None) -> list[dict[str, str]]:
+def read_csv(
+  path: epath.Path,
+  required_columns: Iterable[str],
+  *,
+  delimiter: str = ",",
+  fieldnames: list[str] | None = None,
+) -> list[dict[str, str]]:
   """Rows of a (possibly .gz) CSV; a missing file or column is one DataError naming it."""
   require(path, "CSV")
   data = path.read_bytes()
   if path.name.endswith(".gz"):
     data = gzip.decompress(data)
-  reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""),
-                          delimiter=delimiter, fieldnames=fieldnames)
+  reader = csv.DictReader(
+    io.StringIO(data.decode("utf-8-sig"), newline=""), delimiter=delimiter, fieldnames=fieldnames
+  )
   rows = list(reader)
   missing = [c for c in required_columns if c not in (reader.fieldnames or [])]
   if missing:
-    raise DataError(f"{path}: missing column(s) {', '.join(missing)} "
-                    f"(has {', '.join(reader.fieldnames or [])})")
+    raise DataError(
+      f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(reader.fieldnames or [])})"
+    )
   return rows
 
 
@@ -127,12 +154,31 @@ _HEADER = re.compile(r"^[ \t]*([A-Z][A-Z0-9 /&(),'-]{1,60}?)[ \t]*:", re.MULTILI
 FINDINGS_HEADERS = ("FINDINGS", "FINDINGS AND IMPRESSION", "FINDINGS/IMPRESSION", "FINDING")
 IMPRESSION_HEADERS = ("IMPRESSION", "IMPRESSIONS", "CONCLUSION", "CONCLUSIONS", "SUMMARY")
 # Sections that describe the request, not the image: never used as report text.
-_CONTEXT_HEADERS = frozenset({
-    "EXAMINATION", "EXAM", "INDICATION", "INDICATIONS", "HISTORY", "CLINICAL HISTORY",
-    "REASON FOR EXAM", "REASON FOR EXAMINATION", "TECHNIQUE", "COMPARISON", "COMPARISONS",
-    "PROCEDURE", "TYPE OF EXAMINATION", "CLINICAL INFORMATION", "WET READ", "NOTIFICATION",
-    "RECOMMENDATION", "RECOMMENDATIONS", "ADDENDUM", "PROVIDER", "REFERRING PHYSICIAN",
-})
+_CONTEXT_HEADERS = frozenset(
+  {
+    "EXAMINATION",
+    "EXAM",
+    "INDICATION",
+    "INDICATIONS",
+    "HISTORY",
+    "CLINICAL HISTORY",
+    "REASON FOR EXAM",
+    "REASON FOR EXAMINATION",
+    "TECHNIQUE",
+    "COMPARISON",
+    "COMPARISONS",
+    "PROCEDURE",
+    "TYPE OF EXAMINATION",
+    "CLINICAL INFORMATION",
+    "WET READ",
+    "NOTIFICATION",
+    "RECOMMENDATION",
+    "RECOMMENDATIONS",
+    "ADDENDUM",
+    "PROVIDER",
+    "REFERRING PHYSICIAN",
+  }
+)
 
 
 def _clean(text: str) -> str:
@@ -174,8 +220,11 @@ def report_fields(report: str) -> tuple[str, str, str]:
   impression = " ".join(sections[h] for h in IMPRESSION_HEADERS if h in sections)
   text = " ".join(t for t in (findings, impression) if t)
   if not text:
-    text = " ".join(body for name, body in sections.items()
-                    if name not in _CONTEXT_HEADERS and body.upper() != "FINAL REPORT")
+    text = " ".join(
+      body
+      for name, body in sections.items()
+      if name not in _CONTEXT_HEADERS and body.upper() != "FINAL REPORT"
+    )
   if not text:
     paragraphs = [_clean(_HEADER.sub(" ", p)) for p in re.split(r"\n\s*\n", report)]
     paragraphs = [p for p in paragraphs if p and p.upper() != "FINAL REPORT"]
@@ -184,6 +233,7 @@ def report_fields(report: str) -> tuple[str, str, str]:
 
 
 # ----------------------------------------------------------------------------- features
+
 
 def image_feature() -> tfds.features.Image:
   return tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")
@@ -194,11 +244,16 @@ def labels_feature(n: int) -> tfds.features.Tensor:
 
 
 def text_features() -> dict[str, tfds.features.FeatureConnector]:
-  return {"findings": tfds.features.Text(), "impression": tfds.features.Text(),
-          "text": tfds.features.Text(), "sentences": tfds.features.Sequence(tfds.features.Text())}
+  return {
+    "findings": tfds.features.Text(),
+    "impression": tfds.features.Text(),
+    "text": tfds.features.Text(),
+    "sentences": tfds.features.Sequence(tfds.features.Text()),
+  }
 
 
 # ----------------------------------------------------------------------------- builder
+
 
 class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the corpus builders: manual_dir in, resized grayscale PNGs out, skips counted."""
@@ -215,6 +270,7 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # tfds 4.9.10 computes this through the `importlib_resources` backport, which is not
     # installed on Python >= 3.9; the module file is what it would return.
     import inspect  # pylint: disable=g-import-not-at-top
+
     return epath.Path(inspect.getfile(cls))
 
   # --- to implement
@@ -233,8 +289,8 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # Description and citation: the README.md (dataset card) and CITATIONS.bib beside the
     # builder module, which tfds reads through `code_path`.
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict(self._features()),
-        metadata=tfds.core.MetadataDict())
+      features=tfds.features.FeaturesDict(self._features()), metadata=tfds.core.MetadataDict()
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     try:
@@ -244,13 +300,15 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._skipped = collections.Counter()
     by_split = self._split_records(epath.Path(root))
     # A split with no usable record is left out (tfds cannot write an empty split).
-    return {name: self._generate_examples(by_split[name], name) for name in self.SPLITS
-            if any("_skip" not in r for r in by_split.get(name, []))}
+    return {
+      name: self._generate_examples(by_split[name], name)
+      for name in self.SPLITS
+      if any("_skip" not in r for r in by_split.get(name, []))
+    }
 
   def skip(self, reason: str, detail: str) -> None:
     self._skipped[reason] += 1
-    logging.warning("%s/%s: skipping %s (%s)", self.name, self.builder_config.name, detail,
-                    reason)
+    logging.warning("%s/%s: skipping %s (%s)", self.name, self.builder_config.name, detail, reason)
 
   def _images(self, records: list[dict[str, Any]]) -> Iterator[tuple[int, bytes | None, str]]:
     size = self.builder_config.image_size
@@ -283,15 +341,18 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       kept += 1
       yield record["_key"], self._example(record, png)
     self.info.metadata["skipped"] = dict(sorted(self._skipped.items()))
-    logging.info("%s/%s: split %s: %d examples", self.name, self.builder_config.name, split,
-                 kept)
+    logging.info("%s/%s: split %s: %d examples", self.name, self.builder_config.name, split, kept)
 
   def _post_download_and_prepare_hook(self) -> None:
     skipped = dict(self.info.metadata.get("skipped", {}))
-    logging.info("%s/%s: built %s; skipped %d bad records %s", self.name,
-                 self.builder_config.name,
-                 {k: v.num_examples for k, v in self.info.splits.items()},
-                 sum(skipped.values()), skipped)
+    logging.info(
+      "%s/%s: built %s; skipped %d bad records %s",
+      self.name,
+      self.builder_config.name,
+      {k: v.num_examples for k, v in self.info.splits.items()},
+      sum(skipped.values()),
+      skipped,
+    )
 
 
 def text_record(findings: str, impression: str, text: str) -> tuple[dict[str, Any], str]:
@@ -301,5 +362,4 @@ def text_record(findings: str, impression: str, text: str) -> tuple[dict[str, An
   sentences = sentences_lib.split_sentences(text)
   if not sentences:
     return {}, "no_sentences"
-  return {"findings": findings, "impression": impression, "text": text,
-          "sentences": sentences}, ""
+  return {"findings": findings, "impression": impression, "text": text, "sentences": sentences}, ""

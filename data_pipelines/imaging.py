@@ -6,6 +6,7 @@ are rescaled to 0..255 by their maximum. DICOM files (`load_dicom`, used by
 `data_pipelines.rsna_pneumonia`) go through the modality LUT, the VOI window when the file has
 one, a min-max rescale to 0..255 (8-bit data is kept as-is) and, for MONOCHROME1, inversion.
 """
+
 import io
 import os
 from typing import Any
@@ -88,6 +89,7 @@ def dicom_to_uint8(ds: Any) -> np.ndarray:
   to luminance.
   """
   from pydicom import pixels  # pylint: disable=g-import-not-at-top
+
   arr = ds.pixel_array
   if arr.ndim == 3 and int(getattr(ds, "SamplesPerPixel", 1)) == 1:
     arr = arr[0]  # Multi-frame: the first frame.
@@ -122,6 +124,7 @@ def load_dicom(path: str | os.PathLike[str], image_size: int) -> bytes:
     One of DICOM_ERRORS if the file is missing, not DICOM, or its pixel data cannot be decoded.
   """
   import pydicom  # pylint: disable=g-import-not-at-top
+
   ds = pydicom.dcmread(os.fspath(path))
   return pil_to_png(Image.fromarray(dicom_to_uint8(ds), mode="L"), image_size)
 
@@ -129,8 +132,15 @@ def load_dicom(path: str | os.PathLike[str], image_size: int) -> bytes:
 def dicom_errors() -> tuple[type[BaseException], ...]:
   """Failures of one DICOM file that mean "skip and count" (pydicom imported lazily)."""
   from pydicom import errors  # pylint: disable=g-import-not-at-top
-  return IMAGE_ERRORS + (errors.InvalidDicomError, AttributeError, KeyError, TypeError,
-                         NotImplementedError, RuntimeError)
+
+  return IMAGE_ERRORS + (
+    errors.InvalidDicomError,
+    AttributeError,
+    KeyError,
+    TypeError,
+    NotImplementedError,
+    RuntimeError,
+  )
 
 
 def load_dicom_task(task: tuple[Any, str, int]) -> tuple[Any, bytes | None, str]:

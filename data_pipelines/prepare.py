@@ -9,6 +9,7 @@ so an interrupted run never leaves a dataset that reads as prepared. Stale `inco
 folders of an earlier, killed run of the same config are removed first. At the end a summary
 gives the records written per split and the records skipped by reason.
 """
+
 import os
 import sys
 import time
@@ -22,11 +23,13 @@ from medvl_jax.errors import MedvlError
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The corpus in its published layout.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data dir (default ~/tensorflow_datasets).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", common.DEFAULT_IMAGE_SIZE,
-                                   f"Stored shorter side; one of {common.IMAGE_SIZES}.")
+_IMAGE_SIZE = flags.DEFINE_integer(
+  "image_size", common.DEFAULT_IMAGE_SIZE, f"Stored shorter side; one of {common.IMAGE_SIZES}."
+)
 _CONFIG = flags.DEFINE_string("config", None, "Base builder config (default per corpus).")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
-                                    "Processes that decode and resize images.")
+_NUM_WORKERS = flags.DEFINE_integer(
+  "num_workers", os.cpu_count() or 1, "Processes that decode and resize images."
+)
 
 
 def builder_for(name: str, *, config: str | None, image_size: int, data_dir: str | None):
@@ -34,8 +37,7 @@ def builder_for(name: str, *, config: str | None, image_size: int, data_dir: str
 
   Raises MedvlError (one line) on an unknown name or config.
   """
-  full = common.config_name(config or corpora.get(name, key="corpus").default_config,
-                            image_size)
+  full = common.config_name(config or corpora.get(name, key="corpus").default_config, image_size)
   names = corpora.config_names(name)
   if full not in names:
     bases = sorted({n for n in names if not n.rsplit("_", 1)[-1].isdigit()})
@@ -58,38 +60,60 @@ def summary(builder) -> str:
   for split, info in builder.info.splits.items():
     lines.append(f"  {split:<12} {info.num_examples:>9,d} records")
   skipped = dict(builder.info.metadata.get("skipped", {}))
-  lines.append(f"  skipped      {sum(skipped.values()):>9,d} records"
-               + "".join(f"\n    {reason:<20} {n:>9,d}" for reason, n in sorted(skipped.items())))
+  lines.append(
+    f"  skipped      {sum(skipped.values()):>9,d} records"
+    + "".join(f"\n    {reason:<20} {n:>9,d}" for reason, n in sorted(skipped.items()))
+  )
   return "\n".join(lines)
 
 
-def prepare(name: str, manual_dir: str, *, data_dir: str | None = None,
-            image_size: int = common.DEFAULT_IMAGE_SIZE, config: str | None = None,
-            num_workers: int = 1):
+def prepare(
+  name: str,
+  manual_dir: str,
+  *,
+  data_dir: str | None = None,
+  image_size: int = common.DEFAULT_IMAGE_SIZE,
+  config: str | None = None,
+  num_workers: int = 1,
+):
   """Builds corpus `name` from `manual_dir`; returns the prepared builder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   if not manual_dir or not epath.Path(manual_dir).expanduser().is_dir():
     raise MedvlError(f"--manual_dir={manual_dir!r} is not a directory")
-  builder = builder_for(name, config=config, image_size=image_size,
-                        data_dir=os.path.expanduser(data_dir) if data_dir else None)
+  builder = builder_for(
+    name,
+    config=config,
+    image_size=image_size,
+    data_dir=os.path.expanduser(data_dir) if data_dir else None,
+  )
   if not builder.is_prepared():
     remove_stale_incomplete(builder)
   builder.num_workers = max(1, num_workers)
   tfds.enable_progress_bar()
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.path.expanduser(manual_dir), try_download_gcs=False))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(
+      manual_dir=os.path.expanduser(manual_dir), try_download_gcs=False
+    )
+  )
   return builder
 
 
 def main(argv):
   if len(argv) != 2:
-    raise app.UsageError(f"usage: python -m data_pipelines.prepare "
-                         f"{{{','.join(corpora.names())}}} --manual_dir=DIR")
+    raise app.UsageError(
+      f"usage: python -m data_pipelines.prepare {{{','.join(corpora.names())}}} --manual_dir=DIR"
+    )
   start = time.perf_counter()
   try:
-    builder = prepare(argv[1], _MANUAL_DIR.value, data_dir=_DATA_DIR.value,
-                      image_size=_IMAGE_SIZE.value, config=_CONFIG.value,
-                      num_workers=_NUM_WORKERS.value)
+    builder = prepare(
+      argv[1],
+      _MANUAL_DIR.value,
+      data_dir=_DATA_DIR.value,
+      image_size=_IMAGE_SIZE.value,
+      config=_CONFIG.value,
+      num_workers=_NUM_WORKERS.value,
+    )
   except MedvlError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

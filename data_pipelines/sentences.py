@@ -7,16 +7,65 @@ decimal ("1.5 cm"), after a common abbreviation ("Dr.", "e.g.", "approx.") or af
 enumeration marker at the start of a sentence ("1. Bullous emphysema."). De-identification
 marks such as the IU "XXXX" are kept as they are.
 """
+
 import re
 
 # Abbreviations (lower case, without the final period) after which a period does not end a
 # sentence. Kept short and medical/clinical; "etc." is left out because it usually ends one.
-ABBREVIATIONS = frozenset({
-    "dr", "drs", "mr", "mrs", "ms", "prof", "st", "vs", "e.g", "i.e", "cf", "approx", "appr",
-    "fig", "figs", "ref", "refs", "resp", "al", "jr", "sr", "inc", "a.m", "p.m", "u.s",
-    "b.i.d", "t.i.d", "q.i.d", "q.d", "p.o", "pt", "pts", "hx", "dx", "sx", "incl", "max",
-    "min", "no", "nos", "vol", "yr", "yrs", "wk", "wks", "mo", "mos", "esp", "ca", "c.f",
-})
+ABBREVIATIONS = frozenset(
+  {
+    "dr",
+    "drs",
+    "mr",
+    "mrs",
+    "ms",
+    "prof",
+    "st",
+    "vs",
+    "e.g",
+    "i.e",
+    "cf",
+    "approx",
+    "appr",
+    "fig",
+    "figs",
+    "ref",
+    "refs",
+    "resp",
+    "al",
+    "jr",
+    "sr",
+    "inc",
+    "a.m",
+    "p.m",
+    "u.s",
+    "b.i.d",
+    "t.i.d",
+    "q.i.d",
+    "q.d",
+    "p.o",
+    "pt",
+    "pts",
+    "hx",
+    "dx",
+    "sx",
+    "incl",
+    "max",
+    "min",
+    "no",
+    "nos",
+    "vol",
+    "yr",
+    "yrs",
+    "wk",
+    "wks",
+    "mo",
+    "mos",
+    "esp",
+    "ca",
+    "c.f",
+  }
+)
 
 # A sentence end: terminal punctuation (plus closing quotes/brackets), then whitespace and
 # something that starts a sentence, or the end of the text.
@@ -54,7 +103,7 @@ def _is_boundary(text: str, start: int, punct_start: int, punct_end: int) -> boo
   if word.lower() in ABBREVIATIONS:
     return False
   # "1. Bullous emphysema." / "Impression: 2. Edema.": a marker opening a sentence or list.
-  lead = before[:match.start()].rstrip()
+  lead = before[: match.start()].rstrip()
   opens_list = not lead or lead.endswith((":", ";"))
   return not (opens_list and _ENUM.match(word))
 
@@ -65,7 +114,7 @@ def _split_block(text: str) -> list[str]:
   start = 0
   for match in _END.finditer(text):
     if _is_boundary(text, start, match.start(), match.end()):
-      pieces.append(text[start:match.end()])
+      pieces.append(text[start : match.end()])
       start = match.end()
   pieces.append(text[start:])
   return pieces

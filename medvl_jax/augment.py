@@ -8,6 +8,7 @@ pipeline derives the seeds from (config seed, epoch, example position). Ops retu
 The train chain follows METHODS.md (ConVIRT): random resized crop (after resizing the shorter
 side), horizontal flip, affine, brightness/contrast jitter, Gaussian blur.
 """
+
 from collections.abc import Mapping, Sequence
 import math
 from typing import Any
@@ -40,8 +41,9 @@ def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
   image = to_float(image)
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   short, long = tf.minimum(h, w), tf.maximum(h, w)
-  new_long = tf.cast(tf.cast(size, tf.int64) * tf.cast(long, tf.int64)
-                     // tf.cast(short, tf.int64), tf.int32)
+  new_long = tf.cast(
+    tf.cast(size, tf.int64) * tf.cast(long, tf.int64) // tf.cast(short, tf.int64), tf.int32
+  )
   new_hw = tf.where(h <= w, tf.stack([size, new_long]), tf.stack([new_long, size]))
 
   def resize():
@@ -50,9 +52,14 @@ def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
   return tf.cond(tf.equal(short, size), lambda: image, resize)
 
 
-def sample_crop_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor,
-                       scale: Range = (0.6, 1.0), ratio: Range = (3 / 4, 4 / 3),
-                       attempts: int = 10) -> tf.Tensor:
+def sample_crop_window(
+  height: tf.Tensor,
+  width: tf.Tensor,
+  seed: tf.Tensor,
+  scale: Range = (0.6, 1.0),
+  ratio: Range = (3 / 4, 4 / 3),
+  attempts: int = 10,
+) -> tf.Tensor:
   """torchvision's RandomResizedCrop window: returns int32 [y, x, h, w].
 
   Tries `attempts` (area fraction, log-uniform aspect ratio) draws and keeps the first that
@@ -73,10 +80,10 @@ def sample_crop_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor,
   ok = tf.reduce_any(fits)
   h = tf.where(ok, hs[first], fb_h)
   w = tf.where(ok, ws[first], fb_w)
-  y_rand = tf.cast(tf.floor(_uniform(s_y, 0.0, 1.0) * tf.cast(height - h + 1, tf.float32)),
-                   tf.int32)
-  x_rand = tf.cast(tf.floor(_uniform(s_x, 0.0, 1.0) * tf.cast(width - w + 1, tf.float32)),
-                   tf.int32)
+  y_rand = tf.cast(
+    tf.floor(_uniform(s_y, 0.0, 1.0) * tf.cast(height - h + 1, tf.float32)), tf.int32
+  )
+  x_rand = tf.cast(tf.floor(_uniform(s_x, 0.0, 1.0) * tf.cast(width - w + 1, tf.float32)), tf.int32)
   y = tf.where(ok, tf.minimum(y_rand, height - h), (height - h) // 2)
   x = tf.where(ok, tf.minimum(x_rand, width - w), (width - w) // 2)
   return tf.stack([y, x, h, w])
@@ -85,14 +92,19 @@ def sample_crop_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor,
 def crop_and_resize(image: tf.Tensor, window: tf.Tensor, size: int) -> tf.Tensor:
   """Crops `window` ([y, x, h, w]) and resizes it (bilinear, antialiased) to size x size."""
   y, x, h, w = tf.unstack(window)
-  crop = image[y:y + h, x:x + w]
+  crop = image[y : y + h, x : x + w]
   out = tf.image.resize(to_float(crop), [size, size], method="bilinear", antialias=True)
   return tf.ensure_shape(out, [size, size, image.shape[-1]])
 
 
-def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int = 224,
-                        scale: Range = (0.6, 1.0), ratio: Range = (3 / 4, 4 / 3),
-                        resize: int = 256) -> tf.Tensor:
+def random_resized_crop(
+  image: tf.Tensor,
+  seed: tf.Tensor,
+  size: int = 224,
+  scale: Range = (0.6, 1.0),
+  ratio: Range = (3 / 4, 4 / 3),
+  resize: int = 256,
+) -> tf.Tensor:
   """Resizes the shorter side to `resize`, then takes a RandomResizedCrop to size x size."""
   image = resize_shorter_side(image, resize)
   shape = tf.shape(image)
@@ -106,8 +118,9 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor, p: float = 0.5) -> tf.Tensor:
   return tf.cond(fire, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
 
-def affine_transform(image: tf.Tensor, angle: tf.Tensor, translate: Sequence[tf.Tensor],
-                     scale: tf.Tensor) -> tf.Tensor:
+def affine_transform(
+  image: tf.Tensor, angle: tf.Tensor, translate: Sequence[tf.Tensor], scale: tf.Tensor
+) -> tf.Tensor:
   """Rotates (degrees, counter-clockwise as displayed), scales and translates (pixels, +x is
   right, +y is down) about the image centre; bilinear, out-of-image pixels are 0."""
   image = to_float(image)
@@ -120,16 +133,27 @@ def affine_transform(image: tf.Tensor, angle: tf.Tensor, translate: Sequence[tf.
   ox = cx + tf.cast(translate[0], tf.float32)
   oy = cy + tf.cast(translate[1], tf.float32)
   # Inverse map (output -> input pixel): p_in = c + R(-theta) (p_out - c - t) / s.
-  transform = tf.stack([cos, -sin, cx - cos * ox + sin * oy,
-                        sin, cos, cy - sin * ox - cos * oy, 0.0, 0.0])
+  transform = tf.stack(
+    [cos, -sin, cx - cos * ox + sin * oy, sin, cos, cy - sin * ox - cos * oy, 0.0, 0.0]
+  )
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transform[None], output_shape=tf.stack([h, w]),
-      fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    images=image[None],
+    transforms=transform[None],
+    output_shape=tf.stack([h, w]),
+    fill_value=0.0,
+    interpolation="BILINEAR",
+    fill_mode="CONSTANT",
+  )
   return tf.ensure_shape(out[0], image.shape)
 
 
-def random_affine(image: tf.Tensor, seed: tf.Tensor, degrees: float = 20.0,
-                  translate: float = 0.1, scale: Range = (0.95, 1.05)) -> tf.Tensor:
+def random_affine(
+  image: tf.Tensor,
+  seed: tf.Tensor,
+  degrees: float = 20.0,
+  translate: float = 0.1,
+  scale: Range = (0.95, 1.05),
+) -> tf.Tensor:
   """torchvision RandomAffine: angle in [-degrees, degrees], integer shift up to
   translate * size, isotropic scale in `scale`; no shear."""
   s_angle, s_tx, s_ty, s_scale = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
@@ -153,17 +177,20 @@ def adjust_contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
   return tf.clip_by_value(factor * image + (1.0 - factor) * mean, 0.0, 255.0)
 
 
-def color_jitter(image: tf.Tensor, seed: tf.Tensor, brightness: Range = (0.6, 1.4),
-                 contrast: Range = (0.6, 1.4)) -> tf.Tensor:
+def color_jitter(
+  image: tf.Tensor, seed: tf.Tensor, brightness: Range = (0.6, 1.4), contrast: Range = (0.6, 1.4)
+) -> tf.Tensor:
   """torchvision ColorJitter restricted to brightness and contrast: multiplicative factors
   drawn uniformly from the ranges, applied in a random order."""
   s_b, s_c, s_order = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   b = _uniform(s_b, brightness[0], brightness[1])
   c = _uniform(s_c, contrast[0], contrast[1])
   image = to_float(image)
-  return tf.cond(_uniform(s_order, 0.0, 1.0) < 0.5,
-                 lambda: adjust_contrast(adjust_brightness(image, b), c),
-                 lambda: adjust_brightness(adjust_contrast(image, c), b))
+  return tf.cond(
+    _uniform(s_order, 0.0, 1.0) < 0.5,
+    lambda: adjust_contrast(adjust_brightness(image, b), c),
+    lambda: adjust_brightness(adjust_contrast(image, c), b),
+  )
 
 
 def gaussian_kernel(sigma: tf.Tensor, radius: int) -> tf.Tensor:
@@ -183,8 +210,9 @@ def blur(image: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
   return tf.ensure_shape(tf.transpose(x[..., 0], [1, 2, 0]), image.shape)
 
 
-def gaussian_blur(image: tf.Tensor, seed: tf.Tensor, sigma: Range = (0.1, 3.0),
-                  radius: int | None = None) -> tf.Tensor:
+def gaussian_blur(
+  image: tf.Tensor, seed: tf.Tensor, sigma: Range = (0.1, 3.0), radius: int | None = None
+) -> tf.Tensor:
   """Gaussian blur with sigma drawn uniformly from `sigma`; the kernel radius defaults to
   ceil(3 * max sigma) (19 taps for sigma up to 3)."""
   if radius is None:
@@ -197,11 +225,12 @@ def center_crop(image: tf.Tensor, size: int = 224, resize: int = 256) -> tf.Tens
   image = resize_shorter_side(image, resize)
   shape = tf.shape(image)
   y, x = (shape[0] - size) // 2, (shape[1] - size) // 2
-  return tf.ensure_shape(image[y:y + size, x:x + size], [size, size, image.shape[-1]])
+  return tf.ensure_shape(image[y : y + size, x : x + size], [size, size, image.shape[-1]])
 
 
-def convirt_train_augment(image: tf.Tensor, seed: tf.Tensor, cfg: Mapping[str, Any], *,
-                          size: int = 224, resize: int = 256) -> tf.Tensor:
+def convirt_train_augment(
+  image: tf.Tensor, seed: tf.Tensor, cfg: Mapping[str, Any], *, size: int = 224, resize: int = 256
+) -> tf.Tensor:
   """The ConVIRT train chain; returns uint8 [size, size, C].
 
   Args:
@@ -213,27 +242,32 @@ def convirt_train_augment(image: tf.Tensor, seed: tf.Tensor, cfg: Mapping[str, A
     resize: shorter side before the crop.
   """
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
-  x = random_resized_crop(image, seeds[0], size, scale=tuple(cfg["crop_scale"]),
-                          resize=resize)
+  x = random_resized_crop(image, seeds[0], size, scale=tuple(cfg["crop_scale"]), resize=resize)
   x = random_flip(x, seeds[1], p=cfg["flip_p"])
-  x = random_affine(x, seeds[2], degrees=cfg["rotation"], translate=cfg["translate"],
-                    scale=tuple(cfg["affine_scale"]))
-  x = color_jitter(x, seeds[3], brightness=tuple(cfg["brightness"]),
-                   contrast=tuple(cfg["contrast"]))
+  x = random_affine(
+    x,
+    seeds[2],
+    degrees=cfg["rotation"],
+    translate=cfg["translate"],
+    scale=tuple(cfg["affine_scale"]),
+  )
+  x = color_jitter(
+    x, seeds[3], brightness=tuple(cfg["brightness"]), contrast=tuple(cfg["contrast"])
+  )
   x = gaussian_blur(x, seeds[4], sigma=tuple(cfg["blur_sigma"]))
   return to_uint8(x)
 
 
-def mae_train_augment(image: tf.Tensor, seed: tf.Tensor, cfg: Mapping[str, Any], *,
-                      size: int = 224, resize: int = 256) -> tf.Tensor:
+def mae_train_augment(
+  image: tf.Tensor, seed: tf.Tensor, cfg: Mapping[str, Any], *, size: int = 224, resize: int = 256
+) -> tf.Tensor:
   """A light, MAE-style chain: random resized crop + horizontal flip; uint8 [size, size, C].
 
   Uses `cfg['crop_scale']` and `cfg['flip_p']` of `config.data.augment` (MAE itself crops
   with scale (0.2, 1.0)).
   """
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  x = random_resized_crop(image, seeds[0], size, scale=tuple(cfg["crop_scale"]),
-                          resize=resize)
+  x = random_resized_crop(image, seeds[0], size, scale=tuple(cfg["crop_scale"]), resize=resize)
   return to_uint8(random_flip(x, seeds[1], p=cfg["flip_p"]))
 
 

@@ -13,6 +13,7 @@ and an eval batch adds
 Imports only NumPy, so benchmarks of any framework can build batches from it. `eval=True`
 selects the eval layout (the name shadows the builtin on purpose: it is the layout's word).
 """
+
 # pylint: disable=redefined-builtin
 from typing import Any
 
@@ -22,12 +23,12 @@ from medvl_jax.errors import DataError
 
 # key -> (per-example shape as a function of (S, L), dtype), in the order above.
 _LAYOUT = {
-    "image": (lambda s, l: (s, s, 1), np.uint8),
-    "input_ids": (lambda s, l: (l,), np.int32),
-    "attention_mask": (lambda s, l: (l,), np.int32),
-    "has_image": (lambda s, l: (), np.bool_),
-    "has_text": (lambda s, l: (), np.bool_),
-    "source": (lambda s, l: (), np.int32),
+  "image": (lambda s, l: (s, s, 1), np.uint8),
+  "input_ids": (lambda s, l: (l,), np.int32),
+  "attention_mask": (lambda s, l: (l,), np.int32),
+  "has_image": (lambda s, l: (), np.bool_),
+  "has_text": (lambda s, l: (), np.bool_),
+  "source": (lambda s, l: (), np.int32),
 }
 _EVAL_ONLY = {"mask": (lambda s, l: (), np.bool_)}
 
@@ -42,20 +43,25 @@ def keys(eval: bool = False) -> tuple[str, ...]:
   return EVAL_KEYS if eval else TRAIN_KEYS
 
 
-def spec(image_size: int, max_length: int,
-         eval: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def spec(
+  image_size: int, max_length: int, eval: bool = False
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """{key: (per-example shape, without the batch dimension; dtype)}."""
   layout = dict(_LAYOUT, **_EVAL_ONLY) if eval else _LAYOUT
-  return {k: (shape(image_size, max_length), np.dtype(dtype))
-          for k, (shape, dtype) in layout.items()}
+  return {
+    k: (shape(image_size, max_length), np.dtype(dtype)) for k, (shape, dtype) in layout.items()
+  }
 
 
-def zeros(batch_size: int, image_size: int, max_length: int,
-          eval: bool = False) -> dict[str, np.ndarray]:
+def zeros(
+  batch_size: int, image_size: int, max_length: int, eval: bool = False
+) -> dict[str, np.ndarray]:
   """A dummy batch (for init and tracing): zero images and ids, every row has an image and a
   text (attention on every position), source 0, and in eval every row is real."""
-  out = {k: np.zeros((batch_size,) + shape, dtype)
-         for k, (shape, dtype) in spec(image_size, max_length, eval).items()}
+  out = {
+    k: np.zeros((batch_size,) + shape, dtype)
+    for k, (shape, dtype) in spec(image_size, max_length, eval).items()
+  }
   for k in ("attention_mask", "has_image", "has_text") + (("mask",) if eval else ()):
     out[k][...] = 1
   return out
@@ -66,9 +72,15 @@ def from_config(config, batch_size: int, eval: bool = False) -> dict[str, np.nda
   return zeros(batch_size, config.data.image_size, config.data.max_length, eval)
 
 
-def random(batch_size: int, image_size: int, max_length: int, *, seed: int = 0,
-           token_range: tuple[int, int] = (1000, 28000),
-           min_length: int = 16) -> dict[str, np.ndarray]:
+def random(
+  batch_size: int,
+  image_size: int,
+  max_length: int,
+  *,
+  seed: int = 0,
+  token_range: tuple[int, int] = (1000, 28000),
+  min_length: int = 16,
+) -> dict[str, np.ndarray]:
   """A synthetic paired train batch for benchmarks: uniform uint8 images, token ids drawn from
   `token_range`, text lengths uniform in [min(min_length, max_length - 1), max_length)."""
   rng = np.random.default_rng(seed)
@@ -81,17 +93,25 @@ def random(batch_size: int, image_size: int, max_length: int, *, seed: int = 0,
   return out
 
 
-def check(batch: dict[str, Any], *, image_size: int | None = None,
-          max_length: int | None = None, batch_size: int | None = None,
-          eval: bool = False, where: str = "batch") -> None:
+def check(
+  batch: dict[str, Any],
+  *,
+  image_size: int | None = None,
+  max_length: int | None = None,
+  batch_size: int | None = None,
+  eval: bool = False,
+  where: str = "batch",
+) -> None:
   """Raises DataError (one line naming `where` and the key) unless `batch` has exactly the
   layout's keys, dtypes and shapes. Unknown S / L / B are taken from the batch itself."""
   expected = keys(eval)
   missing = [k for k in expected if k not in batch]
   extra = sorted(set(batch) - set(expected))
   if missing or extra:
-    raise DataError(f"{where}: missing keys {missing}, unexpected keys {extra}; "
-                     f"a {'eval' if eval else 'train'} batch has {', '.join(expected)}")
+    raise DataError(
+      f"{where}: missing keys {missing}, unexpected keys {extra}; "
+      f"a {'eval' if eval else 'train'} batch has {', '.join(expected)}"
+    )
   image_shape = np.shape(batch["image"])
   if len(image_shape) != 4:
     raise DataError(f"{where}: 'image' has shape {tuple(image_shape)}; expected [B, S, S, 1]")
@@ -107,5 +127,7 @@ def check(batch: dict[str, Any], *, image_size: int | None = None,
     if got_dtype is None or np.dtype(got_dtype) != dtype:
       raise DataError(f"{where}: {k!r} has dtype {got_dtype}; expected {dtype.name}")
     if tuple(np.shape(v)) != (b,) + shape:
-      raise DataError(f"{where}: {k!r} has shape {tuple(np.shape(v))}; expected "
-                       f"{(b,) + shape} (B={b}, S={s}, L={l})")
+      raise DataError(
+        f"{where}: {k!r} has shape {tuple(np.shape(v))}; expected "
+        f"{(b,) + shape} (B={b}, S={s}, L={l})"
+      )

@@ -1,4 +1,5 @@
 """What every command-line tool here shares: mistakes end as one `error: ...` line, exit 2."""
+
 import sys
 from typing import NoReturn
 

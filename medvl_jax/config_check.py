@@ -11,6 +11,7 @@ Checks, in order: registry names (model, dataset, loss, schedule), the model's n
 dataset can serve, sizes), the step counts, and each evaluator's name and settings (against the
 evaluator constructor's signature, without building it).
 """
+
 from typing import Any
 
 import ml_collections
@@ -34,15 +35,19 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
   # The builder class only (imported by name, its declared features): no data is touched.
   default_config = corpora.get(data.name).default_config
   if not data.get("sources") and "paired" not in corpora.kinds(data.name, default_config):
-    paired = [n for n in corpora.names()
-              if "paired" in corpora.kinds(n, corpora.get(n).default_config)]
-    raise ConfigError(f"config.data.name={data.name!r} (builder_config="
-                      f"{data.builder_config!r}) has no image-text pairs to pretrain on; "
-                      f"valid: {', '.join(paired)}")
+    paired = [
+      n for n in corpora.names() if "paired" in corpora.kinds(n, corpora.get(n).default_config)
+    ]
+    raise ConfigError(
+      f"config.data.name={data.name!r} (builder_config="
+      f"{data.builder_config!r}) has no image-text pairs to pretrain on; "
+      f"valid: {', '.join(paired)}"
+    )
   corpora.check_config(data.name, data.builder_config, key="config.data.builder_config")
   if data.image_size > data.resize:
-    raise ConfigError(f"config.data.image_size={data.image_size} is larger than "
-                      f"config.data.resize={data.resize}")
+    raise ConfigError(
+      f"config.data.image_size={data.image_size} is larger than config.data.resize={data.resize}"
+    )
   # Every source (config.data.sources, or the one-source shorthand): name, builder config,
   # kind, weight, augmentation chain, split; metadata only, no record is read.
   input_pipeline.check_sources(config)
@@ -52,6 +57,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
 def check_evaluator(name: str, settings: dict[str, Any], key: str = "config.evaluators") -> None:
   """An evaluator's name and settings against its constructor, without building it."""
   from medvl_jax import evaluate  # pylint: disable=g-import-not-at-top
+
   evaluate.check_settings(name, settings, key)
 
 
@@ -65,9 +71,12 @@ def _check_evaluators(config: ml_collections.ConfigDict) -> None:
     check_evaluator(name, entry, key)
   if config.evaluators:
     import jax  # pylint: disable=g-import-not-at-top
+
     if jax.process_count() > 1:
-      raise ConfigError("config.evaluators runs on one process only; on several hosts, "
-                        "evaluate checkpoints with `python -m medvl_jax.evaluate`")
+      raise ConfigError(
+        "config.evaluators runs on one process only; on several hosts, "
+        "evaluate checkpoints with `python -m medvl_jax.evaluate`"
+      )
 
 
 # ----------------------------------------------------------------------------- all
@@ -79,9 +88,11 @@ def check(config: ml_collections.ConfigDict) -> None:
   family = families.get(config.model.name)
   corpora.get(config.data.name, key="config.data.name")
   if config.loss.name not in family.losses:  # e.g. a ConVIRT loss on the mixed model
-    raise ConfigError(f"config.loss.name={config.loss.name!r} does not fit "
-                      f"config.model.name={config.model.name!r}; valid: "
-                      f"{', '.join(family.losses)}")
+    raise ConfigError(
+      f"config.loss.name={config.loss.name!r} does not fit "
+      f"config.model.name={config.model.name!r}; valid: "
+      f"{', '.join(family.losses)}"
+    )
   _valid("config.optimizer.schedule", config.optimizer.schedule, SCHEDULES)
   family.check_config(config.model)
   _check_data(config)

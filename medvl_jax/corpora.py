@@ -14,6 +14,7 @@ sentences.
 To add a corpus: write its tfds builder under `data_pipelines/<name>/` and add one `Corpus`
 entry to `CORPORA` below (see data_pipelines/README.md, "Adding a corpus").
 """
+
 from collections.abc import Callable
 import dataclasses
 import functools
@@ -30,6 +31,7 @@ TASK_TYPES = ("multilabel", "multiclass")
 @dataclasses.dataclass(frozen=True)
 class Corpus:
   """How to find, build and read one registered corpus."""
+
   name: str  # Registry name (config.data.name, an evaluator's `dataset`, prepare's argument).
   tfds_name: str  # The name its tfds builder registers.
   module: str  # Importing it registers the builder; it exports the class as `Builder`.
@@ -58,25 +60,72 @@ def _rsna_labels() -> tuple[str, ...]:
   return ("Pneumonia",)
 
 
-CORPORA: dict[str, Corpus] = {c.name: c for c in (
+CORPORA: dict[str, Corpus] = {
+  c.name: c
+  for c in (
     # The bundled real sample (../shared/data): paired notes, text-only reports, image-only NIH.
-    Corpus("cxr_sample", "cxr_sample", "data_pipelines.cxr_sample", "paired",
-           text_key="sentences", auto_prepare=True),
+    Corpus(
+      "cxr_sample",
+      "cxr_sample",
+      "data_pipelines.cxr_sample",
+      "paired",
+      text_key="sentences",
+      auto_prepare=True,
+    ),
     # Corpora prepared with `python -m data_pipelines.prepare NAME --manual_dir=...`.
-    Corpus("mimic_cxr", "mimic_cxr", "data_pipelines.mimic_cxr", "paired",
-           text_key="sentences", label_names=_chexpert_labels, task_type="multilabel"),
-    Corpus("openi", "openi", "data_pipelines.openi", "paired", text_key="sentences",
-           label_names=_chexpert_labels, task_type="multilabel"),
+    Corpus(
+      "mimic_cxr",
+      "mimic_cxr",
+      "data_pipelines.mimic_cxr",
+      "paired",
+      text_key="sentences",
+      label_names=_chexpert_labels,
+      task_type="multilabel",
+    ),
+    Corpus(
+      "openi",
+      "openi",
+      "data_pipelines.openi",
+      "paired",
+      text_key="sentences",
+      label_names=_chexpert_labels,
+      task_type="multilabel",
+    ),
     # Image + label corpora (no text; for probes, evaluators and image-only sources).
-    Corpus("nih14", "nih14", "data_pipelines.nih14", "default", label_names=_nih_labels,
-           task_type="multilabel"),
-    Corpus("chexpert", "chexpert", "data_pipelines.chexpert", "u_ignore",
-           label_names=_chexpert_labels, task_type="multilabel"),
-    Corpus("rsna_pneumonia", "rsna_pneumonia", "data_pipelines.rsna_pneumonia", "default",
-           label_names=_rsna_labels, task_type="multilabel"),
-    Corpus("covidx", "covidx", "data_pipelines.covidx", "default", label_names=_covidx_labels,
-           task_type="multiclass"),
-)}
+    Corpus(
+      "nih14",
+      "nih14",
+      "data_pipelines.nih14",
+      "default",
+      label_names=_nih_labels,
+      task_type="multilabel",
+    ),
+    Corpus(
+      "chexpert",
+      "chexpert",
+      "data_pipelines.chexpert",
+      "u_ignore",
+      label_names=_chexpert_labels,
+      task_type="multilabel",
+    ),
+    Corpus(
+      "rsna_pneumonia",
+      "rsna_pneumonia",
+      "data_pipelines.rsna_pneumonia",
+      "default",
+      label_names=_rsna_labels,
+      task_type="multilabel",
+    ),
+    Corpus(
+      "covidx",
+      "covidx",
+      "data_pipelines.covidx",
+      "default",
+      label_names=_covidx_labels,
+      task_type="multiclass",
+    ),
+  )
+}
 
 
 def names() -> tuple[str, ...]:
@@ -99,15 +148,17 @@ def config_names(name: str) -> tuple[str, ...]:
   return tuple(c.name for c in builder_cls(name).BUILDER_CONFIGS)
 
 
-def check_config(name: str, builder_config: str | None = None, *,
-                 key: str = "builder_config") -> str:
+def check_config(
+  name: str, builder_config: str | None = None, *, key: str = "builder_config"
+) -> str:
   """The builder config to use (`builder_config` or the default); ConfigError if unknown."""
   corpus = get(name)
   config = builder_config or corpus.default_config
   valid = config_names(name)
   if config not in valid:
-    raise ConfigError(f"{key}={config!r} is not a config of {corpus.tfds_name}; valid: "
-                      f"{', '.join(valid)}")
+    raise ConfigError(
+      f"{key}={config!r} is not a config of {corpus.tfds_name}; valid: {', '.join(valid)}"
+    )
   return config
 
 
@@ -132,8 +183,11 @@ def kinds(name: str, builder_config: str | None = None) -> frozenset[str]:
   feats = features(name, builder_config)
   has_image = bool(corpus.image_key) and corpus.image_key in feats
   has_text = bool(corpus.text_key) and corpus.text_key in feats
-  return frozenset(k for k, ok in (("paired", has_image and has_text), ("image", has_image),
-                                   ("text", has_text)) if ok)
+  return frozenset(
+    k
+    for k, ok in (("paired", has_image and has_text), ("image", has_image), ("text", has_text))
+    if ok
+  )
 
 
 def label_names(name: str) -> tuple[str, ...] | None:

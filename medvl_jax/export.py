@@ -14,6 +14,7 @@ preprocessing, pooling, the embedding math, versions) and the training config.
 OUT is written into a sibling `OUT.tmp-*` directory that is renamed to OUT when complete, so
 OUT is either the previous content or the complete export, never a partial one.
 """
+
 import os
 import pathlib
 import secrets
@@ -37,8 +38,7 @@ def _check_out(out: pathlib.Path, overwrite: bool) -> None:
     if not overwrite:
       raise WeightsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
     if not (out / "export.json").is_file():
-      raise WeightsError(f"{out}: not an export directory (no export.json); refusing to "
-                         "replace it")
+      raise WeightsError(f"{out}: not an export directory (no export.json); refusing to replace it")
 
 
 def _install(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
@@ -57,8 +57,12 @@ def _install(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
-def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
-           overwrite: bool = False) -> dict[str, Any]:
+def export(
+  workdir: str | os.PathLike,
+  out: str | os.PathLike,
+  step: int | None = None,
+  overwrite: bool = False,
+) -> dict[str, Any]:
   """Exports checkpoint `step` (default: latest) of a run; returns export.json's dict.
 
   Raises:
@@ -81,8 +85,13 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
   tmp.mkdir()
   try:
     recorded = family.export(model, params, batch_stats, config, tmp)
-    meta = {"step": int(step), "source_workdir": str(workdir), "model": config.model.name,
-            **recorded, "config": config.to_dict()}
+    meta = {
+      "step": int(step),
+      "source_workdir": str(workdir),
+      "model": config.model.name,
+      **recorded,
+      "config": config.to_dict(),
+    }
     export_files.write_json(tmp / "export.json", meta)
     _install(tmp, out, overwrite)
   except BaseException as e:
@@ -97,8 +106,9 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
 def _define_flags() -> None:
   """Defined only when run as a script, so importing this module defines no global flags."""
   flags.DEFINE_string("workdir", None, "Training workdir (holds config.json, checkpoints/).")
-  flags.DEFINE_string("out", None, "Output directory; must not exist or be empty unless "
-                      "--overwrite.")
+  flags.DEFINE_string(
+    "out", None, "Output directory; must not exist or be empty unless --overwrite."
+  )
   flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
   flags.DEFINE_bool("overwrite", False, "Replace a previous export in --out.")
   flags.mark_flags_as_required(["workdir", "out"])
@@ -115,8 +125,9 @@ def main(argv: list[str]) -> None:
   except MedvlError as e:
     logging.flush()
     cli.die(str(e))
-  print(f"exported step {meta['step']} of {meta['source_workdir']} to "
-        f"{pathlib.Path(fl.out).absolute()}")
+  print(
+    f"exported step {meta['step']} of {meta['source_workdir']} to {pathlib.Path(fl.out).absolute()}"
+  )
 
 
 if __name__ == "__main__":

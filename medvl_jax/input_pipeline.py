@@ -29,6 +29,7 @@ Eval stream: one pass over `data.name`'s `data.eval_split` in file order, centre
 sentence per example, the last batch padded with `mask == False` rows so every host yields the
 same number of batches; each host reads only its rows.
 """
+
 import atexit
 from collections.abc import Iterator
 import dataclasses
@@ -86,12 +87,27 @@ def _corpus(name: str, where: str = "config.data.name") -> corpora.Corpus:
 
 
 _REQUIRED_KEYS = (
-    "seed", "batch_size", "data.name", "data.builder_config", "data.data_dir",
-    "data.sample_dir", "data.train_split", "data.eval_split", "data.image_size",
-    "data.resize", "data.max_length", "data.text_mode", "data.augment_chain",
-    "data.augment.crop_scale", "data.augment.flip_p", "data.augment.rotation",
-    "data.augment.translate", "data.augment.affine_scale", "data.augment.brightness",
-    "data.augment.contrast", "data.augment.blur_sigma",
+  "seed",
+  "batch_size",
+  "data.name",
+  "data.builder_config",
+  "data.data_dir",
+  "data.sample_dir",
+  "data.train_split",
+  "data.eval_split",
+  "data.image_size",
+  "data.resize",
+  "data.max_length",
+  "data.text_mode",
+  "data.augment_chain",
+  "data.augment.crop_scale",
+  "data.augment.flip_p",
+  "data.augment.rotation",
+  "data.augment.translate",
+  "data.augment.affine_scale",
+  "data.augment.brightness",
+  "data.augment.contrast",
+  "data.augment.blur_sigma",
 )
 
 
@@ -104,19 +120,25 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
       except (KeyError, TypeError, AttributeError):
         raise ConfigError(f"config.{key} is missing") from None
   if config.data.image_size > config.data.resize:
-    raise ConfigError(f"config.data.image_size={config.data.image_size} is larger than "
-                      f"config.data.resize={config.data.resize}")
+    raise ConfigError(
+      f"config.data.image_size={config.data.image_size} is larger than "
+      f"config.data.resize={config.data.resize}"
+    )
   if config.data.text_mode not in TEXT_MODES:
-    raise ConfigError(f"config.data.text_mode={config.data.text_mode!r} is unknown; valid: "
-                      f"{', '.join(TEXT_MODES)}")
+    raise ConfigError(
+      f"config.data.text_mode={config.data.text_mode!r} is unknown; valid: {', '.join(TEXT_MODES)}"
+    )
   if config.data.augment_chain not in augment.CHAINS:
-    raise ConfigError(f"config.data.augment_chain={config.data.augment_chain!r} is unknown; "
-                      f"valid: {', '.join(augment.CHAINS)}")
+    raise ConfigError(
+      f"config.data.augment_chain={config.data.augment_chain!r} is unknown; "
+      f"valid: {', '.join(augment.CHAINS)}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
   """One resolved entry of config.data.sources."""
+
   where: str  # 'config.data.sources[i]', for error messages.
   name: str
   builder_config: str
@@ -130,8 +152,17 @@ def sources(config: ml_collections.ConfigDict) -> list[Source]:
   """config.data.sources resolved (the one-source shorthand when empty or absent)."""
   entries = config.data.get("sources") or ()  # Optional by contract: absent = shorthand.
   if not entries:
-    return [Source("config.data", config.data.name, config.data.builder_config,
-                   config.data.train_split, "paired", 1.0, config.data.augment_chain)]
+    return [
+      Source(
+        "config.data",
+        config.data.name,
+        config.data.builder_config,
+        config.data.train_split,
+        "paired",
+        1.0,
+        config.data.augment_chain,
+      )
+    ]
   out = []
   for i, entry in enumerate(entries):
     where = f"config.data.sources[{i}]"
@@ -139,16 +170,23 @@ def sources(config: ml_collections.ConfigDict) -> list[Source]:
     unknown = set(entry) - {"name", "builder_config", "split", "kind", "weight", "augment"}
     missing = {"name", "builder_config", "split", "kind", "weight"} - set(entry)
     if unknown or missing:
-      raise ConfigError(f"{where}: unknown keys {sorted(unknown)}, missing keys "
-                        f"{sorted(missing)}")
+      raise ConfigError(f"{where}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
     if entry["kind"] not in KINDS:
       raise ConfigError(f"{where}.kind={entry['kind']!r} is unknown; valid: {', '.join(KINDS)}")
     chain = entry.get("augment") or config.data.augment_chain
     if chain not in augment.CHAINS:
-      raise ConfigError(f"{where}.augment={chain!r} is unknown; valid: "
-                        f"{', '.join(augment.CHAINS)}")
-    out.append(Source(where, entry["name"], entry["builder_config"], entry["split"],
-                      entry["kind"], float(entry["weight"]), chain))
+      raise ConfigError(f"{where}.augment={chain!r} is unknown; valid: {', '.join(augment.CHAINS)}")
+    out.append(
+      Source(
+        where,
+        entry["name"],
+        entry["builder_config"],
+        entry["split"],
+        entry["kind"],
+        float(entry["weight"]),
+        chain,
+      )
+    )
   return out
 
 
@@ -157,8 +195,10 @@ def _builder_for(name: str, builder_config: str, data_dir: str, where: str):
   cls = corpora.builder_cls(name)
   names = [c.name for c in cls.BUILDER_CONFIGS]
   if builder_config not in names:
-    raise ConfigError(f"{where}.builder_config={builder_config!r} is not a config of "
-                      f"{spec.tfds_name}; valid: {', '.join(names)}")
+    raise ConfigError(
+      f"{where}.builder_config={builder_config!r} is not a config of "
+      f"{spec.tfds_name}; valid: {', '.join(names)}"
+    )
   return spec, cls(config=builder_config, data_dir=data_dir or None)
 
 
@@ -169,11 +209,12 @@ def _features(builder, spec: corpora.Corpus, kind: str, text_mode: str) -> tuple
   text_key = TEXT_MODES[text_mode] if spec.text_key and TEXT_MODES[text_mode] in features else ""
   need_image, need_text = kind in ("paired", "image"), kind in ("paired", "text")
   if (need_image and not image_key) or (need_text and not text_key):
-    serves = [k for k in KINDS
-              if (k == "text" or image_key) and (k == "image" or text_key)]
-    raise ConfigError(f"kind {kind!r} cannot be served by {builder.name}/"
-                      f"{builder.builder_config.name} (text_mode={text_mode!r}); it serves: "
-                      f"{', '.join(serves) or 'nothing'}")
+    serves = [k for k in KINDS if (k == "text" or image_key) and (k == "image" or text_key)]
+    raise ConfigError(
+      f"kind {kind!r} cannot be served by {builder.name}/"
+      f"{builder.builder_config.name} (text_mode={text_mode!r}); it serves: "
+      f"{', '.join(serves) or 'nothing'}"
+    )
   return (image_key if need_image else ""), (text_key if need_text else "")
 
 
@@ -181,8 +222,9 @@ def _check_split(builder, split: str, where: str) -> int:
   """The number of examples of `split` (ConfigError if unknown, DataError if empty)."""
   _, first, end = records.split_range(builder, split, where)
   if end <= first:
-    raise DataError(f"{where}: split {split!r} of {builder.name}/"
-                    f"{builder.builder_config.name} is empty")
+    raise DataError(
+      f"{where}: split {split!r} of {builder.name}/{builder.builder_config.name} is empty"
+    )
   return end - first
 
 
@@ -197,18 +239,22 @@ def check_sources(config: ml_collections.ConfigDict) -> list[Source]:
   mixing.check_weights([s.weight for s in resolved], config.batch_size)
   for source in resolved:
     try:
-      spec, builder = _builder_for(source.name, source.builder_config, config.data.data_dir,
-                                   source.where)
+      spec, builder = _builder_for(
+        source.name, source.builder_config, config.data.data_dir, source.where
+      )
       _features(builder, spec, source.kind, config.data.text_mode)
     except ConfigError as e:
-      raise ConfigError(f"{source.where}: {e}" if not str(e).startswith("config.") else str(e)
-                        ) from None
+      raise ConfigError(
+        f"{source.where}: {e}" if not str(e).startswith("config.") else str(e)
+      ) from None
     if builder.is_prepared():
       _check_split(builder, source.split, source.where)
     elif not spec.auto_prepare:
-      raise DataError(f"{builder.data_dir}: dataset {spec.tfds_name}/{source.builder_config} "
-                      f"({source.where}) is not prepared; run `python -m data_pipelines.prepare "
-                      f"{spec.tfds_name} --manual_dir=...`")
+      raise DataError(
+        f"{builder.data_dir}: dataset {spec.tfds_name}/{source.builder_config} "
+        f"({source.where}) is not prepared; run `python -m data_pipelines.prepare "
+        f"{spec.tfds_name} --manual_dir=...`"
+      )
   return resolved
 
 
@@ -221,11 +267,14 @@ def resolve_sample_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
   path = pathlib.Path(value).expanduser() if value else DEFAULT_SAMPLE_DIR
   if path.is_dir():
     return path
-  looked = (f"{where}={value!r}" if value
-            else f"config.data.sample_dir and ${SAMPLE_DIR_ENV} (both unset)")
-  raise DataError(f"sample data not found: looked at {looked} and at the default "
-                  f"{DEFAULT_SAMPLE_DIR} (exists: {DEFAULT_SAMPLE_DIR.is_dir()}); point one of "
-                  "them at the folder holding covid_cxr_notes/ and iu_reports/")
+  looked = (
+    f"{where}={value!r}" if value else f"config.data.sample_dir and ${SAMPLE_DIR_ENV} (both unset)"
+  )
+  raise DataError(
+    f"sample data not found: looked at {looked} and at the default "
+    f"{DEFAULT_SAMPLE_DIR} (exists: {DEFAULT_SAMPLE_DIR.is_dir()}); point one of "
+    "them at the folder holding covid_cxr_notes/ and iu_reports/"
+  )
 
 
 def _prepared(config, name: str, builder_config: str, where: str = "config.data"):
@@ -233,14 +282,24 @@ def _prepared(config, name: str, builder_config: str, where: str = "config.data"
   if builder.is_prepared():
     return builder
   if not spec.auto_prepare:
-    raise DataError(f"{builder.data_dir}: dataset {spec.tfds_name}/{builder_config} is not "
-                    f"prepared; run `python -m data_pipelines.prepare {spec.tfds_name} "
-                    "--manual_dir=...`")
+    raise DataError(
+      f"{builder.data_dir}: dataset {spec.tfds_name}/{builder_config} is not "
+      f"prepared; run `python -m data_pipelines.prepare {spec.tfds_name} "
+      "--manual_dir=...`"
+    )
   sample_dir = resolve_sample_dir(config)
-  logging.info("Preparing %s/%s from %s into %s (once).", spec.tfds_name, builder_config,
-               sample_dir, builder.data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(sample_dir), try_download_gcs=False))
+  logging.info(
+    "Preparing %s/%s from %s into %s (once).",
+    spec.tfds_name,
+    builder_config,
+    sample_dir,
+    builder.data_dir,
+  )
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(
+      manual_dir=os.fspath(sample_dir), try_download_gcs=False
+    )
+  )
   return builder
 
 
@@ -267,11 +326,11 @@ def _open_store(builder, split: str) -> records.RecordStore:
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
   """A local Hugging Face fast tokenizer (never downloads)."""
   import transformers  # pylint: disable=g-import-not-at-top
+
   if not path or not pathlib.Path(path).is_dir():
     raise DataError(f"tokenizer directory not found: {str(path)!r}")
   try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(path),
-                                                           local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
   except (OSError, ValueError) as e:
     raise DataError(f"{path}: cannot load a tokenizer ({e})") from e
   if not tokenizer.is_fast:
@@ -285,16 +344,17 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
 
 def _per_host(config: ml_collections.ConfigDict, process_count: int) -> int:
   if config.batch_size <= 0 or config.batch_size % process_count:
-    raise ConfigError(f"config.batch_size={config.batch_size} must be a positive multiple "
-                      f"of the process count {process_count}")
+    raise ConfigError(
+      f"config.batch_size={config.batch_size} must be a positive multiple "
+      f"of the process count {process_count}"
+    )
   return config.batch_size // process_count
 
 
 def _pick_sentence(sentences: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """One sentence drawn uniformly ('' if there are none)."""
   count = tf.shape(sentences)[0]
-  idx = tf.random.stateless_uniform([], seed, minval=0, maxval=tf.maximum(count, 1),
-                                    dtype=tf.int32)
+  idx = tf.random.stateless_uniform([], seed, minval=0, maxval=tf.maximum(count, 1), dtype=tf.int32)
   return tf.gather(tf.concat([sentences, [""]], 0), idx)
 
 
@@ -306,6 +366,7 @@ def _decode(encoded: tf.Tensor) -> tf.Tensor:
 @dataclasses.dataclass
 class _Reader:
   """A prepared source: its records and a parser of the features its kind reads."""
+
   source: Source
   store: RecordStore
   parser: Any  # Parses the image (still encoded) and text features only.
@@ -326,9 +387,15 @@ def _readers(config, resolved: list[Source]) -> list[_Reader]:
     info = builder.info.features.get_serialized_info()
     keys = [k for k in (image_key, text_key) if k]
     # The image stays encoded (decoded in _decode); text features need no decoding.
-    out.append(_Reader(source, _open_store(builder, source.split),
-                       example_parser.ExampleParser({k: info[k] for k in keys}),
-                       image_key, text_key))
+    out.append(
+      _Reader(
+        source,
+        _open_store(builder, source.split),
+        example_parser.ExampleParser({k: info[k] for k in keys}),
+        image_key,
+        text_key,
+      )
+    )
   return out
 
 
@@ -340,8 +407,14 @@ def _text(reader: _Reader, ex, seed) -> tf.Tensor:
   return ex[reader.text_key]
 
 
-def train_records(config, readers: list[_Reader], plan: mixing.Plan, start_step: int,
-                  process_index: int, process_count: int) -> Iterator[tuple]:
+def train_records(
+  config,
+  readers: list[_Reader],
+  plan: mixing.Plan,
+  start_step: int,
+  process_index: int,
+  process_count: int,
+) -> Iterator[tuple]:
   """Per global batch from `start_step` on, this host's rows: (serialized records, source,
   epoch, position, record index), each an array over the rows."""
   del config  # The plan holds everything.
@@ -356,13 +429,18 @@ def train_records(config, readers: list[_Reader], plan: mixing.Plan, start_step:
     b += 1
 
 
-def _train_dataset(config: ml_collections.ConfigDict, start_step: int, process_index: int,
-                   process_count: int) -> tf.data.Dataset:
+def _train_dataset(
+  config: ml_collections.ConfigDict, start_step: int, process_index: int, process_count: int
+) -> tf.data.Dataset:
   """Per-host batches of the layout (with 'text' and 'index' before tokenisation)."""
   per_host = _per_host(config, process_count)
   readers = _readers(config, sources(config))
-  plan = mixing.Plan(config.seed, config.batch_size, tuple(len(r.store) for r in readers),
-                     tuple(r.source.weight for r in readers))
+  plan = mixing.Plan(
+    config.seed,
+    config.batch_size,
+    tuple(len(r.store) for r in readers),
+    tuple(r.source.weight for r in readers),
+  )
   aug_cfg = dict(config.data.augment)
   size, resize = config.data.image_size, config.data.resize
 
@@ -371,47 +449,62 @@ def _train_dataset(config: ml_collections.ConfigDict, start_step: int, process_i
     ex_key = mixing.fold(mixing.source_key(config.seed, s), e, p)
     if reader.image_key:
       chain = augment.CHAINS[reader.source.chain]
-      image = chain(_decode(ex[reader.image_key]), mixing.fold(ex_key, _IMAGE), aug_cfg,
-                    size=size, resize=resize)
+      image = chain(
+        _decode(ex[reader.image_key]),
+        mixing.fold(ex_key, _IMAGE),
+        aug_cfg,
+        size=size,
+        resize=resize,
+      )
     else:
       image = tf.zeros([size, size, 1], tf.uint8)
-    return {"image": image, "text": _text(reader, ex, mixing.fold(ex_key, _TEXT)),
-            "has_image": tf.constant(bool(reader.image_key)),
-            "has_text": tf.constant(bool(reader.text_key))}
+    return {
+      "image": image,
+      "text": _text(reader, ex, mixing.fold(ex_key, _TEXT)),
+      "has_image": tf.constant(bool(reader.image_key)),
+      "has_text": tf.constant(bool(reader.text_key)),
+    }
 
   @tf.autograph.experimental.do_not_convert
   def process(raw, s, e, p, index):
     if len(readers) == 1:
       out = branch(0, readers[0], raw, e, p)
     else:
-      out = tf.switch_case(tf.cast(s, tf.int32), [
-          (lambda i=i, r=r: branch(i, r, raw, e, p)) for i, r in enumerate(readers)])
+      out = tf.switch_case(
+        tf.cast(s, tf.int32),
+        [(lambda i=i, r=r: branch(i, r, raw, e, p)) for i, r in enumerate(readers)],
+      )
     return dict(out, source=tf.cast(s, tf.int32), index=index)
 
   signature = (tf.TensorSpec([per_host], tf.string),) + (tf.TensorSpec([per_host], tf.int64),) * 4
   ds = tf.data.Dataset.from_generator(  # One Python call per host batch.
-      lambda: train_records(config, readers, plan, start_step, process_index, process_count),
-      output_signature=signature).unbatch()
+    lambda: train_records(config, readers, plan, start_step, process_index, process_count),
+    output_signature=signature,
+  ).unbatch()
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(per_host, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def _tokenized(batches: Iterator[dict[str, Any]], tokenizer, max_length: int
-               ) -> Iterator[Batch]:
+def _tokenized(batches: Iterator[dict[str, Any]], tokenizer, max_length: int) -> Iterator[Batch]:
   iterator = _tokenize(batches, tokenizer, max_length)
   _LIVE.add(iterator)
   return iterator
 
 
-def _tokenize(batches: Iterator[dict[str, Any]], tokenizer, max_length: int
-              ) -> Iterator[Batch]:
+def _tokenize(batches: Iterator[dict[str, Any]], tokenizer, max_length: int) -> Iterator[Batch]:
   """Replaces 'text' by 'input_ids' and 'attention_mask' (int32); rows without text get an
   all-padding text."""
   for batch in batches:
     texts = [t.decode("utf-8") for t in batch.pop("text")]
     del batch["index"]  # Record index in the split: for tests and debugging only.
-    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
-                       return_attention_mask=True, return_tensors="np")
+    tokens = tokenizer(
+      texts,
+      padding="max_length",
+      truncation=True,
+      max_length=max_length,
+      return_attention_mask=True,
+      return_tensors="np",
+    )
     ids = tokens["input_ids"].astype(np.int32)
     mask = tokens["attention_mask"].astype(np.int32)
     none = ~batch["has_text"]
@@ -426,8 +519,14 @@ def _check_hosts(config, process_index: int, process_count: int) -> None:
     raise ConfigError(f"process_index={process_index} not in [0, {process_count})")
 
 
-def create_train_iterator(config: ml_collections.ConfigDict, tokenizer, *, start_step: int = 0,
-                          process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+def create_train_iterator(
+  config: ml_collections.ConfigDict,
+  tokenizer,
+  *,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[Batch]:
   """Infinite per-host train batches; batch k is global batch `start_step + k`.
 
   Yields {'image': uint8 [B/P, S, S, 1], 'input_ids': int32 [B/P, L],
@@ -442,8 +541,9 @@ def create_train_iterator(config: ml_collections.ConfigDict, tokenizer, *, start
   return _tokenized(ds.as_numpy_iterator(), tokenizer, config.data.max_length)
 
 
-def eval_records(reader: _Reader, n: int, global_batch: int, process_index: int,
-                 process_count: int) -> Iterator[tuple]:
+def eval_records(
+  reader: _Reader, n: int, global_batch: int, process_index: int, process_count: int
+) -> Iterator[tuple]:
   """(serialized record or b'', index) of this host's rows of the padded file-order pass."""
   per_host = global_batch // process_count
   for start in range(0, math.ceil(n / global_batch) * global_batch, global_batch):
@@ -453,16 +553,23 @@ def eval_records(reader: _Reader, n: int, global_batch: int, process_index: int,
     yield from zip(records + [b""] * (len(rows) - len(real)), rows)
 
 
-def _eval_dataset(config: ml_collections.ConfigDict, split: str, process_index: int,
-                  process_count: int) -> tf.data.Dataset:
+def _eval_dataset(
+  config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
+) -> tf.data.Dataset:
   """Per-host padded batches of the layout + 'mask' (with 'text', 'index')."""
   per_host = _per_host(config, process_count)
   builder = _prepared(config, config.data.name, config.data.builder_config)
   spec = _corpus(config.data.name)
-  kind = "paired" if spec.image_key and spec.text_key else ("image" if spec.image_key
-                                                             else "text")
-  source = Source("config.data", config.data.name, config.data.builder_config, split, kind,
-                  1.0, config.data.augment_chain)
+  kind = "paired" if spec.image_key and spec.text_key else ("image" if spec.image_key else "text")
+  source = Source(
+    "config.data",
+    config.data.name,
+    config.data.builder_config,
+    split,
+    kind,
+    1.0,
+    config.data.augment_chain,
+  )
   (reader,) = _readers(config, [source])
   n = len(reader.store)
   size, resize = config.data.image_size, config.data.resize
@@ -475,27 +582,42 @@ def _eval_dataset(config: ml_collections.ConfigDict, split: str, process_index: 
 
     def real():
       ex = reader.parse(raw)
-      image = (augment.to_uint8(augment.center_crop(_decode(ex[reader.image_key]), size,
-                                                    resize))
-               if reader.image_key else tf.zeros([size, size, 1], tf.uint8))
+      image = (
+        augment.to_uint8(augment.center_crop(_decode(ex[reader.image_key]), size, resize))
+        if reader.image_key
+        else tf.zeros([size, size, 1], tf.uint8)
+      )
       return image, _text(reader, ex, mixing.fold(key, i))
 
-    image, text = tf.cond(mask, real,
-                          lambda: (tf.zeros([size, size, 1], tf.uint8), tf.constant("")))
-    return {"image": image, "text": text, "mask": mask,
-            "has_image": tf.logical_and(mask, bool(reader.image_key)),
-            "has_text": tf.logical_and(mask, bool(reader.text_key)),
-            "source": tf.constant(0, tf.int32), "index": i}
+    image, text = tf.cond(
+      mask, real, lambda: (tf.zeros([size, size, 1], tf.uint8), tf.constant(""))
+    )
+    return {
+      "image": image,
+      "text": text,
+      "mask": mask,
+      "has_image": tf.logical_and(mask, bool(reader.image_key)),
+      "has_text": tf.logical_and(mask, bool(reader.text_key)),
+      "source": tf.constant(0, tf.int32),
+      "index": i,
+    }
 
   ds = tf.data.Dataset.from_generator(
-      lambda: eval_records(reader, n, config.batch_size, process_index, process_count),
-      output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)))
+    lambda: eval_records(reader, n, config.batch_size, process_index, process_count),
+    output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)),
+  )
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(per_host, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def create_eval_iterator(config: ml_collections.ConfigDict, tokenizer, split: str, *,
-                         process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+def create_eval_iterator(
+  config: ml_collections.ConfigDict,
+  tokenizer,
+  split: str,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[Batch]:
   """One pass over `split` of data.name in file order, centre-cropped, padded to whole batches.
 
   Yields the train keys plus 'mask': bool [B/P], False for padding rows (zero image,

@@ -4,6 +4,7 @@ Every function here is pure and shape-polymorphic; under `jax.jit` with a batch 
 mesh, XLA computes the N x N similarity across devices, so the loss means the same thing on one
 CPU or a pod: it is always the loss of the whole global batch.
 """
+
 from collections.abc import Callable, Sequence
 
 import jax
@@ -17,8 +18,14 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
-def infonce(image_embed: Array, text_embed: Array, *, lam: float, temperature: float,
-            mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
+def infonce(
+  image_embed: Array,
+  text_embed: Array,
+  *,
+  lam: float,
+  temperature: float,
+  mask: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
   """Asymmetric bidirectional InfoNCE (ConVIRT eq. 2-3).
 
   L = 1/N sum_i [lam * l_i(v->u) + (1 - lam) * l_i(u->v)], with cosine similarity over the
@@ -53,18 +60,23 @@ def infonce(image_embed: Array, text_embed: Array, *, lam: float, temperature: f
 
   loss = mean(lam * l_v2u + (1.0 - lam) * l_u2v)
   metrics = {
-      "loss_i2t": mean(l_v2u),
-      "loss_t2i": mean(l_u2v),
-      "acc_i2t": mean((jnp.argmax(logits_v2u, axis=1) == diag).astype(jnp.float32)),
-      "acc_t2i": mean((jnp.argmax(logits_u2v, axis=1) == diag).astype(jnp.float32)),
+    "loss_i2t": mean(l_v2u),
+    "loss_t2i": mean(l_u2v),
+    "acc_i2t": mean((jnp.argmax(logits_v2u, axis=1) == diag).astype(jnp.float32)),
+    "acc_t2i": mean((jnp.argmax(logits_u2v, axis=1) == diag).astype(jnp.float32)),
   }
   return loss, metrics
 
 
 def convirt_loss(outputs: dict[str, Array], cfg, mask: Array | None = None):
   """Loss-registry adapter: model outputs + config.loss -> (loss, metrics)."""
-  return infonce(outputs["image_embed"], outputs["text_embed"], lam=cfg.lam,
-                 temperature=cfg.temperature, mask=mask)
+  return infonce(
+    outputs["image_embed"],
+    outputs["text_embed"],
+    lam=cfg.lam,
+    temperature=cfg.temperature,
+    mask=mask,
+  )
 
 
 # Registry: config.loss.name -> fn(outputs, loss_cfg, mask) -> (loss, metrics).
@@ -106,9 +118,15 @@ def normalise_patches(patches: Array, eps: float = 1e-6) -> Array:
   return (patches - mean) / jnp.sqrt(var + eps)
 
 
-def mvm_loss(pred: Array, target: Array, patch_mask: Array, scale_id: Array, has_image: Array,
-             scale_weights: Sequence[float], scale_names: Sequence[str]
-             ) -> tuple[Array, dict[str, Array]]:
+def mvm_loss(
+  pred: Array,
+  target: Array,
+  patch_mask: Array,
+  scale_id: Array,
+  has_image: Array,
+  scale_weights: Sequence[float],
+  scale_names: Sequence[str],
+) -> tuple[Array, dict[str, Array]]:
   """Multi-scale masked vision modeling: mean squared error on masked patches only.
 
   Per scale k: mean over the masked patches of image rows drawn at scale k of the per-patch
@@ -131,16 +149,16 @@ def mvm_loss(pred: Array, target: Array, patch_mask: Array, scale_id: Array, has
   metrics = {}
   for k, (w, name) in enumerate(zip(scale_weights, scale_names)):
     sel = counted & (scale_id == k)[:, None]
-    loss_k = jnp.sum(jnp.where(sel, err, 0.0)) / jnp.maximum(jnp.sum(sel), 1).astype(
-        jnp.float32)
+    loss_k = jnp.sum(jnp.where(sel, err, 0.0)) / jnp.maximum(jnp.sum(sel), 1).astype(jnp.float32)
     metrics[f"mvm_{name}"] = loss_k
     total = total + w * loss_k
   metrics["mvm_patches"] = jnp.sum(counted).astype(jnp.float32)
   return total, metrics
 
 
-def mixed_loss(outputs: dict[str, Array], batch: dict[str, Array], cfg,
-               scale_names: Sequence[str]) -> tuple[Array, dict[str, Array]]:
+def mixed_loss(
+  outputs: dict[str, Array], batch: dict[str, Array], cfg, scale_names: Sequence[str]
+) -> tuple[Array, dict[str, Array]]:
   """MLM + multi-scale MVM + contrastive, each masked by has_image / has_text.
 
   Args:
@@ -155,16 +173,35 @@ def mixed_loss(outputs: dict[str, Array], batch: dict[str, Array], cfg,
   """
   has_image = batch["has_image"].astype(jnp.bool_)
   has_text = batch["has_text"].astype(jnp.bool_)
-  mlm, mlm_metrics = mlm_loss(outputs["mlm_logits"], outputs["mlm_targets"],
-                              outputs["mlm_weights"] & has_text[:, None])
-  mvm, mvm_metrics = mvm_loss(outputs["mvm_pred"], outputs["mvm_target"], outputs["patch_mask"],
-                              outputs["scale_id"], has_image, tuple(cfg.mvm_scale_weights),
-                              scale_names)
+  mlm, mlm_metrics = mlm_loss(
+    outputs["mlm_logits"], outputs["mlm_targets"], outputs["mlm_weights"] & has_text[:, None]
+  )
+  mvm, mvm_metrics = mvm_loss(
+    outputs["mvm_pred"],
+    outputs["mvm_target"],
+    outputs["patch_mask"],
+    outputs["scale_id"],
+    has_image,
+    tuple(cfg.mvm_scale_weights),
+    scale_names,
+  )
   pair = has_image & has_text
-  con, con_metrics = infonce(outputs["image_embed"], outputs["text_embed"], lam=cfg.lam,
-                             temperature=cfg.temperature, mask=pair)
+  con, con_metrics = infonce(
+    outputs["image_embed"],
+    outputs["text_embed"],
+    lam=cfg.lam,
+    temperature=cfg.temperature,
+    mask=pair,
+  )
   total = cfg.mlm_weight * mlm + cfg.mvm_weight * mvm + cfg.contrastive_weight * con
-  metrics = {"loss": total, "mlm": mlm, "mvm": mvm, "contrastive": con,
-             "pairs": jnp.sum(pair).astype(jnp.float32), **mlm_metrics, **mvm_metrics,
-             **con_metrics}
+  metrics = {
+    "loss": total,
+    "mlm": mlm,
+    "mvm": mvm,
+    "contrastive": con,
+    "pairs": jnp.sum(pair).astype(jnp.float32),
+    **mlm_metrics,
+    **mvm_metrics,
+    **con_metrics,
+  }
   return total, metrics

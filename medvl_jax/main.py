@@ -3,6 +3,7 @@ r"""Entry point: `python -m medvl_jax.main --config=configs/convirt.py [--workdi
 Flags follow ml_collections: `--config.batch_size=64`, `--config.model.text.init=/path/bert`.
 Re-running the same command on the same workdir resumes from the newest complete checkpoint.
 """
+
 import logging as pylogging
 import os
 import pathlib
@@ -13,8 +14,11 @@ from ml_collections import config_flags
 from medvl_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with a variant: configs/convirt.py:smoke",
-    lock_config=True)
+  "config",
+  None,
+  "Config file, optionally with a variant: configs/convirt.py:smoke",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 flags.mark_flags_as_required(["config"])
 
@@ -29,24 +33,26 @@ def default_workdir(config_filename: str) -> str:
 def initialize_distributed() -> None:
   """Multi-host set-up: TPU pods auto-detect; GPU/CPU clusters pass the coordinator by env."""
   import jax  # pylint: disable=g-import-not-at-top
+
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     if os.environ.get("MEDVL_CPU_COLLECTIVES"):  # CPU multi-process simulation
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]))
+      coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize()
 
 
 class _QuietLibraries(pylogging.Filter):
   """Keeps the console readable: INFO chatter of Orbax/tfds/clu internals is dropped."""
+
   NOISY = ("/orbax/", "/tensorflow_datasets/", "/clu/", "/etils/")
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or not any(
-        n in record.pathname for n in self.NOISY)
+    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
 
 
 def main(argv):
@@ -60,8 +66,7 @@ def main(argv):
 
   # Re-runs and resumes reuse compiled programs (compile of the full model: ~10 s on 2 cores).
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.expanduser("~/.cache/medvl_jax/xla"))
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/medvl_jax/xla"))
   logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
@@ -87,14 +92,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     cli.die(cli.last_line(e))
   except (AttributeError, KeyError) as e:  # ml_collections: override of a key that is absent
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    cli.die(f"config key {str(e).strip(chr(34) + chr(39))!r} does not exist "
-         f"(overrides given: {' '.join(overrides)})")
+    cli.die(
+      f"config key {str(e).strip(chr(34) + chr(39))!r} does not exist "
+      f"(overrides given: {' '.join(overrides)})"
+    )
   except (OSError, ValueError, TypeError) as e:  # missing config file, bad value or variant
     cli.die(f"--config: {cli.last_line(e)}")
   return []
-
-
-
 
 
 if __name__ == "__main__":

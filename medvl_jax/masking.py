@@ -3,6 +3,7 @@
 Pure, jittable functions with static shapes; each takes its own `jax.random` key (the model
 draws them from the 'masking' rng stream, separate from 'dropout').
 """
+
 from collections.abc import Sequence
 import dataclasses
 import math
@@ -17,6 +18,7 @@ from medvl_jax.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class TextMaskConfig:
   """BERT-style MLM corruption (Devlin et al. 2019: 15%, then 80% [MASK] / 10% random / 10%)."""
+
   prob: float
   mask_frac: float
   random_frac: float
@@ -27,31 +29,40 @@ class TextMaskConfig:
   def __post_init__(self):
     _check_ratio("model.masking.text.prob", self.prob)
     if self.mask_frac < 0 or self.random_frac < 0 or self.mask_frac + self.random_frac > 1:
-      raise ConfigError("model.masking.text: mask_frac and random_frac must be >= 0 and sum "
-                        f"to <= 1, got {self.mask_frac} and {self.random_frac}")
+      raise ConfigError(
+        "model.masking.text: mask_frac and random_frac must be >= 0 and sum "
+        f"to <= 1, got {self.mask_frac} and {self.random_frac}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageMaskConfig:
   """Multi-scale block masks: scale k masks blocks of scales[k] x scales[k] patches."""
+
   grid: int
   scales: tuple[int, ...]
   ratios: tuple[float, ...]
 
   def __post_init__(self):
     if not self.scales or len(self.scales) != len(self.ratios):
-      raise ConfigError("model.masking.image: scales and ratios must be non-empty and of equal "
-                        f"length, got {self.scales} and {self.ratios}")
+      raise ConfigError(
+        "model.masking.image: scales and ratios must be non-empty and of equal "
+        f"length, got {self.scales} and {self.ratios}"
+      )
     for s, r in zip(self.scales, self.ratios):
       _check_ratio(f"model.masking.image.ratios (scale {s})", r)
       if s < 1 or s > self.grid:
-        raise ConfigError(f"model.masking.image.scales: block {s}x{s} patches does not fit the "
-                          f"{self.grid}x{self.grid} patch grid")
+        raise ConfigError(
+          f"model.masking.image.scales: block {s}x{s} patches does not fit the "
+          f"{self.grid}x{self.grid} patch grid"
+        )
       nb = math.ceil(self.grid / s)
       if not 0 < round(r * nb * nb) < nb * nb:
-        raise ConfigError(f"model.masking.image: ratio {r} at scale {s}x{s} masks "
-                          f"{round(r * nb * nb)} of the {nb * nb} blocks of the "
-                          f"{self.grid}x{self.grid} patch grid; it must mask some but not all")
+        raise ConfigError(
+          f"model.masking.image: ratio {r} at scale {s}x{s} masks "
+          f"{round(r * nb * nb)} of the {nb * nb} blocks of the "
+          f"{self.grid}x{self.grid} patch grid; it must mask some but not all"
+        )
 
 
 def _check_ratio(name: str, value: float) -> None:
@@ -59,8 +70,13 @@ def _check_ratio(name: str, value: float) -> None:
     raise ConfigError(f"{name}: mask ratio {value} is outside (0, 1)")
 
 
-def mlm_mask(key: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
-             has_text: jax.Array, cfg: TextMaskConfig) -> dict[str, jax.Array]:
+def mlm_mask(
+  key: jax.Array,
+  input_ids: jax.Array,
+  attention_mask: jax.Array,
+  has_text: jax.Array,
+  cfg: TextMaskConfig,
+) -> dict[str, jax.Array]:
   """Draws MLM targets and the corrupted input.
 
   Each candidate token (attention_mask > 0, not a special id, row has text) is selected with
@@ -101,16 +117,18 @@ def block_mask(key: jax.Array, batch: int, grid: int, block: int, ratio: float) 
   return patches.reshape(batch, grid * grid)
 
 
-def multiscale_mask(key: jax.Array, batch: int, cfg: ImageMaskConfig
-                    ) -> tuple[jax.Array, jax.Array]:
+def multiscale_mask(
+  key: jax.Array, batch: int, cfg: ImageMaskConfig
+) -> tuple[jax.Array, jax.Array]:
   """One scale per example, round-robin from a random offset (balanced scales every batch).
 
   Returns:
     (patch_mask bool [B, P] with True = masked, scale_id int32 [B] indexing cfg.scales).
   """
   k_offset, *k_scales = jax.random.split(key, 1 + len(cfg.scales))
-  masks = jnp.stack([block_mask(k, batch, cfg.grid, s, r)
-                     for k, s, r in zip(k_scales, cfg.scales, cfg.ratios)])  # [K, B, P]
+  masks = jnp.stack(
+    [block_mask(k, batch, cfg.grid, s, r) for k, s, r in zip(k_scales, cfg.scales, cfg.ratios)]
+  )  # [K, B, P]
   offset = jax.random.randint(k_offset, (), 0, len(cfg.scales))
   scale_id = ((jnp.arange(batch) + offset) % len(cfg.scales)).astype(jnp.int32)
   return masks[scale_id, jnp.arange(batch)], scale_id
@@ -119,16 +137,22 @@ def multiscale_mask(key: jax.Array, batch: int, cfg: ImageMaskConfig
 def text_config(masking_cfg: Any, vocab_size: int) -> TextMaskConfig:
   """From `config.model.masking.text`."""
   t = masking_cfg.text
-  return TextMaskConfig(prob=t.prob, mask_frac=t.mask_frac, random_frac=t.random_frac,
-                        mask_token_id=t.mask_token_id,
-                        special_token_ids=tuple(t.special_token_ids), vocab_size=vocab_size)
+  return TextMaskConfig(
+    prob=t.prob,
+    mask_frac=t.mask_frac,
+    random_frac=t.random_frac,
+    mask_token_id=t.mask_token_id,
+    special_token_ids=tuple(t.special_token_ids),
+    vocab_size=vocab_size,
+  )
 
 
 def image_config(masking_cfg: Any, grid: int) -> ImageMaskConfig:
   """From `config.model.masking.image`."""
   i = masking_cfg.image
-  return ImageMaskConfig(grid=grid, scales=tuple(int(s) for s in i.scales),
-                         ratios=tuple(float(r) for r in i.ratios))
+  return ImageMaskConfig(
+    grid=grid, scales=tuple(int(s) for s in i.scales), ratios=tuple(float(r) for r in i.ratios)
+  )
 
 
 def scale_names(scales: Sequence[int]) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ With one source the permutation of epoch e is the landed pipeline's (argsort of 
 uniforms keyed by (seed, e, 0)) and rows stay in stream order, so the one-source stream is the
 landed one, batch for batch, whenever the split fits in one shuffle block.
 """
+
 import collections
 import dataclasses
 
@@ -48,14 +49,17 @@ def check_weights(weights, batch_size: int, where: str = "config.data.sources") 
     if not w > 0:
       raise ConfigError(f"{where}[{s}].weight={w} must be > 0")
     if batch_size * w / total < 1:
-      raise ConfigError(f"{where}[{s}].weight={w}: its share of a batch of {batch_size} is "
-                        f"{batch_size * w / total:.3g} rows; each source needs >= 1 row per "
-                        "batch (raise its weight or the batch size)")
+      raise ConfigError(
+        f"{where}[{s}].weight={w}: its share of a batch of {batch_size} is "
+        f"{batch_size * w / total:.3g} rows; each source needs >= 1 row per "
+        "batch (raise its weight or the batch size)"
+      )
 
 
 @dataclasses.dataclass
 class Plan:
   """The deterministic train stream of a mix of sources (see the module docstring)."""
+
   seed: int
   batch_size: int
   sizes: tuple[int, ...]  # N_s, records per source split.
@@ -89,8 +93,7 @@ class Plan:
   def rows(self, b: int) -> tuple[np.ndarray, np.ndarray]:
     """(source s, stream position k) of each row of global batch b, in row order."""
     lo, hi = self.counts_before(b), self.counts_before(b + 1)
-    sources = np.concatenate([np.full(h - l, s, np.int64)
-                              for s, (l, h) in enumerate(zip(lo, hi))])
+    sources = np.concatenate([np.full(h - l, s, np.int64) for s, (l, h) in enumerate(zip(lo, hi))])
     ks = np.concatenate([np.arange(l, h, dtype=np.int64) for l, h in zip(lo, hi)])
     if len(self.sizes) > 1:
       key = fold(tf.constant([self.seed, _ROWS_SALT], tf.int64), b)
@@ -98,15 +101,16 @@ class Plan:
       sources, ks = sources[order], ks[order]
     return sources, ks
 
-  def host_rows(self, b: int, process_index: int, process_count: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  def host_rows(
+    self, b: int, process_index: int, process_count: int
+  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(source, epoch, position, record index) of host `process_index`'s rows of batch b."""
     per_host = self.batch_size // process_count
     sl = slice(process_index * per_host, (process_index + 1) * per_host)
     sources, ks = (a[sl] for a in self.rows(b))
     sizes = np.asarray(self.sizes, np.int64)[sources]
     epochs, positions = ks // sizes, ks % sizes
-    index = np.array([self.permutation(int(s), int(e))[p]
-                      for s, e, p in zip(sources, epochs, positions)], np.int64)
+    index = np.array(
+      [self.permutation(int(s), int(e))[p] for s, e, p in zip(sources, epochs, positions)], np.int64
+    )
     return sources, epochs, positions, index
-

@@ -5,6 +5,7 @@ sample, tests) print nothing. Descriptions name the work ('image features', 'exp
 data: no report text or patient identifiers. `TQDM_DISABLE=1` in the environment silences all
 bars (tqdm reads `TQDM_*` variables as defaults).
 """
+
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -21,12 +22,14 @@ MIN_EXPORT_BYTES = 100 * 2**20
 
 def bar(total: int, desc: str, unit: str = "img", min_total: int = MIN_IMAGES, **kw):
   """A tqdm bar for `total` units of work; disabled (a no-op) when total < min_total."""
-  return tqdm.tqdm(total=total, desc=desc, unit=unit, disable=total < min_total,
-                        dynamic_ncols=True, **kw)
+  return tqdm.tqdm(
+    total=total, desc=desc, unit=unit, disable=total < min_total, dynamic_ncols=True, **kw
+  )
 
 
-def iterate(items: Iterable[T], total: int, desc: str, unit: str = "img",
-            min_total: int = MIN_IMAGES) -> Iterable[T]:
+def iterate(
+  items: Iterable[T], total: int, desc: str, unit: str = "img", min_total: int = MIN_IMAGES
+) -> Iterable[T]:
   """`items`, advancing a bar by one per item when total >= min_total."""
   with bar(total, desc, unit, min_total) as b:
     for item in items:

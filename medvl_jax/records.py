@@ -6,6 +6,7 @@ one-file ArrayRecord copy (`<builder data_dir>/random_access/<split>.array_recor
 once, atomically, with the serialized examples in file order. A builder prepared as
 ArrayRecord is read directly.
 """
+
 import os
 import pathlib
 
@@ -22,9 +23,11 @@ def split_range(builder, split: str, where: str) -> tuple[str, int, int]:
     (inst,) = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
   except (KeyError, ValueError, AssertionError) as e:
     valid = ", ".join(builder.info.splits)
-    raise ConfigError(f"{where}: split {split!r} not in {builder.name}/"
-                      f"{builder.builder_config.name} ({valid}; one split or a slice of one: "
-                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    raise ConfigError(
+      f"{where}: split {split!r} not in {builder.name}/"
+      f"{builder.builder_config.name} ({valid}; one split or a slice of one: "
+      f"{str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    ) from None
   n = builder.info.splits[inst.splitname].num_examples
   first = 0 if inst.from_ is None else inst.from_
   end = n if inst.to is None else inst.to
@@ -36,11 +39,11 @@ class RecordStore:
 
   def __init__(self, paths: list[str], size: int, first: int = 0):
     from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+
     self._source = array_record_data_source.ArrayRecordDataSource(paths)
     self._first, self._size = first, size
     if len(self._source) < first + size:
-      raise DataError(f"{paths[0]}: {len(self._source)} records, the split needs "
-                      f"{first + size}")
+      raise DataError(f"{paths[0]}: {len(self._source)} records, the split needs {first + size}")
 
   def __len__(self) -> int:
     return self._size
@@ -67,6 +70,7 @@ class RecordStore:
 def _write_array_record(path: pathlib.Path, shards: list[str]) -> None:
   """Copies tfrecord shards (in order) into one ArrayRecord file, atomically."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1")

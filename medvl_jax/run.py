@@ -4,6 +4,7 @@ and batch statistics of a checkpoint step (without the optimizer state).
 The one owner of this: `export.py` and `evaluate` call it; `train.py` writes what it reads
 (`<workdir>/config.json` and `<workdir>/checkpoints/<step>/state`, see `checkpoint.py`).
 """
+
 import functools
 import json
 import pathlib
@@ -38,9 +39,12 @@ def abstract_variables(model: Any, config: ml_collections.ConfigDict) -> dict[st
   return jax.eval_shape(init, jax.random.key(0))
 
 
-def restore_variables(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
-                      model: Any, step: int | None = None
-                      ) -> tuple[int, dict[str, Any], dict[str, Any]]:
+def restore_variables(
+  workdir: str | pathlib.Path,
+  config: ml_collections.ConfigDict,
+  model: Any,
+  step: int | None = None,
+) -> tuple[int, dict[str, Any], dict[str, Any]]:
   """Restores (step, params, batch_stats) as host NumPy arrays; the optimizer state is skipped.
 
   Raises:
@@ -59,37 +63,51 @@ def restore_variables(workdir: str | pathlib.Path, config: ml_collections.Config
     if step is None:
       step = steps[-1]
     elif step not in steps:
-      raise CheckpointError(f"no checkpoint for step {step} in {ckpt_dir} "
-                            f"(available: {', '.join(map(str, steps))})")
-    step_dir = ocp.step.find_step_path(mngr.directory, ocp.step.standard_name_format(),
-                                       step=step)
+      raise CheckpointError(
+        f"no checkpoint for step {step} in {ckpt_dir} (available: {', '.join(map(str, steps))})"
+      )
+    step_dir = ocp.step.find_step_path(mngr.directory, ocp.step.standard_name_format(), step=step)
   finally:
     mngr.close()
   # The `state` item alone, without the optimizer state, straight to host NumPy arrays.
   abstract = abstract_variables(model, config)
-  item = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract["params"],
-          "batch_stats": abstract.get("batch_stats", {})}
+  item = {
+    "step": jax.ShapeDtypeStruct((), jnp.int32),
+    "params": abstract["params"],
+    "batch_stats": abstract.get("batch_stats", {}),
+  }
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
-      state = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-          item, restore_args=restore_args, partial_restore=True))
+      state = ckptr.restore(
+        step_dir / "state",
+        args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True),
+      )
   except Exception as e:  # pylint: disable=broad-except
     first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    raise CheckpointError(f"{step_dir}: cannot restore it for the model of "
-                          f"{workdir / 'config.json'}: {type(e).__name__}: {first_line}") from e
+    raise CheckpointError(
+      f"{step_dir}: cannot restore it for the model of "
+      f"{workdir / 'config.json'}: {type(e).__name__}: {first_line}"
+    ) from e
   _check_shapes(state, item, f"{ckpt_dir}/{step}", workdir / "config.json")
   return step, state["params"], state["batch_stats"]
 
 
 def _check_shapes(restored: Any, wanted: Any, source: str, config_file: pathlib.Path) -> None:
   """Orbax restores the stored shapes whatever the target: compare them with the model's."""
+
   def shapes(tree):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path): tuple(np.shape(x)) for path, x in flat}
+
   got = shapes(restored)
-  bad = [f"{k} checkpoint {got.get(k)} vs model {shape}"
-         for k, shape in shapes(wanted).items() if got.get(k) != shape]
+  bad = [
+    f"{k} checkpoint {got.get(k)} vs model {shape}"
+    for k, shape in shapes(wanted).items()
+    if got.get(k) != shape
+  ]
   if bad:
-    raise CheckpointError(f"{source}: does not fit the model of {config_file}: "
-                          f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    raise CheckpointError(
+      f"{source}: does not fit the model of {config_file}: "
+      f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
+    )

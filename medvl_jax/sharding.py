@@ -4,6 +4,7 @@ Batches are sharded over 'data' (global-batch semantics: one jit over the global
 Parameters are replicated unless a `config.sharding.rules` entry (param-path regex -> partition
 spec) says otherwise, e.g. (("text/encoder/.*/kernel", (None, "data")),) for FSDP-style splits.
 """
+
 from collections.abc import Sequence
 import re
 from typing import Any
@@ -33,8 +34,10 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   makes the batch divisible by the process count, which the input pipeline checks again)."""
   n = mesh.devices.size
   if batch_size % n:
-    raise ConfigError(f"config.batch_size={batch_size} is not divisible by the {n} devices of "
-                      f"the mesh; use a multiple of {n}")
+    raise ConfigError(
+      f"config.batch_size={batch_size} is not divisible by the {n} devices of "
+      f"the mesh; use a multiple of {n}"
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -70,8 +73,10 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, An
         shape = getattr(leaf, "shape", ())
         for dim, axis in zip(shape, spec):
           if axis is not None and dim % mesh.shape[axis]:
-            raise ConfigError(f"config.sharding.rules: {name} dim {dim} is not divisible by "
-                              f"mesh axis {axis!r} of size {mesh.shape[axis]}")
+            raise ConfigError(
+              f"config.sharding.rules: {name} dim {dim} is not divisible by "
+              f"mesh axis {axis!r} of size {mesh.shape[axis]}"
+            )
         return NamedSharding(mesh, spec)
     return replicated(mesh)
 

@@ -4,6 +4,7 @@ Nothing here does I/O: `train.py` wires these into the loop, benchmarks and test
 directly. `train_step`/`eval_step` are pure functions of (state, batch) to be jitted with
 explicit shardings.
 """
+
 from collections.abc import Callable
 from typing import Any
 
@@ -27,18 +28,26 @@ class TrainState(flax.struct.PyTreeNode):
 
 def make_optimizer(opt_cfg: ml_collections.ConfigDict, mask: Any) -> optax.GradientTransformation:
   """Adam with L2 weight decay (torch.optim.Adam semantics); frozen leaves carry no state."""
-  parts = [optax.add_decayed_weights(opt_cfg.weight_decay), optax.scale_by_adam(),
-           optax.scale(-opt_cfg.lr)]
+  parts = [
+    optax.add_decayed_weights(opt_cfg.weight_decay),
+    optax.scale_by_adam(),
+    optax.scale(-opt_cfg.lr),
+  ]
   if opt_cfg.schedule == "plateau":
-    parts.append(optax.contrib.reduce_on_plateau(
-        factor=opt_cfg.plateau_factor, patience=opt_cfg.plateau_patience,
-        accumulation_size=opt_cfg.plateau_accumulation))
+    parts.append(
+      optax.contrib.reduce_on_plateau(
+        factor=opt_cfg.plateau_factor,
+        patience=opt_cfg.plateau_patience,
+        accumulation_size=opt_cfg.plateau_accumulation,
+      )
+    )
   labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
   return optax.partition({"train": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels)
 
 
-def loss_and_grads(params, batch_stats, batch: dict, *, model, loss_fn: Callable, mask: Any,
-                   rng: jax.Array):
+def loss_and_grads(
+  params, batch_stats, batch: dict, *, model, loss_fn: Callable, mask: Any, rng: jax.Array
+):
   """Loss of the global batch and its gradient w.r.t. the trainable params (frozen: zeros).
 
   `loss_fn` is the family's (`families.Family.make_loss(config)`): it sees the whole batch.
@@ -46,26 +55,36 @@ def loss_and_grads(params, batch_stats, batch: dict, *, model, loss_fn: Callable
 
   def loss_of(params):
     params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
-    loss, metrics, new_stats = loss_fn(model, {"params": params, "batch_stats": batch_stats},
-                                       batch, rng, True)
+    loss, metrics, new_stats = loss_fn(
+      model, {"params": params, "batch_stats": batch_stats}, batch, rng, True
+    )
     return loss, (metrics, new_stats)
 
   (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
   return loss, metrics, new_stats, grads
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn: Callable, mask: Any,
-               rng: jax.Array) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState, batch: dict, *, model, tx, loss_fn: Callable, mask: Any, rng: jax.Array
+) -> tuple[TrainState, dict]:
   """One update on the global batch. Frozen params: no gradient, no state, bit-identical."""
   loss, metrics, batch_stats, grads = loss_and_grads(
-      state.params, state.batch_stats, batch, model=model, loss_fn=loss_fn, mask=mask,
-      rng=jax.random.fold_in(rng, state.step))
+    state.params,
+    state.batch_stats,
+    batch,
+    model=model,
+    loss_fn=loss_fn,
+    mask=mask,
+    rng=jax.random.fold_in(rng, state.step),
+  )
   # `value` feeds reduce_on_plateau when configured; other transforms ignore it.
   updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
-  params = jax.tree.map(lambda p, u, m: (p + u).astype(p.dtype) if m else p,
-                        state.params, updates, mask)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+  params = jax.tree.map(
+    lambda p, u, m: (p + u).astype(p.dtype) if m else p, state.params, updates, mask
+  )
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+  )
   return new_state, dict(metrics, loss=loss)
 
 

@@ -6,6 +6,7 @@
 `train_step` and `eval_step` are pure functions of (state, batch) jitted with explicit
 shardings; everything else here is the plumbing around them.
 """
+
 import functools
 import json
 import os
@@ -31,8 +32,12 @@ def evaluate(eval_fn, state, config, tokenizer, mesh) -> dict[str, float]:
   """val_<metric>: the mean over the real (unpadded) rows of the eval split."""
   totals = {}
   for local in input_pipeline.create_eval_iterator(
-      config, tokenizer, config.data.eval_split, process_index=jax.process_index(),
-      process_count=jax.process_count()):
+    config,
+    tokenizer,
+    config.data.eval_split,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
     out = jax.device_get(eval_fn(state, sharding.to_global(local, mesh)))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
@@ -96,8 +101,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Mesh.
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size, mesh)
-  logging.info("mesh: %d devices (%s) over %d processes", mesh.devices.size,
-               jax.devices()[0].platform, jax.process_count())
+  logging.info(
+    "mesh: %d devices (%s) over %d processes",
+    mesh.devices.size,
+    jax.devices()[0].platform,
+    jax.process_count(),
+  )
 
   # Input: the sample is prepared on first use; the tokenizer comes from the text checkpoint.
   input_pipeline.prepare(config)
@@ -114,24 +123,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = step_lib.make_optimizer(config.optimizer, mask)
 
   def make_state(variables):
-    return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                               batch_stats=variables.get("batch_stats", {}),
-                               opt_state=tx.init(variables["params"]))
+    return step_lib.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=variables["params"],
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(variables["params"]),
+    )
 
   # Shardings: derived from shapes, so parameters are born sharded.
   abstract_state = jax.eval_shape(make_state, abstract_vars)
   state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding.rules)
   abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-      state_sharding)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
+  )
 
   # Checkpoint restore, else fresh init (+ pretrained weights where configured).
   mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
   if mngr.latest_step() is not None:
     state, data_state = checkpoint.restore(mngr, abstract_state)
     if data_state.get("seed") != config.seed:
-      raise ConfigError(f"config.seed={config.seed} differs from the seed "
-                        f"{data_state.get('seed')} of the run being resumed in {workdir}")
+      raise ConfigError(
+        f"config.seed={config.seed} differs from the seed "
+        f"{data_state.get('seed')} of the run being resumed in {workdir}"
+      )
     start_step = int(data_state["batches_consumed"])
     logging.info("resumed from checkpoint step %d in %s", start_step, mngr.directory)
   else:
@@ -141,35 +155,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     variables = jax.jit(init_fn, out_shardings=var_sharding)(init_rng)  # born sharded
     if family.has_pretrained(config.model):  # host round trip only when importing weights
       variables = jax.device_put(
-          family.init_from_pretrained(jax.device_get(variables), config.model), var_sharding)
+        family.init_from_pretrained(jax.device_get(variables), config.model), var_sharding
+      )
     state = jax.jit(make_state, out_shardings=state_sharding)(variables)
     start_step = 0
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   n_train = sum(x.size for x, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mask)) if m)
-  logging.info("model %s: %.1fM params, %.1fM trainable", config.model.name, n_params / 1e6,
-               n_train / 1e6)
+  logging.info(
+    "model %s: %.1fM params, %.1fM trainable", config.model.name, n_params / 1e6, n_train / 1e6
+  )
 
   # Update step: jitted with explicit shardings; the old state is donated.
   batch_shard = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
-      lambda st, b: step_lib.train_step(st, b, model=model, tx=tx, loss_fn=loss_fn, mask=mask,
-                                        rng=step_rng),
-      in_shardings=(state_sharding, batch_shard), out_shardings=(state_sharding, None),
-      donate_argnums=0)
-  eval_fn = jax.jit(lambda st, b: step_lib.eval_step(st, b, model=model, loss_fn=loss_fn),
-                    in_shardings=(state_sharding, batch_shard))
+    lambda st, b: step_lib.train_step(
+      st, b, model=model, tx=tx, loss_fn=loss_fn, mask=mask, rng=step_rng
+    ),
+    in_shardings=(state_sharding, batch_shard),
+    out_shardings=(state_sharding, None),
+    donate_argnums=0,
+  )
+  eval_fn = jax.jit(
+    lambda st, b: step_lib.eval_step(st, b, model=model, loss_fn=loss_fn),
+    in_shardings=(state_sharding, batch_shard),
+  )
   # Downstream evaluators (config.evaluators), run at each evaluation; see medvl_jax/evaluate.
   evaluators = []
   if config.evaluators:
     from medvl_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+
     evaluators = evaluate_lib.build_all(model, config, tokenizer)
 
   train_iter = input_pipeline.create_train_iterator(
-      config, tokenizer, start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
+    config,
+    tokenizer,
+    start_step=start_step,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   writer = metric_writers.create_default_writer(
-      str(workdir / "tensorboard"), just_logging=not is_chief, asynchronous=True)
+    str(workdir / "tensorboard"), just_logging=not is_chief, asynchronous=True
+  )
   if start_step == 0:
     writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
 
@@ -197,10 +224,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       sec_per_step = (now - t_report) / (step - step_report)
       t_report, step_report = now, step
       writer.write_scalars(step, dict(last_train, sec_per_step=sec_per_step))
-      logging.info("step %d/%d | loss %.4f | %.2f s/step | %.1f examples/s | ETA %s", step,
-                   config.total_steps, last_train["train_loss"], sec_per_step,
-                   config.batch_size / sec_per_step,
-                   _fmt_duration(sec_per_step * (config.total_steps - step)))
+      logging.info(
+        "step %d/%d | loss %.4f | %.2f s/step | %.1f examples/s | ETA %s",
+        step,
+        config.total_steps,
+        last_train["train_loss"],
+        sec_per_step,
+        config.batch_size / sec_per_step,
+        _fmt_duration(sec_per_step * (config.total_steps - step)),
+      )
 
     val_loss = None
     if step % config.eval_every == 0 or step == config.total_steps:
@@ -211,13 +243,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       t_report += time.perf_counter() - t_eval  # the train rate excludes evaluation time
       val_loss = last_eval["val_loss"]
       writer.write_scalars(step, last_eval)
-      logging.info("step %d | validation loss %.4f%s", step, val_loss, "".join(
-          f" | {k} {last_eval[f'val_{k}']:.3f}" for k in family.summary_metrics))
+      logging.info(
+        "step %d | validation loss %.4f%s",
+        step,
+        val_loss,
+        "".join(f" | {k} {last_eval[f'val_{k}']:.3f}" for k in family.summary_metrics),
+      )
 
     stop = preemption.requested or mngr.reached_preemption(step)
     if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
-      checkpoint.save(mngr, step, state, {"batches_consumed": step, "seed": config.seed},
-                      val_loss=val_loss)
+      checkpoint.save(
+        mngr, step, state, {"batches_consumed": step, "seed": config.seed}, val_loss=val_loss
+      )
     if stop:
       logging.warning("stopping at step %d for preemption; rerun the command to resume", step)
       break

@@ -1,4 +1,5 @@
 """Shared test set-up: persistent XLA compilation cache, sample-data location."""
+
 import os
 import pathlib
 import sys
@@ -36,16 +37,30 @@ def run_main(*args: str, env: dict | None = None, timeout: int = 300, **kw):
   """Runs the real CLI `python -m medvl_jax.main ...` from the repo root."""
   import subprocess
   import sys
+
   full_env = dict(os.environ, **(env or {}))
-  return subprocess.run([sys.executable, "-m", "medvl_jax.main", *args], cwd=REPO,
-                        env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
+  return subprocess.run(
+    [sys.executable, "-m", "medvl_jax.main", *args],
+    cwd=REPO,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    **kw,
+  )
 
 
 def run_eval(*args: str, timeout: int = 300):
   """Runs the real CLI `python -m medvl_jax.evaluate ...` from the repo root."""
   import subprocess
-  return subprocess.run([sys.executable, "-m", "medvl_jax.evaluate", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
+
+  return subprocess.run(
+    [sys.executable, "-m", "medvl_jax.evaluate", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +75,7 @@ def read_scalars(logdir: pathlib.Path) -> dict[str, dict[int, float]]:
   Files are read oldest first, so a resumed run's values replace the killed run's.
   """
   import tensorflow as tf
+
   out: dict[str, dict[int, float]] = {}
   files = sorted(logdir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
   for f in files:
@@ -79,8 +95,7 @@ SMOKE = "configs/convirt.py:smoke"
 
 
 def smoke_args(workdir, tfds_dir, *extra):
-  return (f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}",
-          *extra)
+  return (f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}", *extra)
 
 
 @pytest.fixture(scope="session")
@@ -99,9 +114,15 @@ def short_run(tmp_path_factory, tfds_dir, sample_data_dir) -> pathlib.Path:
   """A 3-step smoke training run with a checkpoint at step 3, shared read-only by the export
   and evaluation tests (they write their outputs elsewhere)."""
   workdir = tmp_path_factory.mktemp("short_run")
-  proc = run_main(*smoke_args(workdir, tfds_dir, f"--config.total_steps={SHORT_STEPS}",
-                              f"--config.checkpoint_every={SHORT_STEPS}",
-                              f"--config.eval_every={SHORT_STEPS}"))
+  proc = run_main(
+    *smoke_args(
+      workdir,
+      tfds_dir,
+      f"--config.total_steps={SHORT_STEPS}",
+      f"--config.checkpoint_every={SHORT_STEPS}",
+      f"--config.eval_every={SHORT_STEPS}",
+    )
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
@@ -110,8 +131,12 @@ MIXED_SMOKE = "configs/mixed.py:smoke"
 
 
 def mixed_args(workdir, tfds_dir, *extra):
-  return (f"--config={MIXED_SMOKE}", f"--workdir={workdir}",
-          f"--config.data.data_dir={tfds_dir}", *extra)
+  return (
+    f"--config={MIXED_SMOKE}",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={tfds_dir}",
+    *extra,
+  )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """Augmentation ops against NumPy/PIL/SciPy references or exact properties."""
+
 import numpy as np
 from PIL import Image
 import pytest
@@ -7,9 +8,16 @@ import tensorflow as tf
 
 from medvl_jax import augment
 
-CFG = dict(crop_scale=(0.6, 1.0), flip_p=0.5, rotation=20.0, translate=0.1,
-           affine_scale=(0.95, 1.05), brightness=(0.6, 1.4), contrast=(0.6, 1.4),
-           blur_sigma=(0.1, 3.0))
+CFG = dict(
+  crop_scale=(0.6, 1.0),
+  flip_p=0.5,
+  rotation=20.0,
+  translate=0.1,
+  affine_scale=(0.95, 1.05),
+  brightness=(0.6, 1.4),
+  contrast=(0.6, 1.4),
+  blur_sigma=(0.1, 3.0),
+)
 
 
 def seed(i: int, j: int = 0) -> tf.Tensor:
@@ -67,29 +75,31 @@ def test_crop_is_a_resized_sub_window():
     out = augment.random_resized_crop(gradient, seed(i), size=64, resize=256).numpy()
     assert out.shape == (64, 64, 1) and out.dtype == np.float32
     centres = (np.arange(64) + 0.5) / 64
-    expected = (0.7 * (y - 0.5 + centres * h)[:, None] + 0.3 * (x - 0.5 + centres * w)[None])
+    expected = 0.7 * (y - 0.5 + centres * h)[:, None] + 0.3 * (x - 0.5 + centres * w)[None]
     np.testing.assert_allclose(out[4:-4, 4:-4, 0], expected[4:-4, 4:-4], atol=0.05)
     # Same as PIL's (antialiased) bilinear resize of that box, away from the border.
     out = augment.random_resized_crop(noise[..., None], seed(i), size=64).numpy()[..., 0]
-    pil = np.asarray(Image.fromarray(noise, mode="F").resize(
-        (64, 64), Image.BILINEAR, box=(x, y, x + w, y + h)))
+    pil = np.asarray(
+      Image.fromarray(noise, mode="F").resize((64, 64), Image.BILINEAR, box=(x, y, x + w, y + h))
+    )
     np.testing.assert_allclose(out[4:-4, 4:-4], pil[4:-4, 4:-4], atol=1e-2)
 
 
 def test_affine_identity_rotation_and_translation(noise):
   np.testing.assert_array_equal(augment.affine_transform(noise, 0.0, (0.0, 0.0), 1.0), noise)
   np.testing.assert_array_equal(
-      augment.random_affine(noise, seed(3), degrees=0.0, translate=0.0, scale=(1.0, 1.0)),
-      noise)
+    augment.random_affine(noise, seed(3), degrees=0.0, translate=0.0, scale=(1.0, 1.0)), noise
+  )
   square = noise[:40]
-  np.testing.assert_allclose(augment.affine_transform(square, 90.0, (0.0, 0.0), 1.0),
-                             np.rot90(square), atol=1e-2)
-  np.testing.assert_allclose(augment.affine_transform(square, -90.0, (0.0, 0.0), 1.0),
-                             np.rot90(square, k=-1), atol=1e-2)
+  np.testing.assert_allclose(
+    augment.affine_transform(square, 90.0, (0.0, 0.0), 1.0), np.rot90(square), atol=1e-2
+  )
+  np.testing.assert_allclose(
+    augment.affine_transform(square, -90.0, (0.0, 0.0), 1.0), np.rot90(square, k=-1), atol=1e-2
+  )
   shifted = np.zeros_like(noise)  # 3 px right, 2 px up, zero fill.
   shifted[:-2, 3:] = noise[2:, :-3]
-  np.testing.assert_array_equal(augment.affine_transform(noise, 0.0, (3.0, -2.0), 1.0),
-                                shifted)
+  np.testing.assert_array_equal(augment.affine_transform(noise, 0.0, (3.0, -2.0), 1.0), shifted)
 
 
 def test_affine_scale_about_centre():
@@ -117,8 +127,7 @@ def test_brightness_scales_exactly_and_clips():
 def test_contrast_keeps_the_mean_and_scales_deviations():
   image = np.random.default_rng(3).uniform(60, 200, (32, 32, 1)).astype(np.float32)
   for c in (0.6, 1.2):
-    out = augment.color_jitter(image, seed(1), brightness=(1.0, 1.0),
-                               contrast=(c, c)).numpy()
+    out = augment.color_jitter(image, seed(1), brightness=(1.0, 1.0), contrast=(c, c)).numpy()
     assert out.mean() == pytest.approx(image.mean(), abs=1e-3)
     np.testing.assert_allclose(out - out.mean(), c * (image - image.mean()), atol=1e-3)
 
@@ -130,8 +139,9 @@ def test_blur_keeps_constant_and_matches_scipy():
   for sigma in (0.5, 1.7, 3.0):
     out = augment.gaussian_blur(image, seed(0), sigma=(sigma, sigma)).numpy()
     radius = int(np.ceil(3 * sigma))  # The default: ceil(3 * max sigma).
-    ref = ndimage.gaussian_filter(image.astype(np.float64), sigma=(sigma, sigma, 0),
-                                  mode="mirror", truncate=radius / sigma)
+    ref = ndimage.gaussian_filter(
+      image.astype(np.float64), sigma=(sigma, sigma, 0), mode="mirror", truncate=radius / sigma
+    )
     np.testing.assert_allclose(out, ref, atol=1e-3)
 
 
@@ -152,9 +162,10 @@ def test_train_chain_is_deterministic_per_seed(sample_data_dir):
   assert not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("op", [
-    augment.random_resized_crop, augment.random_affine, augment.color_jitter,
-    augment.gaussian_blur])
+@pytest.mark.parametrize(
+  "op",
+  [augment.random_resized_crop, augment.random_affine, augment.color_jitter, augment.gaussian_blur],
+)
 def test_each_op_same_seed_same_output(op, noise):
   kwargs = {"size": 32, "resize": 40} if op is augment.random_resized_crop else {}
   a = op(noise, seed(1, 2), **kwargs).numpy()

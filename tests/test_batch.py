@@ -1,4 +1,5 @@
 """The batch layout declared once (`medvl_jax.batch`): spec, dummy batches, the check."""
+
 import numpy as np
 import pytest
 
@@ -11,12 +12,12 @@ S, L, B = 32, 12, 4
 
 def test_spec_is_the_agreed_layout():
   assert batch.spec(S, L) == {
-      "image": ((S, S, 1), np.dtype(np.uint8)),
-      "input_ids": ((L,), np.dtype(np.int32)),
-      "attention_mask": ((L,), np.dtype(np.int32)),
-      "has_image": ((), np.dtype(bool)),
-      "has_text": ((), np.dtype(bool)),
-      "source": ((), np.dtype(np.int32)),
+    "image": ((S, S, 1), np.dtype(np.uint8)),
+    "input_ids": ((L,), np.dtype(np.int32)),
+    "attention_mask": ((L,), np.dtype(np.int32)),
+    "has_image": ((), np.dtype(bool)),
+    "has_text": ((), np.dtype(bool)),
+    "source": ((), np.dtype(np.int32)),
   }
   ev = batch.spec(S, L, eval=True)
   assert list(ev) == list(batch.spec(S, L)) + ["mask"]
@@ -69,27 +70,44 @@ def _bad(**changes):
   return z
 
 
-@pytest.mark.parametrize("bad,kw,match", [
+@pytest.mark.parametrize(
+  "bad,kw,match",
+  [
     (_bad(has_text=None), {}, r"batch: missing keys \['has_text'\], unexpected keys \[\]"),
     (_bad(labels=np.zeros((B, 3), np.int32)), {}, r"unexpected keys \['labels'\]"),
     (batch.zeros(B, S, L), {"eval": True}, r"missing keys \['mask'\]"),
-    (_bad(image=np.zeros((B, S, S, 1), np.float32)), {},
-     r"'image' has dtype float32; expected uint8"),
+    (
+      _bad(image=np.zeros((B, S, S, 1), np.float32)),
+      {},
+      r"'image' has dtype float32; expected uint8",
+    ),
     (_bad(has_image=np.ones((B,), np.int32)), {}, r"'has_image' has dtype int32; expected bool"),
     (_bad(input_ids=np.zeros((B, L), np.int64)), {}, r"'input_ids' has dtype int64"),
     (_bad(source=[0] * B), {}, r"'source' has dtype None"),
     (_bad(image=np.zeros((B, S, S), np.uint8)), {}, r"'image' has shape \(4, 32, 32\)"),
-    (_bad(image=np.zeros((B, S, S - 1, 1), np.uint8)), {},
-     r"'image' has shape \(4, 32, 31, 1\); expected \(4, 32, 32, 1\)"),
+    (
+      _bad(image=np.zeros((B, S, S - 1, 1), np.uint8)),
+      {},
+      r"'image' has shape \(4, 32, 31, 1\); expected \(4, 32, 32, 1\)",
+    ),
     (batch.zeros(B, S, L), {"image_size": 64}, r"'image' has shape .*expected \(4, 64, 64, 1\)"),
-    (batch.zeros(B, S, L), {"max_length": 16}, r"'input_ids' has shape \(4, 12\); expected "
-                                                r"\(4, 16\)"),
-    (batch.zeros(B, S, L), {"batch_size": 8}, r"'image' has shape \(4, 32, 32, 1\); expected "
-                                              r"\(8, 32, 32, 1\)"),
+    (
+      batch.zeros(B, S, L),
+      {"max_length": 16},
+      r"'input_ids' has shape \(4, 12\); expected "
+      r"\(4, 16\)",
+    ),
+    (
+      batch.zeros(B, S, L),
+      {"batch_size": 8},
+      r"'image' has shape \(4, 32, 32, 1\); expected "
+      r"\(8, 32, 32, 1\)",
+    ),
     (_bad(attention_mask=np.ones((B, L + 1), np.int32)), {}, r"'attention_mask' has shape"),
     (_bad(has_text=np.ones((B, 1), bool)), {}, r"'has_text' has shape \(4, 1\); expected \(4,\)"),
     (_bad(source=np.zeros((B + 1,), np.int32)), {}, r"'source' has shape \(5,\)"),
-])
+  ],
+)
 def test_check_rejects_each_bad_case_in_one_line(bad, kw, match):
   with pytest.raises(DataError, match=match) as e:
     batch.check(bad, **kw)

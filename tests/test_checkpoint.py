@@ -1,4 +1,5 @@
 """Orbax retention: the latest N checkpoints plus the best by validation loss survive."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

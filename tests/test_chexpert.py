@@ -1,4 +1,5 @@
 """`chexpert` on a fixture tree in the CheXpert-v1.0-small layout (real images)."""
+
 import shutil
 
 import numpy as np
@@ -15,8 +16,9 @@ POLICY = {"u_ignore": -1, "u_ones": 1, "u_zeros": 0}
 
 def build(manual_dir, data_dir, config):
   builder = Builder(config=config, data_dir=str(data_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), try_download_gcs=False))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False)
+  )
   return builder
 
 
@@ -31,19 +33,25 @@ def test_counts_splits_labels_policy(tree, tmp_path, policy):
   folder = tree / "CheXpert-v1.0-small"
   rows = {r["Path"]: r for name in ("train.csv", "valid.csv") for r in fl.read_csv(folder / name)}
   valid = {r["Path"] for r in fl.read_csv(folder / "valid.csv")}
-  splits = {s: list(builder.as_dataset(split=s).as_numpy_iterator())
-            for s in ("train", "validation", "test")}
+  splits = {
+    s: list(builder.as_dataset(split=s).as_numpy_iterator())
+    for s in ("train", "validation", "test")
+  }
   assert builder.info.metadata["skipped"] == {}
   assert sum(map(len, splits.values())) == len(rows)
   assert {ex["image_id"].decode() for ex in splits["test"]} == valid
   patients = {s: {ex["patient_id"] for ex in v} for s, v in splits.items()}
-  assert not (patients["train"] & patients["validation"] or patients["train"] & patients["test"]
-              or patients["validation"] & patients["test"])
+  assert not (
+    patients["train"] & patients["validation"]
+    or patients["train"] & patients["test"]
+    or patients["validation"] & patients["test"]
+  )
   for examples in splits.values():
     for ex in examples:
       row = rows[ex["image_id"].decode()]
-      want = [{"1.0": 1, "0.0": 0, "-1.0": POLICY[policy], "": 0}[row[c]]
-              for c in common.CHEXPERT_LABELS]
+      want = [
+        {"1.0": 1, "0.0": 0, "-1.0": POLICY[policy], "": 0}[row[c]] for c in common.CHEXPERT_LABELS
+      ]
       np.testing.assert_array_equal(ex["labels"], want)
       assert ex["view"].decode() in ("AP", "PA", "Lateral")
       assert min(ex["image"].shape[:2]) == 64

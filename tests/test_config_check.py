@@ -1,5 +1,6 @@
 """Early validation: every name and nested choice fails through the real CLI in one line, with
 exit status 2, before anything is built or written (no workdir contents, no tfds directory)."""
+
 import pathlib
 import textwrap
 
@@ -8,31 +9,41 @@ import pytest
 from tests.conftest import REPO, run_main, smoke_args
 
 CASES = [
-    # (override, words the one error line must hold: the key and the valid values)
-    ("--config.model.name=nope", ["config.model.name='nope'", "convirt"]),
-    ("--config.data.name=nope", ["config.data.name='nope'", "cxr_sample", "nih14"]),
-    # A labels-only corpus cannot be pretrained on: refused before the pipeline reads it.
-    ("--config.data.name=nih14", ["config.data.name='nih14'", "no image-text pairs",
-                                  "cxr_sample, mimic_cxr, openi"]),
-    ("--config.data.builder_config=nope", ["config.data.builder_config='nope'", "paired"]),
-    ("--config.model.dtype=float8", ["config.model.dtype='float8'", "bfloat16, float32"]),
-    ("--config.model.image.variant=vit", ["config.model.image.variant='vit'",
-                                          "resnet50, resnet_tiny"]),
-    ("--config.loss.name=nope", ["config.loss.name='nope'", "infonce"]),
-    ("--config.optimizer.schedule=cosine", ["config.optimizer.schedule='cosine'",
-                                            "constant, plateau"]),
-    ("--config.model.text.tokenizer=/no/such/dir", ["config.model.text.tokenizer",
-                                                    "/no/such/dir", "not found"]),
-    ("--config.model.image.init=/no/such.pth", ["config.model.image.init", "/no/such.pth"]),
-    ("--config.data.image_size=300", ["config.data.image_size=300", "config.data.resize=72"]),
-    ("--config.total_steps=0", ["config.total_steps=0", "positive"]),
+  # (override, words the one error line must hold: the key and the valid values)
+  ("--config.model.name=nope", ["config.model.name='nope'", "convirt"]),
+  ("--config.data.name=nope", ["config.data.name='nope'", "cxr_sample", "nih14"]),
+  # A labels-only corpus cannot be pretrained on: refused before the pipeline reads it.
+  (
+    "--config.data.name=nih14",
+    ["config.data.name='nih14'", "no image-text pairs", "cxr_sample, mimic_cxr, openi"],
+  ),
+  ("--config.data.builder_config=nope", ["config.data.builder_config='nope'", "paired"]),
+  ("--config.model.dtype=float8", ["config.model.dtype='float8'", "bfloat16, float32"]),
+  (
+    "--config.model.image.variant=vit",
+    ["config.model.image.variant='vit'", "resnet50, resnet_tiny"],
+  ),
+  ("--config.loss.name=nope", ["config.loss.name='nope'", "infonce"]),
+  (
+    "--config.optimizer.schedule=cosine",
+    ["config.optimizer.schedule='cosine'", "constant, plateau"],
+  ),
+  (
+    "--config.model.text.tokenizer=/no/such/dir",
+    ["config.model.text.tokenizer", "/no/such/dir", "not found"],
+  ),
+  ("--config.model.image.init=/no/such.pth", ["config.model.image.init", "/no/such.pth"]),
+  ("--config.data.image_size=300", ["config.data.image_size=300", "config.data.resize=72"]),
+  ("--config.total_steps=0", ["config.total_steps=0", "positive"]),
 ]
 
 EVALUATOR_CASES = [
-    ("[{'name': 'nope'}]", ["config.evaluators[0] name='nope'", "linear_probe, retrieval"]),
-    ("[{'name': 'linear_probe', 'nope': 1}]",
-     ["config.evaluators[0] (linear_probe)", "'nope'", "fractions", "seeds"]),
-    ("[{'n_boot': 10}]", ["config.evaluators[0]", "no 'name'"]),
+  ("[{'name': 'nope'}]", ["config.evaluators[0] name='nope'", "linear_probe, retrieval"]),
+  (
+    "[{'name': 'linear_probe', 'nope': 1}]",
+    ["config.evaluators[0] (linear_probe)", "'nope'", "fractions", "seeds"],
+  ),
+  ("[{'n_boot': 10}]", ["config.evaluators[0]", "no 'name'"]),
 ]
 
 
@@ -49,20 +60,23 @@ def _assert_refused(proc, words, workdir: pathlib.Path, tfds_dir: pathlib.Path):
   assert not tfds_dir.exists()
 
 
-@pytest.mark.parametrize("override,words", CASES, ids=[c[0].split("=")[0][9:] + "=" +
-                                                        c[0].split("=")[1] for c in CASES])
+@pytest.mark.parametrize(
+  "override,words", CASES, ids=[c[0].split("=")[0][9:] + "=" + c[0].split("=")[1] for c in CASES]
+)
 def test_refused_before_anything_is_built(tmp_path, override, words):
   workdir, tfds_dir = tmp_path / "w", tmp_path / "tfds"
   proc = run_main(*smoke_args(workdir, tfds_dir, override))
   _assert_refused(proc, words, workdir, tfds_dir)
 
 
-@pytest.mark.parametrize("evaluators,words", EVALUATOR_CASES,
-                         ids=["unknown_name", "unknown_setting", "no_name"])
+@pytest.mark.parametrize(
+  "evaluators,words", EVALUATOR_CASES, ids=["unknown_name", "unknown_setting", "no_name"]
+)
 def test_evaluators_refused_before_anything_is_built(tmp_path, evaluators, words):
   """Evaluators are a list (no flag override): a config file of the user's sets them."""
   config_file = tmp_path / "my_config.py"
-  config_file.write_text(textwrap.dedent(f"""\
+  config_file.write_text(
+    textwrap.dedent(f"""\
       import sys
       sys.path.insert(0, {str(REPO)!r})
       from configs import convirt
@@ -71,10 +85,12 @@ def test_evaluators_refused_before_anything_is_built(tmp_path, evaluators, words
         c = convirt.get_config("smoke")
         c.evaluators = {evaluators}
         return c
-      """))
+      """)
+  )
   workdir, tfds_dir = tmp_path / "w", tmp_path / "tfds"
-  proc = run_main(f"--config={config_file}", f"--workdir={workdir}",
-                  f"--config.data.data_dir={tfds_dir}")
+  proc = run_main(
+    f"--config={config_file}", f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}"
+  )
   _assert_refused(proc, words, workdir, tfds_dir)
 
 
@@ -87,6 +103,7 @@ def test_evaluator_settings_match_the_constructors():
     evaluate,  # pylint: disable=g-import-not-at-top
   )
   from medvl_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
   for name, cls in evaluate.EVALUATORS.items():
     params = list(inspect.signature(cls).parameters.values())[1:]
     defaults = {p.name: p.default for p in params if p.default is not p.empty}
@@ -100,9 +117,11 @@ def test_evaluate_cli_checks_cfg_settings_before_restoring(short_run, tmp_path):
   """`--cfg` settings of the evaluation CLI are checked against the evaluator's signature
   before any checkpoint is restored: one line, exit 2, nothing written."""
   from tests.conftest import run_eval
+
   out = tmp_path / "eval_out"
-  proc = run_eval(f"--workdir={short_run}", "--task=linear_probe", "--cfg=no_such_setting=1",
-                  f"--out={out}")
+  proc = run_eval(
+    f"--workdir={short_run}", "--task=linear_probe", "--cfg=no_such_setting=1", f"--out={out}"
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   last = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1]
   assert "unknown setting 'no_such_setting'" in last and "fractions" in last, last

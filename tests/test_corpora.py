@@ -1,4 +1,5 @@
 """The one dataset registry (`medvl_jax.corpora`): names, builders, kinds, labels, errors."""
+
 import subprocess
 import sys
 
@@ -21,33 +22,49 @@ from tests.conftest import REPO
 
 # What each corpus/config can serve, from what its builder declares (image and/or sentences).
 EXPECTED_KINDS = {
-    ("cxr_sample", "paired"): {"paired", "image", "text"},
-    ("cxr_sample", "text_only"): {"text"},
-    ("cxr_sample", "image_only"): {"image"},
-    ("mimic_cxr", "paired"): {"paired", "image", "text"},
-    ("mimic_cxr", "paired_64"): {"paired", "image", "text"},
-    ("openi", "paired"): {"paired", "image", "text"},
-    ("nih14", "default"): {"image"},
-    ("chexpert", "u_ignore"): {"image"},
-    ("chexpert", "u_ones_128"): {"image"},
-    ("rsna_pneumonia", "default"): {"image"},
-    ("covidx", "default"): {"image"},
+  ("cxr_sample", "paired"): {"paired", "image", "text"},
+  ("cxr_sample", "text_only"): {"text"},
+  ("cxr_sample", "image_only"): {"image"},
+  ("mimic_cxr", "paired"): {"paired", "image", "text"},
+  ("mimic_cxr", "paired_64"): {"paired", "image", "text"},
+  ("openi", "paired"): {"paired", "image", "text"},
+  ("nih14", "default"): {"image"},
+  ("chexpert", "u_ignore"): {"image"},
+  ("chexpert", "u_ones_128"): {"image"},
+  ("rsna_pneumonia", "default"): {"image"},
+  ("covidx", "default"): {"image"},
 }
 # The label columns and task types evaluate/datasets.py held before the registry (issue 9).
 EXPECTED_LABELS = {
-    "cxr_sample": None,
-    "mimic_cxr": common.CHEXPERT_LABELS, "openi": common.CHEXPERT_LABELS,
-    "chexpert": common.CHEXPERT_LABELS, "nih14": nih14_dataset_builder.NIH_LABELS,
-    "covidx": covidx_dataset_builder.CLASSES, "rsna_pneumonia": ("Pneumonia",),
+  "cxr_sample": None,
+  "mimic_cxr": common.CHEXPERT_LABELS,
+  "openi": common.CHEXPERT_LABELS,
+  "chexpert": common.CHEXPERT_LABELS,
+  "nih14": nih14_dataset_builder.NIH_LABELS,
+  "covidx": covidx_dataset_builder.CLASSES,
+  "rsna_pneumonia": ("Pneumonia",),
 }
-EXPECTED_TASK = {"covidx": "multiclass", "mimic_cxr": "multilabel", "openi": "multilabel",
-                 "chexpert": "multilabel", "nih14": "multilabel",
-                 "rsna_pneumonia": "multilabel", "cxr_sample": None}
+EXPECTED_TASK = {
+  "covidx": "multiclass",
+  "mimic_cxr": "multilabel",
+  "openi": "multilabel",
+  "chexpert": "multilabel",
+  "nih14": "multilabel",
+  "rsna_pneumonia": "multilabel",
+  "cxr_sample": None,
+}
 
 
 def test_registered_names():
-  assert set(corpora.names()) == {"cxr_sample", "mimic_cxr", "openi", "nih14", "chexpert",
-                                  "rsna_pneumonia", "covidx"}
+  assert set(corpora.names()) == {
+    "cxr_sample",
+    "mimic_cxr",
+    "openi",
+    "nih14",
+    "chexpert",
+    "rsna_pneumonia",
+    "covidx",
+  }
 
 
 @pytest.mark.parametrize("name", sorted(corpora.CORPORA))
@@ -123,10 +140,13 @@ def test_prepare_reads_the_registry(tmp_path):
 
 
 def test_importing_the_registry_imports_no_data_pipeline():
-  code = ("import sys; from medvl_jax import corpora; corpora.get('chexpert'); "
-          "bad = [m for m in sys.modules if m.split('.')[0] in "
-          "('data_pipelines', 'tensorflow', 'tensorflow_datasets')]; "
-          "assert not bad, bad")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
+  code = (
+    "import sys; from medvl_jax import corpora; corpora.get('chexpert'); "
+    "bad = [m for m in sys.modules if m.split('.')[0] in "
+    "('data_pipelines', 'tensorflow', 'tensorflow_datasets')]; "
+    "assert not bad, bad"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,6 +5,7 @@ px), and that checkpoint's linear probe runs on `chexpert` (CheXpert-v1.0-small 
 uncertain labels kept as -1 and masked) through the real CLIs; the multi-label and multi-class
 probe paths score 1.0 on oracle (label-derived) features.
 """
+
 import json
 import pathlib
 import subprocess
@@ -31,8 +32,9 @@ STEPS = 2
 
 def prepare(builder_cls, config: str, manual_dir: pathlib.Path, data_dir: pathlib.Path):
   builder = builder_cls(config=config, data_dir=str(data_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), try_download_gcs=False))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False)
+  )
   return builder
 
 
@@ -40,20 +42,31 @@ def prepare(builder_cls, config: str, manual_dir: pathlib.Path, data_dir: pathli
 def data_dir(tmp_path_factory, sample_data_dir) -> pathlib.Path:
   """One tfds data dir holding mimic_cxr/paired_64 and chexpert/u_ignore_64."""
   out = tmp_path_factory.mktemp("corpora_tfds")
-  prepare(MimicBuilder, MIMIC_CONFIG,
-          fl.mimic_cxr(sample_data_dir, tmp_path_factory.mktemp("mimic")), out)
-  prepare(ChexpertBuilder, CHEXPERT_CONFIG,
-          fl.chexpert(sample_data_dir, tmp_path_factory.mktemp("chexpert")), out)
+  prepare(
+    MimicBuilder, MIMIC_CONFIG, fl.mimic_cxr(sample_data_dir, tmp_path_factory.mktemp("mimic")), out
+  )
+  prepare(
+    ChexpertBuilder,
+    CHEXPERT_CONFIG,
+    fl.chexpert(sample_data_dir, tmp_path_factory.mktemp("chexpert")),
+    out,
+  )
   return out
 
 
 @pytest.fixture(scope="module")
 def mimic_run(tmp_path_factory, data_dir):
   workdir = tmp_path_factory.mktemp("mimic_run")
-  proc = run_main("--config=configs/convirt.py:smoke", f"--workdir={workdir}",
-                  "--config.data.name=mimic_cxr", f"--config.data.builder_config={MIMIC_CONFIG}",
-                  f"--config.data.data_dir={data_dir}", f"--config.total_steps={STEPS}",
-                  f"--config.eval_every={STEPS}", f"--config.checkpoint_every={STEPS}")
+  proc = run_main(
+    "--config=configs/convirt.py:smoke",
+    f"--workdir={workdir}",
+    "--config.data.name=mimic_cxr",
+    f"--config.data.builder_config={MIMIC_CONFIG}",
+    f"--config.data.data_dir={data_dir}",
+    f"--config.total_steps={STEPS}",
+    f"--config.eval_every={STEPS}",
+    f"--config.checkpoint_every={STEPS}",
+  )
   return workdir, proc
 
 
@@ -85,14 +98,21 @@ def test_dataset_errors(data_dir):
   with pytest.raises(ConfigError, match="not a known dataset"):
     linear_probe.Evaluator(None, dataset="no_such_corpus")
   with pytest.raises(ConfigError, match="not a config of chexpert"):
-    linear_probe.Evaluator(None, dataset="chexpert", builder_config="u_maybe",
-                           data_dir=str(data_dir))
+    linear_probe.Evaluator(
+      None, dataset="chexpert", builder_config="u_maybe", data_dir=str(data_dir)
+    )
   with pytest.raises(DataError, match="not prepared"):
-    linear_probe.Evaluator(None, dataset="nih14", builder_config="default_64",
-                           data_dir=str(data_dir))
+    linear_probe.Evaluator(
+      None, dataset="nih14", builder_config="default_64", data_dir=str(data_dir)
+    )
   with pytest.raises(ConfigError, match="task_type"):
-    linear_probe.Evaluator(None, dataset="chexpert", builder_config=CHEXPERT_CONFIG,
-                           data_dir=str(data_dir), task_type="regression")
+    linear_probe.Evaluator(
+      None,
+      dataset="chexpert",
+      builder_config=CHEXPERT_CONFIG,
+      data_dir=str(data_dir),
+      task_type="regression",
+    )
 
 
 def test_linear_probe_cli_on_chexpert(mimic_run, data_dir, tmp_path):
@@ -100,17 +120,32 @@ def test_linear_probe_cli_on_chexpert(mimic_run, data_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = tmp_path / "probe"
   proc = subprocess.run(
-      [sys.executable, "-m", "medvl_jax.evaluate", f"--workdir={workdir}", "--task=linear_probe",
-       f"--out={out}", "--cfg=dataset=chexpert", f"--cfg=builder_config={CHEXPERT_CONFIG}",
-       f"--cfg=data_dir={data_dir}", "--cfg=n_boot=50", "--cfg=seeds=(0, 1)"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "medvl_jax.evaluate",
+      f"--workdir={workdir}",
+      "--task=linear_probe",
+      f"--out={out}",
+      "--cfg=dataset=chexpert",
+      f"--cfg=builder_config={CHEXPERT_CONFIG}",
+      f"--cfg=data_dir={data_dir}",
+      "--cfg=n_boot=50",
+      "--cfg=seeds=(0, 1)",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((out / "metrics.json").read_text())
   m = result["metrics"]
   assert result["cfg"]["dataset"] == "chexpert" and result["step"] == STEPS
   for tag in ("1pct", "10pct", "100pct"):
-    per_class = [m[f"linear_probe/auc_{tag}/{linear_probe.slug(n)}"]
-                 for n in common.CHEXPERT_LABELS]
+    per_class = [
+      m[f"linear_probe/auc_{tag}/{linear_probe.slug(n)}"] for n in common.CHEXPERT_LABELS
+    ]
     assert all(v is None or 0 <= v <= 1 for v in per_class), per_class
     defined = [v for v in per_class if v is not None]
     assert defined, f"no class has test positives and negatives at {tag}"
@@ -138,8 +173,8 @@ def test_oracle_multilabel_macro_auc_is_one():
   y_te[[1, 2], 1] = -1
   names = [f"Class {k}" for k in range(5)]
   values, details = linear_probe.probe_labels(
-      x_tr, y_tr, x_te, y_te, patients, names=names, fractions=(0.1, 1.0), seeds=(0, 1),
-      n_boot=50)
+    x_tr, y_tr, x_te, y_te, patients, names=names, fractions=(0.1, 1.0), seeds=(0, 1), n_boot=50
+  )
   m = dict(values)
   for tag in ("10pct", "100pct"):
     assert m[f"linear_probe/auc_{tag}"] == pytest.approx(1.0)
@@ -158,8 +193,17 @@ def test_oracle_multiclass_accuracy_is_one():
   x = y * 4.0 + rng.normal(0, 0.05, y.shape)
   patients = np.array([f"p{i}" for i in range(50)])
   values, _ = linear_probe.probe_labels(
-      x[:100], y[:100], x[100:], y[100:], patients, task_type="multiclass",
-      names=("normal", "pneumonia", "COVID-19"), fractions=(0.1, 1.0), seeds=(0, 1), n_boot=50)
+    x[:100],
+    y[:100],
+    x[100:],
+    y[100:],
+    patients,
+    task_type="multiclass",
+    names=("normal", "pneumonia", "COVID-19"),
+    fractions=(0.1, 1.0),
+    seeds=(0, 1),
+    n_boot=50,
+  )
   m = dict(values)
   for tag in ("10pct", "100pct"):
     assert m[f"linear_probe/acc_{tag}"] == pytest.approx(1.0)

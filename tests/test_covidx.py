@@ -1,5 +1,6 @@
 """`covidx` on a fixture tree in the COVIDx CXR-3 layout (real COVID-19 images of the
 covid-chestxray-dataset sample, real NIH images for normal/pneumonia)."""
+
 import shutil
 
 import numpy as np
@@ -14,8 +15,9 @@ from tests import fixtures_layout as fl
 
 def build(manual_dir, data_dir, config="default_64"):
   builder = Builder(config=config, data_dir=str(data_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), try_download_gcs=False))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False)
+  )
   return builder
 
 
@@ -30,13 +32,24 @@ def tree(sample_data_dir, tmp_path_factory):
 
 def test_parse_line_formats():
   # CXR-3A / 9A (with source), v1-v5 / 7A / 8A (without), a filename with a space, binary.
-  assert parse_line("419639-003251 MIDRC-RICORD-1C-419639-003251-46647-0.png COVID-19 ricord"
-                    ) == ("419639-003251", "MIDRC-RICORD-1C-419639-003251-46647-0.png",
-                          "COVID-19", "ricord")
+  assert parse_line("419639-003251 MIDRC-RICORD-1C-419639-003251-46647-0.png COVID-19 ricord") == (
+    "419639-003251",
+    "MIDRC-RICORD-1C-419639-003251-46647-0.png",
+    "COVID-19",
+    "ricord",
+  )
   assert parse_line("8 SARS-10.1148rg.242035193-g04mr34g05x-Fig5-day9.jpeg pneumonia") == (
-      "8", "SARS-10.1148rg.242035193-g04mr34g05x-Fig5-day9.jpeg", "pneumonia", "")
-  assert parse_line("19 covid 19 day 3.jpg COVID-19") == ("19", "covid 19 day 3.jpg",
-                                                           "COVID-19", "")
+    "8",
+    "SARS-10.1148rg.242035193-g04mr34g05x-Fig5-day9.jpeg",
+    "pneumonia",
+    "",
+  )
+  assert parse_line("19 covid 19 day 3.jpg COVID-19") == (
+    "19",
+    "covid 19 day 3.jpg",
+    "COVID-19",
+    "",
+  )
   assert parse_line("a1 a1.png negative rsna") == ("a1", "a1.png", "negative", "rsna")
   assert parse_line("a1 a1.png") is None
 
@@ -46,15 +59,20 @@ def test_counts_splits_labels(tree, tmp_path):
   train = read_lines(tree / "train_COVIDx_CXR-3A.txt")
   test = read_lines(tree / "test_COVIDx_CXR-3A.txt")
   assert builder.info.metadata["skipped"] == {}
-  splits = {s: list(builder.as_dataset(split=s).as_numpy_iterator())
-            for s in ("train", "validation", "test")}
+  splits = {
+    s: list(builder.as_dataset(split=s).as_numpy_iterator())
+    for s in ("train", "validation", "test")
+  }
   assert len(splits["train"]) + len(splits["validation"]) == len(train)
   assert len(splits["validation"]) > 0
   # The official test file is the test split, unchanged.
   assert {ex["image_id"].decode() for ex in splits["test"]} == {f"test/{l[1]}" for l in test}
   patients = {s: {ex["patient_id"] for ex in v} for s, v in splits.items()}
-  assert not (patients["train"] & patients["validation"] or patients["train"] & patients["test"]
-              or patients["validation"] & patients["test"])
+  assert not (
+    patients["train"] & patients["validation"]
+    or patients["train"] & patients["test"]
+    or patients["validation"] & patients["test"]
+  )
   lines = {f"{part}/{l[1]}": l for part, ls in (("train", train), ("test", test)) for l in ls}
   counts = np.zeros(3, int)
   for examples in splits.values():
@@ -82,7 +100,11 @@ def test_bad_input(tree, tmp_path):
     f.write(" ".join(train[2]) + "\n")  # The same image listed twice.
   builder = build(bad, tmp_path / "tfds")
   assert builder.info.metadata["skipped"] == {
-      "unreadable_image": 1, "missing_image": 1, "bad_labels": 1, "duplicate_record": 1}
+    "unreadable_image": 1,
+    "missing_image": 1,
+    "bad_labels": 1,
+    "duplicate_record": 1,
+  }
   n = sum(info.num_examples for info in builder.info.splits.values())
   assert n == len(train) - 2 + len(read_lines(bad / "test_COVIDx_CXR-3A.txt"))
   # Only the binary Kaggle files: one clear error, not a dataset of skipped records.

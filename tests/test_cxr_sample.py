@@ -1,4 +1,5 @@
 """The `cxr_sample` tfds builder on the real sample and on a copy with bad records."""
+
 import csv
 import io
 import logging
@@ -19,8 +20,9 @@ _BUILT: dict[str, pathlib.Path] = {}
 
 def build(config: str, data_dir: pathlib.Path, manual_dir: pathlib.Path) -> Builder:
   builder = Builder(config=config, data_dir=str(data_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), try_download_gcs=False))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False)
+  )
   return builder
 
 
@@ -33,10 +35,18 @@ def sample_tfds_dir(tmp_path_factory, sample_data_dir: pathlib.Path) -> pathlib.
     import ml_collections  # pylint: disable=g-import-not-at-top
 
     from medvl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
     data_dir = tmp_path_factory.mktemp("tfds")
-    config = ml_collections.ConfigDict({"data": {
-        "name": "cxr_sample", "builder_config": "paired", "data_dir": str(data_dir),
-        "sample_dir": str(sample_data_dir)}})
+    config = ml_collections.ConfigDict(
+      {
+        "data": {
+          "name": "cxr_sample",
+          "builder_config": "paired",
+          "data_dir": str(data_dir),
+          "sample_dir": str(sample_data_dir),
+        }
+      }
+    )
     assert input_pipeline.prepare(config).is_prepared()
     build("text_only", data_dir, sample_data_dir)
     build("image_only", data_dir, sample_data_dir)
@@ -51,10 +61,10 @@ def data_dir(tmp_path_factory, sample_data_dir) -> pathlib.Path:
 
 def _load(data_dir, config, decode_images=True):
   builder = Builder(config=config, data_dir=str(data_dir))
-  decoders = None if decode_images or config != "paired" else {
-      "image": tfds.decode.SkipDecoding()}
-  return builder, {s: list(builder.as_dataset(split=s, decoders=decoders).as_numpy_iterator())
-                   for s in SPLITS}
+  decoders = None if decode_images or config != "paired" else {"image": tfds.decode.SkipDecoding()}
+  return builder, {
+    s: list(builder.as_dataset(split=s, decoders=decoders).as_numpy_iterator()) for s in SPLITS
+  }
 
 
 def _csv(path) -> list[dict[str, str]]:
@@ -72,15 +82,18 @@ def test_paired_counts_features_and_patient_splits(data_dir, sample_data_dir):
   assert not (patients["train"] & patients["test"])
   assert not (patients["validation"] & patients["test"])
   assert len(set().union(*patients.values())) == 148
-  rows = {r["image_file"].split("/")[-1]: r for r in _csv(
-      sample_data_dir / "covid_cxr_notes" / "pairs.csv")}
+  rows = {
+    r["image_file"].split("/")[-1]: r
+    for r in _csv(sample_data_dir / "covid_cxr_notes" / "pairs.csv")
+  }
   for split, examples in splits.items():
     for ex in examples:
       row = rows[ex["image_id"].decode()]
       assert split_for_patient(row["patientid"]) == split
       assert ex["text"].decode() == row["clinical_notes"].strip()
       assert [s.decode() for s in ex["sentences"]] == sentences_lib.split_sentences(
-          row["clinical_notes"])
+        row["clinical_notes"]
+      )
       assert ex["view"].decode() == row["view"].strip()
       assert ex["finding"].decode() == row["finding"]
 
@@ -111,6 +124,7 @@ def test_text_only_counts_and_features(data_dir, sample_data_dir):
 
 def test_image_only_counts_labels_and_patient_splits(data_dir, sample_data_dir):
   from data_pipelines.cxr_sample.cxr_sample_dataset_builder import NIH_LABELS
+
   builder, splits = _load(data_dir, "image_only")
   assert builder.info.metadata["skipped"] == {}
   rows = {r["image_index"]: r for r in _csv(sample_data_dir / "nih14_sample" / "labels.csv")}
@@ -134,8 +148,9 @@ def test_image_only_counts_labels_and_patient_splits(data_dir, sample_data_dir):
 def _pick(rows, patient_key, bad):
   """One row per split (tfds needs every split non-empty) plus `bad` more train rows."""
   firsts = [next(r for r in rows if split_for_patient(r[patient_key]) == s) for s in SPLITS]
-  extra = [r for r in rows if split_for_patient(r[patient_key]) == "train"
-           and r not in firsts][:bad]
+  extra = [r for r in rows if split_for_patient(r[patient_key]) == "train" and r not in firsts][
+    :bad
+  ]
   return firsts + extra
 
 
@@ -162,8 +177,7 @@ def bad_sample(tmp_path, sample_data_dir) -> pathlib.Path:
   (root / "covid_cxr_notes" / rows[4]["image_file"]).unlink()
   rows[5]["clinical_notes"] = "   "
   _write_csv(root / "covid_cxr_notes" / "pairs.csv", list(rows[0]), rows)
-  reports = _pick(_csv(sample_data_dir / "iu_reports" / "iu_reports_2000.csv"), "report_id",
-                  bad=1)
+  reports = _pick(_csv(sample_data_dir / "iu_reports" / "iu_reports_2000.csv"), "report_id", bad=1)
   reports[3]["findings"] = reports[3]["impression"] = " "
   _write_csv(root / "iu_reports" / "iu_reports_2000.csv", list(reports[0]), reports)
   return root
@@ -191,6 +205,7 @@ def test_bad_records_are_skipped_counted_and_logged(bad_sample, tmp_path, caplog
 
 def test_missing_csv_is_a_data_error(tmp_path):
   from medvl_jax.errors import DataError  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(DataError, match="nowhere"):
     build("paired", tmp_path / "tfds", tmp_path / "nowhere")
   (tmp_path / "other").mkdir()
@@ -201,6 +216,7 @@ def test_missing_csv_is_a_data_error(tmp_path):
 
 def test_non_grayscale_png_is_converted(tmp_path):
   from data_pipelines.cxr_sample.cxr_sample_dataset_builder import read_grayscale_png
+
   rgb = np.zeros((4, 5, 3), np.uint8)
   rgb[..., 0] = 255
   path = tmp_path / "rgb.png"

@@ -7,6 +7,7 @@ two splits, the counts below, a reload from disk, and the default config. Patien
 chosen so that the patient hash puts 3 / 1 / 1 kept examples in train / validation / test;
 one row per config is bad (an image file left out, a report with no text) and is skipped.
 """
+
 import tensorflow_datasets as tfds
 
 from data_pipelines.cxr_sample import Builder
@@ -41,8 +42,12 @@ DUMMY = Builder.code_path.parent / "dummy_data"
 
 def test_citation_and_card_come_from_the_package_files(tmp_path):
   info = Builder(config="paired", data_dir=str(tmp_path)).info
-  for key in ("cohen2020covid,", "cohen2020covidProspective,", "demner2016preparing,",
-              "wang2017chestxray8,"):
+  for key in (
+    "cohen2020covid,",
+    "cohen2020covidProspective,",
+    "demner2016preparing,",
+    "wang2017chestxray8,",
+  ):
     assert key in info.citation
   assert "arXiv:2003.11597" in info.citation and "arXiv:2006.11988" in info.citation
   assert info.description == (DUMMY.parent / "README.md").read_text(encoding="utf-8").strip()
@@ -52,7 +57,8 @@ def test_dummy_rows_that_are_bad_are_skipped_and_counted(tmp_path):
   expected = {"paired": {"missing_image": 1}, "text_only": {"empty_text": 1}}
   for config, skipped in expected.items():
     b = Builder(config=config, data_dir=str(tmp_path))
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=str(DUMMY), try_download_gcs=False))
+    b.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(DUMMY), try_download_gcs=False)
+    )
     assert dict(b.info.metadata["skipped"]) == skipped
     assert {k: v.num_examples for k, v in b.info.splits.items()} == SPLITS

@@ -1,4 +1,5 @@
 """Evaluation metrics against independent computations (scikit-learn, hand-built cases)."""
+
 import itertools
 
 import numpy as np
@@ -10,10 +11,8 @@ from medvl_jax.evaluate import metrics
 
 # ----------------------------------------------------------------------------- Precision@k
 def test_precision_at_k_hand_built():
-  scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5],
-                     [0.1, 0.2, 0.3, 0.4, 0.5]])
-  relevant = np.array([[1, 0, 1, 0, 0],
-                       [1, 1, 0, 0, 0]], bool)
+  scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]])
+  relevant = np.array([[1, 0, 1, 0, 0], [1, 1, 0, 0, 0]], bool)
   np.testing.assert_allclose(metrics.precision_at_k(scores, relevant, 1), [1.0, 0.0])
   np.testing.assert_allclose(metrics.precision_at_k(scores, relevant, 2), [0.5, 0.0])
   np.testing.assert_allclose(metrics.precision_at_k(scores, relevant, 3), [2 / 3, 0.0])
@@ -32,17 +31,19 @@ def _brute_force_expected(score_row, rel_row, k, fn):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_ties_equal_the_mean_over_tie_breaks(k):
-  scores = np.array([[0.5, 0.5, 0.5, 0.9, 0.1, 0.5],
-                     [0.2, 0.2, 0.2, 0.2, 0.2, 0.2],
-                     [0.7, 0.3, 0.3, 0.7, 0.3, 0.0]])
+  scores = np.array(
+    [[0.5, 0.5, 0.5, 0.9, 0.1, 0.5], [0.2, 0.2, 0.2, 0.2, 0.2, 0.2], [0.7, 0.3, 0.3, 0.7, 0.3, 0.0]]
+  )
   relevant = np.array([[1, 0, 0, 0, 1, 1], [0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 1]], bool)
   p = metrics.precision_at_k(scores, relevant, k)
   h = metrics.hit_at_k(scores, relevant, k)
   for q in range(3):
-    assert p[q] == pytest.approx(_brute_force_expected(scores[q], relevant[q], k,
-                                                       lambda r: r.mean()))
-    assert h[q] == pytest.approx(_brute_force_expected(scores[q], relevant[q], k,
-                                                       lambda r: float(r.any())))
+    assert p[q] == pytest.approx(
+      _brute_force_expected(scores[q], relevant[q], k, lambda r: r.mean())
+    )
+    assert h[q] == pytest.approx(
+      _brute_force_expected(scores[q], relevant[q], k, lambda r: float(r.any()))
+    )
   # Hand-worked: all six tied, one relevant -> P@k = 1/6 whatever k, hit@k = k/6.
   assert p[1] == pytest.approx(1 / 6) and h[1] == pytest.approx(k / 6)
 
@@ -110,8 +111,9 @@ def test_bootstrap_resamples_patients_and_is_seeded():
 def test_bootstrap_skips_undefined_replicates():
   y = np.array([1, 0, 0, 0])
   s = np.array([0.9, 0.1, 0.2, 0.3])
-  ci = metrics.bootstrap_ci(lambda r: metrics.roc_auc(y[r], s[r]), ["p", "q", "r", "t"],
-                            n_boot=100, seed=0)
+  ci = metrics.bootstrap_ci(
+    lambda r: metrics.roc_auc(y[r], s[r]), ["p", "q", "r", "t"], n_boot=100, seed=0
+  )
   assert 0 < ci["n_boot"] < 100 and ci["lo"] == ci["hi"] == 1.0
 
 

@@ -1,5 +1,6 @@
 """matplotlib figures of the evaluators (inspected as Figure objects, then opened as PNGs with
 PIL) and the progress bars of long passes."""
+
 import json
 import os
 import pathlib
@@ -61,7 +62,7 @@ def test_retrieval_figure_frames_hits_green_misses_red(tmp_path):
   for ax, w in zip(tiles, want):
     assert ax.get_xlabel().endswith(w)
     colour = ax.spines["left"].get_edgecolor()
-    assert np.allclose(colour[:3], (0, 0xaa / 255, 0) if w == "hit" else (0xdc / 255, 0, 0))
+    assert np.allclose(colour[:3], (0, 0xAA / 255, 0) if w == "hit" else (0xDC / 255, 0, 0))
   np.testing.assert_array_equal(tiles[0].images[0].get_array(), images[0, ..., 0])
   plots.retrieval_sheet(tmp_path / "sheet.png", ["q1", "q2"], scores, relevant, images, k=3)
   _open_png(tmp_path / "sheet.png")
@@ -75,7 +76,12 @@ def test_regeneration_sheet(tmp_path):
   fig = plots.regeneration_figure(orig, masked, regen, ["16px", "32px"])
   assert len(fig.axes) == 2 * 5
   assert [ax.get_title() for ax in fig.axes[:5]] == [
-      "original", "16px masked", "16px regenerated", "32px masked", "32px regenerated"]
+    "original",
+    "16px masked",
+    "16px regenerated",
+    "32px masked",
+    "32px regenerated",
+  ]
   np.testing.assert_array_equal(fig.axes[5 + 4].images[0].get_array(), regen[1][1])
   plots.regeneration_sheet(tmp_path / "regen.png", orig, masked, regen, ["16px", "32px"])
   _open_png(tmp_path / "regen.png")
@@ -85,16 +91,23 @@ def test_regeneration_sheet(tmp_path):
 
 def _evaluation(folder: pathlib.Path, workdir: str, step: int, auc: float | None) -> str:
   folder.mkdir()
-  m = {"probe/auc": auc, "probe/auc_ci_lo": None if auc is None else auc - 0.1,
-       "probe/auc_ci_hi": None if auc is None else auc + 0.05, "probe/acc": 0.75}
-  (folder / "metrics.json").write_text(json.dumps(
-      {"task": "linear_probe", "step": step, "workdir": workdir, "metrics": m}))
+  m = {
+    "probe/auc": auc,
+    "probe/auc_ci_lo": None if auc is None else auc - 0.1,
+    "probe/auc_ci_hi": None if auc is None else auc + 0.05,
+    "probe/acc": 0.75,
+  }
+  (folder / "metrics.json").write_text(
+    json.dumps({"task": "linear_probe", "step": step, "workdir": workdir, "metrics": m})
+  )
   return str(folder)
 
 
 def test_compare_chart_one_panel_per_metric(tmp_path):
-  dirs = [_evaluation(tmp_path / "a", "/runs/base", 3, 0.7),
-          _evaluation(tmp_path / "b", "/runs/mixed", 9, None)]
+  dirs = [
+    _evaluation(tmp_path / "a", "/runs/base", 3, 0.7),
+    _evaluation(tmp_path / "b", "/runs/mixed", 9, None),
+  ]
   runs = cli.read_evaluations(dirs)
   fig = plots.comparison_figure(runs, ["probe/auc", "probe/acc"], ["base @ 3", "mixed @ 9"])
   assert [ax.get_title() for ax in fig.axes] == ["probe/auc", "probe/acc"]
@@ -130,13 +143,15 @@ def test_export_progress_only_for_large_files(tmp_path, capsys):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
 
   from medvl_jax.families import export_files  # pylint: disable=g-import-not-at-top
+
   os.environ.pop("TQDM_DISABLE", None)
   small = {"w": np.ones((4, 4), np.float64)}
   export_files.save_safetensors(small, tmp_path / "small.safetensors")
   assert capsys.readouterr().err == ""
   n = progress.MIN_EXPORT_BYTES // 4 + 1
-  export_files.save_safetensors({"a": np.ones(n, np.float32), "b": np.arange(3)},
-                                tmp_path / "large.safetensors")
+  export_files.save_safetensors(
+    {"a": np.ones(n, np.float32), "b": np.arange(3)}, tmp_path / "large.safetensors"
+  )
   err = capsys.readouterr().err
   assert "export large.safetensors" in err and "100%" in err and "B/s" in err
   got = safetensors.numpy.load_file(str(tmp_path / "large.safetensors"))

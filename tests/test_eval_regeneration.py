@@ -3,6 +3,7 @@
 The CLI tests train a real mixed smoke model (configs/mixed.py:smoke, ~1 min) once per session
 and evaluate its checkpoint on held-out sample images (validation + test).
 """
+
 import json
 import pathlib
 
@@ -27,6 +28,7 @@ def _images(seed: int = 0, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
 
 def ndimage_smooth(a: np.ndarray) -> np.ndarray:
   from scipy import ndimage
+
   return ndimage.uniform_filter(a, 5)
 
 
@@ -52,8 +54,9 @@ def test_psnr_matches_skimage_on_masked_pixels(seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ssim_matches_skimage_map_on_masked_pixels(seed):
   x, y = _images(seed, size=40)
-  _, full = skm.structural_similarity(x, y, data_range=255, gaussian_weights=True, sigma=1.5,
-                                      use_sample_covariance=False, full=True)
+  _, full = skm.structural_similarity(
+    x, y, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True
+  )
   np.testing.assert_allclose(rg.ssim_map(x, y), full, atol=1e-10)
   mask = _block_mask(40, slice(8, 24), slice(16, 32))
   assert rg.ssim(x, y, mask) == pytest.approx(full[mask].mean(), abs=1e-10)
@@ -126,28 +129,33 @@ def mixed_run(mixed_smoke_run) -> pathlib.Path:
 
 def test_cli_on_a_trained_mixed_model(mixed_run, tmp_path):
   out = tmp_path / "regen"
-  proc = run_eval(f"--workdir={mixed_run}", "--task=regeneration", f"--out={out}",
-                  "--cfg=n_boot=200")
+  proc = run_eval(
+    f"--workdir={mixed_run}", "--task=regeneration", f"--out={out}", "--cfg=n_boot=200"
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((out / "metrics.json").read_text())
   m = result["metrics"]
   assert result["step"] == MIXED_STEPS and result["plots"] == ["regeneration_sheet.png"]
   scales = ("1x1", "2x2", "4x4")  # configs/mixed.py:smoke
-  names = [f"{what}{fill}_{s}" for s in scales for what in ("psnr", "ssim")
-           for fill in ("", "_meanfill", "_blurfill")] + [f"psnr_gain_{s}" for s in scales]
+  names = [
+    f"{what}{fill}_{s}"
+    for s in scales
+    for what in ("psnr", "ssim")
+    for fill in ("", "_meanfill", "_blurfill")
+  ] + [f"psnr_gain_{s}" for s in scales]
   for n in names:
     for suffix in ("", "_ci_lo", "_ci_hi"):
       v = m[f"regeneration/{n}{suffix}"]
       assert v is not None and np.isfinite(v), (n, suffix, v)
-    assert m[f"regeneration/{n}_ci_lo"] <= m[f"regeneration/{n}"] <= m[
-        f"regeneration/{n}_ci_hi"], n
+    assert m[f"regeneration/{n}_ci_lo"] <= m[f"regeneration/{n}"] <= m[f"regeneration/{n}_ci_hi"], n
   assert len([k for k in m if not k.endswith(("_ci_lo", "_ci_hi"))]) == len(names) + 1
   assert m["regeneration/n_images"] >= 20  # validation + test of the paired sample
   for s in scales:
     # The acceptance point: the trained model beats the mean-pixel fill on held-out images.
     assert m[f"regeneration/psnr_{s}"] > m[f"regeneration/psnr_meanfill_{s}"], s
     assert m[f"regeneration/psnr_gain_{s}"] == pytest.approx(
-        m[f"regeneration/psnr_{s}"] - m[f"regeneration/psnr_meanfill_{s}"], abs=1e-6)
+      m[f"regeneration/psnr_{s}"] - m[f"regeneration/psnr_meanfill_{s}"], abs=1e-6
+    )
     assert -1 <= m[f"regeneration/ssim_{s}"] <= 1
   with Image.open(out / "regeneration_sheet.png") as im:
     im.load()
@@ -165,8 +173,9 @@ def test_cli_same_numbers_twice_and_on_image_only_data(mixed_run, tmp_path):
   c = run_eval(*args, f"--out={ref}")
   assert c.returncode == 0
   assert json.loads((ref / "metrics.json").read_text())["metrics"] == ma  # Fixed masks.
-  assert mb["regeneration/n_images"] > 0 and mb["regeneration/psnr_1x1"] != ma[
-      "regeneration/psnr_1x1"]
+  assert (
+    mb["regeneration/n_images"] > 0 and mb["regeneration/psnr_1x1"] != ma["regeneration/psnr_1x1"]
+  )
 
 
 def test_convirt_run_gives_one_error_line(short_run, tmp_path):

@@ -1,5 +1,6 @@
 """Evaluation suite end to end: a real smoke run, the real CLI, the real 8x200 CSVs with
 stand-in images (real sample PNGs) at their relative paths, and the linear probe on the sample."""
+
 import csv
 import json
 import pathlib
@@ -73,9 +74,14 @@ def test_random_embedding_scores_prevalence(sample_data_dir):
   cats = query_cats(sample_data_dir, "image-retrieval")
   rng = np.random.default_rng(0)
   for k in (10, 50):
-    p = np.mean([retrieval.category_precision(rng.normal(size=(len(cats), 32)), cats,
-                                              rng.normal(size=(len(labels), 32)), labels, k)
-                 for _ in range(5)])
+    p = np.mean(
+      [
+        retrieval.category_precision(
+          rng.normal(size=(len(cats), 32)), cats, rng.normal(size=(len(labels), 32)), labels, k
+        )
+        for _ in range(5)
+      ]
+    )
     assert abs(p - 0.125) < 0.04, (k, p)
 
 
@@ -109,8 +115,13 @@ def test_reader_errors(tmp_path, sample_data_dir, chexpert_dir):
 # ----------------------------------------------------------------------------- CLI end to end
 def test_cli_retrieval(run_dir, chexpert_dir, tmp_path):
   out = tmp_path / "retrieval"
-  proc = run_eval(f"--workdir={run_dir}", "--task=retrieval", f"--out={out}", *FAST,
-                  f"--cfg=chexpert_dir={chexpert_dir}")
+  proc = run_eval(
+    f"--workdir={run_dir}",
+    "--task=retrieval",
+    f"--out={out}",
+    *FAST,
+    f"--cfg=chexpert_dir={chexpert_dir}",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((out / "metrics.json").read_text())
   assert result["step"] == STEPS and result["task"] == "retrieval"
@@ -181,16 +192,32 @@ def _bad(proc: subprocess.CompletedProcess, out: pathlib.Path, pattern: str):
 def test_bad_inputs(run_dir, chexpert_dir, sample_data_dir, tmp_path):
   out = tmp_path / "out" / "e"
   out.parent.mkdir()
-  _bad(run_eval(f"--workdir={run_dir}", "--task=nope", f"--out={out}"), out,
-       "unknown evaluation task 'nope'")
+  _bad(
+    run_eval(f"--workdir={run_dir}", "--task=nope", f"--out={out}"),
+    out,
+    "unknown evaluation task 'nope'",
+  )
   # An image path that does not exist: the CSVs point at an empty CheXpert directory.
-  _bad(run_eval(f"--workdir={run_dir}", "--task=retrieval", f"--out={out}",
-                f"--cfg=chexpert_dir={tmp_path}"), out, "image not found")
+  _bad(
+    run_eval(
+      f"--workdir={run_dir}", "--task=retrieval", f"--out={out}", f"--cfg=chexpert_dir={tmp_path}"
+    ),
+    out,
+    "image not found",
+  )
   # A CSV missing a column.
   rdir = tmp_path / "r"
   shutil.copytree(sample_data_dir / "convirt_8x200", rdir)
   q = rdir / "text-retrieval" / "query.csv"
   q.write_text("Variable,Sentence\nEdema,x\n")
-  _bad(run_eval(f"--workdir={run_dir}", "--task=retrieval", f"--out={out}",
-                f"--cfg=chexpert_dir={chexpert_dir}", f"--cfg=retrieval_dir={rdir}"), out,
-       "missing column(s) 'Text'")
+  _bad(
+    run_eval(
+      f"--workdir={run_dir}",
+      "--task=retrieval",
+      f"--out={out}",
+      f"--cfg=chexpert_dir={chexpert_dir}",
+      f"--cfg=retrieval_dir={rdir}",
+    ),
+    out,
+    "missing column(s) 'Text'",
+  )

@@ -1,6 +1,7 @@
 """scikit-learn's AUC / ROC and the linear probe against independent computations: a NumPy
 Mann-Whitney count over all positive-negative pairs, and scipy's L-BFGS on the L2-regularised
 log-loss written out here."""
+
 import numpy as np
 import pytest
 from scipy import optimize
@@ -39,8 +40,9 @@ def test_roc_curve_points_are_the_thresholded_rates():
   y = rng.integers(0, 2, 120)
   s = np.round(rng.normal(size=120) + y, 1)
   fpr, tpr = metrics.roc_curve(y, s)
-  counted = {(0.0, 0.0)} | {(float((s[y == 0] >= t).mean()), float((s[y == 1] >= t).mean()))
-                            for t in np.unique(s)}
+  counted = {(0.0, 0.0)} | {
+    (float((s[y == 0] >= t).mean()), float((s[y == 1] >= t).mean())) for t in np.unique(s)
+  }
   for point in zip(fpr, tpr):
     assert min(abs(point[0] - a) + abs(point[1] - b) for a, b in counted) < 1e-12
   assert np.trapezoid(tpr, fpr) == pytest.approx(mann_whitney_auc(y, s), abs=1e-9)
@@ -68,8 +70,13 @@ def scipy_logistic(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, 
     grad[:-1] += v[:-1] / c
     return float(np.sum(np.logaddexp(0, s) - y * s) + v[:-1] @ v[:-1] / (2 * c)), grad
 
-  res = optimize.minimize(loss, np.zeros(xb.shape[1]), jac=True, method="L-BFGS-B",
-                          options=dict(maxiter=50_000, gtol=1e-10, ftol=1e-16))
+  res = optimize.minimize(
+    loss,
+    np.zeros(xb.shape[1]),
+    jac=True,
+    method="L-BFGS-B",
+    options=dict(maxiter=50_000, gtol=1e-10, ftol=1e-16),
+  )
   return res.x[:-1], float(res.x[-1])
 
 
@@ -102,8 +109,9 @@ def test_one_vs_rest_masks_uncertain_rows_and_shares_the_basis():
   for k in (0, 1):
     known = y[:120, k] >= 0
     w_ref, b_ref = scipy_logistic(x[:120][known], y[:120, k][known], 1.0)
-    np.testing.assert_allclose(1 / (1 + np.exp(-scores[k])), _prob(x[120:], w_ref, b_ref),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+      1 / (1 + np.exp(-scores[k])), _prob(x[120:], w_ref, b_ref), atol=1e-3
+    )
 
 
 def test_sample_probe_end_to_end_equals_independent_solve(short_run):
@@ -112,6 +120,7 @@ def test_sample_probe_end_to_end_equals_independent_solve(short_run):
   Mann-Whitney count over the probe's test scores (1e-9)."""
   from medvl_jax.evaluate import __main__ as cli  # pylint: disable=g-import-not-at-top
   from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
+
   _, encoders, state, _ = cli.load_run(short_run, None)
   ev = linear_probe.Evaluator(encoders, n_boot=20, seeds=(0,))
   got = dict(ev.run(state))

@@ -1,4 +1,5 @@
 """The in-training hook: `config.evaluators` metrics land in TensorBoard and equal the CLI's."""
+
 import json
 import subprocess
 import sys
@@ -22,9 +23,20 @@ def test_training_hook_matches_cli(tmp_path, tfds_dir, sample_data_dir):
   assert logged["retrieval/t2i_R@5"][2] == pytest.approx(result["retrieval/t2i_R@5"])
 
   out = tmp_path / "cli"
-  proc = subprocess.run([sys.executable, "-m", "medvl_jax.evaluate", f"--workdir={workdir}",
-                         "--task=retrieval", f"--out={out}"], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "medvl_jax.evaluate",
+      f"--workdir={workdir}",
+      "--task=retrieval",
+      f"--out={out}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   cli = json.loads((out / "metrics.json").read_text())
   assert cli["cfg"] == {"n_boot": 50}  # Taken from the run's config.evaluators.

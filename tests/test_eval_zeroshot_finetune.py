@@ -1,6 +1,7 @@
 """Zero-shot classification and fine-tuning: an oracle encoder (no model) through the real
 evaluator, independent scores (scikit-learn), and both tasks end to end through the CLI on a
 real smoke checkpoint of the bundled sample."""
+
 import json
 import pathlib
 import types
@@ -47,14 +48,20 @@ class OracleEncoders:
 
 def fake_split(findings, patients):
   n = len(findings)
-  return {"image": np.zeros((n, 4, 4, 1), np.uint8), "finding": np.asarray(findings),
-          "patient_id": np.asarray(patients), "view": np.full(n, "PA"),
-          "text": np.full(n, ""), "image_id": np.arange(n).astype(str)}
+  return {
+    "image": np.zeros((n, 4, 4, 1), np.uint8),
+    "finding": np.asarray(findings),
+    "patient_id": np.asarray(patients),
+    "view": np.full(n, "PA"),
+    "text": np.full(n, ""),
+    "image_id": np.arange(n).astype(str),
+  }
 
 
 @pytest.fixture
 def fake_sample(monkeypatch):
   """Replaces the sample loader; the oracle's class id is written into the pixels."""
+
   def install(findings, classes, other="other"):
     findings = np.asarray(findings)
     patients = [f"p{i // 2}" for i in range(len(findings))]  # Two images per patient.
@@ -63,6 +70,7 @@ def fake_sample(monkeypatch):
     split["image"][:, 0, 0, 0] = np.maximum(label, 0)
     monkeypatch.setattr(features, "load_sample_split", lambda cfg, s, frontal=False: split)
     return label
+
   return install
 
 
@@ -70,8 +78,18 @@ STATE = types.SimpleNamespace(params=None, batch_stats=None)
 
 
 def test_oracle_binary_auc_one_and_equals_sklearn(fake_sample):
-  findings = ["COVID-19", "Pneumonia", "COVID-19, ARDS", "todo", "Klebsiella", "No Finding",
-              "COVID-19", "Legionella", "COVID-19", "ARDS"]
+  findings = [
+    "COVID-19",
+    "Pneumonia",
+    "COVID-19, ARDS",
+    "todo",
+    "Klebsiella",
+    "No Finding",
+    "COVID-19",
+    "Legionella",
+    "COVID-19",
+    "ARDS",
+  ]
   label = fake_sample(findings, list(zeroshot.DEFAULT_PROMPTS))
   enc = OracleEncoders(zeroshot.DEFAULT_PROMPTS)
   ev = zeroshot.Evaluator(enc, n_boot=50, splits=("test",))
@@ -85,10 +103,13 @@ def test_oracle_binary_auc_one_and_equals_sklearn(fake_sample):
   imgs = np.random.default_rng(1).normal(size=(9, 8))
   enc.images = lambda v, x: (imgs, imgs)
   got = dict(ev.run(STATE))
+
   def unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
-  cls = [unit(np.mean([unit(enc.text_z[s]) for s in p], 0))
-         for p in zeroshot.DEFAULT_PROMPTS.values()]
+
+  cls = [
+    unit(np.mean([unit(enc.text_z[s]) for s in p], 0)) for p in zeroshot.DEFAULT_PROMPTS.values()
+  ]
   cos = unit(imgs) @ np.stack(cls).T
   y = (label[np.asarray(findings) != "todo"] == 0).astype(int)
   assert got["zeroshot/auc"] == pytest.approx(roc_auc_score(y, cos[:, 0] - cos[:, 1]))
@@ -96,10 +117,15 @@ def test_oracle_binary_auc_one_and_equals_sklearn(fake_sample):
 
 
 def test_oracle_multiclass_accuracy_one(fake_sample, tmp_path):
-  prompts = {"COVID-19": ["covid a", "covid b"], "Pneumocystis": ["pcp"],
-             "other": ["other a", "other b", "other c"]}
-  fake_sample(["COVID-19", "Pneumocystis", "Pneumonia", "COVID-19", "Pneumocystis",
-               "Streptococcus"], list(prompts))
+  prompts = {
+    "COVID-19": ["covid a", "covid b"],
+    "Pneumocystis": ["pcp"],
+    "other": ["other a", "other b", "other c"],
+  }
+  fake_sample(
+    ["COVID-19", "Pneumocystis", "Pneumonia", "COVID-19", "Pneumocystis", "Streptococcus"],
+    list(prompts),
+  )
   ev = zeroshot.Evaluator(OracleEncoders(prompts), prompts=prompts, n_boot=50)
   m = dict(ev.run(STATE))
   assert m["zeroshot/acc"] == 1.0 and m["zeroshot/auc_macro"] == 1.0
@@ -122,6 +148,7 @@ def test_undefined_auc_is_null(fake_sample, tmp_path):
 
 def test_bad_prompts():
   from medvl_jax.errors import ConfigError
+
   with pytest.raises(ConfigError, match="at least 2 classes"):
     zeroshot.Evaluator(None, prompts={"a": ["x"]})
   with pytest.raises(ConfigError, match="non-empty list"):
@@ -166,8 +193,15 @@ def test_cli_zeroshot_matches_in_process_evaluator(run_dir, zeroshot_out):
 
 def test_cli_finetune(run_dir, tmp_path):
   out = tmp_path / "ft"
-  proc = run_eval(f"--workdir={run_dir}", "--task=finetune", f"--out={out}", "--cfg=n_boot=50",
-                  "--cfg=epochs=1", "--cfg=seeds=(0, 1)", "--cfg=fractions=(0.1, 1.0)")
+  proc = run_eval(
+    f"--workdir={run_dir}",
+    "--task=finetune",
+    f"--out={out}",
+    "--cfg=n_boot=50",
+    "--cfg=epochs=1",
+    "--cfg=seeds=(0, 1)",
+    "--cfg=fractions=(0.1, 1.0)",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   m = json.loads((out / "metrics.json").read_text())["metrics"]
   for tag in ("10pct", "100pct"):
@@ -194,11 +228,19 @@ def test_finetune_changes_tower_and_lowers_training_loss(run_dir):
   after = tuner.loss(tuned, x, y)
   print(f"training-set loss {before:.4f} -> {after:.4f}")
   assert after < before - 0.05, (before, after, losses)
-  changed = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
-                                         tuned["params"]["model"]["image"],
-                                         variables["params"]["image"]))
+  changed = jax.tree.leaves(
+    jax.tree.map(
+      lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
+      tuned["params"]["model"]["image"],
+      variables["params"]["image"],
+    )
+  )
   assert max(changed) > 1e-4 and sum(c > 0 for c in changed) > len(changed) // 2
   # The run's own variables are untouched (the evaluator never writes the checkpoint state).
-  assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-                                   start["params"]["model"]["image"],
-                                   variables["params"]["image"]))
+  assert jax.tree.all(
+    jax.tree.map(
+      lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+      start["params"]["model"]["image"],
+      variables["params"]["image"],
+    )
+  )

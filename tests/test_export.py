@@ -3,6 +3,7 @@
 The JAX reference is `ConVIRT.apply(..., train=False)` on the checkpoint restored by Orbax; the
 PyTorch side is torchvision's ResNet code, `transformers.AutoModel` and the exported heads.
 """
+
 import csv
 import json
 import pathlib
@@ -20,10 +21,12 @@ from medvl_jax.errors import CheckpointError, WeightsError
 from tests.conftest import REPO, SHORT_STEPS
 
 torch = pytest.importorskip("torch", reason="export is checked against PyTorch (extra 'torch')")
-torchvision = pytest.importorskip("torchvision", reason="the image tower is checked against "
-                                  "torchvision (extra 'torch')")
-transformers = pytest.importorskip("transformers", reason="the text tower is checked against "
-                                   "transformers")
+torchvision = pytest.importorskip(
+  "torchvision", reason="the image tower is checked against torchvision (extra 'torch')"
+)
+transformers = pytest.importorskip(
+  "transformers", reason="the text tower is checked against transformers"
+)
 from PIL import Image  # noqa: E402  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from safetensors.torch import load_file  # noqa: E402  # pylint: disable=g-import-not-at-top
 
@@ -33,8 +36,13 @@ DOCS = REPO / "README.md"
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "medvl_jax.export", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "medvl_jax.export", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def leftovers(parent: pathlib.Path) -> list[str]:
@@ -49,14 +57,18 @@ def tiny_torchvision_resnet(stage_sizes=(1, 1, 1, 1), width=8):
   is assembled from the same classes with `_make_layer`, as `ResNet.__init__` does.
   """
   from torchvision.models.resnet import Bottleneck, ResNet  # pylint: disable=g-import-not-at-top
+
   model = ResNet(Bottleneck, list(stage_sizes))
   model.inplanes = width
   model.conv1 = torch.nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
   model.bn1 = torch.nn.BatchNorm2d(width)
   make_layer = model._make_layer  # pylint: disable=protected-access
   for i, blocks in enumerate(stage_sizes):
-    setattr(model, f"layer{i + 1}",
-            make_layer(Bottleneck, width * 2**i, blocks, stride=1 if i == 0 else 2))
+    setattr(
+      model,
+      f"layer{i + 1}",
+      make_layer(Bottleneck, width * 2**i, blocks, stride=1 if i == 0 else 2),
+    )
   return model
 
 
@@ -84,8 +96,7 @@ def jax_model(run_dir):
   state = mngr.restore(mngr.latest_step())["state"]
   mngr.close()
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-  apply = jax.jit(lambda images, ids, mask: model.apply(variables, images, ids, mask,
-                                                        train=False))
+  apply = jax.jit(lambda images, ids, mask: model.apply(variables, images, ids, mask, train=False))
   return apply, config
 
 
@@ -94,8 +105,10 @@ def sample_pairs(sample_data_dir) -> tuple[list[pathlib.Path], list[str]]:
   """Real images and their real notes; notes of differing lengths so that padding matters."""
   root = sample_data_dir / "covid_cxr_notes"
   with open(root / "pairs.csv", newline="") as f:
-    rows = sorted((r for r in csv.DictReader(f) if r["clinical_notes"].strip()),
-                  key=lambda r: len(r["clinical_notes"]))
+    rows = sorted(
+      (r for r in csv.DictReader(f) if r["clinical_notes"].strip()),
+      key=lambda r: len(r["clinical_notes"]),
+    )
   # 20 to ~100 characters: below and around the smoke model's 32 tokens.
   rows = [rows[i] for i in np.linspace(0, len(rows) // 4, 5).astype(int)]
   return [root / r["image_file"] for r in rows], [r["clinical_notes"] for r in rows]
@@ -122,9 +135,15 @@ def test_export_layout_and_metadata(exported, run_dir):
   assert pre["mean"] == [0.485, 0.456, 0.406] and pre["std"] == [0.229, 0.224, 0.225]
   heads = load_file(str(exported / "projection_heads.safetensors"))
   assert {k: tuple(v.shape) for k, v in heads.items()} == {
-      "image.fc1.weight": (32, 256), "image.fc1.bias": (32,), "image.fc2.weight": (32, 32),
-      "image.fc2.bias": (32,), "text.fc1.weight": (32, 32), "text.fc1.bias": (32,),
-      "text.fc2.weight": (32, 32), "text.fc2.bias": (32,)}
+    "image.fc1.weight": (32, 256),
+    "image.fc1.bias": (32,),
+    "image.fc2.weight": (32, 32),
+    "image.fc2.bias": (32,),
+    "text.fc1.weight": (32, 32),
+    "text.fc1.bias": (32,),
+    "text.fc2.weight": (32, 32),
+    "text.fc2.bias": (32,),
+  }
 
 
 def test_torch_models_load_strictly(exported):
@@ -134,8 +153,9 @@ def test_torch_models_load_strictly(exported):
   assert not any(k.startswith("fc.") for k in state_dict)
   cnn.load_state_dict(state_dict, strict=True)
   assert cnn.layer4[0].bn3.running_var.abs().sum() > 0
-  bert, info = transformers.AutoModel.from_pretrained(str(exported / "text_encoder"),
-                                                      output_loading_info=True)
+  bert, info = transformers.AutoModel.from_pretrained(
+    str(exported / "text_encoder"), output_loading_info=True
+  )
   assert isinstance(bert, transformers.BertModel)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
   assert not info["mismatched_keys"], info
@@ -150,8 +170,9 @@ def test_torch_embeddings_equal_jax(exported, jax_model, sample_pairs):
   pre = json.loads((exported / "image_encoder" / "preprocessing.json").read_text())
   pixels = np.stack([eval_pixels(p, pre) for p in images])  # [N, S, S] uint8
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(exported / "text_encoder"))
-  tokens = tokenizer(sentences, padding=True, truncation=True,
-                     max_length=config.data.max_length, return_tensors="np")
+  tokens = tokenizer(
+    sentences, padding=True, truncation=True, max_length=config.data.max_length, return_tensors="np"
+  )
   ids, mask = tokens["input_ids"], tokens["attention_mask"]
   assert len(set(mask.sum(axis=1))) > 2 and (mask == 0).any()  # real padding, varied lengths
 
@@ -169,7 +190,8 @@ def test_torch_embeddings_equal_jax(exported, jax_model, sample_pairs):
 
   x = torch.from_numpy(pixels).float()[:, None] / 255
   x = (x.expand(-1, 3, -1, -1) - torch.tensor(pre["mean"])[:, None, None]) / torch.tensor(
-      pre["std"])[:, None, None]
+    pre["std"]
+  )[:, None, None]
   with torch.no_grad():
     z_image = project(cnn.eval()(x), "image").numpy()
     hidden = bert(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0]
@@ -178,25 +200,29 @@ def test_torch_embeddings_equal_jax(exported, jax_model, sample_pairs):
 
   np.testing.assert_allclose(z_image, np.asarray(ref["image_embed"]), rtol=0, atol=ATOL)
   np.testing.assert_allclose(z_text, np.asarray(ref["text_embed"]), rtol=0, atol=ATOL)
-  print(f"max |diff| image {np.abs(z_image - ref['image_embed']).max():.2e}, "
-        f"text {np.abs(z_text - ref['text_embed']).max():.2e}")
+  print(
+    f"max |diff| image {np.abs(z_image - ref['image_embed']).max():.2e}, "
+    f"text {np.abs(z_text - ref['text_embed']).max():.2e}"
+  )
 
 
 def docs_snippet() -> str:
   text = DOCS.read_text()
-  section = text[text.index("## Use the exported weights in PyTorch"):]
+  section = text[text.index("## Use the exported weights in PyTorch") :]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_docs_snippet_runs_and_matches_jax(exported, jax_model, sample_pairs, monkeypatch,
-                                           capsys):
+def test_docs_snippet_runs_and_matches_jax(exported, jax_model, sample_pairs, monkeypatch, capsys):
   apply, config = jax_model
   images, sentences = sample_pairs
   code = docs_snippet()
   code, n_out = re.subn(r'^out = ".*?"', f"out = {str(exported)!r}", code, flags=re.M)
-  code, n_in = re.subn(r"^image_file, sentence = .*$",
-                       f"image_file, sentence = {str(images[-1])!r}, {sentences[-1]!r}",
-                       code, flags=re.M)
+  code, n_in = re.subn(
+    r"^image_file, sentence = .*$",
+    f"image_file, sentence = {str(images[-1])!r}, {sentences[-1]!r}",
+    code,
+    flags=re.M,
+  )
   assert (n_out, n_in) == (1, 1), "README.md: the snippet's path lines changed"
   # The smoke run's image tower is the width-8 ResNet (see tiny_torchvision_resnet).
   monkeypatch.setattr(torchvision.models, "resnet50", tiny_torchvision_resnet)
@@ -205,23 +231,29 @@ def test_docs_snippet_runs_and_matches_jax(exported, jax_model, sample_pairs, mo
   printed = float(capsys.readouterr().out.strip().splitlines()[-1])
 
   tokens = ns["tokens"]
-  ref = apply(np.asarray(ns["pixels"])[None, ..., None],
-              tokens["input_ids"].numpy().astype(np.int32),
-              tokens["attention_mask"].numpy().astype(np.int32))
+  ref = apply(
+    np.asarray(ns["pixels"])[None, ..., None],
+    tokens["input_ids"].numpy().astype(np.int32),
+    tokens["attention_mask"].numpy().astype(np.int32),
+  )
   np.testing.assert_allclose(ns["z_image"].numpy(), ref["image_embed"], rtol=0, atol=ATOL)
   np.testing.assert_allclose(ns["z_text"].numpy(), ref["text_embed"], rtol=0, atol=ATOL)
   # The normalisation the training loss applies.
-  cosine = float(np.sum(losses.l2_normalize(ref["image_embed"])
-                        * losses.l2_normalize(ref["text_embed"])))
+  cosine = float(
+    np.sum(losses.l2_normalize(ref["image_embed"]) * losses.l2_normalize(ref["text_embed"]))
+  )
   assert printed == pytest.approx(cosine, abs=ATOL)
-  assert config.data.max_length == json.loads(
-      (exported / "export.json").read_text())["text_preprocessing"]["max_length"]
+  assert (
+    config.data.max_length
+    == json.loads((exported / "export.json").read_text())["text_preprocessing"]["max_length"]
+  )
 
 
 # ----------------------------------------------------------------------------- full-size ResNet
 def test_resnet50_export_loads_into_torchvision_resnet50(tmp_path):
   """A full-size image tower exports to what `torchvision.models.resnet50()` takes strictly."""
   from configs import convirt  # pylint: disable=g-import-not-at-top
+
   config = convirt.get_config("smoke")
   config.model.image.variant = "resnet50"
   workdir = tmp_path / "run"
@@ -232,11 +264,16 @@ def test_resnet50_export_loads_into_torchvision_resnet50(tmp_path):
   rng = np.random.default_rng(0)
   fill = lambda x: rng.normal(0.0, 0.05, x.shape).astype(np.float32)  # noqa: E731
   variables = jax.tree.map(fill, abstract)
-  variables["batch_stats"] = jax.tree.map(lambda x: rng.uniform(0.5, 1.5, x.shape).astype(
-      np.float32), abstract["batch_stats"])
+  variables["batch_stats"] = jax.tree.map(
+    lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32), abstract["batch_stats"]
+  )
   # The on-disk layout of train.TrainState (a dict of its fields).
-  state = {"step": np.int32(7), "params": variables["params"],
-           "batch_stats": variables["batch_stats"], "opt_state": {"count": np.int32(7)}}
+  state = {
+    "step": np.int32(7),
+    "params": variables["params"],
+    "batch_stats": variables["batch_stats"],
+    "opt_state": {"count": np.int32(7)},
+  }
   mngr = checkpoint.manager(workdir)
   checkpoint.save(mngr, 7, state, {"batches_consumed": 7, "seed": 0})
   mngr.wait_until_finished()
@@ -247,15 +284,18 @@ def test_resnet50_export_loads_into_torchvision_resnet50(tmp_path):
   assert meta["image_preprocessing"]["architecture"] == "torchvision.models.resnet50"
   cnn = torchvision.models.resnet50()
   cnn.fc = torch.nn.Identity()
-  cnn.load_state_dict(load_file(str(tmp_path / "out" / "image_encoder" / "model.safetensors")),
-                      strict=True)
+  cnn.load_state_dict(
+    load_file(str(tmp_path / "out" / "image_encoder" / "model.safetensors")), strict=True
+  )
   got = {k: v.numpy() for k, v in cnn.state_dict().items()}
   image = variables["params"]["image"]
   np.testing.assert_array_equal(got["conv1.weight"], image["conv1"]["kernel"].transpose(3, 2, 0, 1))
-  np.testing.assert_array_equal(got["layer4.2.bn3.running_var"],
-                                variables["batch_stats"]["image"]["layer4"]["2"]["bn3"]["var"])
-  np.testing.assert_array_equal(got["layer3.0.downsample.1.weight"],
-                                image["layer3"]["0"]["downsample"]["1"]["scale"])
+  np.testing.assert_array_equal(
+    got["layer4.2.bn3.running_var"], variables["batch_stats"]["image"]["layer4"]["2"]["bn3"]["var"]
+  )
+  np.testing.assert_array_equal(
+    got["layer3.0.downsample.1.weight"], image["layer3"]["0"]["downsample"]["1"]["scale"]
+  )
   # And the forward pass: torchvision's ResNet-50 on the same pixels as `encode_image`.
   pixels = rng.integers(0, 256, (2, 64, 64, 1), dtype=np.uint8)
   ref = model.apply(variables, pixels, train=False, method=model.encode_image)
@@ -317,10 +357,13 @@ def test_overwrite_replaces_and_failure_keeps_previous(run_dir, tmp_path, monkey
   (out / "stale.txt").write_text("from an older export")
   with pytest.raises(WeightsError, match="not empty"):
     export.export(run_dir, out)
+
   # A failure half-way through writing leaves the previous export as it was, and no temp dir.
   def broken(*args, **kwargs):
     raise OSError("disk full")
+
   from medvl_jax.families import convirt as convirt_family  # pylint: disable=g-import-not-at-top
+
   monkeypatch.setattr(convirt_family, "heads_state_dict", broken)  # written after both towers
   with pytest.raises(WeightsError, match="cannot write the export: disk full"):
     export.export(run_dir, out, overwrite=True)

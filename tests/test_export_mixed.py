@@ -5,6 +5,7 @@ evaluators use) on the checkpoint as Orbax restores it; the PyTorch side is a st
 `VisionTransformer` built from `timm.json`, `transformers.AutoModel` and the exported heads,
 pooled as export.json says.
 """
+
 import csv
 import json
 import pathlib
@@ -21,8 +22,9 @@ from tests.test_export import assert_one_line_error, leftovers, run_export
 
 torch = pytest.importorskip("torch", reason="export is checked against PyTorch (extra 'torch')")
 timm = pytest.importorskip("timm", reason="the ViT tower is checked against timm (extra 'torch')")
-transformers = pytest.importorskip("transformers", reason="the text tower is checked against "
-                                   "transformers")
+transformers = pytest.importorskip(
+  "transformers", reason="the text tower is checked against transformers"
+)
 from PIL import Image  # noqa: E402  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from safetensors.torch import load_file  # noqa: E402  # pylint: disable=g-import-not-at-top
 import torchvision.transforms as T  # noqa: E402  # pylint: disable=g-import-not-at-top
@@ -37,10 +39,15 @@ DOCS = REPO / "README.md"
 def mixed_run(tmp_path_factory, tfds_dir, sample_data_dir) -> pathlib.Path:
   """3 steps of `configs/mixed.py:smoke` on the three-source sample, checkpoint at step 3."""
   workdir = tmp_path_factory.mktemp("mixed_run")
-  proc = run_main("--config=configs/mixed.py:smoke", f"--workdir={workdir}",
-                  f"--config.data.data_dir={tfds_dir}", f"--config.total_steps={STEPS}",
-                  f"--config.checkpoint_every={STEPS}", f"--config.eval_every={STEPS}",
-                  timeout=600)
+  proc = run_main(
+    "--config=configs/mixed.py:smoke",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={tfds_dir}",
+    f"--config.total_steps={STEPS}",
+    f"--config.checkpoint_every={STEPS}",
+    f"--config.eval_every={STEPS}",
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
@@ -75,8 +82,10 @@ def samples(sample_data_dir) -> tuple[list[pathlib.Path], list[str]]:
   """Real images (paired sample and NIH) and real report sentences of differing lengths."""
   root = sample_data_dir / "covid_cxr_notes"
   with open(root / "pairs.csv", newline="") as f:
-    rows = sorted((r for r in csv.DictReader(f) if r["clinical_notes"].strip()),
-                  key=lambda r: len(r["clinical_notes"]))
+    rows = sorted(
+      (r for r in csv.DictReader(f) if r["clinical_notes"].strip()),
+      key=lambda r: len(r["clinical_notes"]),
+    )
   # 20 to ~100 characters (below and around the smoke model's 32 tokens), and the longest
   # note (truncated).
   rows = [rows[i] for i in np.linspace(0, len(rows) // 4, 4).astype(int)] + rows[-1:]
@@ -119,17 +128,25 @@ def pool_text(hidden, mask, how: str):
 def test_layout_and_metadata(exported, mixed_run):
   assert leftovers(exported.parent) == []
   files = sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file())
-  assert {"export.json", "projection_heads.safetensors", "image_encoder/model.safetensors",
-          "image_encoder/timm.json", "image_encoder/preprocessing.json",
-          "text_encoder/config.json", "text_encoder/model.safetensors",
-          "text_encoder/vocab.txt"} <= set(files)
+  assert {
+    "export.json",
+    "projection_heads.safetensors",
+    "image_encoder/model.safetensors",
+    "image_encoder/timm.json",
+    "image_encoder/preprocessing.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder/vocab.txt",
+  } <= set(files)
   meta = json.loads((exported / "export.json").read_text())
   assert meta["model"] == "mixed" and meta["step"] == STEPS
   assert meta["config"] == json.loads((mixed_run / "config.json").read_text())
   assert {"jax", "flax", "transformers", "torch", "timm"} <= set(meta["versions"])
   arch = json.loads((exported / "image_encoder" / "timm.json").read_text())
-  assert arch == {"architecture": meta["image_encoder"]["architecture"],
-                  "kwargs": meta["image_encoder"]["kwargs"]}
+  assert arch == {
+    "architecture": meta["image_encoder"]["architecture"],
+    "kwargs": meta["image_encoder"]["kwargs"],
+  }
   assert arch["kwargs"]["img_size"] == 64 and arch["kwargs"]["patch_size"] == 8
   assert arch["kwargs"]["num_classes"] == 0 and arch["kwargs"]["global_pool"] == "token"
   # configs/mixed.py: image.pool = 'cls', text.pool = 'max'.
@@ -140,9 +157,15 @@ def test_layout_and_metadata(exported, mixed_run):
   assert pre["mean"] == [0.5] * 3 and pre["std"] == [0.5] * 3
   heads = load_file(str(exported / "projection_heads.safetensors"))
   assert {k: tuple(v.shape) for k, v in heads.items()} == {
-      "image.fc1.weight": (32, 32), "image.fc1.bias": (32,), "image.fc2.weight": (32, 32),
-      "image.fc2.bias": (32,), "text.fc1.weight": (32, 32), "text.fc1.bias": (32,),
-      "text.fc2.weight": (32, 32), "text.fc2.bias": (32,)}
+    "image.fc1.weight": (32, 32),
+    "image.fc1.bias": (32,),
+    "image.fc2.weight": (32, 32),
+    "image.fc2.bias": (32,),
+    "text.fc1.weight": (32, 32),
+    "text.fc1.bias": (32,),
+    "text.fc2.weight": (32, 32),
+    "text.fc2.bias": (32,),
+  }
   # Only the towers and heads: nothing of the fusion layers, MLM head or pixel decoder.
   names = set(load_file(str(exported / "image_encoder" / "model.safetensors")))
   assert not any(n.startswith(("fusion", "decoder", "mlm", "head.")) for n in names)
@@ -151,8 +174,9 @@ def test_layout_and_metadata(exported, mixed_run):
 def test_torch_models_load_strictly(exported):
   vit, _, _ = load_torch(exported)  # strict=True inside
   assert isinstance(vit, timm.models.vision_transformer.VisionTransformer)
-  bert, info = transformers.AutoModel.from_pretrained(str(exported / "text_encoder"),
-                                                      output_loading_info=True)
+  bert, info = transformers.AutoModel.from_pretrained(
+    str(exported / "text_encoder"), output_loading_info=True
+  )
   assert isinstance(bert, transformers.BertModel)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
   assert not info["mismatched_keys"], info
@@ -168,8 +192,13 @@ def test_torch_embeddings_equal_jax(exported, jax_encoders, samples):
   pre = meta["image_preprocessing"]
   pixels = np.stack([eval_pixels(p, pre) for p in images])  # [N, S, S] uint8
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(exported / "text_encoder"))
-  tokens = tokenizer(sentences, padding=True, truncation=True,
-                     max_length=meta["text_preprocessing"]["max_length"], return_tensors="np")
+  tokens = tokenizer(
+    sentences,
+    padding=True,
+    truncation=True,
+    max_length=meta["text_preprocessing"]["max_length"],
+    return_tensors="np",
+  )
   ids, mask = tokens["input_ids"], tokens["attention_mask"]
   assert len(set(mask.sum(axis=1))) > 2 and (mask == 0).any()  # real padding, varied lengths
   assert mask.shape[1] == config.data.max_length  # the longest note is truncated
@@ -184,23 +213,27 @@ def test_torch_embeddings_equal_jax(exported, jax_encoders, samples):
   with torch.no_grad():
     h_image = vit(x)
     z_image = project(heads, h_image, "image").numpy()
-    hidden = bert(input_ids=torch.from_numpy(ids),
-                  attention_mask=torch.from_numpy(mask)).last_hidden_state
-    z_text = project(heads, pool_text(hidden, torch.from_numpy(mask),
-                                      meta["pooling"]["text_pool"]), "text").numpy()
+    hidden = bert(
+      input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+    ).last_hidden_state
+    z_text = project(
+      heads, pool_text(hidden, torch.from_numpy(mask), meta["pooling"]["text_pool"]), "text"
+    ).numpy()
 
   np.testing.assert_allclose(h_image.numpy(), np.asarray(h_ref), rtol=0, atol=ATOL)
   np.testing.assert_allclose(z_image, np.asarray(z_image_ref), rtol=0, atol=ATOL)
   np.testing.assert_allclose(z_text, np.asarray(z_text_ref), rtol=0, atol=ATOL)
   # Not trivially equal: the embeddings differ between inputs.
   assert np.abs(z_image - z_image[:1]).max() > 1e-3 and np.abs(z_text - z_text[:1]).max() > 1e-3
-  print(f"max |diff| image {np.abs(z_image - z_image_ref).max():.2e}, "
-        f"text {np.abs(z_text - z_text_ref).max():.2e}")
+  print(
+    f"max |diff| image {np.abs(z_image - z_image_ref).max():.2e}, "
+    f"text {np.abs(z_text - z_text_ref).max():.2e}"
+  )
 
 
 def docs_snippet() -> str:
   text = DOCS.read_text()
-  section = text[text.index("## Use an exported mixed model in PyTorch"):]
+  section = text[text.index("## Use an exported mixed model in PyTorch") :]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -209,9 +242,12 @@ def test_docs_snippet_runs_and_matches_jax(exported, jax_encoders, samples, caps
   images, sentences = samples
   code = docs_snippet()
   code, n_out = re.subn(r'^out = ".*?"', f"out = {str(exported)!r}", code, flags=re.M)
-  code, n_in = re.subn(r"^image_file, sentence = .*$",
-                       f"image_file, sentence = {str(images[-1])!r}, {sentences[-1]!r}",
-                       code, flags=re.M)
+  code, n_in = re.subn(
+    r"^image_file, sentence = .*$",
+    f"image_file, sentence = {str(images[-1])!r}, {sentences[-1]!r}",
+    code,
+    flags=re.M,
+  )
   assert (n_out, n_in) == (1, 1), "README.md: the snippet's path lines changed"
   ns = {}
   exec(compile(code, str(DOCS), "exec"), ns)  # pylint: disable=exec-used
@@ -219,8 +255,9 @@ def test_docs_snippet_runs_and_matches_jax(exported, jax_encoders, samples, caps
 
   tokens = ns["tokens"]
   _, z_image_ref = image_fn(np.asarray(ns["pixels"])[None, ..., None])
-  z_text_ref = text_fn(tokens["input_ids"].numpy().astype(np.int32),
-                       tokens["attention_mask"].numpy().astype(np.int32))
+  z_text_ref = text_fn(
+    tokens["input_ids"].numpy().astype(np.int32), tokens["attention_mask"].numpy().astype(np.int32)
+  )
   np.testing.assert_allclose(ns["z_image"].numpy(), z_image_ref, rtol=0, atol=ATOL)
   np.testing.assert_allclose(ns["z_text"].numpy(), z_text_ref, rtol=0, atol=ATOL)
   cosine = float(np.sum(losses.l2_normalize(z_image_ref) * losses.l2_normalize(z_text_ref)))
@@ -253,11 +290,11 @@ def test_mean_pools_export_to_what_timm_and_the_rules_compute(mixed_run, tmp_pat
   pre = meta["image_preprocessing"]
   pixels = np.stack([eval_pixels(p, pre) for p in images[:3]])
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(out / "text_encoder"))
-  tokens = tokenizer(sentences, padding=True, truncation=True, max_length=32,
-                     return_tensors="np")
+  tokens = tokenizer(sentences, padding=True, truncation=True, max_length=32, return_tensors="np")
   _, z_image_ref = enc.image(variables, pixels[..., None])
-  z_text_ref = enc.text(variables, tokens["input_ids"].astype(np.int32),
-                        tokens["attention_mask"].astype(np.int32))
+  z_text_ref = enc.text(
+    variables, tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(np.int32)
+  )
 
   vit, bert, heads = load_torch(out)
   x = torch.from_numpy(pixels).float()[:, None].expand(-1, 3, -1, -1) / 255
@@ -265,8 +302,9 @@ def test_mean_pools_export_to_what_timm_and_the_rules_compute(mixed_run, tmp_pat
   mask = torch.from_numpy(tokens["attention_mask"])
   with torch.no_grad():
     z_image = project(heads, vit(x), "image").numpy()
-    hidden = bert(input_ids=torch.from_numpy(tokens["input_ids"]),
-                  attention_mask=mask).last_hidden_state
+    hidden = bert(
+      input_ids=torch.from_numpy(tokens["input_ids"]), attention_mask=mask
+    ).last_hidden_state
     z_text = project(heads, pool_text(hidden, mask, "mean"), "text").numpy()
   np.testing.assert_allclose(z_image, np.asarray(z_image_ref), rtol=0, atol=ATOL)
   np.testing.assert_allclose(z_text, np.asarray(z_text_ref), rtol=0, atol=ATOL)

@@ -1,6 +1,7 @@
 """The model-family contract: the registry, and ConVIRT through it computing exactly what the
 model and the InfoNCE compute when composed by hand (bit-identical: the refactor that put the
 trainer behind the contract changed no number)."""
+
 import jax
 import numpy as np
 import pytest
@@ -14,9 +15,11 @@ def _batch(cfg, n=6, seed=0, **extra):
   rng = np.random.default_rng(seed)
   s, l = cfg.data.image_size, cfg.data.max_length
   lengths = rng.integers(3, l, size=n)
-  batch = {"image": rng.integers(0, 256, (n, s, s, 1), dtype=np.uint8),
-           "input_ids": rng.integers(1000, 30000, (n, l)).astype(np.int32),
-           "attention_mask": (np.arange(l)[None] < lengths[:, None]).astype(np.int32)}
+  batch = {
+    "image": rng.integers(0, 256, (n, s, s, 1), dtype=np.uint8),
+    "input_ids": rng.integers(1000, 30000, (n, l)).astype(np.int32),
+    "attention_mask": (np.arange(l)[None] < lengths[:, None]).astype(np.int32),
+  }
   batch.update(extra)
   return batch
 
@@ -41,14 +44,26 @@ def test_convirt_loss_through_the_family_is_the_hand_composition(smoke):
   batch = _batch(cfg, n, has_image=np.ones(n, bool), has_text=np.ones(n, bool))
   rng = jax.random.key(3)
   loss, metrics, stats = jax.jit(lambda v, b: family.make_loss(cfg)(model, v, b, rng, True))(
-      variables, batch)
+    variables, batch
+  )
 
   def by_hand(v, b):
-    out, new = model.apply(v, b["image"], b["input_ids"], b["attention_mask"], train=True,
-                           rngs={"dropout": rng}, mutable=["batch_stats"])
-    value, m = losses.infonce(out["image_embed"], out["text_embed"], lam=cfg.loss.lam,
-                              temperature=cfg.loss.temperature,
-                              mask=b["has_image"] & b["has_text"])
+    out, new = model.apply(
+      v,
+      b["image"],
+      b["input_ids"],
+      b["attention_mask"],
+      train=True,
+      rngs={"dropout": rng},
+      mutable=["batch_stats"],
+    )
+    value, m = losses.infonce(
+      out["image_embed"],
+      out["text_embed"],
+      lam=cfg.loss.lam,
+      temperature=cfg.loss.temperature,
+      mask=b["has_image"] & b["has_text"],
+    )
     return value, m, new["batch_stats"]
 
   ref_loss, ref_metrics, ref_stats = jax.jit(by_hand)(variables, batch)
@@ -66,8 +81,9 @@ def test_convirt_loss_ignores_unpaired_and_padding_rows(smoke):
   cfg, family, model, variables = smoke
   n = 6
   keep = np.array([True, False, True, True, False, True])
-  batch = _batch(cfg, n, seed=1, has_image=np.ones(n, bool), has_text=keep.copy(),
-                 mask=np.ones(n, bool))
+  batch = _batch(
+    cfg, n, seed=1, has_image=np.ones(n, bool), has_text=keep.copy(), mask=np.ones(n, bool)
+  )
   loss_fn = jax.jit(lambda v, b: family.make_loss(cfg)(model, v, b, None, False)[0])
   full = float(loss_fn(variables, batch))
   sub = {k: v[keep] for k, v in batch.items()}
@@ -79,16 +95,19 @@ def test_convirt_loss_ignores_unpaired_and_padding_rows(smoke):
 def test_trainable_mask_and_encoders(smoke):
   cfg, family, model, variables = smoke
   mask = family.trainable_mask(variables["params"], cfg.model)
-  flat = {"/".join(str(getattr(k, "key", k)) for k in p): m
-          for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  flat = {
+    "/".join(str(getattr(k, "key", k)) for k in p): m
+    for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]
+  }
   assert not any(m for name, m in flat.items() if name.startswith("text/embeddings/"))
   assert all(m for name, m in flat.items() if name.startswith("image/"))
   enc = family.encoders(model)
   batch = _batch(cfg, 3, seed=2)
   h, z = jax.jit(enc.image)(variables, batch["image"])
   zt = jax.jit(enc.text)(variables, batch["input_ids"], batch["attention_mask"])
-  out = model.apply(variables, batch["image"], batch["input_ids"], batch["attention_mask"],
-                    train=False)
+  out = model.apply(
+    variables, batch["image"], batch["input_ids"], batch["attention_mask"], train=False
+  )
   np.testing.assert_allclose(z, out["image_embed"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(zt, out["text_embed"], rtol=1e-5, atol=1e-6)
   assert h.shape[0] == 3 and h.ndim == 2

@@ -1,6 +1,7 @@
 """Input pipeline v2 on real parts: sources of three kinds, mixing, per-host reads, resume,
 shuffle on a 20k-record ArrayRecord store, and the source checks. Reads are counted through a
 wrapper around the real random-access store."""
+
 import pathlib
 
 from array_record.python import array_record_module
@@ -15,12 +16,28 @@ from tests.test_input_pipeline import TOKENIZER_DIR, make_config, take
 
 WEIGHTS = {"paired": 2.0, "image": 1.0, "text": 1.0}
 SOURCES = (
-    {"name": "cxr_sample", "builder_config": "paired", "split": "train", "kind": "paired",
-     "weight": WEIGHTS["paired"]},
-    {"name": "cxr_sample", "builder_config": "image_only", "split": "train", "kind": "image",
-     "weight": WEIGHTS["image"], "augment": "mae"},
-    {"name": "cxr_sample", "builder_config": "text_only", "split": "train", "kind": "text",
-     "weight": WEIGHTS["text"]},
+  {
+    "name": "cxr_sample",
+    "builder_config": "paired",
+    "split": "train",
+    "kind": "paired",
+    "weight": WEIGHTS["paired"],
+  },
+  {
+    "name": "cxr_sample",
+    "builder_config": "image_only",
+    "split": "train",
+    "kind": "image",
+    "weight": WEIGHTS["image"],
+    "augment": "mae",
+  },
+  {
+    "name": "cxr_sample",
+    "builder_config": "text_only",
+    "split": "train",
+    "kind": "text",
+    "weight": WEIGHTS["text"],
+  },
 )
 
 
@@ -79,8 +96,12 @@ def take_rows(it, batches: int) -> list[tuple]:
 def records(config, start_step, process_index, process_count, batches):
   """(raw, source, epoch, position, index) of a host's rows of `batches` global batches."""
   readers = ip._readers(config, ip.sources(config))
-  plan = mixing.Plan(config.seed, config.batch_size, tuple(len(r.store) for r in readers),
-                     tuple(r.source.weight for r in readers))
+  plan = mixing.Plan(
+    config.seed,
+    config.batch_size,
+    tuple(len(r.store) for r in readers),
+    tuple(r.source.weight for r in readers),
+  )
   it = ip.train_records(config, readers, plan, start_step, process_index, process_count)
   return take_rows(it, batches), plan
 
@@ -89,8 +110,14 @@ def test_three_kinds_in_one_batch_layout(data_dir, tokenizer):
   config = mix_config(data_dir)
   batches = take(ip.create_train_iterator(config, tokenizer), 4)
   for batch in batches:
-    assert batch.keys() == {"image", "input_ids", "attention_mask", "has_image", "has_text",
-                            "source"}
+    assert batch.keys() == {
+      "image",
+      "input_ids",
+      "attention_mask",
+      "has_image",
+      "has_text",
+      "source",
+    }
     source = batch["source"]
     assert batch["has_image"].tolist() == (source != 2).tolist()
     assert batch["has_text"].tolist() == (source != 1).tolist()
@@ -126,13 +153,13 @@ def test_each_host_reads_a_quarter_of_the_records(data_dir, counted):
   assert total_one == 25 * 8
   counted.clear()
   hosts = [records(config, 0, p, 4, batches=25)[0] for p in range(4)]
-  per_host = [sum(s.count for s in counted[3 * p:3 * p + 3]) for p in range(4)]
+  per_host = [sum(s.count for s in counted[3 * p : 3 * p + 3]) for p in range(4)]
   assert per_host == [total_one // 4] * 4  # <= 1/4 + eps, with eps = 0.
   # The hosts' rows put together are the one-process global batches, record for record.
   for b in range(25):
-    joined = [row for h in hosts for row in h[2 * b:2 * b + 2]]
-    assert [r[1:] for r in joined] == [r[1:] for r in one[8 * b:8 * b + 8]]
-    assert [r[0] for r in joined] == [r[0] for r in one[8 * b:8 * b + 8]]
+    joined = [row for h in hosts for row in h[2 * b : 2 * b + 2]]
+    assert [r[1:] for r in joined] == [r[1:] for r in one[8 * b : 8 * b + 8]]
+    assert [r[0] for r in joined] == [r[0] for r in one[8 * b : 8 * b + 8]]
 
 
 def _first_new_epoch(plan, source, upto):
@@ -154,7 +181,7 @@ def test_resume_reads_one_batch_and_continues_the_stream(data_dir, counted):
     counted.clear()
     resumed, _ = records(config, b, 0, 1, batches=2)
     assert sum(s.count for s in counted) == 2 * 8  # O(B): the rows of the batches read.
-    assert resumed == fresh[8 * b:8 * b + 16]
+    assert resumed == fresh[8 * b : 8 * b + 16]
     assert {r[2] for r in resumed} >= {0, 1}
   # The full pipeline (decode, augment, tokenise) after resume equals the uninterrupted one.
   b = boundaries[0]
@@ -187,15 +214,15 @@ def test_shuffle_spans_the_file_and_differs_between_epochs(store_20k):
   rows = take_rows(it, steps)
   positions = np.array([int(r[0]) for r in rows])
   np.testing.assert_array_equal(positions, [r[4] for r in rows])  # Read what was asked.
-  epochs = positions[:n], positions[n:2 * n]
+  epochs = positions[:n], positions[n : 2 * n]
   assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(n))  # Full permutations.
   # Statistic: spread of file positions within a batch, (max - min) / N. A random batch of
   # 64 spans ~0.97 N; a window shuffle of block K spans <= K / N (the landed 10k: 0.5).
-  spread = [np.ptp(positions[i:i + batch]) / n for i in range(0, len(positions), batch)]
+  spread = [np.ptp(positions[i : i + batch]) / n for i in range(0, len(positions), batch)]
   assert min(spread) > 0.8 and np.median(spread) > 0.95
   assert np.mean(epochs[0] == epochs[1]) < 0.01  # The order differs between epochs.
   # Consecutive batches are not local either: their mean positions are uncorrelated.
-  means = np.array([positions[i:i + batch].mean() for i in range(0, n, batch)])
+  means = np.array([positions[i : i + batch].mean() for i in range(0, n, batch)])
   assert abs(np.corrcoef(means[:-1], means[1:])[0, 1]) < 0.2
   # Resume at step 10,000 (epoch 32 of this store) reads one batch of records.
   store.count = 0
@@ -215,8 +242,11 @@ def test_source_checks_one_line_each(data_dir):
     check(name="mimic")
   with pytest.raises(ConfigError, match=r"sources\[0\].weight=0.0 must be > 0"):
     check(weight=0.0)
-  with pytest.raises(ConfigError, match=r"sources\[0\]: kind 'text' cannot be served by "
-                     r"cxr_sample/image_only .* it serves: image"):
+  with pytest.raises(
+    ConfigError,
+    match=r"sources\[0\]: kind 'text' cannot be served by "
+    r"cxr_sample/image_only .* it serves: image",
+  ):
     check(builder_config="image_only", kind="text")
   with pytest.raises(ConfigError, match=r"sources\[0\].kind='audio' is unknown"):
     check(kind="audio")
@@ -229,8 +259,11 @@ def test_source_checks_one_line_each(data_dir):
     config.data.sources = (SOURCES[0], dict(SOURCES[2], weight=0.01))
     ip.check_sources(config)
   # An empty split (tfds writes no empty split; an empty slice of one is the same case).
-  with pytest.raises(DataError, match=r"sources\[0\]: split 'train\[:0\]' of "
-                     r"cxr_sample/paired is empty"):
+  with pytest.raises(
+    DataError,
+    match=r"sources\[0\]: split 'train\[:0\]' of "
+    r"cxr_sample/paired is empty",
+  ):
     check(split="train[:0]")
   # A slice is read as such: 'train[:10]' is the first 10 records of train, in file order.
   config = make_config(data_dir)
@@ -246,8 +279,9 @@ def test_report_text_mode_reads_the_whole_report(data_dir, sample_data_dir):
   ds = ip._train_dataset(config, 0, 0, 1)
   batch = next(ds.as_numpy_iterator())
   texts = [t.decode() for t in batch["text"]]
-  reports = {r["report_id"]: " ".join(t for t in (r["findings"].strip(),
-                                                  r["impression"].strip()) if t)
-             for r in _csv(sample_data_dir / "iu_reports" / "iu_reports_2000.csv")}
+  reports = {
+    r["report_id"]: " ".join(t for t in (r["findings"].strip(), r["impression"].strip()) if t)
+    for r in _csv(sample_data_dir / "iu_reports" / "iu_reports_2000.csv")
+  }
   assert all(t in reports.values() for t in texts)
   assert (batch["image"] == 0).all() and not batch["has_image"].any()

@@ -1,4 +1,5 @@
 """The tf.data input pipeline on the real sample: determinism, resume, hosts, eval, errors."""
+
 import logging
 import pathlib
 
@@ -19,17 +20,35 @@ KEYS = {"image", "input_ids", "attention_mask", "has_image", "has_text", "source
 
 
 def make_config(data_dir, **overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict({
-      "seed": 0, "batch_size": 8,
+  config = ml_collections.ConfigDict(
+    {
+      "seed": 0,
+      "batch_size": 8,
       "data": {
-          "name": "cxr_sample", "builder_config": "paired", "data_dir": str(data_dir),
-          "sample_dir": "", "train_split": "train", "eval_split": "validation",
-          "image_size": 32, "resize": 37, "max_length": 24, "text_mode": "sentence",
-          "augment_chain": "convirt",
-          "augment": {"crop_scale": (0.6, 1.0), "flip_p": 0.5, "rotation": 20.0,
-                      "translate": 0.1, "affine_scale": (0.95, 1.05),
-                      "brightness": (0.6, 1.4), "contrast": (0.6, 1.4),
-                      "blur_sigma": (0.1, 3.0)}}})
+        "name": "cxr_sample",
+        "builder_config": "paired",
+        "data_dir": str(data_dir),
+        "sample_dir": "",
+        "train_split": "train",
+        "eval_split": "validation",
+        "image_size": 32,
+        "resize": 37,
+        "max_length": 24,
+        "text_mode": "sentence",
+        "augment_chain": "convirt",
+        "augment": {
+          "crop_scale": (0.6, 1.0),
+          "flip_p": 0.5,
+          "rotation": 20.0,
+          "translate": 0.1,
+          "affine_scale": (0.95, 1.05),
+          "brightness": (0.6, 1.4),
+          "contrast": (0.6, 1.4),
+          "blur_sigma": (0.1, 3.0),
+        },
+      },
+    }
+  )
   for key, value in overrides.items():
     node = config
     *path, last = key.split(".")
@@ -99,9 +118,15 @@ def test_resume_equals_the_fresh_iterator(data_dir, tokenizer, fresh, start_step
 
 
 def test_hosts_split_each_global_batch(data_dir, tokenizer, fresh):
-  hosts = [take(ip.create_train_iterator(make_config(data_dir), tokenizer, start_step=32,
-                                         process_index=i, process_count=2), 2)
-           for i in range(2)]
+  hosts = [
+    take(
+      ip.create_train_iterator(
+        make_config(data_dir), tokenizer, start_step=32, process_index=i, process_count=2
+      ),
+      2,
+    )
+    for i in range(2)
+  ]
   for k in range(2):
     assert hosts[0][k]["image"].shape[0] == 4
     joined = {key: np.concatenate([hosts[0][k][key], hosts[1][k][key]]) for key in KEYS}
@@ -112,14 +137,14 @@ def test_batch_size_must_divide_by_process_count(data_dir, tokenizer):
   with pytest.raises(ConfigError, match="config.batch_size=8"):
     ip.create_train_iterator(make_config(data_dir), tokenizer, process_count=3)
   with pytest.raises(ConfigError, match="process_index"):
-    ip.create_train_iterator(make_config(data_dir), tokenizer, process_index=2,
-                             process_count=2)
+    ip.create_train_iterator(make_config(data_dir), tokenizer, process_index=2, process_count=2)
 
 
 def _split_sentences(data_dir, split) -> list[list[str]]:
   builder = ip.prepare(make_config(data_dir))
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={"image": tfds.decode.SkipDecoding()})
+  ds = builder.as_dataset(
+    split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+  )
   return [[s.decode() for s in ex["sentences"]] for ex in ds.as_numpy_iterator()]
 
 
@@ -132,10 +157,10 @@ def test_epochs_are_permutations_and_one_sentence_is_sampled(data_dir):
   sampled: dict[int, set[str]] = {}
   orders = []
   for epoch in range(3):
-    index = np.concatenate([b["index"] for b in batches[epoch * 9:(epoch + 1) * 9]])
+    index = np.concatenate([b["index"] for b in batches[epoch * 9 : (epoch + 1) * 9]])
     assert sorted(index) == list(range(N_TRAIN))
     orders.append(index)
-    for b in batches[epoch * 9:(epoch + 1) * 9]:
+    for b in batches[epoch * 9 : (epoch + 1) * 9]:
       for i, text in zip(b["index"], b["text"]):
         assert text.decode() in sentences[i]
         sampled.setdefault(int(i), set()).add(text.decode())
@@ -156,8 +181,7 @@ def test_eval_pads_masks_and_covers_each_example_once(data_dir, tokenizer):
   assert index[mask].tolist() == list(range(N_VALIDATION))
   assert (single[-1]["image"][5:] == 0).all()
   assert (single[-1]["has_text"] == single[-1]["mask"]).all()
-  hosts = [list(ip._eval_dataset(config, "validation", i, 2).as_numpy_iterator())
-           for i in range(2)]
+  hosts = [list(ip._eval_dataset(config, "validation", i, 2).as_numpy_iterator()) for i in range(2)]
   assert len(hosts[0]) == len(hosts[1]) == 3
   seen = [i for h in hosts for b in h for i in b["index"][b["mask"]]]
   assert sorted(seen) == list(range(N_VALIDATION))
@@ -187,7 +211,8 @@ def test_prepare_builds_a_missing_sample_once(tmp_path, sample_data_dir, caplog)
   rows = _pick(_csv(sample_data_dir / "covid_cxr_notes" / "pairs.csv"), "patientid", bad=0)
   for row in rows:
     (mini / "covid_cxr_notes" / row["image_file"]).write_bytes(
-        (sample_data_dir / "covid_cxr_notes" / row["image_file"]).read_bytes())
+      (sample_data_dir / "covid_cxr_notes" / row["image_file"]).read_bytes()
+    )
   _write_csv(mini / "covid_cxr_notes" / "pairs.csv", list(rows[0]), rows)
   config = make_config(tmp_path / "tfds", **{"data.sample_dir": str(mini)})
   caplog.set_level(logging.INFO)
@@ -215,10 +240,10 @@ def test_config_errors_name_the_key(data_dir, tokenizer):
     ip.create_train_iterator(make_config(data_dir, **{"data.name": "mimic"}), tokenizer)
   with pytest.raises(ConfigError, match=r"builder_config='nope'.*paired, text_only"):
     ip.prepare(make_config(data_dir, **{"data.builder_config": "nope"}))
-  with pytest.raises(ConfigError,
-                     match=r"kind 'paired' cannot be served by cxr_sample/text_only"):
-    ip.create_train_iterator(make_config(data_dir, **{"data.builder_config": "text_only"}),
-                             tokenizer)
+  with pytest.raises(ConfigError, match=r"kind 'paired' cannot be served by cxr_sample/text_only"):
+    ip.create_train_iterator(
+      make_config(data_dir, **{"data.builder_config": "text_only"}), tokenizer
+    )
   config = make_config(data_dir)
   del config.data.augment["flip_p"]
   with pytest.raises(ConfigError, match="config.data.augment.flip_p is missing"):

@@ -1,4 +1,5 @@
 """InfoNCE against an independent NumPy implementation written from the paper's equations."""
+
 import numpy as np
 import pytest
 
@@ -41,7 +42,8 @@ def test_asymmetry_and_clip_special_case():
   asym_b, _ = losses.infonce(u, v, lam=0.75, temperature=0.1)
   assert abs(float(asym_a) - float(asym_b)) > 1e-3  # lam != 0.5 weights directions differently
   np.testing.assert_allclose(
-      float(asym_a), 0.75 * float(m["loss_i2t"]) + 0.25 * float(m["loss_t2i"]), rtol=1e-6)
+    float(asym_a), 0.75 * float(m["loss_i2t"]) + 0.25 * float(m["loss_t2i"]), rtol=1e-6
+  )
 
 
 def test_mask_equals_loss_on_valid_subset():

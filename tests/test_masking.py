@@ -1,4 +1,5 @@
 """MLM and multi-scale image masks: ratios, randomness, excluded tokens, bad config."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +9,14 @@ from medvl_jax import masking
 from medvl_jax.errors import ConfigError
 
 SPECIAL = (0, 100, 101, 102, 103)  # MiniLM [PAD] [UNK] [CLS] [SEP] [MASK]
-TEXT = masking.TextMaskConfig(prob=0.15, mask_frac=0.8, random_frac=0.1, mask_token_id=103,
-                              special_token_ids=SPECIAL, vocab_size=30522)
+TEXT = masking.TextMaskConfig(
+  prob=0.15,
+  mask_frac=0.8,
+  random_frac=0.1,
+  mask_token_id=103,
+  special_token_ids=SPECIAL,
+  vocab_size=30522,
+)
 IMAGE = masking.ImageMaskConfig(grid=14, scales=(1, 2, 4), ratios=(0.75, 0.6, 0.5))
 
 
@@ -70,7 +77,7 @@ def test_block_mask_ratio_and_block_shape(k):
   grid = masks.reshape(-1, 14, 14)
   for i in range(0, 14, block):
     for j in range(0, 14, block):
-      sq = grid[:, i:i + block, j:j + block].reshape(len(grid), -1)
+      sq = grid[:, i : i + block, j : j + block].reshape(len(grid), -1)
       assert np.all(sq == sq[:, :1])
   # Differs across examples and steps.
   assert len({m.tobytes() for m in masks}) > 600
@@ -97,8 +104,14 @@ def test_image_ratio_outside_open_interval(ratio):
 
 def test_text_ratio_outside_open_interval():
   with pytest.raises(ConfigError, match="model.masking.text.prob: mask ratio 1.0 is outside"):
-    masking.TextMaskConfig(prob=1.0, mask_frac=0.8, random_frac=0.1, mask_token_id=103,
-                           special_token_ids=SPECIAL, vocab_size=10)
+    masking.TextMaskConfig(
+      prob=1.0,
+      mask_frac=0.8,
+      random_frac=0.1,
+      mask_token_id=103,
+      special_token_ids=SPECIAL,
+      vocab_size=10,
+    )
 
 
 def test_scale_larger_than_grid():
@@ -109,6 +122,7 @@ def test_scale_larger_than_grid():
 def test_config_token_ids_match_the_minilm_tokenizer():
   transformers = pytest.importorskip("transformers")
   from configs import mixed as mixed_config  # pylint: disable=g-import-not-at-top
+
   c = mixed_config.get_config()
   tok = transformers.AutoTokenizer.from_pretrained(c.model.text.init)
   assert c.model.masking.text.mask_token_id == tok.mask_token_id

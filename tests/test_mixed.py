@@ -1,4 +1,5 @@
 """Mixed-data model and losses: NumPy references, masking by has_image/has_text, configs."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,12 +42,23 @@ def test_mvm_loss_matches_numpy():
   target = np.asarray(losses.normalise_patches(jnp.asarray(raw)))
   ref_t = (raw - raw.mean(-1, keepdims=True)) / np.sqrt(raw.var(-1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(target, ref_t, rtol=1e-4, atol=1e-5)
-  got, m = losses.mvm_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask),
-                           jnp.asarray(scale_id), jnp.asarray(has_image), weights, SCALES)
+  got, m = losses.mvm_loss(
+    jnp.asarray(pred),
+    jnp.asarray(target),
+    jnp.asarray(mask),
+    jnp.asarray(scale_id),
+    jnp.asarray(has_image),
+    weights,
+    SCALES,
+  )
   total = 0.0
   for k in range(3):
-    errs = [np.mean((pred[i, j] - ref_t[i, j]) ** 2) for i in range(b) for j in range(p)
-            if mask[i, j] and has_image[i] and scale_id[i] == k]
+    errs = [
+      np.mean((pred[i, j] - ref_t[i, j]) ** 2)
+      for i in range(b)
+      for j in range(p)
+      if mask[i, j] and has_image[i] and scale_id[i] == k
+    ]
     np.testing.assert_allclose(float(m[f"mvm_{SCALES[k]}"]), np.mean(errs), rtol=1e-4)
     total += weights[k] * np.mean(errs)
   np.testing.assert_allclose(float(got), total, rtol=1e-4)
@@ -71,12 +83,17 @@ def _batch(kinds, seed=0, size=64, length=16):
   ids = rng.integers(1000, 30000, size=(b, length)).astype(np.int32)
   ids[:, 0], ids[:, -1] = 101, 102
   att = np.ones((b, length), np.int32)
-  att[:, length - 3:] = 0
-  ids[:, length - 3:] = 0
+  att[:, length - 3 :] = 0
+  ids[:, length - 3 :] = 0
   ids[~has_text], att[~has_text] = 0, 0
-  return {"image": jnp.asarray(image), "input_ids": jnp.asarray(ids),
-          "attention_mask": jnp.asarray(att), "has_image": jnp.asarray(has_image),
-          "has_text": jnp.asarray(has_text), "source": jnp.zeros((b,), jnp.int32)}
+  return {
+    "image": jnp.asarray(image),
+    "input_ids": jnp.asarray(ids),
+    "attention_mask": jnp.asarray(att),
+    "has_image": jnp.asarray(has_image),
+    "has_text": jnp.asarray(has_text),
+    "source": jnp.zeros((b,), jnp.int32),
+  }
 
 
 def _loss(model, variables, batch, masks, cfg):
@@ -85,8 +102,9 @@ def _loss(model, variables, batch, masks, cfg):
 
 
 def _draw(model, variables, batch, seed=0):
-  return model.apply(variables, batch, method=mixed.MixedModel.draw_masks,
-                     rngs={"masking": jax.random.key(seed)})
+  return model.apply(
+    variables, batch, method=mixed.MixedModel.draw_masks, rngs={"masking": jax.random.key(seed)}
+  )
 
 
 def _take(tree, rows):
@@ -113,19 +131,25 @@ def test_mixed_batch_equals_weighted_sums_of_its_parts(smoke):
     counts = {}
     for kind in "pi":
       rows = [r for r, k in enumerate(kinds) if k == kind]
-      counts[kind] = float(np.sum(np.asarray(masks["patch_mask"])[rows]
-                                  [np.asarray(masks["scale_id"])[rows] == sid]))
+      counts[kind] = float(
+        np.sum(np.asarray(masks["patch_mask"])[rows][np.asarray(masks["scale_id"])[rows] == sid])
+      )
     if counts["p"] + counts["i"] == 0:
       continue
-    want = (counts["p"] * parts["p"][f"mvm_{name}"] + counts["i"] * parts["i"][f"mvm_{name}"]
-            ) / (counts["p"] + counts["i"])
+    want = (counts["p"] * parts["p"][f"mvm_{name}"] + counts["i"] * parts["i"][f"mvm_{name}"]) / (
+      counts["p"] + counts["i"]
+    )
     np.testing.assert_allclose(whole[f"mvm_{name}"], want, rtol=1e-5)
   assert float(parts["i"]["mlm"]) == 0.0 and float(parts["i"]["contrastive"]) == 0.0
   assert float(parts["t"]["mvm"]) == 0.0 and float(parts["t"]["contrastive"]) == 0.0
   w = cfg.loss
-  np.testing.assert_allclose(whole["loss"], w.mlm_weight * whole["mlm"] + w.mvm_weight
-                             * whole["mvm"] + w.contrastive_weight * whole["contrastive"],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    whole["loss"],
+    w.mlm_weight * whole["mlm"]
+    + w.mvm_weight * whole["mvm"]
+    + w.contrastive_weight * whole["contrastive"],
+    rtol=1e-6,
+  )
 
 
 def test_missing_modality_contributes_nothing(smoke):
@@ -173,8 +197,10 @@ def test_single_kind_batches_train(smoke, kinds):
   cfg, model, variables = smoke
   batch = _batch(kinds, seed=3)
   rngs = {"masking": jax.random.key(1), "dropout": jax.random.key(2)}
+
   def fn(p):
     return mixed.forward_and_loss(model, {"params": p}, batch, rngs, cfg.loss, True)
+
   (loss, m), grads = jax.value_and_grad(fn, has_aux=True)(variables["params"])
   assert np.isfinite(float(loss))
   assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
@@ -196,9 +222,10 @@ def test_masks_come_from_the_masking_stream(smoke):
   a = _draw(model, variables, batch, seed=0)
   b = _draw(model, variables, batch, seed=1)
   assert not np.array_equal(np.asarray(a["patch_mask"]), np.asarray(b["patch_mask"]))
+
   def run(k):
-    return mixed.forward_and_loss(model, variables, batch, {"masking": k}, cfg.loss,
-                                           False)[0]
+    return mixed.forward_and_loss(model, variables, batch, {"masking": k}, cfg.loss, False)[0]
+
   assert float(run(jax.random.key(3))) == float(run(jax.random.key(3)))
   assert float(run(jax.random.key(3))) != float(run(jax.random.key(4)))
 
@@ -207,13 +234,15 @@ def test_encoders_and_regeneration(smoke):
   cfg, model, variables = smoke
   batch = _batch("pp")
   emb = model.apply(variables, batch["image"], method=mixed.MixedModel.embed_image)
-  txt = model.apply(variables, batch["input_ids"], batch["attention_mask"],
-                    method=mixed.MixedModel.embed_text)
+  txt = model.apply(
+    variables, batch["input_ids"], batch["attention_mask"], method=mixed.MixedModel.embed_text
+  )
   assert emb.shape == txt.shape == (2, cfg.model.projection_dim)
   patch_mask = _draw(model, variables, batch)["patch_mask"]
   out = model.apply(variables, batch["image"], patch_mask, method=mixed.MixedModel.regenerate)
   assert out["image"].shape == (2, 64, 64, 1)
   from medvl_jax.models.vit import patchify  # pylint: disable=g-import-not-at-top
+
   got = np.asarray(patchify(out["image"], 8))
   raw = np.asarray(patchify(batch["image"].astype(jnp.float32), 8))
   keep = ~np.asarray(patch_mask)
@@ -226,8 +255,7 @@ def test_every_config_variant_builds_the_model(variant):
   cfg = mixed_config.get_config(variant)
   model = mixed.from_config(cfg.model)
   assert cfg.loss.name == "mixed" and cfg.data.sources
-  assert all(s["kind"] in ("paired", "image", "text") and s["weight"] > 0
-             for s in cfg.data.sources)
+  assert all(s["kind"] in ("paired", "image", "text") and s["weight"] > 0 for s in cfg.data.sources)
   assert len(cfg.loss.mvm_scale_weights) == len(cfg.model.masking.image.scales)
   shapes = jax.eval_shape(lambda: mixed.init(model, jax.random.key(0)))["params"]
   if variant is None:
@@ -238,13 +266,16 @@ def test_every_config_variant_builds_the_model(variant):
     mixed_config.get_config("nope")
 
 
-@pytest.mark.parametrize("edit, message", [
+@pytest.mark.parametrize(
+  "edit, message",
+  [
     (lambda c: c.model.masking.image.update(ratios=(0.75, 1.0, 0.5)), "outside \\(0, 1\\)"),
     (lambda c: c.model.masking.text.update(prob=0.0), "masking.text.prob: mask ratio 0.0"),
     (lambda c: c.model.image.update(patch_size=12), "patch_size 12 does not divide"),
     (lambda c: c.model.masking.image.update(scales=(1, 2, 16)), "16x16 patches does not fit"),
     (lambda c: c.model.fusion.update(num_heads=5), "model.fusion.num_heads 5"),
-])
+  ],
+)
 def test_bad_config_is_one_clear_error(edit, message):
   cfg = mixed_config.get_config("smoke")
   edit(cfg)

@@ -1,5 +1,6 @@
 """Mixed model towers: HF/timm import into the model, export back, PyTorch reproduces the
 JAX embeddings."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +26,9 @@ def trained_like():
   variables = mixed.init(model, jax.random.key(0))
   variables = mixed_family.init_from_pretrained(variables, cfg.model)
   _, minilm = hf_bert.load_bert(cfg.model.text.init)
-  for a, b in zip(jax.tree_util.tree_leaves(variables["params"]["text"]),
-                  jax.tree_util.tree_leaves(minilm)):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(variables["params"]["text"]), jax.tree_util.tree_leaves(minilm)
+  ):
     np.testing.assert_array_equal(np.asarray(a), b)
   leaves, tree = jax.tree_util.tree_flatten(variables["params"])
   keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -37,16 +39,19 @@ def trained_like():
 def test_exported_towers_reproduce_the_jax_embeddings(trained_like):
   cfg, model, variables = trained_like
   out = mixed_family.export_state_dicts(model, variables["params"])
+
   def as_torch(sd):
     return {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+
   heads = as_torch(out["heads"])
 
   def head(x, side):
     x = torch.relu(x @ heads[f"{side}.fc1.weight"].T + heads[f"{side}.fc1.bias"])
     return x @ heads[f"{side}.fc2.weight"].T + heads[f"{side}.fc2.bias"]
 
-  vit = timm.create_model(out["timm"]["architecture"], pretrained=False,
-                          **out["timm"]["kwargs"]).eval()
+  vit = timm.create_model(
+    out["timm"]["architecture"], pretrained=False, **out["timm"]["kwargs"]
+  ).eval()
   vit.load_state_dict(as_torch(out["image_encoder"]), strict=True)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (3, 64, 64, 1), dtype=np.uint8)
@@ -60,22 +65,29 @@ def test_exported_towers_reproduce_the_jax_embeddings(trained_like):
   bert = transformers.BertModel(transformers.BertConfig(**out["text_config"])).eval()
   bert.load_state_dict(as_torch(out["text_encoder"]), strict=True)
   tok = transformers.AutoTokenizer.from_pretrained(cfg.model.text.tokenizer)
-  enc = tok(["no acute cardiopulmonary process.", "small left pleural effusion"],
-            padding="max_length", max_length=16, return_tensors="np")
+  enc = tok(
+    ["no acute cardiopulmonary process.", "small left pleural effusion"],
+    padding="max_length",
+    max_length=16,
+    return_tensors="np",
+  )
   ids, att = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
   with torch.no_grad():
-    hidden = bert(input_ids=torch.from_numpy(ids).long(),
-                  attention_mask=torch.from_numpy(att).long()).last_hidden_state
+    hidden = bert(
+      input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(att).long()
+    ).last_hidden_state
     hidden = hidden.masked_fill(~torch.from_numpy(att).bool()[..., None], -torch.inf)
     want_txt = head(hidden.amax(1), "text").numpy()  # configs/mixed.py: text.pool = 'max'
-  got_txt = model.apply(variables, jnp.asarray(ids), jnp.asarray(att),
-                        method=mixed.MixedModel.embed_text)
+  got_txt = model.apply(
+    variables, jnp.asarray(ids), jnp.asarray(att), method=mixed.MixedModel.embed_text
+  )
   np.testing.assert_allclose(np.asarray(got_txt), want_txt, atol=1e-4, rtol=1e-4)
 
 
 def test_image_init_from_a_timm_file(tmp_path, trained_like):
   cfg, model, variables = trained_like
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   sd = timm_vit.to_timm_state_dict(variables["params"]["image"])
   sd["head.weight"] = np.zeros((5, 32), np.float32)  # a classifier head is ignored
   path = tmp_path / "vit.safetensors"
@@ -84,6 +96,8 @@ def test_image_init_from_a_timm_file(tmp_path, trained_like):
   cfg.model.image.init = str(path)
   fresh = mixed.init(model, jax.random.key(7))
   loaded = mixed_family.init_from_pretrained(fresh, cfg.model)
-  for a, b in zip(jax.tree_util.tree_leaves(loaded["params"]["image"]),
-                  jax.tree_util.tree_leaves(variables["params"]["image"])):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(loaded["params"]["image"]),
+    jax.tree_util.tree_leaves(variables["params"]["image"]),
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,4 +1,5 @@
 """The mixed model's loss and gradients on 8 simulated devices equal one device's."""
+
 import os
 import subprocess
 import sys
@@ -47,9 +48,15 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_mixed_loss_and_grads_on_8_devices_equal_1():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-c", SCRIPT],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "OK" in proc.stdout

@@ -1,4 +1,5 @@
 """Tests for the ConVIRT model, its ResNet and BERT towers (tiny variants)."""
+
 import functools
 
 from flax import traverse_util
@@ -16,21 +17,36 @@ from medvl_jax.models.bert import BertConfig
 from medvl_jax.models.resnet import ResNetTiny
 
 N, L = 3, 10
-TINY_BERT = BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
-                       intermediate_size=64)
+TINY_BERT = BertConfig(
+  vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
+)
 
 
 def tiny_cfg(**overrides) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict({
+  cfg = ml_collections.ConfigDict(
+    {
       "dtype": "float32",
       "projection_dim": 16,
       "projection_hidden": 24,
-      "image": {"variant": "resnet_tiny", "init": "",
-                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
-      "text": {"init": "", "vocab_size": 30522, "hidden_size": 32, "num_layers": 2,
-               "num_heads": 2, "intermediate_size": 64, "max_position_embeddings": 512,
-               "hidden_dropout": 0.1, "attention_dropout": 0.1},
-  })
+      "image": {
+        "variant": "resnet_tiny",
+        "init": "",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+      },
+      "text": {
+        "init": "",
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 512,
+        "hidden_dropout": 0.1,
+        "attention_dropout": 0.1,
+      },
+    }
+  )
   cfg.update(overrides)
   return cfg
 
@@ -70,8 +86,9 @@ def random_like(shapes, seed: int = 0):
 def model_and_vars():
   model = convirt.from_config(tiny_cfg())
   images, ids, mask = batch()
-  shapes = jax.eval_shape(functools.partial(model.init, train=False),
-                          jax.random.key(0), images, ids, mask)
+  shapes = jax.eval_shape(
+    functools.partial(model.init, train=False), jax.random.key(0), images, ids, mask
+  )
   return model, random_like(shapes)
 
 
@@ -96,7 +113,8 @@ def test_from_config_bfloat16_computes_in_bfloat16():
   model = convirt.from_config(tiny_cfg(dtype="bfloat16"))
   images, ids, mask = batch()
   out, variables = jax.eval_shape(
-      lambda r: model.init_with_output(r, images, ids, mask, train=False), jax.random.key(0))
+    lambda r: model.init_with_output(r, images, ids, mask, train=False), jax.random.key(0)
+  )
   assert out["image_embed"].dtype == jnp.bfloat16
   assert out["text_embed"].dtype == jnp.bfloat16
   leaves = jax.tree_util.tree_leaves(variables)
@@ -113,10 +131,10 @@ def test_from_config_rejects_unknown_names():
 def test_text_max_pooling_ignores_padding(model_and_vars):
   model, variables = model_and_vars
   _, ids, mask = batch()
-  hidden = np.asarray(model.apply(variables, ids, mask,
-                                  method=lambda m, i, a: m.text(i, a, train=False)))
-  pooled = np.asarray(model.apply(variables, ids, mask, False,
-                                  method=convirt.ConVIRT.encode_text))
+  hidden = np.asarray(
+    model.apply(variables, ids, mask, method=lambda m, i, a: m.text(i, a, train=False))
+  )
+  pooled = np.asarray(model.apply(variables, ids, mask, False, method=convirt.ConVIRT.encode_text))
   expected = np.stack([hidden[i, mask[i] == 1].max(axis=0) for i in range(N)])
   np.testing.assert_array_equal(pooled, expected)
   # The check is discriminative: padded positions do hold larger values in some features.
@@ -125,6 +143,7 @@ def test_text_max_pooling_ignores_padding(model_and_vars):
 
 def test_text_max_pooling_with_dominant_padding():
   """Padding positions holding the largest values never win the max."""
+
   class Fixed(nn.Module):
     values: np.ndarray
 
@@ -153,28 +172,33 @@ def test_encode_image_grayscale_uint8_equals_tiled_float(model_and_vars):
   # Independent preprocessing in NumPy, fed straight to the image tower.
   x = np.tile(images.astype(np.float32) / 255.0, (1, 1, 1, 3))
   x = (x - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-  direct = model.apply(variables, x.astype(np.float32),
-                       method=lambda m, x: m.image(x, train=False))
+  direct = model.apply(variables, x.astype(np.float32), method=lambda m, x: m.image(x, train=False))
   np.testing.assert_allclose(gray, direct, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_param_tree_uses_torch_names(model_and_vars):
   _, variables = model_and_vars
   names = set(traverse_util.flatten_dict(variables["params"], sep="/"))
-  for name in ("image/conv1/kernel", "image/bn1/scale", "image/layer1/0/conv2/kernel",
-               "image/layer1/0/downsample/0/kernel", "image/layer1/0/downsample/1/scale",
-               "image/layer4/0/bn3/bias",
-               "text/embeddings/word_embeddings/embedding",
-               "text/embeddings/position_embeddings/embedding",
-               "text/embeddings/token_type_embeddings/embedding",
-               "text/embeddings/LayerNorm/scale",
-               "text/encoder/layer/1/attention/self/query/kernel",
-               "text/encoder/layer/1/attention/output/dense/kernel",
-               "text/encoder/layer/1/attention/output/LayerNorm/bias",
-               "text/encoder/layer/1/intermediate/dense/kernel",
-               "text/encoder/layer/1/output/dense/bias",
-               "text/encoder/layer/1/output/LayerNorm/scale",
-               "image_proj/fc1/kernel", "text_proj/fc2/bias"):
+  for name in (
+    "image/conv1/kernel",
+    "image/bn1/scale",
+    "image/layer1/0/conv2/kernel",
+    "image/layer1/0/downsample/0/kernel",
+    "image/layer1/0/downsample/1/scale",
+    "image/layer4/0/bn3/bias",
+    "text/embeddings/word_embeddings/embedding",
+    "text/embeddings/position_embeddings/embedding",
+    "text/embeddings/token_type_embeddings/embedding",
+    "text/embeddings/LayerNorm/scale",
+    "text/encoder/layer/1/attention/self/query/kernel",
+    "text/encoder/layer/1/attention/output/dense/kernel",
+    "text/encoder/layer/1/attention/output/LayerNorm/bias",
+    "text/encoder/layer/1/intermediate/dense/kernel",
+    "text/encoder/layer/1/output/dense/bias",
+    "text/encoder/layer/1/output/LayerNorm/scale",
+    "image_proj/fc1/kernel",
+    "text_proj/fc2/bias",
+  ):
     assert name in names, name
   stats = set(traverse_util.flatten_dict(variables["batch_stats"], sep="/"))
   assert {"image/bn1/mean", "image/layer2/0/downsample/1/var"} <= stats
@@ -191,8 +215,9 @@ def test_names_equal_torchvision_and_hf(model_and_vars):
   ref = {k for k in ref if not k.startswith("fc.") and "num_batches_tracked" not in k}
   assert set(image) == ref
   text = weights.to_torch(variables["params"]["text"])
-  hf = transformers.BertModel(transformers.BertConfig(**TINY_BERT.to_hf()),
-                              add_pooling_layer=False).state_dict()
+  hf = transformers.BertModel(
+    transformers.BertConfig(**TINY_BERT.to_hf()), add_pooling_layer=False
+  ).state_dict()
   hf_shapes = {k: tuple(v.shape) for k, v in hf.items() if not k.endswith("_ids")}
   assert {k: v.shape for k, v in text.items()} == hf_shapes
 
@@ -203,8 +228,9 @@ def test_bert_dropout_only_in_training(model_and_vars):
 
   @functools.partial(jax.jit, static_argnames="train")
   def run(variables, train, rng):
-    return model.apply(variables, ids, mask, rngs={"dropout": rng},
-                       method=lambda m, i, a: m.text(i, a, train=train))
+    return model.apply(
+      variables, ids, mask, rngs={"dropout": rng}, method=lambda m, i, a: m.text(i, a, train=train)
+    )
 
   a = run(variables, False, jax.random.key(1))
   np.testing.assert_array_equal(a, run(variables, False, jax.random.key(2)))
@@ -214,9 +240,9 @@ def test_bert_dropout_only_in_training(model_and_vars):
 def test_resnet_train_updates_batch_stats(model_and_vars):
   model, variables = model_and_vars
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  y, updates = jax.jit(lambda v: model.apply(v, x, mutable=["batch_stats"],
-                                             method=lambda m, x: m.image(x, train=True)))(
-                                                 variables)
+  y, updates = jax.jit(
+    lambda v: model.apply(v, x, mutable=["batch_stats"], method=lambda m, x: m.image(x, train=True))
+  )(variables)
   assert y.shape == (2, 256)
   before = variables["batch_stats"]["image"]["bn1"]["mean"]
   after = updates["batch_stats"]["image"]["bn1"]["mean"]

@@ -1,4 +1,5 @@
 """`nih14` on a fixture tree in the NIH ChestX-ray14 layout (real NIH images and labels)."""
+
 import shutil
 
 import numpy as np
@@ -13,8 +14,9 @@ from tests import fixtures_layout as fl
 
 def build(manual_dir, data_dir, config="default_64"):
   builder = Builder(config=config, data_dir=str(data_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), try_download_gcs=False))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False)
+  )
   return builder
 
 
@@ -27,14 +29,19 @@ def test_counts_splits_labels(tree, tmp_path):
   builder = build(tree, tmp_path)
   entries = {r["Image Index"]: r for r in fl.read_csv(tree / "Data_Entry_2017_v2020.csv")}
   test_list = set((tree / "test_list.txt").read_text().split())
-  splits = {s: list(builder.as_dataset(split=s).as_numpy_iterator())
-            for s in ("train", "validation", "test")}
+  splits = {
+    s: list(builder.as_dataset(split=s).as_numpy_iterator())
+    for s in ("train", "validation", "test")
+  }
   assert builder.info.metadata["skipped"] == {}
   assert sum(map(len, splits.values())) == len(entries)
   assert {ex["image_id"].decode() for ex in splits["test"]} == test_list
   patients = {s: {ex["patient_id"] for ex in v} for s, v in splits.items()}
-  assert not (patients["train"] & patients["validation"] or patients["train"] & patients["test"]
-              or patients["validation"] & patients["test"])
+  assert not (
+    patients["train"] & patients["validation"]
+    or patients["train"] & patients["test"]
+    or patients["validation"] & patients["test"]
+  )
   positives = 0
   for examples in splits.values():
     for ex in examples:

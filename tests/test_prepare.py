@@ -1,4 +1,5 @@
 """`python -m data_pipelines.prepare`: the real CLI on a MIMIC-CXR fixture tree."""
+
 import os
 import shutil
 import signal
@@ -14,8 +15,14 @@ from tests.conftest import REPO
 
 
 def run_prepare(*args, **kw):
-  return subprocess.run([sys.executable, "-m", "data_pipelines.prepare", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300, **kw)
+  return subprocess.run(
+    [sys.executable, "-m", "data_pipelines.prepare", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    **kw,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +31,13 @@ def tree(sample_data_dir, tmp_path_factory):
 
 
 def test_cli_builds_with_workers_and_prints_summary(tree, tmp_path):
-  result = run_prepare("mimic_cxr", f"--manual_dir={tree}", f"--data_dir={tmp_path}",
-                       "--image_size=64", "--num_workers=2")
+  result = run_prepare(
+    "mimic_cxr",
+    f"--manual_dir={tree}",
+    f"--data_dir={tmp_path}",
+    "--image_size=64",
+    "--num_workers=2",
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   builder = Builder(config="paired_64", data_dir=str(tmp_path))
   assert builder.is_prepared()
@@ -63,9 +75,21 @@ def test_interrupted_prepare_is_not_read_and_rerun_recovers(tree, tmp_path):
   os.mkfifo(victim)
   data_dir = tmp_path / "tfds"
   proc = subprocess.Popen(
-      [sys.executable, "-m", "data_pipelines.prepare", "mimic_cxr", f"--manual_dir={manual}",
-       f"--data_dir={data_dir}", "--image_size=64", "--num_workers=1"],
-      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    [
+      sys.executable,
+      "-m",
+      "data_pipelines.prepare",
+      "mimic_cxr",
+      f"--manual_dir={manual}",
+      f"--data_dir={data_dir}",
+      "--image_size=64",
+      "--num_workers=1",
+    ],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   config_dir = data_dir / "mimic_cxr" / "paired_64"
   deadline = time.time() + 120
   while not list(config_dir.glob("incomplete.*")) and time.time() < deadline:
@@ -83,8 +107,13 @@ def test_interrupted_prepare_is_not_read_and_rerun_recovers(tree, tmp_path):
   # Re-run with the image back in place: completes, and leaves no half-written folder.
   victim.unlink()
   victim.write_bytes(saved)
-  result = run_prepare("mimic_cxr", f"--manual_dir={manual}", f"--data_dir={data_dir}",
-                       "--image_size=64", "--num_workers=1")
+  result = run_prepare(
+    "mimic_cxr",
+    f"--manual_dir={manual}",
+    f"--data_dir={data_dir}",
+    "--image_size=64",
+    "--num_workers=1",
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert not list(config_dir.glob("incomplete.*"))
   builder = Builder(config="paired_64", data_dir=str(data_dir))

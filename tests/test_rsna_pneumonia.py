@@ -1,5 +1,6 @@
 """`rsna_pneumonia` on a fixture tree in the Kaggle stage-2 layout (real DICOM written with
 pydicom from real NIH radiographs; 8/12-bit, MONOCHROME1 and 2)."""
+
 import io
 import shutil
 
@@ -17,8 +18,9 @@ from tests import fixtures_layout as fl
 def build(manual_dir, data_dir, config="default_64", num_workers=1):
   builder = Builder(config=config, data_dir=str(data_dir))
   builder.num_workers = num_workers
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), try_download_gcs=False))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False)
+  )
   return builder
 
 
@@ -30,14 +32,14 @@ def tree(sample_data_dir, tmp_path_factory):
 def test_counts_splits_labels_and_dicom_decoding(tree, sample_data_dir, tmp_path):
   builder = build(tree, tmp_path, num_workers=2)  # DICOM decode in worker processes.
   rows = fl.read_csv(tree / "stage_2_train_labels.csv")
-  classes = {r["patientId"]: r["class"]
-             for r in fl.read_csv(tree / "stage_2_detailed_class_info.csv")}
+  classes = {
+    r["patientId"]: r["class"] for r in fl.read_csv(tree / "stage_2_detailed_class_info.csv")
+  }
   by_patient: dict[str, list[dict[str, str]]] = {}
   for r in rows:
     by_patient.setdefault(r["patientId"], []).append(r)
   assert builder.info.metadata["skipped"] == {}
-  splits = {s: list(builder.as_dataset(split=s).as_numpy_iterator())
-            for s in builder.info.splits}
+  splits = {s: list(builder.as_dataset(split=s).as_numpy_iterator()) for s in builder.info.splits}
   assert set(splits) <= {"train", "validation", "test"} and "train" in splits
   examples = [ex for v in splits.values() for ex in v]
   assert len(examples) == len(by_patient)  # One example per patient, boxes folded in.
@@ -51,8 +53,9 @@ def test_counts_splits_labels_and_dicom_decoding(tree, sample_data_dir, tmp_path
     patient_rows = by_patient[pid]
     assert ex["image_id"].decode() == f"{pid}.dcm"
     assert ex["labels"].tolist() == [max(int(r["Target"]) for r in patient_rows)]
-    expected_boxes = [[float(r[k]) for k in ("x", "y", "width", "height")]
-                      for r in patient_rows if r["x"]]
+    expected_boxes = [
+      [float(r[k]) for k in ("x", "y", "width", "height")] for r in patient_rows if r["x"]
+    ]
     np.testing.assert_allclose(ex["boxes"].reshape(-1, 4).tolist(), expected_boxes)
     assert ex["detailed_class"].decode() == classes[pid]
     assert (ex["detailed_class"].decode() == "Lung Opacity") == bool(ex["labels"][0])
@@ -64,8 +67,9 @@ def test_counts_splits_labels_and_dicom_decoding(tree, sample_data_dir, tmp_path
   by_id = {ex["patient_id"].decode(): ex for ex in examples}
   for i, r in enumerate(nih[:4]):
     pid = fl.read_csv(tree / "stage_2_detailed_class_info.csv")[i]["patientId"]
-    with Image.open(io.BytesIO(imaging.load_png(
-        sample_data_dir / "nih14_sample" / r["image_file"], 64))) as img:
+    with Image.open(
+      io.BytesIO(imaging.load_png(sample_data_dir / "nih14_sample" / r["image_file"], 64))
+    ) as img:
       want = np.asarray(img, np.float64).ravel()
     got = by_id[pid]["image"].astype(np.float64).ravel()
     assert np.corrcoef(want, got)[0, 1] > 0.99, (i, pid)
@@ -87,7 +91,10 @@ def test_bad_input(tree, tmp_path):
   (bad / "stage_2_detailed_class_info.csv").unlink()
   with pytest.raises(DataError, match="stage_2_detailed_class_info.csv: required file"):
     build(bad, tmp_path / "tfds2")
-  fl.write_csv(bad / "stage_2_train_labels.csv", ("patientId", "x", "y", "width", "height"),
-               [{"patientId": "a", "x": "", "y": "", "width": "", "height": ""}])
+  fl.write_csv(
+    bad / "stage_2_train_labels.csv",
+    ("patientId", "x", "y", "width", "height"),
+    [{"patientId": "a", "x": "", "y": "", "width": "", "height": ""}],
+  )
   with pytest.raises(DataError, match="stage_2_train_labels.csv: missing column.*Target"):
     build(bad, tmp_path / "tfds3")

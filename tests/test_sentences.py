@@ -1,4 +1,5 @@
 """Sentence splitting on crafted cases and on the real sample notes and reports."""
+
 import csv
 import re
 
@@ -24,10 +25,14 @@ def reports(sample_data_dir) -> dict[str, dict[str, str]]:
   return {r["report_id"]: r for r in rows}
 
 
-@pytest.mark.parametrize("text, expected", [
+@pytest.mark.parametrize(
+  "text, expected",
+  [
     ("A 1.5 cm nodule. No effusion.", ["A 1.5 cm nodule.", "No effusion."]),
-    ("Seen by Dr. Smith on arrival. Compare e.g. the 2019 study. Stable.",
-     ["Seen by Dr. Smith on arrival.", "Compare e.g. the 2019 study.", "Stable."]),
+    (
+      "Seen by Dr. Smith on arrival. Compare e.g. the 2019 study. Stable.",
+      ["Seen by Dr. Smith on arrival.", "Compare e.g. the 2019 study.", "Stable."],
+    ),
     ("Findings: 1. Effusion. 2. Edema.", ["Findings: 1. Effusion.", "2. Edema."]),
     ("Left apex.There is scarring.", ["Left apex.", "There is scarring."]),
     ("Clear lungs. . . . X", ["Clear lungs."]),
@@ -35,29 +40,37 @@ def reports(sample_data_dir) -> dict[str, dict[str, str]]:
     ("Range 13 IU/L ? 39 IU/L. Done.", ["Range 13 IU/L ? 39 IU/L.", "Done."]),
     ("Grade 2. The rest is normal.", ["Grade 2.", "The rest is normal."]),
     ("", []),
-])
+  ],
+)
 def test_crafted(text, expected):
   assert split_sentences(text) == expected
 
 
 def test_normalize_whitespace_and_replacement_marks():
   assert normalize("Presentation:\ufffdCough\u00a0 and\tfever..") == (
-      "Presentation: Cough and fever.")
+    "Presentation: Cough and fever."
+  )
   assert normalize("Effusions. . Stable...") == "Effusions. Stable."
 
 
 def test_iu_enumerated_impression_and_xxxx_marks(reports):
   report = reports["4"]
   assert split_sentences(report["findings"])[1] == (
-      "There are irregular opacities in the left lung apex, that could represent a cavitary "
-      "lesion in the left lung apex.")
+    "There are irregular opacities in the left lung apex, that could represent a cavitary "
+    "lesion in the left lung apex."
+  )
   assert split_sentences(report["findings"])[2] == (
-      "There are streaky opacities in the right upper lobe, XXXX scarring.")
+    "There are streaky opacities in the right upper lobe, XXXX scarring."
+  )
   impression = split_sentences(report["impression"])
   assert [s[:3] for s in impression] == ["1. ", "2. ", "3. "]
   assert split_sentences(reports["2"]["findings"]) == [
-      "Borderline cardiomegaly.", "Midline sternotomy XXXX.", "Enlarged pulmonary arteries.",
-      "Clear lungs.", "Inferior XXXX XXXX XXXX."]
+    "Borderline cardiomegaly.",
+    "Midline sternotomy XXXX.",
+    "Enlarged pulmonary arteries.",
+    "Clear lungs.",
+    "Inferior XXXX XXXX XXXX.",
+  ]
 
 
 def test_real_notes_keep_decimals_and_abbreviations(notes):
@@ -87,6 +100,6 @@ def test_all_real_texts_lose_nothing_and_give_clean_sentences(notes, reports):
       assert not re.fullmatch(r"\(?\w{1,2}\)?\.", s), s  # No orphan enumeration marker.
     # Every letter and digit survives, in order (only punctuation-only bits are dropped).
     assert _alnum(normalize(text)) == _alnum("".join(sentences)), text
-  per_report = sum(counts[len(notes):]) / len(reports)
+  per_report = sum(counts[len(notes) :]) / len(reports)
   assert 5.0 < per_report < 7.0  # Like MIMIC's ~6 sentences per report (ConVIRT paper).
-  assert all(c > 0 for c in counts[:len(notes)])
+  assert all(c > 0 for c in counts[: len(notes)])

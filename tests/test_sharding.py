@@ -1,5 +1,6 @@
 """Global-batch semantics: one step's loss and gradients on a batch sharded over 8 simulated
 CPU devices equal the 1-device values (separate process: the device count is fixed at start)."""
+
 import json
 import os
 import subprocess
@@ -52,10 +53,10 @@ print(json.dumps({"l8": l8, "l1": l1, "gdiff": gdiff, "sdiff": sdiff, "nonzero":
 
 
 def test_loss_and_grads_8_devices_equal_1_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=300)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   # Different reduction orders across 8 shards: float32 round-off only. Loss to 1e-5

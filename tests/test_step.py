@@ -1,5 +1,6 @@
 """The pure update step learns: on one fixed batch of real sample pairs, the smoke model's
 InfoNCE falls from chance to near zero (catches a broken gradient path, optimizer or pairing)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,12 +22,16 @@ def test_overfits_a_fixed_real_batch(tfds_dir, sample_data_dir):
   variables = jax.jit(lambda r: step.init_variables(model, cfg, r))(init_rng)
   mask = families.get(cfg.model.name).trainable_mask(variables["params"], cfg.model)
   tx = step.make_optimizer(cfg.optimizer, mask)
-  state = step.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          batch_stats=variables["batch_stats"],
-                          opt_state=tx.init(variables["params"]))
+  state = step.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    opt_state=tx.init(variables["params"]),
+  )
   loss_fn = families.get(cfg.model.name).make_loss(cfg)
-  fn = jax.jit(lambda s, b: step.train_step(s, b, model=model, tx=tx, loss_fn=loss_fn,
-                                            mask=mask, rng=step_rng))
+  fn = jax.jit(
+    lambda s, b: step.train_step(s, b, model=model, tx=tx, loss_fn=loss_fn, mask=mask, rng=step_rng)
+  )
   history = []
   for _ in range(60):
     state, metrics = fn(state, batch)
@@ -40,9 +45,17 @@ def test_overfits_a_fixed_real_batch(tfds_dir, sample_data_dir):
 
 def test_plateau_schedule_reduces_the_step_size():
   import ml_collections
-  opt = ml_collections.ConfigDict(dict(lr=1.0, weight_decay=0.0, schedule="plateau",
-                                       plateau_factor=0.5, plateau_patience=2,
-                                       plateau_accumulation=1))
+
+  opt = ml_collections.ConfigDict(
+    dict(
+      lr=1.0,
+      weight_decay=0.0,
+      schedule="plateau",
+      plateau_factor=0.5,
+      plateau_patience=2,
+      plateau_accumulation=1,
+    )
+  )
   params = {"w": jnp.ones(())}
   tx = step.make_optimizer(opt, {"w": True})
   state = tx.init(params)

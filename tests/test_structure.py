@@ -1,5 +1,6 @@
 """The intended import directions, on the real import graph (grimp, as import-linter builds it;
 imports inside functions count too)."""
+
 import ast
 import itertools
 import pathlib
@@ -21,20 +22,23 @@ def _chain(graph, importer: str, imported: str):
   return graph.find_shortest_chain(importer=importer, imported=imported, as_packages=True)
 
 
-@pytest.mark.parametrize("importer,imported", [
-    ("medvl_jax.models", "medvl_jax.weights"),        # models parse HF config.json themselves
+@pytest.mark.parametrize(
+  "importer,imported",
+  [
+    ("medvl_jax.models", "medvl_jax.weights"),  # models parse HF config.json themselves
     ("medvl_jax.models", "medvl_jax.run"),
     ("medvl_jax.models", "medvl_jax.train"),
     ("medvl_jax.models", "medvl_jax.evaluate"),
     ("medvl_jax.models", "medvl_jax.export"),
-    ("medvl_jax.evaluate", "medvl_jax.export"),       # runs are read through medvl_jax.run
+    ("medvl_jax.evaluate", "medvl_jax.export"),  # runs are read through medvl_jax.run
     ("medvl_jax.evaluate", "medvl_jax.train"),
     ("medvl_jax.run", "medvl_jax.export"),
     ("medvl_jax.run", "medvl_jax.evaluate"),
     ("medvl_jax.weights", "medvl_jax.run"),
     ("medvl_jax.weights", "medvl_jax.train"),
     ("medvl_jax.checkpoint", "medvl_jax.weights"),
-])
+  ],
+)
 def test_no_import_in_this_direction(graph, importer, imported):
   assert _chain(graph, importer, imported) is None
 
@@ -64,6 +68,7 @@ def test_weights_init_is_a_small_public_surface():
   assert defs == []
   from medvl_jax import weights  # pylint: disable=g-import-not-at-top
   from medvl_jax.weights import mapping  # pylint: disable=g-import-not-at-top
+
   assert weights.to_torch is mapping.to_torch and weights.from_torch is mapping.from_torch
 
 

@@ -13,6 +13,7 @@ SPLITS are the counts the tree's design gives; `layout_splits` recounts them fro
 own files (official split files, or `common.split_for_patient` of the patient id where a corpus
 has none), independently of the builder, so a tree change that moves them fails loudly.
 """
+
 import csv
 import gzip
 import io
@@ -69,7 +70,9 @@ class _Harness:
     cls.EXAMPLE_DIR = str(cls.make_tree(conftest.sample_dir(), cls._tmp))
     super().setUpClass()
     assert cls.layout_splits(pathlib.Path(cls.EXAMPLE_DIR)) == cls.SPLITS, (
-        cls.layout_splits(pathlib.Path(cls.EXAMPLE_DIR)), cls.SPLITS)
+      cls.layout_splits(pathlib.Path(cls.EXAMPLE_DIR)),
+      cls.SPLITS,
+    )
 
   @classmethod
   def tearDownClass(cls):
@@ -81,8 +84,7 @@ class _Harness:
     folder = pathlib.Path(self.DATASET_CLASS.code_path).parent
     info = self.builder.info
     # tfds strips the files' surrounding whitespace.
-    self.assertEqual(info.description,
-                     (folder / "README.md").read_text(encoding="utf-8").strip())
+    self.assertEqual(info.description, (folder / "README.md").read_text(encoding="utf-8").strip())
     self.assertEqual(info.citation, (folder / "CITATIONS.bib").read_text(encoding="utf-8").strip())
     self.assertTrue(info.citation.lstrip().startswith("@"))
     for section in ("## Source", "## License", "## Layout", "## Features", "## Splits"):
@@ -119,9 +121,12 @@ class Nih14Test(_Harness, tfds.testing.DatasetBuilderTestCase):
   @classmethod
   def layout_splits(cls, root):
     test = set((root / "test_list.txt").read_text().split())
-    return _count(["test" if r["Image Index"] in test else
-                   _hash_split(r["Patient ID"], two_way=True)
-                   for r in _rows(root / "Data_Entry_2017_v2020.csv")])
+    return _count(
+      [
+        "test" if r["Image Index"] in test else _hash_split(r["Patient ID"], two_way=True)
+        for r in _rows(root / "Data_Entry_2017_v2020.csv")
+      ]
+    )
 
 
 class ChexpertTest(_Harness, tfds.testing.DatasetBuilderTestCase):
@@ -138,9 +143,10 @@ class ChexpertTest(_Harness, tfds.testing.DatasetBuilderTestCase):
   @classmethod
   def layout_splits(cls, root):
     folder = root / "CheXpert-v1.0-small"
-    return _count([_hash_split(r["Path"].split("/")[2], two_way=True)
-                   for r in _rows(folder / "train.csv")]
-                  + ["test"] * len(_rows(folder / "valid.csv")))
+    return _count(
+      [_hash_split(r["Path"].split("/")[2], two_way=True) for r in _rows(folder / "train.csv")]
+      + ["test"] * len(_rows(folder / "valid.csv"))
+    )
 
 
 class OpeniTest(_Harness, tfds.testing.DatasetBuilderTestCase):
@@ -188,5 +194,8 @@ class CovidxTest(_Harness, tfds.testing.DatasetBuilderTestCase):
   def layout_splits(cls, root):
     def patients(name):
       return [line.split()[0] for line in (root / name).read_text().splitlines() if line]
-    return _count([_hash_split(p, two_way=True) for p in patients("train_COVIDx_CXR-3A.txt")]
-                  + ["test"] * len(patients("test_COVIDx_CXR-3A.txt")))
+
+    return _count(
+      [_hash_split(p, two_way=True) for p in patients("train_COVIDx_CXR-3A.txt")]
+      + ["test"] * len(patients("test_COVIDx_CXR-3A.txt"))
+    )

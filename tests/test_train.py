@@ -1,5 +1,6 @@
 """End to end on the real sample through the real CLI: smoke training, TensorBoard, Orbax
 checkpoints, resume after SIGKILL, frozen layers, and one-line errors on bad input."""
+
 import signal
 import subprocess
 import sys
@@ -17,8 +18,10 @@ def test_smoke_loss_decreases_and_logs(smoke_run):
   scalars = read_scalars(workdir / "tensorboard")
   losses = scalars["train_loss"]
   assert sorted(losses) == list(range(1, 31))
-  first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean(
-      [losses[s] for s in range(26, 31)])
+  first, last = (
+    np.mean([losses[s] for s in range(1, 6)]),
+    np.mean([losses[s] for s in range(26, 31)]),
+  )
   assert last < first, (first, last)
   assert set(scalars["val_loss"]) == {10, 20, 30}
   assert all(np.isfinite(v) for v in scalars["val_loss"].values())
@@ -28,6 +31,7 @@ def test_smoke_loss_decreases_and_logs(smoke_run):
 
 def test_checkpoint_restores(smoke_run, tfds_dir):
   from medvl_jax import checkpoint
+
   workdir, _ = smoke_run
   mngr = checkpoint.manager(workdir, read_only=True)
   assert mngr.latest_step() == 30
@@ -42,6 +46,7 @@ def test_checkpoint_restores(smoke_run, tfds_dir):
 
 def _smoke_config(tfds_dir):
   from configs import convirt
+
   cfg = convirt.get_config("smoke")
   cfg.data.data_dir = str(tfds_dir)
   return cfg
@@ -49,6 +54,7 @@ def _smoke_config(tfds_dir):
 
 def test_frozen_layers_bit_identical_and_stateless(smoke_run, tfds_dir):
   from medvl_jax import checkpoint, families, step
+
   workdir, _ = smoke_run
   cfg = _smoke_config(tfds_dir)
   model = families.get(cfg.model.name).build(cfg.model)
@@ -70,8 +76,10 @@ def test_frozen_layers_bit_identical_and_stateless(smoke_run, tfds_dir):
   # Smoke BERT has 2 layers: embeddings + layer 0 frozen, layer 1 trained.
   assert n_frozen > 0
   assert "text/encoder/layer/0/" in "\n".join(
-      "/".join(str(getattr(k, "key", k)) for k in p) for (p, _), m in zip(flat_init, flat_mask)
-      if not m)
+    "/".join(str(getattr(k, "key", k)) for k in p)
+    for (p, _), m in zip(flat_init, flat_mask)
+    if not m
+  )
   # No optimizer state for frozen params: Adam's moments exist only for trainable leaves.
   tx = step.make_optimizer(cfg.optimizer, mask)
   opt_leaves = jax.tree.leaves(jax.eval_shape(tx.init, init["params"]))
@@ -114,8 +122,10 @@ def _one_line_error(proc, *needles):
 
 
 def test_error_sample_data_missing(tmp_path):
-  proc = run_main(*smoke_args(tmp_path / "w", tmp_path / "empty_tfds"),
-                  env={"MEDVL_SAMPLE_DIR": str(tmp_path / "nowhere")})
+  proc = run_main(
+    *smoke_args(tmp_path / "w", tmp_path / "empty_tfds"),
+    env={"MEDVL_SAMPLE_DIR": str(tmp_path / "nowhere")},
+  )
   _one_line_error(proc, str(tmp_path / "nowhere"), "shared/data")
 
 
@@ -131,8 +141,11 @@ def test_error_unknown_registry_name(tmp_path, key, valid):
 
 
 def test_error_batch_not_divisible_by_devices(tmp_path):
-  proc = run_main(*smoke_args(tmp_path / "w", tmp_path), "--config.batch_size=6",
-                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  proc = run_main(
+    *smoke_args(tmp_path / "w", tmp_path),
+    "--config.batch_size=6",
+    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+  )
   _one_line_error(proc, "batch_size=6", "4 devices")
 
 
@@ -141,8 +154,9 @@ def test_sigterm_checkpoints_and_stops(smoke_run, tfds_dir, tmp_path):
   reference = read_scalars(smoke_run[0] / "tensorboard")["train_loss"]
   workdir = tmp_path / "preempted"
   cmd = [sys.executable, "-m", "medvl_jax.main", *smoke_args(workdir, tfds_dir)]
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
   deadline = time.time() + 240
   while not (workdir / "checkpoints" / "10").exists() and time.time() < deadline:
     assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -153,6 +167,7 @@ def test_sigterm_checkpoints_and_stops(smoke_run, tfds_dir, tmp_path):
   assert "stopping at step" in err
   stopped = int(err.split("stopping at step ")[1].split()[0])
   from medvl_jax import checkpoint
+
   assert checkpoint.manager(workdir, read_only=True).latest_step() == stopped
   if stopped < 30:
     resumed = run_main(*smoke_args(workdir, tfds_dir))
@@ -169,17 +184,27 @@ def test_text_tower_starts_from_the_real_checkpoint(tfds_dir, tmp_path):
   from safetensors.numpy import load_file
 
   from medvl_jax import checkpoint
+
   model_dir = gt.get_model_path()
   workdir = tmp_path / "pretrained"
-  proc = run_main(*smoke_args(workdir, tfds_dir, f"--config.model.text.init={model_dir}",
-                              "--config.total_steps=2", "--config.eval_every=2",
-                              "--config.checkpoint_every=2"))
+  proc = run_main(
+    *smoke_args(
+      workdir,
+      tfds_dir,
+      f"--config.model.text.init={model_dir}",
+      "--config.total_steps=2",
+      "--config.eval_every=2",
+      "--config.checkpoint_every=2",
+    )
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   params = checkpoint.manager(workdir, read_only=True).restore(2)["state"]["params"]["text"]
   hf = {k.removeprefix("bert."): v for k, v in load_file(model_dir / "model.safetensors").items()}
-  np.testing.assert_array_equal(params["embeddings"]["word_embeddings"]["embedding"],
-                                hf["embeddings.word_embeddings.weight"])
+  np.testing.assert_array_equal(
+    params["embeddings"]["word_embeddings"]["embedding"], hf["embeddings.word_embeddings.weight"]
+  )
   np.testing.assert_array_equal(  # layer 0 is frozen (3 of 6): flax kernel = torch weight.T
-      params["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"],
-      hf["encoder.layer.0.attention.self.query.weight"].T)
+    params["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"],
+    hf["encoder.layer.0.attention.self.query.weight"].T,
+  )
   assert len(params["encoder"]["layer"]) == 6

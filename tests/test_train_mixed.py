@@ -1,6 +1,7 @@
 """The mixed-data family through the one trainer, on the real three-source sample (paired
 covid_cxr_notes + image-only nih14_sample + text-only iu_reports): each loss falls and is logged
 under its own name, checkpoints resume exactly after SIGKILL, and 2 hosts train as 1."""
+
 import os
 import signal
 import subprocess
@@ -30,8 +31,15 @@ def test_each_loss_falls_and_is_logged_under_its_name(mixed_run):
     last = np.mean([values[s] for s in range(STEPS - 4, STEPS + 1)])
     assert last < first, (name, first, last)
   # Per-scale MVM and validation metrics under their own names too.
-  for name in ("train_mvm_1x1", "train_mvm_2x2", "train_mvm_4x4", "val_loss", "val_mlm",
-               "val_mvm", "val_contrastive"):
+  for name in (
+    "train_mvm_1x1",
+    "train_mvm_2x2",
+    "train_mvm_4x4",
+    "val_loss",
+    "val_mlm",
+    "val_mvm",
+    "val_contrastive",
+  ):
     assert name in scalars, name
   # All three kinds reached the loss: pairs counted, masked tokens and patches present.
   assert min(scalars["train_pairs"].values()) >= 1
@@ -65,14 +73,26 @@ def test_two_processes_match_one(mixed_run, tfds_dir, tmp_path):
   reference = read_scalars(mixed_run[0] / "tensorboard")["train_loss"]
   workdir, logs = tmp_path / "two_hosts", tmp_path / "logs"
   logs.mkdir()
-  args = mixed_args(workdir, tfds_dir, "--config.total_steps=4", "--config.eval_every=4",
-                    "--config.checkpoint_every=4")
+  args = mixed_args(
+    workdir,
+    tfds_dir,
+    "--config.total_steps=4",
+    "--config.eval_every=4",
+    "--config.checkpoint_every=4",
+  )
   env = dict(os.environ, LOG_DIR=str(logs), PYTHON=sys.executable)
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(["bash", "launch/local_multihost.sh", "2", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=400)
+  proc = subprocess.run(
+    ["bash", "launch/local_multihost.sh", "2", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
   assert proc.returncode == 0, "\n".join(
-      f.read_text()[-4000:] for f in sorted(logs.glob("process_*.log")))
+    f.read_text()[-4000:] for f in sorted(logs.glob("process_*.log"))
+  )
   losses = read_scalars(workdir / "tensorboard")["train_loss"]
   assert sorted(losses) == list(range(1, 5))
   for step in range(1, 5):

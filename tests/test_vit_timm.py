@@ -1,4 +1,5 @@
 """The JAX ViT against a real timm VisionTransformer, through the timm name mapping both ways."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +12,9 @@ from medvl_jax.weights import timm_vit
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-TINY = ViTConfig(image_size=32, patch_size=8, in_chans=3, hidden_size=48, num_layers=2,
-                 num_heads=3, mlp_ratio=2.0)
+TINY = ViTConfig(
+  image_size=32, patch_size=8, in_chans=3, hidden_size=48, num_layers=2, num_heads=3, mlp_ratio=2.0
+)
 
 
 def _timm_model(config):
@@ -30,7 +32,8 @@ def _timm_model(config):
 def _images(config, n=3, seed=0):
   rng = np.random.default_rng(seed)
   return rng.normal(size=(n, config.image_size, config.image_size, config.in_chans)).astype(
-      np.float32)
+    np.float32
+  )
 
 
 def _timm_tokens(model, x):
@@ -53,8 +56,7 @@ def test_jax_to_timm_strict_load_and_forward_match():
   sd = timm_vit.to_timm_state_dict(params)
   name, kwargs = timm_vit.timm_architecture(TINY)
   model = timm.create_model(name, pretrained=False, **kwargs).eval()
-  model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
-                        strict=True)
+  model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
   x = _images(TINY, seed=1)
   got = np.asarray(ViT(TINY).apply({"params": params}, jnp.asarray(x)))
   np.testing.assert_allclose(got, _timm_tokens(model, x), atol=1e-4, rtol=1e-4)
@@ -85,14 +87,17 @@ def test_patch_mask_equals_dropping_masked_patches():
 
 def test_mismatched_checkpoint_is_one_clear_error():
   sd = timm_vit.to_timm_state_dict(
-      ViT(TINY).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+    ViT(TINY).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  )
   del sd["blocks.1.mlp.fc2.bias"]
   with pytest.raises(WeightsError, match="ckpt: .*missing keys .*blocks.1.mlp.fc2.bias"):
     timm_vit.from_timm_state_dict(sd, "ckpt", TINY)
   sd = timm_vit.to_timm_state_dict(
-      ViT(TINY).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
-  bigger = ViTConfig(image_size=64, patch_size=8, hidden_size=48, num_layers=2, num_heads=3,
-                     mlp_ratio=2.0)
+    ViT(TINY).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  )
+  bigger = ViTConfig(
+    image_size=64, patch_size=8, hidden_size=48, num_layers=2, num_heads=3, mlp_ratio=2.0
+  )
   with pytest.raises(WeightsError, match="pos_embed"):
     timm_vit.from_timm_state_dict(sd, "ckpt", bigger)
 

@@ -1,4 +1,5 @@
 """Tests for importing HF BERT and torchvision ResNet-50 checkpoints against PyTorch."""
+
 import csv
 import json
 import pathlib
@@ -38,8 +39,10 @@ def sentences(sample_data_dir) -> list[str]:
 
 def torch_bert_forward(model, ids, mask) -> np.ndarray:
   with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long))
+    out = model(
+      input_ids=torch.tensor(ids, dtype=torch.long),
+      attention_mask=torch.tensor(mask, dtype=torch.long),
+    )
   return out.last_hidden_state.numpy()
 
 
@@ -75,8 +78,13 @@ def test_minilm_matches_transformers(minilm_dir, sentences):
 def bert_base_dir(tmp_path_factory):
   """Randomly initialised BERT-base-shaped (768 wide, cased vocab 28996) checkpoint, 2 layers."""
   torch.manual_seed(0)
-  hf_config = transformers.BertConfig(vocab_size=28996, hidden_size=768, num_hidden_layers=2,
-                                      num_attention_heads=12, intermediate_size=3072)
+  hf_config = transformers.BertConfig(
+    vocab_size=28996,
+    hidden_size=768,
+    num_hidden_layers=2,
+    num_attention_heads=12,
+    intermediate_size=3072,
+  )
   model = transformers.BertModel(hf_config).eval()
   with torch.no_grad():  # Non-trivial LayerNorms, so that weight/bias swaps would show.
     for name, p in model.named_parameters():
@@ -119,8 +127,11 @@ def test_bert_export_mapping_inverts_import(bert_base_dir):
   path, model = bert_base_dir
   config, params = hf_bert.load_bert(path)
   exported = hf_bert.to_hf_state_dict(params)
-  ref = {k: v.numpy() for k, v in model.state_dict().items()
-         if not k.startswith("pooler.") and not k.endswith("_ids")}
+  ref = {
+    k: v.numpy()
+    for k, v in model.state_dict().items()
+    if not k.startswith("pooler.") and not k.endswith("_ids")
+  }
   assert set(exported) == set(ref)
   for k, v in ref.items():
     np.testing.assert_array_equal(exported[k], v, err_msg=k)
@@ -138,12 +149,18 @@ def test_bert_missing_dir(tmp_path):
 
 
 def test_bert_roberta_config_rejected(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps(
-      {"model_type": "roberta", "vocab_size": 50265, "hidden_size": 768}))
+  (tmp_path / "config.json").write_text(
+    json.dumps({"model_type": "roberta", "vocab_size": 50265, "hidden_size": 768})
+  )
   with pytest.raises(WeightsError, match=r"config\.json.*roberta"):
     hf_bert.load_bert(tmp_path)
-  shape = {"vocab_size": 9, "hidden_size": 4, "num_hidden_layers": 1,
-           "num_attention_heads": 2, "intermediate_size": 8}
+  shape = {
+    "vocab_size": 9,
+    "hidden_size": 4,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 8,
+  }
   with pytest.raises(WeightsError, match="RobertaModel"):
     BertConfig.from_hf({**shape, "architectures": ["RobertaModel"]})
   assert BertConfig.from_hf(shape).hidden_size == 4  # Legacy config without model_type.
@@ -157,6 +174,7 @@ def test_bert_no_weights_file(tmp_path, minilm_dir):
 
 def copy_minilm_with(tmp_path, minilm_dir, edit) -> pathlib.Path:
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+
   shutil.copy(minilm_dir / "config.json", tmp_path / "config.json")
   state = dict(safetensors.numpy.load_file(str(minilm_dir / "model.safetensors")))
   edit(state)
@@ -167,6 +185,7 @@ def copy_minilm_with(tmp_path, minilm_dir, edit) -> pathlib.Path:
 def test_bert_key_mismatch(tmp_path, minilm_dir):
   def edit(state):
     state["encoder.layer.5.output.dense.bais"] = state.pop("encoder.layer.5.output.dense.bias")
+
   path = copy_minilm_with(tmp_path, minilm_dir, edit)
   with pytest.raises(WeightsError) as e:
     hf_bert.load_bert(path)
@@ -179,10 +198,13 @@ def test_bert_key_mismatch(tmp_path, minilm_dir):
 def test_bert_shape_mismatch(tmp_path, minilm_dir):
   def edit(state):
     state["encoder.layer.2.intermediate.dense.weight"] = np.zeros((1000, 384), np.float32)
+
   path = copy_minilm_with(tmp_path, minilm_dir, edit)
-  with pytest.raises(WeightsError,
-                     match=r"encoder\.layer\.2\.intermediate\.dense\.weight checkpoint "
-                           r"\(1000, 384\) vs model \(1536, 384\)"):
+  with pytest.raises(
+    WeightsError,
+    match=r"encoder\.layer\.2\.intermediate\.dense\.weight checkpoint "
+    r"\(1000, 384\) vs model \(1536, 384\)",
+  ):
     hf_bert.load_bert(path)
 
 
@@ -194,6 +216,7 @@ def resnet_files(tmp_path_factory):
   """torchvision resnet50 with random weights and perturbed BN statistics, in two formats."""
   tv = pytest.importorskip("torchvision", reason="ResNet-50 is checked against torchvision")
   import safetensors.torch  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(0)
   model = tv.models.resnet50()
   with torch.no_grad():
@@ -232,8 +255,11 @@ def test_resnet50_safetensors_equals_pth_and_export_inverts(resnet_files):
   from_st = torchvision_resnet.load_resnet50(path / "r50.safetensors")
   jax.tree_util.tree_map(np.testing.assert_array_equal, from_pth, from_st)
   exported = torchvision_resnet.to_torchvision_state_dict(*from_pth)
-  ref = {k: v.numpy() for k, v in model.state_dict().items()
-         if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+  ref = {
+    k: v.numpy()
+    for k, v in model.state_dict().items()
+    if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+  }
   assert set(exported) == set(ref)
   for k, v in ref.items():
     np.testing.assert_array_equal(exported[k], v, err_msg=k)
@@ -246,14 +272,18 @@ def test_resnet_errors(resnet_files, tmp_path):
   state = model.state_dict()
   del state["layer4.2.bn3.running_var"]
   torch.save(state, tmp_path / "cut.pth")
-  with pytest.raises(WeightsError,
-                     match=r"cut\.pth.*missing keys \(1\): layer4\.2\.bn3\.running_var"):
+  with pytest.raises(
+    WeightsError, match=r"cut\.pth.*missing keys \(1\): layer4\.2\.bn3\.running_var"
+  ):
     torchvision_resnet.load_resnet50(tmp_path / "cut.pth")
   state = model.state_dict()
   state["layer1.0.conv2.weight"] = torch.zeros(64, 64, 1, 1)
   torch.save(state, tmp_path / "bad.pth")
-  with pytest.raises(WeightsError, match=r"bad\.pth.*layer1\.0\.conv2\.weight checkpoint "
-                                         r"\(64, 64, 1, 1\) vs model \(64, 64, 3, 3\)"):
+  with pytest.raises(
+    WeightsError,
+    match=r"bad\.pth.*layer1\.0\.conv2\.weight checkpoint "
+    r"\(64, 64, 1, 1\) vs model \(64, 64, 3, 3\)",
+  ):
     torchvision_resnet.load_resnet50(tmp_path / "bad.pth")
 
 
@@ -261,20 +291,27 @@ def test_resnet_errors(resnet_files, tmp_path):
 
 
 def model_cfg(text_init: str, image_init: str, variant: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "dtype": "float32", "projection_dim": 16, "projection_hidden": 16,
-      "image": {"variant": variant, "init": image_init,
-                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+  return ml_collections.ConfigDict(
+    {
+      "dtype": "float32",
+      "projection_dim": 16,
+      "projection_hidden": 16,
+      "image": {
+        "variant": variant,
+        "init": image_init,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+      },
       "text": {"init": text_init, "hidden_dropout": 0.0, "attention_dropout": 0.0},
-  })
+    }
+  )
 
 
 def abstract_variables(cfg):
   model = convirt.from_config(cfg)
   images = np.zeros((1, 32, 32, 1), np.uint8)
   ids = np.ones((1, 4), np.int32)
-  return jax.eval_shape(lambda r: model.init(r, images, ids, ids, train=False),
-                        jax.random.key(0))
+  return jax.eval_shape(lambda r: model.init(r, images, ids, ids, train=False), jax.random.key(0))
 
 
 def test_init_from_pretrained_replaces_towers(minilm_dir, resnet_files):
@@ -289,22 +326,33 @@ def test_init_from_pretrained_replaces_towers(minilm_dir, resnet_files):
   jax.tree_util.tree_map(np.testing.assert_array_equal, out["params"]["image"], params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, out["batch_stats"]["image"], stats)
   assert out["params"]["text_proj"] is variables["params"]["text_proj"]
-  assert isinstance(variables["params"]["text"]["embeddings"]["LayerNorm"]["scale"],
-                    jax.ShapeDtypeStruct)  # The input is not modified.
+  assert isinstance(
+    variables["params"]["text"]["embeddings"]["LayerNorm"]["scale"], jax.ShapeDtypeStruct
+  )  # The input is not modified.
 
 
 def test_init_from_pretrained_rejects_mismatching_model(resnet_files):
   path, _ = resnet_files
   cfg = model_cfg("", str(path / "r50.pth"), "resnet_tiny")
-  cfg.text.update(vocab_size=100, hidden_size=8, num_layers=1, num_heads=2,
-                  intermediate_size=16, max_position_embeddings=16)
+  cfg.text.update(
+    vocab_size=100,
+    hidden_size=8,
+    num_layers=1,
+    num_heads=2,
+    intermediate_size=16,
+    max_position_embeddings=16,
+  )
   with pytest.raises(WeightsError, match=r"r50\.pth.*params/image.*layer1/1"):
     pretrained.init_from_pretrained(abstract_variables(cfg), cfg)
   # Same structure, one leaf of another shape: named with both shapes.
   cfg.image.variant = "resnet50"
   variables = abstract_variables(cfg)
   variables["params"]["image"]["layer2"]["0"]["conv2"]["kernel"] = jax.ShapeDtypeStruct(
-      (3, 3, 128, 64), np.float32)
-  with pytest.raises(WeightsError, match=r"params/image/layer2/0/conv2/kernel imported "
-                                         r"\(3, 3, 128, 128\) vs model \(3, 3, 128, 64\)"):
+    (3, 3, 128, 64), np.float32
+  )
+  with pytest.raises(
+    WeightsError,
+    match=r"params/image/layer2/0/conv2/kernel imported "
+    r"\(3, 3, 128, 128\) vs model \(3, 3, 128, 64\)",
+  ):
     pretrained.init_from_pretrained(variables, cfg)

@@ -5,6 +5,7 @@ One example per image. Splits: the official `valid.csv` (radiologist-labelled) i
 CheXpert observations with the config's policy for uncertain (-1) labels: `u_ignore` keeps -1
 (mask it in the loss), `u_ones` maps it to 1, `u_zeros` to 0; blank is 0.
 """
+
 import re
 from typing import Any
 
@@ -20,11 +21,13 @@ _PATIENT = re.compile(r"/(patient\d+)/")
 class Builder(common.CorpusBuilder):
   """CheXpert: 224,316 radiographs of 65,240 patients, 14 labels."""
 
-  BUILDER_CONFIGS = common.make_configs([
+  BUILDER_CONFIGS = common.make_configs(
+    [
       ("u_ignore", "Uncertain labels kept as -1.", {"uncertain": "ignore"}),
       ("u_ones", "Uncertain labels as 1 (U-Ones).", {"uncertain": "ones"}),
       ("u_zeros", "Uncertain labels as 0 (U-Zeros).", {"uncertain": "zeros"}),
-  ])
+    ]
+  )
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Register at https://stanfordmlgroup.github.io/competitions/chexpert/ and unzip the download
 into manual_dir, so that the CSV `Path` column (e.g.
@@ -34,17 +37,23 @@ CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg) is relative to 
   <manual_dir>/CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg
 (or the same under CheXpert-v1.0/ for the full-resolution release).
 """
+
   def _features(self) -> dict[str, Any]:
-    return {"image": common.image_feature(), "image_id": tfds.features.Text(),
-            "patient_id": tfds.features.Text(), "view": tfds.features.Text(),
-            "labels": common.labels_feature(len(common.CHEXPERT_LABELS))}
+    return {
+      "image": common.image_feature(),
+      "image_id": tfds.features.Text(),
+      "patient_id": tfds.features.Text(),
+      "view": tfds.features.Text(),
+      "labels": common.labels_feature(len(common.CHEXPERT_LABELS)),
+    }
 
   def _split_records(self, root: epath.Path) -> dict[str, list[dict[str, Any]]]:
     folder = next((root / f for f in FOLDERS if (root / f).is_dir()), root / FOLDERS[0])
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in self.SPLITS}
     for csv_name in ("train.csv", "valid.csv"):
-      rows = common.read_csv(folder / csv_name,
-                             ("Path", "Frontal/Lateral", "AP/PA", *common.CHEXPERT_LABELS))
+      rows = common.read_csv(
+        folder / csv_name, ("Path", "Frontal/Lateral", "AP/PA", *common.CHEXPERT_LABELS)
+      )
       for row in rows:
         path = row["Path"].strip()
         match = _PATIENT.search(path)
@@ -62,16 +71,19 @@ CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg) is relative to 
         if row["AP/PA"].strip() and view == "Frontal":
           view = row["AP/PA"].strip()
         try:
-          labels = [common.chexpert_value(row[c], self.builder_config.uncertain)
-                    for c in common.CHEXPERT_LABELS]
+          labels = [
+            common.chexpert_value(row[c], self.builder_config.uncertain)
+            for c in common.CHEXPERT_LABELS
+          ]
         except ValueError:
           record["_skip"] = ("bad_labels", path)
           continue
         if not view:
           record["_skip"] = ("unknown_view", path)
           continue
-        record.update(_image=root / path, image_id=path, patient_id=patient, view=view,
-                      labels=labels)
+        record.update(
+          _image=root / path, image_id=path, patient_id=patient, view=view, labels=labels
+        )
     return by_split
 
   def _example(self, record: dict[str, Any], png: bytes) -> dict[str, Any]:

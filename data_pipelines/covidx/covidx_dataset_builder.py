@@ -10,6 +10,7 @@ mapped to three classes and are refused with a DataError naming the file. Splits
 official test file is `test`; the official train file is cut by patient hash into `train`
 (80%) and `validation` (20%). No view is published (`view` is '').
 """
+
 from typing import Any
 
 from etils import epath
@@ -24,18 +25,18 @@ BINARY_CLASSES = ("positive", "negative")
 # (train, test) label files, newest 3-class release first; train.txt/test.txt (the Kaggle
 # download's names) last, read only if they hold 3-class labels.
 LABEL_FILES = (
-    ("train_COVIDx_CXR-3A.txt", "test_COVIDx_CXR-3A.txt"),
-    ("train_COVIDx9A.txt", "test_COVIDx9A.txt"),
-    ("train_COVIDx8A.txt", "test_COVIDx8A.txt"),
-    ("train_COVIDx7A.txt", "test_COVIDx7A.txt"),
-    ("train_COVIDx5.txt", "test_COVIDx5.txt"),
-    ("train_COVIDx4.txt", "test_COVIDx4.txt"),
-    ("train_COVIDx3.txt", "test_COVIDx3.txt"),
-    ("train_COVIDx2.txt", "test_COVIDx2.txt"),
-    ("train_split_v3.txt", "test_split_v3.txt"),
-    ("train_split_v2.txt", "test_split_v2.txt"),
-    ("train_split_v1.txt", "test_split_v1.txt"),
-    ("train.txt", "test.txt"),
+  ("train_COVIDx_CXR-3A.txt", "test_COVIDx_CXR-3A.txt"),
+  ("train_COVIDx9A.txt", "test_COVIDx9A.txt"),
+  ("train_COVIDx8A.txt", "test_COVIDx8A.txt"),
+  ("train_COVIDx7A.txt", "test_COVIDx7A.txt"),
+  ("train_COVIDx5.txt", "test_COVIDx5.txt"),
+  ("train_COVIDx4.txt", "test_COVIDx4.txt"),
+  ("train_COVIDx3.txt", "test_COVIDx3.txt"),
+  ("train_COVIDx2.txt", "test_COVIDx2.txt"),
+  ("train_split_v3.txt", "test_split_v3.txt"),
+  ("train_split_v2.txt", "test_split_v2.txt"),
+  ("train_split_v1.txt", "test_split_v1.txt"),
+  ("train.txt", "test.txt"),
 )
 
 
@@ -48,7 +49,7 @@ def parse_line(line: str) -> tuple[str, str, str, str] | None:
   tokens = line.split()
   for i in range(len(tokens) - 1, 1, -1):
     if tokens[i] in CLASSES or tokens[i] in BINARY_CLASSES:
-      return tokens[0], " ".join(tokens[1:i]), tokens[i], " ".join(tokens[i + 1:])
+      return tokens[0], " ".join(tokens[1:i]), tokens[i], " ".join(tokens[i + 1 :])
   return None
 
 
@@ -67,19 +68,29 @@ folder (e.g. train_COVIDx_CXR-3A.txt and test_COVIDx_CXR-3A.txt), into manual_di
 train.txt/test.txt if they hold normal/pneumonia/COVID-19 labels). The Kaggle train.txt/test.txt
 of COVIDx CXR-2 and later are binary (positive/negative) and are not enough on their own.
 """
+
   def _features(self) -> dict[str, Any]:
-    return {"image": common.image_feature(), "image_id": tfds.features.Text(),
-            "patient_id": tfds.features.Text(), "view": tfds.features.Text(),
-            "source": tfds.features.Text(), "label": tfds.features.ClassLabel(names=CLASSES),
-            "labels": common.labels_feature(len(CLASSES))}
+    return {
+      "image": common.image_feature(),
+      "image_id": tfds.features.Text(),
+      "patient_id": tfds.features.Text(),
+      "view": tfds.features.Text(),
+      "source": tfds.features.Text(),
+      "label": tfds.features.ClassLabel(names=CLASSES),
+      "labels": common.labels_feature(len(CLASSES)),
+    }
 
   def _label_files(self, root: epath.Path) -> tuple[epath.Path, epath.Path]:
     for train, test in LABEL_FILES:
       if (root / train).exists() or (root / test).exists():
-        return (common.require(root / train, "COVIDx train label file"),
-                common.require(root / test, "COVIDx test label file"))
-    raise DataError(f"{root / LABEL_FILES[0][0]}: required file not found (COVIDx label "
-                    f"file; also looked for {', '.join(t for t, _ in LABEL_FILES[1:])})")
+        return (
+          common.require(root / train, "COVIDx train label file"),
+          common.require(root / test, "COVIDx test label file"),
+        )
+    raise DataError(
+      f"{root / LABEL_FILES[0][0]}: required file not found (COVIDx label "
+      f"file; also looked for {', '.join(t for t, _ in LABEL_FILES[1:])})"
+    )
 
   def _split_records(self, root: epath.Path) -> dict[str, list[dict[str, Any]]]:
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in self.SPLITS}
@@ -89,9 +100,11 @@ of COVIDx CXR-2 and later are binary (positive/negative) and are not enough on t
       parsed = [parse_line(l) for l in lines]
       valid = [p for p in parsed if p]
       if valid and all(p[2] in BINARY_CLASSES for p in valid):
-        raise DataError(f"{path}: binary COVID-19 positive/negative labels (COVIDx 6/7B/8B/9B/"
-                        f"CXR-2/CXR-3B/CXR-4); the 3-class builder needs a normal/pneumonia/"
-                        f"COVID-19 label file such as {LABEL_FILES[0][0]}")
+        raise DataError(
+          f"{path}: binary COVID-19 positive/negative labels (COVIDx 6/7B/8B/9B/"
+          f"CXR-2/CXR-3B/CXR-4); the 3-class builder needs a normal/pneumonia/"
+          f"COVID-19 label file such as {LABEL_FILES[0][0]}"
+        )
       folder = root / part
       for n, (line, fields) in enumerate(zip(lines, parsed), 1):
         if fields is None or fields[2] not in CLASSES:
@@ -113,9 +126,15 @@ of COVIDx CXR-2 and later are binary (positive/negative) and are not enough on t
           record["_skip"] = ("missing_image", str(image))
           continue
         label = CLASSES.index(cls)
-        record.update(_image=image, image_id=f"{part}/{filename}", patient_id=patient,
-                      view="", source=source, label=label,
-                      labels=np.eye(len(CLASSES), dtype=np.int32)[label])
+        record.update(
+          _image=image,
+          image_id=f"{part}/{filename}",
+          patient_id=patient,
+          view="",
+          source=source,
+          label=label,
+          labels=np.eye(len(CLASSES), dtype=np.int32)[label],
+        )
     return by_split
 
   def _example(self, record: dict[str, Any], png: bytes) -> dict[str, Any]:

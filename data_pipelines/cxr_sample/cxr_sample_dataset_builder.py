@@ -18,6 +18,7 @@ from an ArrayRecord copy written once beside the tfds files (`medvl_jax/records.
 records are skipped and counted per reason; the counts are logged and stored in
 `builder.info.metadata['skipped']`.
 """
+
 import collections
 from collections.abc import Iterator
 import csv
@@ -39,9 +40,23 @@ PAIRED_CSV = "covid_cxr_notes/pairs.csv"
 IU_CSV = "iu_reports/iu_reports_2000.csv"
 NIH_CSV = "nih14_sample/labels.csv"
 # The NIH ChestX-ray14 finding columns of labels.csv, in the order of the `labels` feature.
-NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion",
-              "Emphysema", "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule",
-              "Pleural_Thickening", "Pneumonia", "Pneumothorax", "No Finding")
+NIH_LABELS = (
+  "Atelectasis",
+  "Cardiomegaly",
+  "Consolidation",
+  "Edema",
+  "Effusion",
+  "Emphysema",
+  "Fibrosis",
+  "Hernia",
+  "Infiltration",
+  "Mass",
+  "Nodule",
+  "Pleural_Thickening",
+  "Pneumonia",
+  "Pneumothorax",
+  "No Finding",
+)
 # Patient-hash buckets out of 100: [0, 80) train, [80, 90) validation, [90, 100) test.
 _CITATION = """\
 @article{cohen2020covid, title={COVID-19 Image Data Collection: Prospective Predictions Are
@@ -58,9 +73,9 @@ def strip_iccp(png: bytes) -> bytes:
   PNG, which would flood training logs."""
   out, pos = [png[:8]], 8
   while pos + 8 <= len(png):
-    length = struct.unpack(">I", png[pos:pos + 4])[0]
+    length = struct.unpack(">I", png[pos : pos + 4])[0]
     end = pos + 12 + length
-    if png[pos + 4:pos + 8] != b"iCCP":
+    if png[pos + 4 : pos + 8] != b"iCCP":
       out.append(png[pos:end])
     pos = end
   return b"".join(out)
@@ -90,8 +105,10 @@ def read_grayscale_png(path) -> bytes:
 
 def _read_csv(path) -> list[dict[str, str]]:
   if not path.exists():
-    raise DataError(f"{path}: sample CSV not found (manual_dir must be the sample folder "
-                    "holding covid_cxr_notes/ and iu_reports/)")
+    raise DataError(
+      f"{path}: sample CSV not found (manual_dir must be the sample folder "
+      "holding covid_cxr_notes/ and iu_reports/)"
+    )
   return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
 
 
@@ -99,20 +116,23 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   """The bundled real chest X-ray sample: paired image-note data and text-only reports."""
 
   VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release.",
-                   "1.1.0": "image_only config (nih14_sample)."}
+  RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "image_only config (nih14_sample)."}
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(
-          name="paired", description="covid_cxr_notes: CXR images with clinical notes."),
-      tfds.core.BuilderConfig(
-          name="text_only", description="iu_reports: IU/Open-i radiology reports, no images."),
-      tfds.core.BuilderConfig(
-          name="image_only",
-          description="nih14_sample: NIH ChestX-ray14 images with 14 labels + No Finding."),
+    tfds.core.BuilderConfig(
+      name="paired", description="covid_cxr_notes: CXR images with clinical notes."
+    ),
+    tfds.core.BuilderConfig(
+      name="text_only", description="iu_reports: IU/Open-i radiology reports, no images."
+    ),
+    tfds.core.BuilderConfig(
+      name="image_only",
+      description="nih14_sample: NIH ChestX-ray14 images with 14 labels + No Finding.",
+    ),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Pass the sample folder (holding covid_cxr_notes/ and iu_reports/, normally "
-      "../shared/data beside the repo or $MEDVL_SAMPLE_DIR) as manual_dir.")
+    "Pass the sample folder (holding covid_cxr_notes/ and iu_reports/, normally "
+    "../shared/data beside the repo or $MEDVL_SAMPLE_DIR) as manual_dir."
+  )
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -124,37 +144,35 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     if self.builder_config.name == "paired":
       features = {
-          "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
-                                       encoding_format="png"),
-          "image_id": tfds.features.Text(),
-          "text": tfds.features.Text(),
-          "sentences": tfds.features.Sequence(tfds.features.Text()),
-          "finding": tfds.features.Text(),
-          "patient_id": tfds.features.Text(),
-          "view": tfds.features.Text(),
+        "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
+        "image_id": tfds.features.Text(),
+        "text": tfds.features.Text(),
+        "sentences": tfds.features.Sequence(tfds.features.Text()),
+        "finding": tfds.features.Text(),
+        "patient_id": tfds.features.Text(),
+        "view": tfds.features.Text(),
       }
     elif self.builder_config.name == "image_only":
       features = {
-          "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
-                                       encoding_format="png"),
-          "image_id": tfds.features.Text(),
-          "labels": tfds.features.Tensor(shape=(len(NIH_LABELS),), dtype=np.int32),
-          "patient_id": tfds.features.Text(),
-          "view": tfds.features.Text(),
+        "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
+        "image_id": tfds.features.Text(),
+        "labels": tfds.features.Tensor(shape=(len(NIH_LABELS),), dtype=np.int32),
+        "patient_id": tfds.features.Text(),
+        "view": tfds.features.Text(),
       }
     else:
       features = {
-          "report_id": tfds.features.Text(),
-          "findings": tfds.features.Text(),
-          "impression": tfds.features.Text(),
-          "text": tfds.features.Text(),
-          "sentences": tfds.features.Sequence(tfds.features.Text()),
-          "is_normal": tfds.features.Scalar(dtype=np.int32),
+        "report_id": tfds.features.Text(),
+        "findings": tfds.features.Text(),
+        "impression": tfds.features.Text(),
+        "text": tfds.features.Text(),
+        "sentences": tfds.features.Sequence(tfds.features.Text()),
+        "is_normal": tfds.features.Scalar(dtype=np.int32),
       }
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict(features),
-        metadata=tfds.core.MetadataDict(),
-        citation=_CITATION,
+      features=tfds.features.FeaturesDict(features),
+      metadata=tfds.core.MetadataDict(),
+      citation=_CITATION,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -172,8 +190,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     by_split = collections.defaultdict(list)
     for row in rows:
       by_split[split_for_patient(row[patient_key])].append(row)
-    return {name: self._generate_examples(root, by_split[name], name)
-            for name, _ in SPLIT_BUCKETS}
+    return {name: self._generate_examples(root, by_split[name], name) for name, _ in SPLIT_BUCKETS}
 
   def _generate_examples(self, root, rows, split):
     if self.builder_config.name == "paired":
@@ -212,7 +229,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._skip("unreadable_image", f"{path}: {type(e).__name__}")
         continue
       kept += 1
-      yield image_id, {
+      yield (
+        image_id,
+        {
           "image": image,
           "image_id": image_id,
           "text": text,
@@ -220,7 +239,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           "finding": row["finding"].strip(),
           "patient_id": row["patientid"].strip(),
           "view": row["view"].strip(),
-      }
+        },
+      )
     self._finish_split(split, kept)
 
   def _image_only_examples(self, root, rows, split) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -245,13 +265,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._skip("unreadable_image", f"{path}: {type(e).__name__}")
         continue
       kept += 1
-      yield image_id, {
+      yield (
+        image_id,
+        {
           "image": image,
           "image_id": image_id,
           "labels": np.asarray(labels, np.int32),
           "patient_id": row["patient_id"].strip(),
           "view": row["view_position"].strip(),
-      }
+        },
+      )
     self._finish_split(split, kept)
 
   def _text_only_examples(self, root, rows, split) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -264,25 +287,32 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       if not text:
         self._skip("empty_text", f"report {report_id}")
         continue
-      sentences = (sentences_lib.split_sentences(findings)
-                   + sentences_lib.split_sentences(impression))
+      sentences = sentences_lib.split_sentences(findings) + sentences_lib.split_sentences(
+        impression
+      )
       if not sentences:
         self._skip("no_sentences", f"report {report_id}")
         continue
       kept += 1
-      yield report_id, {
+      yield (
+        report_id,
+        {
           "report_id": report_id,
           "findings": findings,
           "impression": impression,
           "text": text,
           "sentences": sentences,
           "is_normal": int(row["is_normal"] or 0),
-      }
+        },
+      )
     self._finish_split(split, kept)
 
   def _post_download_and_prepare_hook(self) -> None:
     skipped = dict(self.info.metadata.get("skipped", {}))
-    logging.info("cxr_sample/%s: built %s; skipped %d bad records %s",
-                 self.builder_config.name,
-                 {k: v.num_examples for k, v in self.info.splits.items()},
-                 sum(skipped.values()), skipped)
+    logging.info(
+      "cxr_sample/%s: built %s; skipped %d bad records %s",
+      self.builder_config.name,
+      {k: v.num_examples for k, v in self.info.splits.items()},
+      sum(skipped.values()),
+      skipped,
+    )

@@ -7,6 +7,7 @@ stored as `validation`); labels are the study's CheXpert labels under the config
 uncertain-label policy. Configs: `paired` (uncertain kept as -1), `paired_u_ones`,
 `paired_u_zeros`, each also as `<name>_<size>` for a shorter side other than 256.
 """
+
 from typing import Any
 
 from etils import epath
@@ -28,11 +29,13 @@ def study_dir(subject_id: str, study_id: str) -> str:
 class Builder(common.CorpusBuilder):
   """MIMIC-CXR-JPG images paired with their MIMIC-CXR report sections."""
 
-  BUILDER_CONFIGS = common.make_configs([
+  BUILDER_CONFIGS = common.make_configs(
+    [
       ("paired", "Image-report pairs; uncertain labels kept as -1.", {"uncertain": "ignore"}),
       ("paired_u_ones", "Image-report pairs; uncertain labels as 1.", {"uncertain": "ones"}),
       ("paired_u_zeros", "Image-report pairs; uncertain labels as 0.", {"uncertain": "zeros"}),
-  ])
+    ]
+  )
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Credentialed PhysioNet access is required (https://physionet.org/content/mimic-cxr-jpg/ and
 https://physionet.org/content/mimic-cxr/). manual_dir is the MIMIC-CXR-JPG root, as downloaded:
@@ -44,28 +47,33 @@ and the reports: unzip mimic-cxr-reports.zip (from the MIMIC-CXR project) into t
 manual_dir, which puts each study's report beside its image folder:
   <manual_dir>/files/p10/p10000032/s50414267.txt
 """
+
   def _features(self) -> dict[str, Any]:
     return {
-        "image": common.image_feature(),
-        "image_id": tfds.features.Text(),
-        "patient_id": tfds.features.Text(),
-        "study_id": tfds.features.Text(),
-        "view": tfds.features.Text(),
-        **common.text_features(),
-        "labels": common.labels_feature(len(common.CHEXPERT_LABELS)),
+      "image": common.image_feature(),
+      "image_id": tfds.features.Text(),
+      "patient_id": tfds.features.Text(),
+      "study_id": tfds.features.Text(),
+      "view": tfds.features.Text(),
+      **common.text_features(),
+      "labels": common.labels_feature(len(common.CHEXPERT_LABELS)),
     }
 
   def _split_records(self, root: epath.Path) -> dict[str, list[dict[str, Any]]]:
-    meta = common.read_csv(root / METADATA_CSV,
-                           ("dicom_id", "subject_id", "study_id", "ViewPosition"))
-    split_of = {r["dicom_id"]: r["split"] for r in common.read_csv(
-        root / SPLIT_CSV, ("dicom_id", "split"))}
+    meta = common.read_csv(
+      root / METADATA_CSV, ("dicom_id", "subject_id", "study_id", "ViewPosition")
+    )
+    split_of = {
+      r["dicom_id"]: r["split"] for r in common.read_csv(root / SPLIT_CSV, ("dicom_id", "split"))
+    }
     labels_of = {}
-    for r in common.read_csv(root / CHEXPERT_CSV,
-                             ("subject_id", "study_id", *common.CHEXPERT_LABELS)):
+    for r in common.read_csv(
+      root / CHEXPERT_CSV, ("subject_id", "study_id", *common.CHEXPERT_LABELS)
+    ):
       try:
-        labels_of[r["study_id"]] = [common.chexpert_value(r[c], self.builder_config.uncertain)
-                                    for c in common.CHEXPERT_LABELS]
+        labels_of[r["study_id"]] = [
+          common.chexpert_value(r[c], self.builder_config.uncertain) for c in common.CHEXPERT_LABELS
+        ]
       except ValueError:
         pass  # Counted as bad_labels below if one of its images is used.
     reports: dict[str, tuple[str, str, str] | str] = {}
@@ -97,9 +105,15 @@ manual_dir, which puts each study's report beside its image folder:
       if isinstance(report, str):
         record["_skip"] = (report, f"study {study}")
         continue
-      record.update(report, _image=root / study_dir(subject, study) / f"{dicom_id}.jpg",
-                    image_id=dicom_id, patient_id=subject, study_id=study, view=view,
-                    labels=labels_of[study])
+      record.update(
+        report,
+        _image=root / study_dir(subject, study) / f"{dicom_id}.jpg",
+        image_id=dicom_id,
+        patient_id=subject,
+        study_id=study,
+        view=view,
+        labels=labels_of[study],
+      )
     return by_split
 
   def _example(self, record: dict[str, Any], png: bytes) -> dict[str, Any]:

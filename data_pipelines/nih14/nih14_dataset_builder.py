@@ -5,6 +5,7 @@ patient hash into `train` (80%) and `validation` (20%), so no patient is in two 
 (the official lists are already patient-disjoint). Labels: the 14 NIH findings, multi-hot
 (`No Finding` is all zeros). No text.
 """
+
 from typing import Any
 
 from etils import epath
@@ -12,9 +13,22 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import common
 
-NIH_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
-              "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
-              "Pleural_Thickening", "Hernia")
+NIH_LABELS = (
+  "Atelectasis",
+  "Cardiomegaly",
+  "Effusion",
+  "Infiltration",
+  "Mass",
+  "Nodule",
+  "Pneumonia",
+  "Pneumothorax",
+  "Consolidation",
+  "Edema",
+  "Emphysema",
+  "Fibrosis",
+  "Pleural_Thickening",
+  "Hernia",
+)
 ENTRY_CSVS = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 
 
@@ -32,15 +46,19 @@ into manual_dir, as published:
     (Kaggle layout; the Box tarballs images_01.tar.gz..images_12.tar.gz extract to
     <manual_dir>/images/*.png, which is read too)
 """
+
   def _features(self) -> dict[str, Any]:
-    return {"image": common.image_feature(), "image_id": tfds.features.Text(),
-            "patient_id": tfds.features.Text(), "view": tfds.features.Text(),
-            "labels": common.labels_feature(len(NIH_LABELS))}
+    return {
+      "image": common.image_feature(),
+      "image_id": tfds.features.Text(),
+      "patient_id": tfds.features.Text(),
+      "view": tfds.features.Text(),
+      "labels": common.labels_feature(len(NIH_LABELS)),
+    }
 
   def _split_records(self, root: epath.Path) -> dict[str, list[dict[str, Any]]]:
     entry = next((root / n for n in ENTRY_CSVS if (root / n).exists()), root / ENTRY_CSVS[0])
-    rows = common.read_csv(entry, ("Image Index", "Finding Labels", "Patient ID",
-                                   "View Position"))
+    rows = common.read_csv(entry, ("Image Index", "Finding Labels", "Patient ID", "View Position"))
     lists = {}
     for name in ("train_val_list.txt", "test_list.txt"):
       lists[name] = set(common.require(root / name, "official split list").read_text().split())
@@ -70,8 +88,13 @@ into manual_dir, as published:
       elif not view:
         record["_skip"] = ("unknown_view", name)
       else:
-        record.update(_image=images[name], image_id=name, patient_id=patient, view=view,
-                      labels=[int(l in findings) for l in NIH_LABELS])
+        record.update(
+          _image=images[name],
+          image_id=name,
+          patient_id=patient,
+          view=view,
+          labels=[int(l in findings) for l in NIH_LABELS],
+        )
     return by_split
 
   def _example(self, record: dict[str, Any], png: bytes) -> dict[str, Any]:

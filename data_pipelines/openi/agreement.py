@@ -9,6 +9,7 @@ The archive ships in the PyPI wheel of torchxrayvision 1.5.7 (`torchxrayvision/d
 prints the count of reports with each label (all reports, and those with at least one image)
 and the count of images, the numbers quoted in data_pipelines/README.md.
 """
+
 import dataclasses
 import io
 import pathlib
@@ -45,10 +46,13 @@ def reports_from_tgz(data: bytes) -> list[Report]:
       if not (member.isfile() and member.name.endswith(".xml")):
         continue
       root = ET.fromstring(tar.extractfile(member).read())
-      reports.append(Report(
+      reports.append(
+        Report(
           report_id=pathlib.PurePosixPath(member.name).stem,
           major=tuple(m.text or "" for m in root.iter("major")),
-          image_ids=tuple(i.get("id", "") for i in root.iter("parentImage"))))
+          image_ids=tuple(i.get("id", "") for i in root.iter("parentImage")),
+        )
+      )
   if not reports:
     raise DataError("NLMCXR_reports.tgz: no ecgen-radiology/*.xml member")
   return sorted(reports, key=lambda r: int(r.report_id) if r.report_id.isdigit() else 0)
@@ -75,8 +79,7 @@ def label_counts(reports: list[Report], *, per_image: bool = False) -> dict[str,
 
 def main(argv: list[str]) -> int:
   if len(argv) != 2:
-    print("usage: python -m data_pipelines.openi.agreement TORCHXRAYVISION_WHEEL",
-          file=sys.stderr)
+    print("usage: python -m data_pipelines.openi.agreement TORCHXRAYVISION_WHEEL", file=sys.stderr)
     return 2
   try:
     reports = reports_from_wheel(pathlib.Path(argv[1]))
@@ -84,10 +87,11 @@ def main(argv: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   with_image = [r for r in reports if r.image_ids]
-  columns = {f"reports ({len(reports)})": label_counts(reports),
-             f"reports with image ({len(with_image)})": label_counts(with_image),
-             f"images ({sum(len(r.image_ids) for r in reports)})":
-                 label_counts(reports, per_image=True)}
+  columns = {
+    f"reports ({len(reports)})": label_counts(reports),
+    f"reports with image ({len(with_image)})": label_counts(with_image),
+    f"images ({sum(len(r.image_ids) for r in reports)})": label_counts(reports, per_image=True),
+  }
   print("| label | " + " | ".join(columns) + " |")
   print("|---|" + "---:|" * len(columns))
   for name in common.CHEXPERT_LABELS:

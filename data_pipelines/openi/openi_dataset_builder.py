@@ -13,6 +13,7 @@ Frontal/Lateral from the optional `indiana_projections.csv` (Kaggle
 `raddar/chest-xrays-indiana-university`), else ''. Splits by report (each IU report is one
 patient's exam; patient ids are not published).
 """
+
 from typing import Any
 import xml.etree.ElementTree as ET
 
@@ -29,19 +30,19 @@ from data_pipelines import common
 # Finding` is positive exactly when no other label is. The word table below is that data,
 # keyed by our CheXpert label names.
 PUBLISHED_WORDS = {
-    "Enlarged Cardiomediastinum": ("shadow-enlarged",),
-    "Cardiomegaly": ("cardiomegaly",),
-    "Lung Opacity": ("opacity-lung", "density-lung"),
-    "Lung Lesion": ("mass", "nodule"),
-    "Edema": ("pulmonaryedema",),
-    "Consolidation": ("consolidation",),
-    "Pneumonia": ("pneumonia",),
-    "Atelectasis": ("atelect",),
-    "Pneumothorax": ("pneumothorax",),
-    "Pleural Effusion": ("effusion",),
-    "Pleural Other": ("pleural-other", "thickening-pleura", "cicatrix-pleura"),
-    "Fracture": ("fracture",),
-    "Support Devices": ("device", "catheters"),
+  "Enlarged Cardiomediastinum": ("shadow-enlarged",),
+  "Cardiomegaly": ("cardiomegaly",),
+  "Lung Opacity": ("opacity-lung", "density-lung"),
+  "Lung Lesion": ("mass", "nodule"),
+  "Edema": ("pulmonaryedema",),
+  "Consolidation": ("consolidation",),
+  "Pneumonia": ("pneumonia",),
+  "Atelectasis": ("atelect",),
+  "Pneumothorax": ("pneumothorax",),
+  "Pleural Effusion": ("effusion",),
+  "Pleural Other": ("pleural-other", "thickening-pleura", "cicatrix-pleura"),
+  "Fracture": ("fracture",),
+  "Support Devices": ("device", "catheters"),
 }
 
 
@@ -75,12 +76,17 @@ extract both into manual_dir:
 Optional, for Frontal/Lateral: <manual_dir>/indiana_projections.csv (uid, filename,
 projection) from Kaggle raddar/chest-xrays-indiana-university.
 """
+
   def _features(self) -> dict[str, Any]:
-    return {"image": common.image_feature(), "image_id": tfds.features.Text(),
-            "patient_id": tfds.features.Text(), "view": tfds.features.Text(),
-            **common.text_features(),
-            "mesh_major": tfds.features.Sequence(tfds.features.Text()),
-            "labels": common.labels_feature(len(common.CHEXPERT_LABELS))}
+    return {
+      "image": common.image_feature(),
+      "image_id": tfds.features.Text(),
+      "patient_id": tfds.features.Text(),
+      "view": tfds.features.Text(),
+      **common.text_features(),
+      "mesh_major": tfds.features.Sequence(tfds.features.Text()),
+      "labels": common.labels_feature(len(common.CHEXPERT_LABELS)),
+    }
 
   def _split_records(self, root: epath.Path) -> dict[str, list[dict[str, Any]]]:
     reports = sorted(common.require(root / "ecgen-radiology", "report XML folder").glob("*.xml"))
@@ -100,11 +106,14 @@ projection) from Kaggle raddar/chest-xrays-indiana-university.
         continue
       report_id = path.stem
       split = common.split_for_patient(report_id)
-      sections = {(a.get("Label") or "").upper(): common.sentences_lib.normalize(a.text or "")
-                  for a in tree.iter("AbstractText")}
+      sections = {
+        (a.get("Label") or "").upper(): common.sentences_lib.normalize(a.text or "")
+        for a in tree.iter("AbstractText")
+      }
       findings, impression = sections.get("FINDINGS", ""), sections.get("IMPRESSION", "")
-      text, reason = common.text_record(findings, impression,
-                                        " ".join(t for t in (findings, impression) if t))
+      text, reason = common.text_record(
+        findings, impression, " ".join(t for t in (findings, impression) if t)
+      )
       major = [m.text or "" for m in tree.iter("major")]
       for image in tree.iter("parentImage"):
         image_id = image.get("id", "")
@@ -113,9 +122,15 @@ projection) from Kaggle raddar/chest-xrays-indiana-university.
         if reason:
           record["_skip"] = (reason, f"report {report_id}")
           continue
-        record.update(text, _image=png_dir / f"{image_id}.png", image_id=image_id,
-                      patient_id=report_id, view=views.get(image_id, ""),
-                      mesh_major=major, labels=mesh_labels(major))
+        record.update(
+          text,
+          _image=png_dir / f"{image_id}.png",
+          image_id=image_id,
+          patient_id=report_id,
+          view=views.get(image_id, ""),
+          mesh_major=major,
+          labels=mesh_labels(major),
+        )
     return by_split
 
   def _example(self, record: dict[str, Any], png: bytes) -> dict[str, Any]:

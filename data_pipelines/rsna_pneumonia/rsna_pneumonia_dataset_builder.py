@@ -12,6 +12,7 @@ the challenge's labelled set only, cut by patient hash into train/validation/tes
 DICOM decode (pydicom): modality LUT, VOI window when present, 8-bit kept as-is, MONOCHROME1
 inverted (`imaging.load_dicom`). View: the DICOM `ViewPosition` (PA/AP).
 """
+
 import collections
 from typing import Any
 
@@ -41,21 +42,29 @@ manual_dir, as published:
   <manual_dir>/stage_2_train_images/<patientId>.dcm
 (stage_2_test_images/ and stage_2_sample_submission.csv may stay; they are not read.)
 """
+
   def _features(self) -> dict[str, Any]:
-    return {"image": common.image_feature(), "image_id": tfds.features.Text(),
-            "patient_id": tfds.features.Text(), "view": tfds.features.Text(),
-            "labels": common.labels_feature(1), "detailed_class": tfds.features.Text(),
-            "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32)}
+    return {
+      "image": common.image_feature(),
+      "image_id": tfds.features.Text(),
+      "patient_id": tfds.features.Text(),
+      "view": tfds.features.Text(),
+      "labels": common.labels_feature(1),
+      "detailed_class": tfds.features.Text(),
+      "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+    }
 
   def _load_task_fn(self):
     return imaging.load_dicom_task
 
   def _split_records(self, root: epath.Path) -> dict[str, list[dict[str, Any]]]:
     import pydicom  # pylint: disable=g-import-not-at-top
-    rows = common.read_csv(root / LABELS_CSV, ("patientId", "x", "y", "width", "height",
-                                               "Target"))
-    classes = {r["patientId"].strip(): r["class"].strip()
-               for r in common.read_csv(root / CLASS_CSV, ("patientId", "class"))}
+
+    rows = common.read_csv(root / LABELS_CSV, ("patientId", "x", "y", "width", "height", "Target"))
+    classes = {
+      r["patientId"].strip(): r["class"].strip()
+      for r in common.read_csv(root / CLASS_CSV, ("patientId", "class"))
+    }
     folder = common.require(root / IMAGES, "DICOM folder")
     by_patient: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
     for row in rows:  # Several rows (one per box) for a patient with several opacities.
@@ -70,8 +79,11 @@ manual_dir, as published:
       path = folder / f"{patient}.dcm"
       try:
         targets = [int(float(r["Target"])) for r in patient_rows]
-        boxes = [[float(r[k]) for k in ("x", "y", "width", "height")]
-                 for r in patient_rows if r["x"].strip()]
+        boxes = [
+          [float(r[k]) for k in ("x", "y", "width", "height")]
+          for r in patient_rows
+          if r["x"].strip()
+        ]
       except ValueError:
         record["_skip"] = ("bad_labels", patient)
         continue
@@ -82,8 +94,9 @@ manual_dir, as published:
         record["_skip"] = ("missing_image", str(path))
         continue
       try:  # Header only: the pixel data is decoded in the worker processes.
-        header = pydicom.dcmread(str(path), stop_before_pixels=True,
-                                 specific_tags=["ViewPosition", "Rows", "Columns"])
+        header = pydicom.dcmread(
+          str(path), stop_before_pixels=True, specific_tags=["ViewPosition", "Rows", "Columns"]
+        )
         if not header.get("Rows") or not header.get("Columns"):
           raise ValueError("no Rows/Columns: not an image")
       except imaging.dicom_errors() as e:
@@ -93,9 +106,15 @@ manual_dir, as published:
       if not view:
         record["_skip"] = ("unknown_view", str(path))
         continue
-      record.update(_image=path, image_id=f"{patient}.dcm", patient_id=patient, view=view,
-                    labels=[max(targets)], detailed_class=classes.get(patient, ""),
-                    boxes=np.asarray(boxes, np.float32).reshape(-1, 4))
+      record.update(
+        _image=path,
+        image_id=f"{patient}.dcm",
+        patient_id=patient,
+        view=view,
+        labels=[max(targets)],
+        detailed_class=classes.get(patient, ""),
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+      )
     return by_split
 
   def _example(self, record: dict[str, Any], png: bytes) -> dict[str, Any]:

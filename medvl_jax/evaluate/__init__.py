@@ -6,6 +6,7 @@
 
 Used by `python -m medvl_jax.evaluate` and, through `config.evaluators`, by training.
 """
+
 import inspect
 from typing import Any
 
@@ -13,11 +14,11 @@ from medvl_jax.errors import ConfigError
 from medvl_jax.evaluate import finetune, linear_probe, regeneration, retrieval, zeroshot
 
 EVALUATORS = {
-    "retrieval": retrieval.Evaluator,
-    "linear_probe": linear_probe.Evaluator,
-    "finetune": finetune.Evaluator,
-    "zeroshot": zeroshot.Evaluator,
-    "regeneration": regeneration.Evaluator,
+  "retrieval": retrieval.Evaluator,
+  "linear_probe": linear_probe.Evaluator,
+  "finetune": finetune.Evaluator,
+  "zeroshot": zeroshot.Evaluator,
+  "regeneration": regeneration.Evaluator,
 }
 
 
@@ -38,10 +39,16 @@ def check_settings(name: str, settings: dict[str, Any], key: str = "config.evalu
   valid = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
   unknown = sorted(set(settings) - set(valid))
   if unknown:
-    raise ConfigError(f"{key} ({name}): unknown setting {unknown[0]!r}; valid: "
-                      f"{', '.join(sorted(valid))}")
-  missing = [p.name for p in params if p.default is p.empty and p.name not in settings
-             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    raise ConfigError(
+      f"{key} ({name}): unknown setting {unknown[0]!r}; valid: {', '.join(sorted(valid))}"
+    )
+  missing = [
+    p.name
+    for p in params
+    if p.default is p.empty
+    and p.name not in settings
+    and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+  ]
   if missing:
     raise ConfigError(f"{key} ({name}): setting {missing[0]!r} is required")
 
@@ -49,11 +56,14 @@ def check_settings(name: str, settings: dict[str, Any], key: str = "config.evalu
 def build_all(model, config, tokenizer) -> list:
   """The evaluators of `config.evaluators` (entries {'name': task, **settings}) for training."""
   from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
+
   if not config.evaluators:
     return []
   encoders = features.Encoders(model, config, tokenizer)
-  return [get(e["name"])(encoders, **{k: v for k, v in dict(e).items() if k != "name"})
-          for e in config.evaluators]
+  return [
+    get(e["name"])(encoders, **{k: v for k, v in dict(e).items() if k != "name"})
+    for e in config.evaluators
+  ]
 
 
 def run_all(evaluators: list, state) -> dict[str, float]:

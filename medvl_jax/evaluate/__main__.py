@@ -10,6 +10,7 @@ renamed into place when complete, so it never holds a partial result. Task setti
 `config.evaluators` entry of that name (if any), then each `--cfg key=value` (Python literal or
 string). Errors: one line `error: ...` on stderr, exit status 2.
 """
+
 import ast
 import json
 import os
@@ -27,7 +28,7 @@ from medvl_jax.errors import ConfigError, MedvlError
 
 def task_config(config: Any, task: str, overrides: list[str]) -> dict[str, Any]:
   cfg = {}
-  for entry in (config.get("evaluators") or []):
+  for entry in config.get("evaluators") or []:
     entry = dict(entry)
     if entry.pop("name", None) == task:
       cfg.update(entry)
@@ -44,6 +45,7 @@ def task_config(config: Any, task: str, overrides: list[str]) -> dict[str, Any]:
 
 def build_evaluator(encoders: Any, task: str, cfg: dict[str, Any]) -> Any:
   from medvl_jax import evaluate  # pylint: disable=g-import-not-at-top
+
   cls = evaluate.get(task)
   try:
     return cls(encoders, **cfg)
@@ -59,6 +61,7 @@ def load_run(workdir: pathlib.Path, step: int | None):
     run,  # pylint: disable=g-import-not-at-top
   )
   from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
+
   config = run.load_run_config(workdir)
   model = families.get(config.model.name).build(config.model)
   step, params, batch_stats = run.restore_variables(workdir, config, model, step)
@@ -70,8 +73,9 @@ def load_run(workdir: pathlib.Path, step: int | None):
 def _install(tmp: pathlib.Path, out: pathlib.Path) -> None:
   if out.exists() and any(out.iterdir()):
     if not (out / "metrics.json").is_file():
-      raise ConfigError(f"{out}: exists, is not empty and holds no metrics.json; refusing to "
-                        "replace it")
+      raise ConfigError(
+        f"{out}: exists, is not empty and holds no metrics.json; refusing to replace it"
+      )
     old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
     os.rename(out, old)
     os.rename(tmp, out)
@@ -80,22 +84,28 @@ def _install(tmp: pathlib.Path, out: pathlib.Path) -> None:
     os.replace(tmp, out)
 
 
-def evaluate_run(workdir: str, task: str, step: int | None = None, out: str | None = None,
-                 overrides: list[str] = ()) -> tuple[pathlib.Path, dict[str, Any]]:
+def evaluate_run(
+  workdir: str,
+  task: str,
+  step: int | None = None,
+  out: str | None = None,
+  overrides: list[str] = (),
+) -> tuple[pathlib.Path, dict[str, Any]]:
   """Runs `task` on checkpoint `step` (default: latest); returns (OUT, metrics.json's dict)."""
   from medvl_jax import evaluate  # pylint: disable=g-import-not-at-top
+
   evaluate.get(task)  # Unknown task: fail before loading anything.
   workdir = pathlib.Path(workdir).absolute()
   if not workdir.is_dir():
     raise ConfigError(f"{workdir}: workdir not found")
   from medvl_jax import run  # pylint: disable=g-import-not-at-top
+
   cfg = task_config(run.load_run_config(workdir), task, list(overrides))
   evaluate.check_settings(task, cfg, key="--task/--cfg")  # Before any checkpoint is restored.
   config, encoders, state, step = load_run(workdir, step)
   evaluator = build_evaluator(encoders, task, cfg)  # Reads and checks its inputs.
   values = {name: value for name, value in evaluator.run(state)}
-  result = {"task": task, "step": int(step), "workdir": str(workdir), "cfg": cfg,
-            "metrics": values}
+  result = {"task": task, "step": int(step), "workdir": str(workdir), "cfg": cfg, "metrics": values}
   out = pathlib.Path(out).absolute() if out else workdir / "eval" / f"{task}-step{step}"
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
@@ -159,6 +169,7 @@ def compare_table(dirs: list[str]) -> str:
 def compare_chart(dirs: list[str], path: pathlib.Path) -> None:
   """PNG: one bar chart per metric across the evaluation directories (CIs as error bars)."""
   from medvl_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
+
   runs = read_evaluations(dirs)
   plots.comparison_chart(path, runs, _metric_names(runs), _run_labels(runs))
 
@@ -168,11 +179,19 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training workdir (holds config.json, checkpoints/).")
   flags.DEFINE_string("task", None, "Evaluation task (see medvl_jax.evaluate.EVALUATORS).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_string("out", None, "Output directory (default WORKDIR/eval/TASK-stepN); with "
-                      "--compare, a Markdown file (and a bar chart per metric beside it, .png).")
+  flags.DEFINE_string(
+    "out",
+    None,
+    "Output directory (default WORKDIR/eval/TASK-stepN); with "
+    "--compare, a Markdown file (and a bar chart per metric beside it, .png).",
+  )
   flags.DEFINE_multi_string("cfg", [], "Task setting key=value (repeatable).")
-  flags.DEFINE_bool("compare", False, "Compare the metrics.json of the evaluation directories "
-                    "given as arguments: print a Markdown table.")
+  flags.DEFINE_bool(
+    "compare",
+    False,
+    "Compare the metrics.json of the evaluation directories "
+    "given as arguments: print a Markdown table.",
+  )
 
 
 def main(argv: list[str]) -> None:

@@ -10,6 +10,7 @@ corpora may hold -1 = uncertain under the `u_ignore` policy: the probe masks tho
 COVIDx's 3 classes, one column for RSNA Pneumonia. The registry (`corpora.label_names`,
 `corpora.task_type`) gives each corpus's column names and its natural task.
 """
+
 from typing import Any
 
 import numpy as np
@@ -30,35 +31,54 @@ def default_task_type(name: str) -> str:
   return corpora.task_type(name) or "multilabel"
 
 
-def builder(name: str, builder_config: str | None = None,
-            data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+def builder(
+  name: str, builder_config: str | None = None, data_dir: str | None = None
+) -> tfds.core.DatasetBuilder:
   """The prepared tfds builder of registry `name`; one clear ConfigError/DataError otherwise."""
   b = corpora.builder(name, builder_config, data_dir)
   if not b.is_prepared():
-    raise DataError(f"{b.data_dir}: dataset {b.name}/{b.builder_config.name} is not prepared; "
-                    f"run `python -m data_pipelines.prepare {name} --manual_dir=... "
-                    f"--data_dir=...`")
+    raise DataError(
+      f"{b.data_dir}: dataset {b.name}/{b.builder_config.name} is not prepared; "
+      f"run `python -m data_pipelines.prepare {name} --manual_dir=... "
+      f"--data_dir=...`"
+    )
   return b
 
 
-def load_split(name: str, split: str, *, builder_config: str | None = None,
-               data_dir: str | None = None, image_size: int = 224, resize: int = 256,
-               frontal_only: bool = False) -> dict[str, np.ndarray]:
+def load_split(
+  name: str,
+  split: str,
+  *,
+  builder_config: str | None = None,
+  data_dir: str | None = None,
+  image_size: int = 224,
+  resize: int = 256,
+  frontal_only: bool = False,
+) -> dict[str, np.ndarray]:
   """One split of a labelled corpus, centre-cropped; see the module docstring."""
   b = builder(name, builder_config, data_dir)
   keys = ("labels", "patient_id", "image_id", "view")
   missing = [k for k in ("image",) + keys if k not in b.info.features]
   if missing:
-    raise DataError(f"{b.name}/{b.builder_config.name}: no {missing} features (a labelled "
-                    "corpus is needed: " + ", ".join(
-                        n for n in corpora.names() if corpora.get(n).label_names) + ")")
+    raise DataError(
+      f"{b.name}/{b.builder_config.name}: no {missing} features (a labelled "
+      "corpus is needed: "
+      + ", ".join(n for n in corpora.names() if corpora.get(n).label_names)
+      + ")"
+    )
   if split not in b.info.splits:
-    raise ConfigError(f"split {split!r} not in {b.name}/{b.builder_config.name}: "
-                      f"{', '.join(b.info.splits)}")
-  ds = b.as_dataset(split=split, shuffle_files=False,
-                    read_config=tfds.ReadConfig(try_autocache=False))
-  ds = ds.map(lambda ex: dict({k: ex[k] for k in keys}, image=augment.to_uint8(
-      augment.center_crop(ex["image"], image_size, resize))))
+    raise ConfigError(
+      f"split {split!r} not in {b.name}/{b.builder_config.name}: {', '.join(b.info.splits)}"
+    )
+  ds = b.as_dataset(
+    split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
+  )
+  ds = ds.map(
+    lambda ex: dict(
+      {k: ex[k] for k in keys},
+      image=augment.to_uint8(augment.center_crop(ex["image"], image_size, resize)),
+    )
+  )
   rows: dict[str, list[Any]] = {k: [] for k in ("image",) + keys}
   for ex in ds.as_numpy_iterator():
     for k in rows:
@@ -66,11 +86,17 @@ def load_split(name: str, split: str, *, builder_config: str | None = None,
       rows[k].append(v.decode("utf-8") if isinstance(v, bytes) else v)
   n_labels = b.info.features["labels"].shape[0]
   out = {
-      "image": (np.stack(rows["image"]) if rows["image"]
-                else np.zeros((0, image_size, image_size, 1), np.uint8)),
-      "labels": (np.stack(rows["labels"]).astype(np.int32) if rows["labels"]
-                 else np.zeros((0, n_labels), np.int32)),
-      **{k: np.asarray(rows[k], dtype=str) for k in ("patient_id", "image_id", "view")},
+    "image": (
+      np.stack(rows["image"])
+      if rows["image"]
+      else np.zeros((0, image_size, image_size, 1), np.uint8)
+    ),
+    "labels": (
+      np.stack(rows["labels"]).astype(np.int32)
+      if rows["labels"]
+      else np.zeros((0, n_labels), np.int32)
+    ),
+    **{k: np.asarray(rows[k], dtype=str) for k in ("patient_id", "image_id", "view")},
   }
   if frontal_only:  # Unknown ('') views are kept: COVIDx publishes none.
     keep = np.array([v.strip().upper() not in LATERAL_VIEWS for v in out["view"]], bool)

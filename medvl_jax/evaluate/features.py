@@ -5,6 +5,7 @@ the run's config, and its methods take `variables = {'params', 'batch_stats'}` (
 fields), so the same object serves the training loop and the CLI, and both compute the same
 numbers. Passes over many images (>= progress.MIN_IMAGES) show a progress bar on stderr.
 """
+
 import pathlib
 from typing import Any
 
@@ -29,8 +30,9 @@ class Encoders:
   """Batched, jitted, padded (fixed shapes: one compile per function) encoders of a model
   family (`families.Family.encoders`)."""
 
-  def __init__(self, model: Any, config: ml_collections.ConfigDict, tokenizer: Any,
-               batch_size: int = 64):
+  def __init__(
+    self, model: Any, config: ml_collections.ConfigDict, tokenizer: Any, batch_size: int = 64
+  ):
     self.model, self.config, self.tokenizer = model, config, tokenizer
     self.batch_size = batch_size
     self.image_size, self.resize = int(config.data.image_size), int(config.data.resize)
@@ -44,11 +46,11 @@ class Encoders:
     outs = []
     bar = progress.bar(n, desc)  # Shown for passes over >= progress.MIN_IMAGES rows.
     for i in range(0, n, b):
-      chunk = [a[i:i + b] for a in arrays]
+      chunk = [a[i : i + b] for a in arrays]
       pad = b - len(chunk[0])
       chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)]) for c in chunk]
       out = jax.device_get(fn(*chunk))
-      outs.append(jax.tree.map(lambda x: np.asarray(x[:b - pad], np.float32), out))  # noqa: B023
+      outs.append(jax.tree.map(lambda x: np.asarray(x[: b - pad], np.float32), out))  # noqa: B023
       bar.update(b - pad)
     bar.close()
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
@@ -59,18 +61,25 @@ class Encoders:
 
   def texts(self, variables: Any, texts: list[str]) -> np.ndarray:
     """Strings -> embeddings z_u [N, d] (truncated to data.max_length tokens)."""
-    tok = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                         max_length=self.max_length, return_tensors="np")
+    tok = self.tokenizer(
+      list(texts),
+      padding="max_length",
+      truncation=True,
+      max_length=self.max_length,
+      return_tensors="np",
+    )
     ids, mask = tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(np.int32)
-    return self._batched(lambda i, m: self._text_fn(variables, i, m), [ids, mask],
-                         "text embeddings")
+    return self._batched(
+      lambda i, m: self._text_fn(variables, i, m), [ids, mask], "text embeddings"
+    )
 
   # ------------------------------------------------------------------- pixels
   def load_image_files(self, paths: list[pathlib.Path]) -> np.ndarray:
     """Image files -> uint8 [N, S, S, 1] with the eval transform of training (centre crop)."""
     size, resize = self.image_size, self.resize
-    crop = tf.function(lambda x: augment.to_uint8(augment.center_crop(x, size, resize)),
-                       reduce_retracing=True)
+    crop = tf.function(
+      lambda x: augment.to_uint8(augment.center_crop(x, size, resize)), reduce_retracing=True
+    )
     out = np.empty((len(paths), size, size, 1), np.uint8)
     for i, p in enumerate(progress.iterate(paths, len(paths), "loading images")):
       try:
@@ -82,8 +91,9 @@ class Encoders:
     return out
 
 
-def load_sample_split(config: ml_collections.ConfigDict, split: str,
-                      frontal_only: bool = False) -> dict[str, np.ndarray]:
+def load_sample_split(
+  config: ml_collections.ConfigDict, split: str, frontal_only: bool = False
+) -> dict[str, np.ndarray]:
   """A split of the run's paired tfds dataset: centre-cropped images and their metadata.
 
   Returns {'image': uint8 [N, S, S, 1], 'text', 'finding', 'patient_id', 'view', 'image_id'}.
@@ -93,12 +103,19 @@ def load_sample_split(config: ml_collections.ConfigDict, split: str,
   keys = ("text", "finding", "patient_id", "view", "image_id")
   missing = [k for k in ("image",) + keys if k not in builder.info.features]
   if missing:
-    raise DataError(f"{builder.name}/{builder.builder_config.name}: no {missing} features "
-                    "(the paired sample is needed)")
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          read_config=tfds.ReadConfig(try_autocache=False))
-  ds = ds.map(lambda ex: dict({k: ex[k] for k in keys}, image=augment.to_uint8(
-      augment.center_crop(ex["image"], size, resize))))
+    raise DataError(
+      f"{builder.name}/{builder.builder_config.name}: no {missing} features "
+      "(the paired sample is needed)"
+    )
+  ds = builder.as_dataset(
+    split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
+  )
+  ds = ds.map(
+    lambda ex: dict(
+      {k: ex[k] for k in keys},
+      image=augment.to_uint8(augment.center_crop(ex["image"], size, resize)),
+    )
+  )
   rows: dict[str, list] = {k: [] for k in ("image",) + keys}
   total = builder.info.splits[split].num_examples
   for ex in progress.iterate(ds.as_numpy_iterator(), total, f"loading {split} images"):
@@ -114,13 +131,21 @@ def load_sample_split(config: ml_collections.ConfigDict, split: str,
   return out
 
 
-def load_sample_task(config: Any, positive: str, exclude: tuple, frontal_only: bool,
-                     train_split: str, test_splits: tuple, task: str
-                     ) -> dict[str, dict[str, np.ndarray]]:
+def load_sample_task(
+  config: Any,
+  positive: str,
+  exclude: tuple,
+  frontal_only: bool,
+  train_split: str,
+  test_splits: tuple,
+  task: str,
+) -> dict[str, dict[str, np.ndarray]]:
   """{'train', 'test'}: sample rows with a binary 'label' (finding starts with `positive`);
   rows whose finding is in `exclude` dropped. Shared by the probe and fine-tuning tasks."""
-  parts = {"train": [load_sample_split(config, train_split, frontal_only)],
-           "test": [load_sample_split(config, s, frontal_only) for s in test_splits]}
+  parts = {
+    "train": [load_sample_split(config, train_split, frontal_only)],
+    "test": [load_sample_split(config, s, frontal_only) for s in test_splits],
+  }
   data = {}
   for name, splits in parts.items():
     d = {k: np.concatenate([s[k] for s in splits]) for k in splits[0]}
@@ -128,12 +153,13 @@ def load_sample_task(config: Any, positive: str, exclude: tuple, frontal_only: b
     d = {k: v[keep] for k, v in d.items()}
     d["label"] = np.char.startswith(d["finding"].astype(str), positive).astype(int)
     if len(np.unique(d["label"])) < 2:
-      raise DataError(f"{task}: the {name} split(s) need both {positive!r} and other findings; "
-                      f"got {len(d['label'])} rows, {int(d['label'].sum())} positive")
+      raise DataError(
+        f"{task}: the {name} split(s) need both {positive!r} and other findings; "
+        f"got {len(d['label'])} rows, {int(d['label'].sum())} positive"
+      )
     data[name] = d
   return data
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-

@@ -12,6 +12,7 @@ AUC with a 95% bootstrap CI over test patients. The checkpoint itself is never m
 Cost: epochs * ceil(n / batch_size) steps per fit, one compile per evaluator (fixed batch
 shape: a batch is filled by cycling a per-epoch permutation of the fraction's rows).
 """
+
 from collections.abc import Iterator
 import math
 import pathlib
@@ -35,8 +36,9 @@ class FineTuner:
     def logits_fn(params, batch_stats, images, train):
       variables = {"params": params["model"], "batch_stats": batch_stats}
       if train:
-        h, upd = model.apply(variables, images, True, method=type(model).encode_image,
-                             mutable=["batch_stats"])
+        h, upd = model.apply(
+          variables, images, True, method=type(model).encode_image, mutable=["batch_stats"]
+        )
         batch_stats = upd["batch_stats"]
       else:
         h = model.apply(variables, images, False, method=type(model).encode_image)
@@ -48,7 +50,8 @@ class FineTuner:
 
     def train_step(params, batch_stats, opt_state, images, labels):
       (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, batch_stats, images, labels)
+        params, batch_stats, images, labels
+      )
       updates, opt_state = self.tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
@@ -58,12 +61,15 @@ class FineTuner:
   def init(self, variables: dict[str, Any], feature_dim: int, seed: int) -> dict[str, Any]:
     """Trainable params: the image tower (copied) and a small random linear head."""
     w = 0.01 * jax.random.normal(jax.random.PRNGKey(seed), (feature_dim,), jnp.float32)
-    params = {"model": {"image": variables["params"]["image"]},
-              "head": {"w": w, "b": jnp.zeros((), jnp.float32)}}
+    params = {
+      "model": {"image": variables["params"]["image"]},
+      "head": {"w": w, "b": jnp.zeros((), jnp.float32)},
+    }
     return {"params": params, "batch_stats": variables["batch_stats"]}
 
-  def fit(self, start: dict[str, Any], images: np.ndarray, labels: np.ndarray, epochs: int,
-          seed: int) -> tuple[dict[str, Any], list[float]]:
+  def fit(
+    self, start: dict[str, Any], images: np.ndarray, labels: np.ndarray, epochs: int, seed: int
+  ) -> tuple[dict[str, Any], list[float]]:
     """Adam for `epochs` passes over (images, labels); returns (trained state, step losses)."""
     params, batch_stats = start["params"], start["batch_stats"]
     opt_state = self.tx.init(params)
@@ -74,9 +80,10 @@ class FineTuner:
       order = rng.permutation(n)
       order = np.resize(order, math.ceil(n / b) * b)  # Cycles: fixed batch shape.
       for i in range(0, len(order), b):
-        idx = order[i:i + b]
+        idx = order[i : i + b]
         params, batch_stats, opt_state, loss = self._train_step(
-            params, batch_stats, opt_state, images[idx], labels[idx].astype(np.float32))
+          params, batch_stats, opt_state, images[idx], labels[idx].astype(np.float32)
+        )
         losses.append(float(loss))
     return dict(start, params=params, batch_stats=batch_stats), losses
 
@@ -85,10 +92,10 @@ class FineTuner:
     n, b = len(images), self.batch_size
     out = []
     for i in range(0, n, b):
-      chunk = images[i:i + b]
+      chunk = images[i : i + b]
       pad = b - len(chunk)
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      out.append(np.asarray(self._logits(state["params"], state["batch_stats"], chunk))[:b - pad])
+      out.append(np.asarray(self._logits(state["params"], state["batch_stats"], chunk))[: b - pad])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
   def loss(self, state: dict[str, Any], images: np.ndarray, labels: np.ndarray) -> float:
@@ -100,11 +107,23 @@ class FineTuner:
 class Evaluator:
   """`Evaluator(encoders, **cfg).run(state)` yields ('finetune/<metric>', value)."""
 
-  def __init__(self, encoders: features.Encoders, *, positive: str = "COVID-19",
-               exclude=("todo",), frontal_only: bool = True, train_split: str = "train",
-               test_splits=("validation", "test"), fractions=(0.01, 0.1, 1.0),
-               seeds=(0, 1, 2), lr: float = 1e-4, epochs: int = 3, batch_size: int = 16,
-               weight_decay: float = 0.0, n_boot: int = 1000):
+  def __init__(
+    self,
+    encoders: features.Encoders,
+    *,
+    positive: str = "COVID-19",
+    exclude=("todo",),
+    frontal_only: bool = True,
+    train_split: str = "train",
+    test_splits=("validation", "test"),
+    fractions=(0.01, 0.1, 1.0),
+    seeds=(0, 1, 2),
+    lr: float = 1e-4,
+    epochs: int = 3,
+    batch_size: int = 16,
+    weight_decay: float = 0.0,
+    n_boot: int = 1000,
+  ):
     self.enc, self.positive, self.exclude = encoders, positive, tuple(exclude)
     self.frontal_only, self.train_split, self.test_splits = frontal_only, train_split, test_splits
     self.fractions, self.seeds, self.n_boot = tuple(fractions), tuple(seeds), n_boot
@@ -116,8 +135,14 @@ class Evaluator:
   def _load(self) -> dict[str, dict[str, np.ndarray]]:
     if self._data is None:
       self._data = features.load_sample_task(
-          self.enc.config, self.positive, self.exclude, self.frontal_only, self.train_split,
-          tuple(self.test_splits), "finetune")
+        self.enc.config,
+        self.positive,
+        self.exclude,
+        self.frontal_only,
+        self.train_split,
+        tuple(self.test_splits),
+        "finetune",
+      )
     return self._data
 
   def run(self, state: Any) -> Iterator[tuple[str, float]]:
@@ -130,19 +155,31 @@ class Evaluator:
     self.details = {"curves": {}}
 
     def fit_score(rows, seed):
-      tuned, _ = self.tuner.fit(self.tuner.init(variables, dim, seed), x_train[rows],
-                                y_train[rows], self.epochs, seed)
+      tuned, _ = self.tuner.fit(
+        self.tuner.init(variables, dim, seed), x_train[rows], y_train[rows], self.epochs, seed
+      )
       return self.tuner.logits(tuned, x_test)
 
     yield from metrics.binary_fraction_sweep(
-        "finetune", fit_score, y_train, y_test, patients, fractions=self.fractions,
-        seeds=self.seeds, n_boot=self.n_boot, curves=self.details["curves"])
+      "finetune",
+      fit_score,
+      y_train,
+      y_test,
+      patients,
+      fractions=self.fractions,
+      seeds=self.seeds,
+      n_boot=self.n_boot,
+      curves=self.details["curves"],
+    )
     yield "finetune/n_train", float(len(y_train))
     yield "finetune/n_test", float(len(y_test))
     yield "finetune/test_prevalence", float(y_test.mean())
 
   def write_plots(self, out: pathlib.Path) -> list[str]:
-    plots.roc_curves(out / "finetune_roc.png", self.details["curves"],
-                     f"fine-tune ({self.epochs} epochs): {self.positive} vs other (test split, "
-                     f"seed {self.seeds[0]})")
+    plots.roc_curves(
+      out / "finetune_roc.png",
+      self.details["curves"],
+      f"fine-tune ({self.epochs} epochs): {self.positive} vs other (test split, "
+      f"seed {self.seeds[0]})",
+    )
     return ["finetune_roc.png"]

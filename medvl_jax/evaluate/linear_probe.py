@@ -20,6 +20,7 @@ CI); uncertain labels (-1, CheXpert `u_ignore`) are masked per class. `task_type
 (mean, std, CI), plus the one-vs-rest AUCs as above.
 Label fractions are stratified as for the sample (`metrics.stratified_fraction`).
 """
+
 from collections.abc import Iterator
 import pathlib
 import re
@@ -46,8 +47,9 @@ def row_basis(x: np.ndarray) -> np.ndarray | None:
   return q
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0,
-                 basis: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+def fit_logistic(
+  x: np.ndarray, y: np.ndarray, c: float = 1.0, basis: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
   """Binary L2 logistic regression, scikit-learn's `LogisticRegression(C=c)` (lbfgs): minimises
   sum_i log-loss_i + ||w||^2 / (2c), the bias not penalised. Returns (w, b).
 
@@ -80,8 +82,9 @@ def masked_auc(y: np.ndarray, score: np.ndarray | None, fast: bool = False) -> f
   return metrics.roc_auc(y[known] == 1, score[known], fast)
 
 
-def one_vs_rest_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                       c: float = 1.0) -> list[np.ndarray | None]:
+def one_vs_rest_scores(
+  x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, c: float = 1.0
+) -> list[np.ndarray | None]:
   """Per class k, the test scores of a logistic fit of column k (rows with y >= 0 only);
   None for a class whose train rows lack positives or negatives."""
   out = []
@@ -97,17 +100,29 @@ def one_vs_rest_scores(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndar
   return out
 
 
-def macro_masked_auc(y: np.ndarray, scores: list[np.ndarray | None], fast: bool = False
-                     ) -> float | None:
-  defined = [a for a in (masked_auc(y[:, k], s, fast) for k, s in enumerate(scores))
-             if a is not None]
+def macro_masked_auc(
+  y: np.ndarray, scores: list[np.ndarray | None], fast: bool = False
+) -> float | None:
+  defined = [
+    a for a in (masked_auc(y[:, k], s, fast) for k, s in enumerate(scores)) if a is not None
+  ]
   return float(np.mean(defined)) if defined else None
 
 
-def probe_labels(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                 y_test: np.ndarray, patients: np.ndarray, *, task_type: str = "multilabel",
-                 names=(), fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2), c: float = 1.0,
-                 n_boot: int = 1000) -> tuple[list[tuple[str, float | None]], dict]:
+def probe_labels(
+  x_train: np.ndarray,
+  y_train: np.ndarray,
+  x_test: np.ndarray,
+  y_test: np.ndarray,
+  patients: np.ndarray,
+  *,
+  task_type: str = "multilabel",
+  names=(),
+  fractions=(0.01, 0.1, 1.0),
+  seeds=(0, 1, 2),
+  c: float = 1.0,
+  n_boot: int = 1000,
+) -> tuple[list[tuple[str, float | None]], dict]:
   """Linear probe on [N, C] labels (features already standardised); returns
   (metrics as (name, value), {'curves': {legend: (fpr, tpr, auc)}} of the largest fraction,
   first seed). See the module docstring for the metric names."""
@@ -131,18 +146,28 @@ def probe_labels(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
       defined = [a for a in aucs if a is not None]
       macro.append(float(np.mean(defined)) if defined else None)
       if multiclass:
-        stacked = np.stack([s if s is not None else np.full(len(x_test), -np.inf)
-                            for s in scores], 1)
+        stacked = np.stack(
+          [s if s is not None else np.full(len(x_test), -np.inf) for s in scores], 1
+        )
         pred = stacked.argmax(1)
         accs.append(metrics.accuracy(ids_test, pred))
       if seed == seeds[0]:
         if multiclass:
-          ci = metrics.bootstrap_ci(lambda r, p=pred: metrics.accuracy(ids_test[r], p[r]),
-                                    patients, n_boot=n_boot, seed=seed)
+          ci = metrics.bootstrap_ci(
+            lambda r, p=pred: metrics.accuracy(ids_test[r], p[r]),
+            patients,
+            n_boot=n_boot,
+            seed=seed,
+          )
         else:
-          ci = metrics.bootstrap_ci(lambda r, s=scores: macro_masked_auc(
-              y_test[r], [None if x is None else x[r] for x in s], fast=True), patients,
-                                    n_boot=n_boot, seed=seed)
+          ci = metrics.bootstrap_ci(
+            lambda r, s=scores: macro_masked_auc(
+              y_test[r], [None if x is None else x[r] for x in s], fast=True
+            ),
+            patients,
+            n_boot=n_boot,
+            seed=seed,
+          )
         if frac == max(fractions):
           for k, s in enumerate(scores):
             known = y_test[:, k] >= 0
@@ -151,30 +176,52 @@ def probe_labels(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
               curves[names[k]] = (*curve, aucs[k])
     if multiclass:
       acc = metrics.mean_std(accs)
-      out += [(f"linear_probe/acc_{tag}", acc["mean"]), (f"linear_probe/acc_{tag}_std", acc["std"]),
-              (f"linear_probe/acc_{tag}_ci_lo", ci["lo"]),
-              (f"linear_probe/acc_{tag}_ci_hi", ci["hi"])]
+      out += [
+        (f"linear_probe/acc_{tag}", acc["mean"]),
+        (f"linear_probe/acc_{tag}_std", acc["std"]),
+        (f"linear_probe/acc_{tag}_ci_lo", ci["lo"]),
+        (f"linear_probe/acc_{tag}_ci_hi", ci["hi"]),
+      ]
     auc = metrics.mean_std(macro)
     out += [(f"linear_probe/auc_{tag}", auc["mean"]), (f"linear_probe/auc_{tag}_std", auc["std"])]
     if not multiclass:
-      out += [(f"linear_probe/auc_{tag}_ci_lo", ci["lo"]),
-              (f"linear_probe/auc_{tag}_ci_hi", ci["hi"])]
-    out += [(f"linear_probe/auc_{tag}/{slug(n)}", metrics.mean_std(v)["mean"])
-            for n, v in zip(names, per_class)]
-  out += [("linear_probe/n_train", float(len(y_train))),
-          ("linear_probe/n_test", float(len(y_test)))]
+      out += [
+        (f"linear_probe/auc_{tag}_ci_lo", ci["lo"]),
+        (f"linear_probe/auc_{tag}_ci_hi", ci["hi"]),
+      ]
+    out += [
+      (f"linear_probe/auc_{tag}/{slug(n)}", metrics.mean_std(v)["mean"])
+      for n, v in zip(names, per_class)
+    ]
+  out += [
+    ("linear_probe/n_train", float(len(y_train))),
+    ("linear_probe/n_test", float(len(y_test))),
+  ]
   return out, {"curves": curves}
 
 
 class Evaluator:
   """`Evaluator(encoders, **cfg).run(state)` yields ('linear_probe/<metric>', value)."""
 
-  def __init__(self, encoders: features.Encoders, *, positive: str = "COVID-19",
-               exclude=("todo",), frontal_only: bool = True, train_split: str = "train",
-               test_splits=None, fractions=(0.01, 0.1, 1.0),
-               seeds=(0, 1, 2), c: float = 1.0, n_boot: int = 1000,
-               dataset: str | None = None, builder_config: str | None = None,
-               data_dir: str | None = None, label_names=None, task_type: str | None = None):
+  def __init__(
+    self,
+    encoders: features.Encoders,
+    *,
+    positive: str = "COVID-19",
+    exclude=("todo",),
+    frontal_only: bool = True,
+    train_split: str = "train",
+    test_splits=None,
+    fractions=(0.01, 0.1, 1.0),
+    seeds=(0, 1, 2),
+    c: float = 1.0,
+    n_boot: int = 1000,
+    dataset: str | None = None,
+    builder_config: str | None = None,
+    data_dir: str | None = None,
+    label_names=None,
+    task_type: str | None = None,
+  ):
     self.enc, self.positive, self.exclude = encoders, positive, tuple(exclude)
     self.frontal_only, self.train_split = frontal_only, train_split
     if isinstance(test_splits, str):
@@ -188,19 +235,26 @@ class Evaluator:
       self.test_splits = tuple(test_splits or ("test",))
       self.task_type = task_type or datasets.default_task_type(self.dataset)
       if self.task_type not in ("multilabel", "multiclass"):
-        raise ConfigError(f"linear_probe: task_type={self.task_type!r}; valid: 'multilabel', "
-                          "'multiclass'")
+        raise ConfigError(
+          f"linear_probe: task_type={self.task_type!r}; valid: 'multilabel', 'multiclass'"
+        )
       names = label_names or datasets.label_names(self.dataset)
       self.label_names = tuple(names) if names else None
     self._data = None
     self.details: dict[str, Any] = {}
 
   def _load_dataset(self) -> dict[str, dict[str, np.ndarray]]:
-    kw = dict(builder_config=self.builder_config, data_dir=self.data_dir,
-              image_size=self.enc.image_size, resize=self.enc.resize,
-              frontal_only=self.frontal_only)
-    parts = {"train": [datasets.load_split(self.dataset, self.train_split, **kw)],
-             "test": [datasets.load_split(self.dataset, s, **kw) for s in self.test_splits]}
+    kw = dict(
+      builder_config=self.builder_config,
+      data_dir=self.data_dir,
+      image_size=self.enc.image_size,
+      resize=self.enc.resize,
+      frontal_only=self.frontal_only,
+    )
+    parts = {
+      "train": [datasets.load_split(self.dataset, self.train_split, **kw)],
+      "test": [datasets.load_split(self.dataset, s, **kw) for s in self.test_splits],
+    }
     data = {}
     for name, splits in parts.items():
       d = {k: np.concatenate([s[k] for s in splits]) for k in splits[0]}
@@ -212,15 +266,19 @@ class Evaluator:
     if self.label_names is None:
       self.label_names = tuple(str(k) for k in range(n_classes))
     if len(self.label_names) != n_classes:
-      raise ConfigError(f"linear_probe: label_names has {len(self.label_names)} names, "
-                        f"{self.dataset} has {n_classes} label columns")
+      raise ConfigError(
+        f"linear_probe: label_names has {len(self.label_names)} names, "
+        f"{self.dataset} has {n_classes} label columns"
+      )
     y = data["train"]["label"]
     if self.task_type == "multiclass":
       if len(np.unique(y.argmax(1))) < 2:
         raise DataError(f"linear_probe: the {self.dataset} train split needs >= 2 classes")
     elif not any((y[:, k] == 1).any() and (y[:, k] == 0).any() for k in range(n_classes)):
-      raise DataError(f"linear_probe: no class of {self.dataset}'s train split has both "
-                      "positive and negative rows")
+      raise DataError(
+        f"linear_probe: no class of {self.dataset}'s train split has both "
+        "positive and negative rows"
+      )
     return data
 
   def _load(self) -> dict[str, dict[str, np.ndarray]]:
@@ -228,8 +286,14 @@ class Evaluator:
       self._data = self._load_dataset()
     if self._data is None:
       self._data = features.load_sample_task(
-          self.enc.config, self.positive, self.exclude, self.frontal_only, self.train_split,
-          tuple(self.test_splits), "linear_probe")
+        self.enc.config,
+        self.positive,
+        self.exclude,
+        self.frontal_only,
+        self.train_split,
+        tuple(self.test_splits),
+        "linear_probe",
+      )
     return self._data
 
   def run(self, state: Any) -> Iterator[tuple[str, float]]:
@@ -243,9 +307,18 @@ class Evaluator:
     patients = data["test"]["patient_id"]
     if self.dataset is not None:
       values, self.details = probe_labels(
-          x_train, y_train, x_test, y_test, patients, task_type=self.task_type,
-          names=self.label_names, fractions=self.fractions, seeds=self.seeds, c=self.c,
-          n_boot=self.n_boot)
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        patients,
+        task_type=self.task_type,
+        names=self.label_names,
+        fractions=self.fractions,
+        seeds=self.seeds,
+        c=self.c,
+        n_boot=self.n_boot,
+      )
       yield from values
       return
     self.details = {"curves": {}}
@@ -255,19 +328,32 @@ class Evaluator:
       return x_test @ w + b
 
     yield from metrics.binary_fraction_sweep(
-        "linear_probe", fit_score, y_train, y_test, patients, fractions=self.fractions,
-        seeds=self.seeds, n_boot=self.n_boot, curves=self.details["curves"])
+      "linear_probe",
+      fit_score,
+      y_train,
+      y_test,
+      patients,
+      fractions=self.fractions,
+      seeds=self.seeds,
+      n_boot=self.n_boot,
+      curves=self.details["curves"],
+    )
     yield "linear_probe/n_train", float(len(y_train))
     yield "linear_probe/n_test", float(len(y_test))
     yield "linear_probe/test_prevalence", float(y_test.mean())
 
   def write_plots(self, out: pathlib.Path) -> list[str]:
     if self.dataset is not None:
-      plots.roc_curves(out / "linear_probe_roc.png", self.details["curves"],
-                       f"linear probe: {self.dataset} {self.task_type}, "
-                       f"{round(max(self.fractions) * 100):g}% labels (seed {self.seeds[0]})")
+      plots.roc_curves(
+        out / "linear_probe_roc.png",
+        self.details["curves"],
+        f"linear probe: {self.dataset} {self.task_type}, "
+        f"{round(max(self.fractions) * 100):g}% labels (seed {self.seeds[0]})",
+      )
       return ["linear_probe_roc.png"]
-    plots.roc_curves(out / "linear_probe_roc.png", self.details["curves"],
-                     f"linear probe: {self.positive} vs other (test split, seed "
-                     f"{self.seeds[0]})")
+    plots.roc_curves(
+      out / "linear_probe_roc.png",
+      self.details["curves"],
+      f"linear probe: {self.positive} vs other (test split, seed {self.seeds[0]})",
+    )
     return ["linear_probe_roc.png"]

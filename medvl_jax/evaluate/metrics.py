@@ -12,6 +12,7 @@ Conventions:
     `None`, never 0.5; aggregates (macro AUC, bootstrap) skip undefined values and say how many
     were defined.
 """
+
 from collections.abc import Callable, Sequence
 import math
 
@@ -114,8 +115,9 @@ def roc_curve(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.n
   return fpr, tpr
 
 
-def macro_auc(y_true: np.ndarray, y_score: np.ndarray, fast: bool = False
-              ) -> tuple[float | None, list]:
+def macro_auc(
+  y_true: np.ndarray, y_score: np.ndarray, fast: bool = False
+) -> tuple[float | None, list]:
   """(mean over defined classes or None, per-class AUCs with None) for [N, C] arrays."""
   y_true, y_score = np.asarray(y_true), np.asarray(y_score)
   per_class = [roc_auc(y_true[:, c], y_score[:, c], fast) for c in range(y_true.shape[1])]
@@ -130,9 +132,13 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float | None:
 
 
 # ----------------------------------------------------------------------------- bootstrap
-def bootstrap_ci(metric: Callable[[np.ndarray], float | None], groups: Sequence,
-                 n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
-                 ) -> dict[str, float | int | None]:
+def bootstrap_ci(
+  metric: Callable[[np.ndarray], float | None],
+  groups: Sequence,
+  n_boot: int = 1000,
+  seed: int = 0,
+  alpha: float = 0.05,
+) -> dict[str, float | int | None]:
   """Percentile CI of `metric(row_indices)` over resamples of *groups* (patients).
 
   Each replicate draws as many patients as there are, with replacement, and passes the rows of
@@ -147,8 +153,9 @@ def bootstrap_ci(metric: Callable[[np.ndarray], float | None], groups: Sequence,
   rng = np.random.default_rng(seed)
   values = []
   large = len(unique) >= progress.MIN_IMAGES  # A bar only where the replicates take a while.
-  for _ in progress.iterate(range(n_boot), n_boot, "bootstrap", unit="resample",
-                            min_total=0 if large else n_boot + 1):
+  for _ in progress.iterate(
+    range(n_boot), n_boot, "bootstrap", unit="resample", min_total=0 if large else n_boot + 1
+  ):
     drawn = rng.integers(0, len(unique), size=len(unique))
     v = metric(np.concatenate([rows_of[g] for g in drawn]))
     if v is not None and np.isfinite(v):
@@ -202,10 +209,18 @@ def mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
   return {"mean": float(np.mean(defined)), "std": float(np.std(defined)), "n": len(defined)}
 
 
-def binary_fraction_sweep(prefix: str, fit_score: Callable[[np.ndarray, int], np.ndarray],
-                          y_train: np.ndarray, y_test: np.ndarray, patients: np.ndarray, *,
-                          fractions: Sequence[float], seeds: Sequence[int], n_boot: int,
-                          curves: dict):
+def binary_fraction_sweep(
+  prefix: str,
+  fit_score: Callable[[np.ndarray, int], np.ndarray],
+  y_train: np.ndarray,
+  y_test: np.ndarray,
+  patients: np.ndarray,
+  *,
+  fractions: Sequence[float],
+  seeds: Sequence[int],
+  n_boot: int,
+  curves: dict,
+):
   """Label-fraction x seed sweep of a binary classifier, shared by the probe and fine-tuning.
 
   `fit_score(train_rows, seed)` fits on those training rows and returns test scores (logits).
@@ -222,8 +237,9 @@ def binary_fraction_sweep(prefix: str, fit_score: Callable[[np.ndarray, int], np
       aucs.append(roc_auc(y_test, score))
       accs.append(accuracy(y_test, (score > 0).astype(int)))
       if seed == seeds[0]:
-        ci = bootstrap_ci(lambda r, s=score: roc_auc(y_test[r], s[r], fast=True), patients,
-                          n_boot=n_boot, seed=seed)
+        ci = bootstrap_ci(
+          lambda r, s=score: roc_auc(y_test[r], s[r], fast=True), patients, n_boot=n_boot, seed=seed
+        )
         curve = roc_curve(y_test, score)
         if curve is not None:
           curves[f"{tag} labels (n={len(idx)})"] = (*curve, aucs[-1])

@@ -7,6 +7,7 @@ state or backend switch, so it is safe in a training process; PNGs are rendered 
 matching writer saves it to PNG atomically (a temporary file in the same directory, renamed
 into place).
 """
+
 from collections.abc import Sequence
 import os
 import pathlib
@@ -49,24 +50,38 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: s
     auc_text = "n/a" if auc is None else f"{auc:.3f}"
     ax.plot(fpr, tpr, linewidth=2, drawstyle="default", label=f"{name} (AUC {auc_text})")
   if not curves:
-    ax.text(0.5, 0.5, "no ROC curve defined\n(a class without positives or negatives)",
-            ha="center", va="center", transform=ax.transAxes)
-  ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate",
-         ylabel="true positive rate", title="\n".join(textwrap.wrap(title, 60)), aspect="equal")
+    ax.text(
+      0.5,
+      0.5,
+      "no ROC curve defined\n(a class without positives or negatives)",
+      ha="center",
+      va="center",
+      transform=ax.transAxes,
+    )
+  ax.set(
+    xlim=(0, 1),
+    ylim=(0, 1.01),
+    xlabel="false positive rate",
+    ylabel="true positive rate",
+    title="\n".join(textwrap.wrap(title, 60)),
+    aspect="equal",
+  )
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right", fontsize="small")
   fig.tight_layout()
   return fig
 
 
-def roc_curves(path: pathlib.Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]],
-               title: str) -> None:
+def roc_curves(
+  path: pathlib.Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str
+) -> None:
   save(roc_figure(curves, title), path)
 
 
 # ----------------------------------------------------------------------------- retrieval
-def retrieval_figure(queries: list[str], scores: np.ndarray, relevant: np.ndarray,
-                     images: np.ndarray, k: int = 5) -> Figure:
+def retrieval_figure(
+  queries: list[str], scores: np.ndarray, relevant: np.ndarray, images: np.ndarray, k: int = 5
+) -> Figure:
   """One row per text query: the wrapped query, then its top-k images by score, each framed
   green (hit) or red (miss) and captioned with rank and cosine similarity."""
   n = max(len(queries), 1)
@@ -91,26 +106,37 @@ def retrieval_figure(queries: list[str], scores: np.ndarray, relevant: np.ndarra
   return fig
 
 
-def retrieval_sheet(path: pathlib.Path, queries: list[str], scores: np.ndarray,
-                    relevant: np.ndarray, images: np.ndarray, k: int = 5) -> None:
+def retrieval_sheet(
+  path: pathlib.Path,
+  queries: list[str],
+  scores: np.ndarray,
+  relevant: np.ndarray,
+  images: np.ndarray,
+  k: int = 5,
+) -> None:
   save(retrieval_figure(queries, scores, relevant, images, k), path)
 
 
 # ----------------------------------------------------------------------------- regeneration
-def regeneration_figure(originals: np.ndarray, masked: Sequence[np.ndarray],
-                        regenerated: Sequence[np.ndarray], scale_names: Sequence[str]) -> Figure:
+def regeneration_figure(
+  originals: np.ndarray,
+  masked: Sequence[np.ndarray],
+  regenerated: Sequence[np.ndarray],
+  scale_names: Sequence[str],
+) -> Figure:
   """One row per image: the original, then for each scale its masked input and the model's
   regeneration. originals: [N, H, W] or [N, H, W, 1] (uint8 0..255 or float 0..1); masked and
   regenerated: one array like `originals` per scale, in `scale_names` order."""
   if not len(masked) == len(regenerated) == len(scale_names):
-    raise ValueError(f"regeneration_figure: {len(masked)} masked, {len(regenerated)} "
-                     f"regenerated arrays for {len(scale_names)} scale names")
+    raise ValueError(
+      f"regeneration_figure: {len(masked)} masked, {len(regenerated)} "
+      f"regenerated arrays for {len(scale_names)} scale names"
+    )
   originals = np.asarray(originals)
   n, cols = len(originals), 1 + 2 * len(scale_names)
   vmax = 255 if originals.dtype == np.uint8 else 1.0
   fig = Figure(figsize=(1.8 * cols, 1.9 * n + 0.4))
-  titles = ["original"] + [f"{s} {what}" for s in scale_names for what in ("masked",
-                                                                          "regenerated")]
+  titles = ["original"] + [f"{s} {what}" for s in scale_names for what in ("masked", "regenerated")]
   for i in range(n):
     row = [originals[i]] + [a[i] for pair in zip(masked, regenerated) for a in pair]
     for j, (image, title) in enumerate(zip(row, titles)):
@@ -124,14 +150,18 @@ def regeneration_figure(originals: np.ndarray, masked: Sequence[np.ndarray],
   return fig
 
 
-def regeneration_sheet(path: pathlib.Path, originals: np.ndarray, masked: Sequence[np.ndarray],
-                       regenerated: Sequence[np.ndarray], scale_names: Sequence[str]) -> None:
+def regeneration_sheet(
+  path: pathlib.Path,
+  originals: np.ndarray,
+  masked: Sequence[np.ndarray],
+  regenerated: Sequence[np.ndarray],
+  scale_names: Sequence[str],
+) -> None:
   save(regeneration_figure(originals, masked, regenerated, scale_names), path)
 
 
 # ----------------------------------------------------------------------------- --compare
-def comparison_figure(runs: list[dict[str, Any]], names: list[str], labels: list[str]
-                      ) -> Figure:
+def comparison_figure(runs: list[dict[str, Any]], names: list[str], labels: list[str]) -> Figure:
   """One bar chart per metric (`names`) across the compared evaluations (`runs`, their
   metrics.json dicts, shown as `labels`), with the bootstrap CI as an error bar where present;
   undefined values are left out and marked 'n/a'."""
@@ -154,13 +184,15 @@ def comparison_figure(runs: list[dict[str, Any]], names: list[str], labels: list
     ax.set(title=name, xlabel="evaluation", ylabel="value")
     ax.title.set_fontsize(9)
     ax.grid(axis="y", alpha=0.3)
-  handles = [patches.Patch(color=f"C{j % 10}", label=f"{j + 1}: {label}")
-             for j, label in enumerate(labels)]
+  handles = [
+    patches.Patch(color=f"C{j % 10}", label=f"{j + 1}: {label}") for j, label in enumerate(labels)
+  ]
   fig.legend(handles=handles, loc="upper center", ncols=min(len(labels), 3), fontsize="small")
   fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
   return fig
 
 
-def comparison_chart(path: pathlib.Path, runs: list[dict[str, Any]], names: list[str],
-                     labels: list[str]) -> None:
+def comparison_chart(
+  path: pathlib.Path, runs: list[dict[str, Any]], names: list[str], labels: list[str]
+) -> None:
   save(comparison_figure(runs, names, labels), path)

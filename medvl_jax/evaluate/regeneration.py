@@ -32,6 +32,7 @@ averaged): means over images with 95% CIs by bootstrap over patients (`_ci_lo`, 
 plus regeneration/n_images. write_plots: regeneration_sheet.png (original / masked /
 regenerated per scale for the first `sheet_n` images).
 """
+
 from collections.abc import Iterator
 import pathlib
 from typing import Any
@@ -58,8 +59,8 @@ def psnr(target: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> float:
   diff = (np.asarray(pred, np.float64) - np.asarray(target, np.float64))[np.asarray(mask, bool)]
   if not diff.size:
     raise ValueError("psnr: the mask selects no pixel")
-  mse = float(np.mean(diff ** 2))
-  return float("inf") if mse == 0 else float(10 * np.log10(DATA_RANGE ** 2 / mse))
+  mse = float(np.mean(diff**2))
+  return float("inf") if mse == 0 else float(10 * np.log10(DATA_RANGE**2 / mse))
 
 
 def ssim_map(target: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -110,24 +111,37 @@ def load_image_only(config: Any, split: str) -> dict[str, np.ndarray]:
   input_pipeline.prepare(config)  # Prepares every train source of the run (the sample's too).
   builder = corpora.builder("cxr_sample", "image_only", config.data.data_dir)
   if not builder.is_prepared():
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=str(input_pipeline.resolve_sample_dir(config)), try_download_gcs=False))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+        manual_dir=str(input_pipeline.resolve_sample_dir(config)), try_download_gcs=False
+      )
+    )
   if split not in builder.info.splits:
-    raise DataError(f"cxr_sample/image_only: no split {split!r}; has "
-                    f"{', '.join(builder.info.splits)}")
+    raise DataError(
+      f"cxr_sample/image_only: no split {split!r}; has {', '.join(builder.info.splits)}"
+    )
   size, resize = int(config.data.image_size), int(config.data.resize)
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          read_config=tfds.ReadConfig(try_autocache=False))
-  ds = ds.map(lambda ex: {"patient_id": ex["patient_id"], "image": augment.to_uint8(
-      augment.center_crop(ex["image"], size, resize))})
+  ds = builder.as_dataset(
+    split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
+  )
+  ds = ds.map(
+    lambda ex: {
+      "patient_id": ex["patient_id"],
+      "image": augment.to_uint8(augment.center_crop(ex["image"], size, resize)),
+    }
+  )
   rows = list(ds.as_numpy_iterator())
-  return {"image": np.stack([r["image"] for r in rows]) if rows
-          else np.zeros((0, size, size, 1), np.uint8),
-          "patient_id": np.asarray([r["patient_id"].decode("utf-8") for r in rows])}
+  return {
+    "image": np.stack([r["image"] for r in rows])
+    if rows
+    else np.zeros((0, size, size, 1), np.uint8),
+    "patient_id": np.asarray([r["patient_id"].decode("utf-8") for r in rows]),
+  }
 
 
-def draw_masks(mask_cfg: masking.ImageMaskConfig, scale_index: int, n: int, seed: int
-               ) -> np.ndarray:
+def draw_masks(
+  mask_cfg: masking.ImageMaskConfig, scale_index: int, n: int, seed: int
+) -> np.ndarray:
   """bool [n, P] block masks of scale `scale_index`, one key per (seed, scale, image)."""
   key = jax.random.fold_in(jax.random.PRNGKey(seed), scale_index)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
@@ -146,17 +160,27 @@ def pixel_mask(patch_mask: np.ndarray, patch: int, grid: int) -> np.ndarray:
 class Evaluator:
   """`Evaluator(encoders, **cfg).run(state)` yields ('regeneration/<metric>', value)."""
 
-  def __init__(self, encoders: features.Encoders, *, dataset: str = "paired",
-               splits=("validation", "test"), seed: int = 0, blur_sigma: float = 0.5,
-               batch_size: int = 32, n_boot: int = 1000, sheet_n: int = 4):
+  def __init__(
+    self,
+    encoders: features.Encoders,
+    *,
+    dataset: str = "paired",
+    splits=("validation", "test"),
+    seed: int = 0,
+    blur_sigma: float = 0.5,
+    batch_size: int = 32,
+    n_boot: int = 1000,
+    sheet_n: int = 4,
+  ):
     model = encoders.model
     if not hasattr(model, "regenerate"):
-      raise ConfigError("regeneration needs a model family with a pixel decoder: model "
-                        f"{encoders.config.model.name!r} ({type(model).__name__}) has no "
-                        "regenerate method (use a mixed-family run, configs/mixed.py)")
+      raise ConfigError(
+        "regeneration needs a model family with a pixel decoder: model "
+        f"{encoders.config.model.name!r} ({type(model).__name__}) has no "
+        "regenerate method (use a mixed-family run, configs/mixed.py)"
+      )
     if dataset not in DATASETS:
-      raise ConfigError(f"regeneration: dataset {dataset!r} unknown; valid: "
-                        f"{', '.join(DATASETS)}")
+      raise ConfigError(f"regeneration: dataset {dataset!r} unknown; valid: {', '.join(DATASETS)}")
     self.enc, self.model, self.dataset = encoders, model, dataset
     self.splits = (splits,) if isinstance(splits, str) else tuple(splits)
     self.seed, self.blur_sigma, self.batch_size = int(seed), float(blur_sigma), int(batch_size)
@@ -165,8 +189,9 @@ class Evaluator:
     self.patch = model.vit_config.patch_size
     self.scale_names = model.scale_names
     cls = type(model)
-    self._regen = jax.jit(lambda v, x, m: model.apply(v, x, m, denorm="visible",
-                                                      method=cls.regenerate)["image"])
+    self._regen = jax.jit(
+      lambda v, x, m: model.apply(v, x, m, denorm="visible", method=cls.regenerate)["image"]
+    )
     self._data: dict[str, np.ndarray] | None = None
     self.details: dict[str, Any] = {}
 
@@ -174,28 +199,30 @@ class Evaluator:
     """Pixels and patients, loaded once per evaluator."""
     if self._data is None:
       cfg = self.enc.config
-      load = (features.load_sample_split if self.dataset == "paired" else load_image_only)
+      load = features.load_sample_split if self.dataset == "paired" else load_image_only
       parts = [load(cfg, s) for s in self.splits]
       self._data = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "patient_id")}
       if not len(self._data["image"]):
-        raise DataError(f"regeneration: splits {self.splits} of the {self.dataset} data hold "
-                        "no image")
+        raise DataError(
+          f"regeneration: splits {self.splits} of the {self.dataset} data hold no image"
+        )
     return self._data
 
   def _regenerate(self, variables, images: np.ndarray, patch_mask: np.ndarray) -> np.ndarray:
     """float [N, S, S] regenerations (0..255), in fixed-size padded batches."""
     out, b = [], self.batch_size
     for i in range(0, len(images), b):
-      x, m = images[i:i + b], patch_mask[i:i + b]
+      x, m = images[i : i + b], patch_mask[i : i + b]
       pad = b - len(x)
       x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
       m = np.concatenate([m, np.zeros((pad,) + m.shape[1:], bool)])
-      out.append(np.asarray(jax.device_get(self._regen(variables, x, m)))[:b - pad, ..., 0])
+      out.append(np.asarray(jax.device_get(self._regen(variables, x, m)))[: b - pad, ..., 0])
     return np.concatenate(out)
 
   def _emit(self, name: str, per_image: np.ndarray, patients) -> Iterator[tuple[str, float]]:
-    ci = metrics.bootstrap_ci(lambda r: float(per_image[r].mean()), patients,
-                              n_boot=self.n_boot, seed=self.seed)
+    ci = metrics.bootstrap_ci(
+      lambda r: float(per_image[r].mean()), patients, n_boot=self.n_boot, seed=self.seed
+    )
     yield f"regeneration/{name}", float(per_image.mean())
     yield f"regeneration/{name}_ci_lo", ci["lo"]
     yield f"regeneration/{name}_ci_hi", ci["hi"]
@@ -206,32 +233,39 @@ class Evaluator:
     images, patients = data["image"], data["patient_id"]
     originals = images[..., 0].astype(np.float64)
     grid = self.mask_cfg.grid
-    self.details = {"originals": images[:self.sheet_n], "masked": [], "regenerated": []}
+    self.details = {"originals": images[: self.sheet_n], "masked": [], "regenerated": []}
     for k, scale in enumerate(self.scale_names):
       patch_mask = draw_masks(self.mask_cfg, k, len(images), self.seed)
       pix = pixel_mask(patch_mask, self.patch, grid)
       regen = self._regenerate(variables, images, patch_mask)
       sigma = self.blur_sigma * self.mask_cfg.scales[k] * self.patch
-      fills = {"": regen,
-               "_meanfill": np.stack([mean_fill(o, m) for o, m in zip(originals, pix)]),
-               "_blurfill": np.stack([blur_fill(o, m, sigma) for o, m in zip(originals, pix)])}
+      fills = {
+        "": regen,
+        "_meanfill": np.stack([mean_fill(o, m) for o, m in zip(originals, pix)]),
+        "_blurfill": np.stack([blur_fill(o, m, sigma) for o, m in zip(originals, pix)]),
+      }
       psnrs = {}
       for suffix, filled in fills.items():
-        psnrs[suffix] = np.minimum([psnr(o, f, m) for o, f, m in zip(originals, filled, pix)],
-                                   PSNR_CAP)
+        psnrs[suffix] = np.minimum(
+          [psnr(o, f, m) for o, f, m in zip(originals, filled, pix)], PSNR_CAP
+        )
         ssims = np.array([ssim(o, f, m) for o, f, m in zip(originals, filled, pix)])
         yield from self._emit(f"psnr{suffix}_{scale}", psnrs[suffix], patients)
         yield from self._emit(f"ssim{suffix}_{scale}", ssims, patients)
       yield from self._emit(f"psnr_gain_{scale}", psnrs[""] - psnrs["_meanfill"], patients)
       shown = slice(0, self.sheet_n)
       self.details["masked"].append(np.where(pix[shown], 0, images[shown, ..., 0]).astype(np.uint8))
-      self.details["regenerated"].append(np.clip(np.round(regen[shown]), 0, 255)
-                                         .astype(np.uint8))
+      self.details["regenerated"].append(np.clip(np.round(regen[shown]), 0, 255).astype(np.uint8))
     yield "regeneration/n_images", float(len(images))
 
   def write_plots(self, out: pathlib.Path) -> list[str]:
     """regeneration_sheet.png: original / masked (black) / regenerated for each scale."""
     d = self.details
-    plots.regeneration_sheet(pathlib.Path(out) / "regeneration_sheet.png", d["originals"],
-                             d["masked"], d["regenerated"], self.scale_names)
+    plots.regeneration_sheet(
+      pathlib.Path(out) / "regeneration_sheet.png",
+      d["originals"],
+      d["masked"],
+      d["regenerated"],
+      self.scale_names,
+    )
     return ["regeneration_sheet.png"]

@@ -24,6 +24,7 @@ the style of ConVIRT's CheXpert category sentences (findings phrased as a radiol
 to be passed as `--cfg prompts=...` or in `config.evaluators`. It is an illustration, not the
 prompt set of any paper.
 """
+
 from collections.abc import Iterator
 import pathlib
 from typing import Any
@@ -35,33 +36,47 @@ from medvl_jax.evaluate import features, metrics, plots
 
 # The sample task: COVID-19 vs other findings, phrased like the sample's clinical notes.
 DEFAULT_PROMPTS = {
-    "COVID-19": [
-        "Bilateral peripheral ground-glass opacities consistent with COVID-19 pneumonia.",
-        "Patchy bilateral consolidation in a patient positive for SARS-CoV-2.",
-        "Multifocal peripheral airspace opacities typical of viral pneumonia.",
-        "Diffuse bilateral interstitial infiltrates in a patient with COVID-19.",
-    ],
-    "other": [
-        "Lobar consolidation of the right lower lobe consistent with bacterial pneumonia.",
-        "Diffuse bilateral reticular opacities consistent with Pneumocystis pneumonia.",
-        "Focal airspace opacity compatible with community-acquired pneumonia.",
-        "No acute cardiopulmonary abnormality.",
-    ],
+  "COVID-19": [
+    "Bilateral peripheral ground-glass opacities consistent with COVID-19 pneumonia.",
+    "Patchy bilateral consolidation in a patient positive for SARS-CoV-2.",
+    "Multifocal peripheral airspace opacities typical of viral pneumonia.",
+    "Diffuse bilateral interstitial infiltrates in a patient with COVID-19.",
+  ],
+  "other": [
+    "Lobar consolidation of the right lower lobe consistent with bacterial pneumonia.",
+    "Diffuse bilateral reticular opacities consistent with Pneumocystis pneumonia.",
+    "Focal airspace opacity compatible with community-acquired pneumonia.",
+    "No acute cardiopulmonary abnormality.",
+  ],
 }
 
 # Example for CheXpert labels (multi-class, one finding per image as in CheXpert 5x200).
 CHEXPERT_PROMPTS = {
-    "Atelectasis": ["Mild bibasilar atelectasis.", "Subsegmental atelectasis at the left base.",
-                    "Linear atelectasis in the right lower lobe."],
-    "Cardiomegaly": ["The heart is enlarged.", "Moderate cardiomegaly.",
-                     "Stable cardiomegaly with enlarged cardiac silhouette."],
-    "Consolidation": ["Focal consolidation in the right lower lobe.",
-                      "Dense consolidation of the left lower lobe.",
-                      "Airspace consolidation concerning for pneumonia."],
-    "Edema": ["Mild pulmonary edema.", "Moderate interstitial pulmonary edema.",
-              "Vascular congestion with pulmonary edema."],
-    "Pleural Effusion": ["Small left pleural effusion.", "Moderate bilateral pleural effusions.",
-                         "Large right pleural effusion."],
+  "Atelectasis": [
+    "Mild bibasilar atelectasis.",
+    "Subsegmental atelectasis at the left base.",
+    "Linear atelectasis in the right lower lobe.",
+  ],
+  "Cardiomegaly": [
+    "The heart is enlarged.",
+    "Moderate cardiomegaly.",
+    "Stable cardiomegaly with enlarged cardiac silhouette.",
+  ],
+  "Consolidation": [
+    "Focal consolidation in the right lower lobe.",
+    "Dense consolidation of the left lower lobe.",
+    "Airspace consolidation concerning for pneumonia.",
+  ],
+  "Edema": [
+    "Mild pulmonary edema.",
+    "Moderate interstitial pulmonary edema.",
+    "Vascular congestion with pulmonary edema.",
+  ],
+  "Pleural Effusion": [
+    "Small left pleural effusion.",
+    "Moderate bilateral pleural effusions.",
+    "Large right pleural effusion.",
+  ],
 }
 
 
@@ -88,17 +103,30 @@ def assign_classes(findings: np.ndarray, classes: list[str], other: str) -> np.n
 class Evaluator:
   """`Evaluator(encoders, **cfg).run(state)` yields ('zeroshot/<metric>', value)."""
 
-  def __init__(self, encoders: features.Encoders, *, prompts: dict | None = None,
-               other: str = "other", exclude=("todo",), frontal_only: bool = True,
-               splits=("validation", "test"), n_boot: int = 1000, seed: int = 0):
+  def __init__(
+    self,
+    encoders: features.Encoders,
+    *,
+    prompts: dict | None = None,
+    other: str = "other",
+    exclude=("todo",),
+    frontal_only: bool = True,
+    splits=("validation", "test"),
+    n_boot: int = 1000,
+    seed: int = 0,
+  ):
     prompts = dict(DEFAULT_PROMPTS if prompts is None else prompts)
     if len(prompts) < 2:
       raise ConfigError(f"zeroshot: prompts need at least 2 classes, got {list(prompts)}")
     for name, sentences in prompts.items():
-      if isinstance(sentences, str) or not sentences or not all(
-          isinstance(s, str) and s.strip() for s in sentences):
-        raise ConfigError(f"zeroshot: class {name!r} needs a non-empty list of prompt "
-                          f"sentences, got {sentences!r}")
+      if (
+        isinstance(sentences, str)
+        or not sentences
+        or not all(isinstance(s, str) and s.strip() for s in sentences)
+      ):
+        raise ConfigError(
+          f"zeroshot: class {name!r} needs a non-empty list of prompt sentences, got {sentences!r}"
+        )
     self.enc, self.prompts, self.other = encoders, {k: list(v) for k, v in prompts.items()}, other
     self.classes = list(self.prompts)
     self.exclude, self.frontal_only, self.splits = tuple(exclude), frontal_only, tuple(splits)
@@ -108,8 +136,9 @@ class Evaluator:
 
   def _load(self) -> dict[str, np.ndarray]:
     if self._data is None:
-      parts = [features.load_sample_split(self.enc.config, s, self.frontal_only)
-               for s in self.splits]
+      parts = [
+        features.load_sample_split(self.enc.config, s, self.frontal_only) for s in self.splits
+      ]
       d = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
       d["label"] = assign_classes(d["finding"], self.classes, self.other)
       keep = ~np.isin(d["finding"], self.exclude) & (d["label"] >= 0)
@@ -132,14 +161,19 @@ class Evaluator:
     pred = s.argmax(1)
     self.details = {"curves": {}, "n": len(y)}
     acc = metrics.accuracy(y, pred)
-    acc_ci = metrics.bootstrap_ci(lambda r: metrics.accuracy(y[r], pred[r]), patients,
-                                  n_boot=self.n_boot, seed=self.seed)
+    acc_ci = metrics.bootstrap_ci(
+      lambda r: metrics.accuracy(y[r], pred[r]), patients, n_boot=self.n_boot, seed=self.seed
+    )
     if len(self.classes) == 2:
       margin = s[:, 0] - s[:, 1]
       pos = (y == 0).astype(int)
       auc = metrics.roc_auc(pos, margin)
-      ci = metrics.bootstrap_ci(lambda r: metrics.roc_auc(pos[r], margin[r], True), patients,
-                                n_boot=self.n_boot, seed=self.seed)
+      ci = metrics.bootstrap_ci(
+        lambda r: metrics.roc_auc(pos[r], margin[r], True),
+        patients,
+        n_boot=self.n_boot,
+        seed=self.seed,
+      )
       curve = metrics.roc_curve(pos, margin)
       if curve is not None:
         self.details["curves"][f"{self.classes[0]} vs {self.classes[1]}"] = (*curve, auc)
@@ -149,8 +183,12 @@ class Evaluator:
     else:
       onehot = (y[:, None] == np.arange(len(self.classes))).astype(int)
       macro, per_class = metrics.macro_auc(onehot, s)
-      ci = metrics.bootstrap_ci(lambda r: metrics.macro_auc(onehot[r], s[r], True)[0], patients,
-                                n_boot=self.n_boot, seed=self.seed)
+      ci = metrics.bootstrap_ci(
+        lambda r: metrics.macro_auc(onehot[r], s[r], True)[0],
+        patients,
+        n_boot=self.n_boot,
+        seed=self.seed,
+      )
       yield "zeroshot/auc_macro", macro
       yield "zeroshot/auc_macro_ci_lo", ci["lo"]
       yield "zeroshot/auc_macro_ci_hi", ci["hi"]
@@ -167,7 +205,9 @@ class Evaluator:
       yield f"zeroshot/prevalence/{name}", float(np.mean(y == c)) if len(y) else None
 
   def write_plots(self, out: pathlib.Path) -> list[str]:
-    title = (f"zero-shot: {' / '.join(self.classes)} (n={self.details.get('n', 0)}"
-             f"{', ROC undefined' if not self.details.get('curves') else ''})")
+    title = (
+      f"zero-shot: {' / '.join(self.classes)} (n={self.details.get('n', 0)}"
+      f"{', ROC undefined' if not self.details.get('curves') else ''})"
+    )
     plots.roc_curves(out / "zeroshot_roc.png", self.details.get("curves", {}), title)
     return ["zeroshot_roc.png"]

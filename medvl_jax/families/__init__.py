@@ -17,6 +17,7 @@ its streams from it (`dropout`, and e.g. `masking`).
 Adding a family: a module under `medvl_jax/families/` that defines `FAMILY = Family(...)`, and
 its name in `_MODULES` below.
 """
+
 from collections.abc import Callable
 import dataclasses
 import importlib
@@ -27,8 +28,8 @@ from medvl_jax.errors import ConfigError
 # config.model.name -> module defining FAMILY (imported on use: a family's heavy imports, e.g.
 # its export side, are paid only by the runs that use it).
 _MODULES = {
-    "convirt": "medvl_jax.families.convirt",
-    "mixed": "medvl_jax.families.mixed",
+  "convirt": "medvl_jax.families.convirt",
+  "mixed": "medvl_jax.families.mixed",
 }
 
 
@@ -36,6 +37,7 @@ _MODULES = {
 class Encoders:
   """Pure functions the evaluators jit: pixels -> (pooled features h, embedding z) and
   tokens -> embedding z; `variables` is {'params', 'batch_stats'}."""
+
   image: Callable[[Any, Any], tuple[Any, Any]]  # (variables, uint8 [N,S,S,1]) -> (h, z)
   text: Callable[[Any, Any, Any], Any]  # (variables, input_ids, attention_mask) -> z
 
@@ -67,6 +69,7 @@ class Family:
     check_config: config.model -> None; ConfigError naming the key on a bad nested choice
       (called by `config_check` before anything is read or built).
   """
+
   name: str
   build: Callable[[Any], Any]
   init: Callable[[Any, dict, Any], dict]

@@ -3,6 +3,7 @@
 Rows count in the loss where they are paired (`has_image & has_text`) and, in eval batches,
 not padding (`mask`); a ConVIRT run on the one-source shorthand has only paired rows.
 """
+
 import pathlib
 import re
 from typing import Any
@@ -19,8 +20,13 @@ from medvl_jax.weights import hf_bert, pretrained, torchvision_resnet
 
 
 def init(model, batch: dict, rng: jax.Array) -> dict:
-  return model.init({"params": rng, "dropout": rng}, batch["image"], batch["input_ids"],
-                    batch["attention_mask"], train=False)
+  return model.init(
+    {"params": rng, "dropout": rng},
+    batch["image"],
+    batch["input_ids"],
+    batch["attention_mask"],
+    train=False,
+  )
 
 
 def make_loss(config):
@@ -30,12 +36,19 @@ def make_loss(config):
   def loss_fn(model, variables, batch: dict, rng, train: bool):
     if train:
       out, new_vars = model.apply(
-          variables, batch["image"], batch["input_ids"], batch["attention_mask"], train=True,
-          rngs={"dropout": rng}, mutable=["batch_stats"])
+        variables,
+        batch["image"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        train=True,
+        rngs={"dropout": rng},
+        mutable=["batch_stats"],
+      )
       new_stats = new_vars["batch_stats"]
     else:
-      out = model.apply(variables, batch["image"], batch["input_ids"], batch["attention_mask"],
-                        train=False)
+      out = model.apply(
+        variables, batch["image"], batch["input_ids"], batch["attention_mask"], train=False
+      )
       new_stats = variables.get("batch_stats", {})
     loss, metrics = loss_impl(out, loss_cfg, row_mask(batch))
     return loss, metrics, new_stats
@@ -55,7 +68,8 @@ def trainable_mask(params, model_cfg):
     frozen.append(r"^text/embeddings/")
   regex = re.compile("|".join(frozen)) if frozen else None
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: not (regex and regex.search(sharding.path_str(path))), params)
+    lambda path, _: not (regex and regex.search(sharding.path_str(path))), params
+  )
 
 
 def encoders(model) -> Encoders:
@@ -71,17 +85,29 @@ def encoders(model) -> Encoders:
 
 
 # ----------------------------------------------------------------------------- export
-POOLING = ("max over non-padding tokens: h_u[j] = max over tokens t with attention_mask[t] == 1 "
-           "of last_hidden_state[t, j]; a row without any token gives zeros")
+POOLING = (
+  "max over non-padding tokens: h_u[j] = max over tokens t with attention_mask[t] == 1 "
+  "of last_hidden_state[t, j]; a row without any token gives zeros"
+)
 EMBEDDING = {
-    "image": "z_v = fc2(relu(fc1(h_v))), h_v = image_encoder(preprocess(pixels)) (pooled)",
-    "text": "z_u = fc2(relu(fc1(h_u))), h_u = pooling(text_encoder(input_ids, attention_mask))",
-    "similarity": "cosine: <z_v / |z_v|, z_u / |z_u|>; the training loss divides it by "
-                  "loss.temperature",
-    "heads": "projection_heads.safetensors: fc(x) = x @ weight.T + bias (torch.nn.Linear)",
+  "image": "z_v = fc2(relu(fc1(h_v))), h_v = image_encoder(preprocess(pixels)) (pooled)",
+  "text": "z_u = fc2(relu(fc1(h_u))), h_u = pooling(text_encoder(input_ids, attention_mask))",
+  "similarity": "cosine: <z_v / |z_v|, z_u / |z_u|>; the training loss divides it by "
+  "loss.temperature",
+  "heads": "projection_heads.safetensors: fc(x) = x @ weight.T + bias (torch.nn.Linear)",
 }
-VERSIONS = ("medvl_jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "transformers",
-            "safetensors", "numpy", "torch", "torchvision")
+VERSIONS = (
+  "medvl_jax",
+  "jax",
+  "jaxlib",
+  "flax",
+  "orbax-checkpoint",
+  "transformers",
+  "safetensors",
+  "numpy",
+  "torch",
+  "torchvision",
+)
 
 
 def heads_state_dict(params: Any) -> dict[str, np.ndarray]:
@@ -95,21 +121,22 @@ def image_preprocessing(config, model) -> dict[str, Any]:
   stages, width = tuple(enc.stage_sizes), int(enc.width)
   resnet50 = stages == (3, 4, 6, 3) and width == 64
   return {
-      "architecture": "torchvision.models.resnet50" if resnet50 else
-                      f"ResNet v1.5 bottleneck, stage_sizes={list(stages)}, width={width}",
-      "fc": "not exported: set model.fc = torch.nn.Identity() before load_state_dict",
-      "feature_dim": 4 * width * 2 ** (len(stages) - 1),
-      "input": "8-bit grayscale image (PIL mode 'L'), values 0..255",
-      "resize": int(config.data.resize),
-      "crop_size": int(config.data.image_size),
-      "resize_crop": "eval transform: shorter side to `resize` (bilinear, antialiased), then "
-                     "the central crop_size x crop_size window",
-      "scale": "x / 255 in float32",
-      "grayscale_to_rgb": "repeat the one channel 3 times",
-      "mean": [float(m) for m in model.image_mean],
-      "std": [float(s) for s in model.image_std],
-      "normalise": "(x - mean) / std per channel",
-      "layout": "torch NCHW [N, 3, crop_size, crop_size] (JAX: NHWC)",
+    "architecture": "torchvision.models.resnet50"
+    if resnet50
+    else f"ResNet v1.5 bottleneck, stage_sizes={list(stages)}, width={width}",
+    "fc": "not exported: set model.fc = torch.nn.Identity() before load_state_dict",
+    "feature_dim": 4 * width * 2 ** (len(stages) - 1),
+    "input": "8-bit grayscale image (PIL mode 'L'), values 0..255",
+    "resize": int(config.data.resize),
+    "crop_size": int(config.data.image_size),
+    "resize_crop": "eval transform: shorter side to `resize` (bilinear, antialiased), then "
+    "the central crop_size x crop_size window",
+    "scale": "x / 255 in float32",
+    "grayscale_to_rgb": "repeat the one channel 3 times",
+    "mean": [float(m) for m in model.image_mean],
+    "std": [float(s) for s in model.image_std],
+    "normalise": "(x - mean) / std per channel",
+    "layout": "torch NCHW [N, 3, crop_size, crop_size] (JAX: NHWC)",
   }
 
 
@@ -118,33 +145,38 @@ def export(model, params, batch_stats, config, out_dir: pathlib.Path) -> dict[st
   preprocessing = image_preprocessing(config, model)
   (out_dir / "image_encoder").mkdir()
   export_files.save_safetensors(
-      torchvision_resnet.to_torchvision_loadable_state_dict(params["image"],
-                                                            batch_stats["image"]),
-      out_dir / "image_encoder" / "model.safetensors")
+    torchvision_resnet.to_torchvision_loadable_state_dict(params["image"], batch_stats["image"]),
+    out_dir / "image_encoder" / "model.safetensors",
+  )
   export_files.write_json(out_dir / "image_encoder" / "preprocessing.json", preprocessing)
   text_dir = out_dir / "text_encoder"
   text_dir.mkdir()
   export_files.copy_tokenizer(config.model.text, text_dir)
   export_files.write_json(text_dir / "config.json", model.text_encoder.config.to_hf())
-  export_files.save_safetensors(hf_bert.to_hf_state_dict_with_pooler(params["text"]),
-                                text_dir / "model.safetensors")
-  export_files.save_safetensors(heads_state_dict(params),
-                                out_dir / "projection_heads.safetensors")
+  export_files.save_safetensors(
+    hf_bert.to_hf_state_dict_with_pooler(params["text"]), text_dir / "model.safetensors"
+  )
+  export_files.save_safetensors(heads_state_dict(params), out_dir / "projection_heads.safetensors")
   return {
-      "files": {"image_encoder": "image_encoder/model.safetensors",
-                "text_encoder": "text_encoder/", "heads": "projection_heads.safetensors"},
-      "image_preprocessing": preprocessing,
-      "text_preprocessing": {
-          "tokenizer": "text_encoder/ (AutoTokenizer)",
-          "max_length": int(config.data.max_length), "truncation": True,
-          "token_type_ids": "zeros",
-          "padding": "any: padding tokens are masked out of attention and pooling"},
-      "pooling": POOLING,
-      "text_pooler": "pooler.* written as zeros so that AutoModel loads without warnings; "
-                     "ConVIRT does not use it (pooler_output is meaningless)",
-      "embedding": EMBEDDING,
-      "temperature": float(config.loss.temperature),
-      "versions": export_files.versions(VERSIONS),
+    "files": {
+      "image_encoder": "image_encoder/model.safetensors",
+      "text_encoder": "text_encoder/",
+      "heads": "projection_heads.safetensors",
+    },
+    "image_preprocessing": preprocessing,
+    "text_preprocessing": {
+      "tokenizer": "text_encoder/ (AutoTokenizer)",
+      "max_length": int(config.data.max_length),
+      "truncation": True,
+      "token_type_ids": "zeros",
+      "padding": "any: padding tokens are masked out of attention and pooling",
+    },
+    "pooling": POOLING,
+    "text_pooler": "pooler.* written as zeros so that AutoModel loads without warnings; "
+    "ConVIRT does not use it (pooler_output is meaningless)",
+    "embedding": EMBEDDING,
+    "temperature": float(config.loss.temperature),
+    "versions": export_files.versions(VERSIONS),
   }
 
 
@@ -159,37 +191,45 @@ def check_config(model_cfg) -> None:
   _valid("config.model.image.variant", model_cfg.image.variant, convirt_model.IMAGE_VARIANTS)
   for key in ("mean", "std"):
     if len(model_cfg.image[key]) != 3:
-      raise ConfigError(f"config.model.image.{key}={tuple(model_cfg.image[key])}: expected 3 "
-                        "values (one per RGB channel)")
+      raise ConfigError(
+        f"config.model.image.{key}={tuple(model_cfg.image[key])}: expected 3 "
+        "values (one per RGB channel)"
+      )
   if model_cfg.image.init and not pathlib.Path(model_cfg.image.init).is_file():
-    raise ConfigError(f"config.model.image.init={model_cfg.image.init!r}: file not found "
-                      "(a torchvision resnet50 state dict, .safetensors or .pth; '' = random)")
+    raise ConfigError(
+      f"config.model.image.init={model_cfg.image.init!r}: file not found "
+      "(a torchvision resnet50 state dict, .safetensors or .pth; '' = random)"
+    )
   text = model_cfg.text
   if text.init:
     if not pathlib.Path(text.init).is_dir():
-      raise ConfigError(f"config.model.text.init={text.init!r}: directory not found (a local "
-                        "Hugging Face BERT directory; '' = random)")
+      raise ConfigError(
+        f"config.model.text.init={text.init!r}: directory not found (a local "
+        "Hugging Face BERT directory; '' = random)"
+      )
     bert_model.read_config(text.init)  # model_type, activation, shape: WeightsError naming the file
   tokenizer = text.tokenizer or text.init
   if not tokenizer:
-    raise ConfigError("config.model.text.tokenizer is required when config.model.text.init "
-                      "is '' (a directory with tokenizer.json or vocab.txt)")
+    raise ConfigError(
+      "config.model.text.tokenizer is required when config.model.text.init "
+      "is '' (a directory with tokenizer.json or vocab.txt)"
+    )
   if not pathlib.Path(tokenizer).is_dir():
     raise ConfigError(f"config.model.text.tokenizer={tokenizer!r}: directory not found")
 
 
 FAMILY = Family(
-    name="convirt",
-    build=convirt_model.from_config,
-    init=init,
-    make_loss=make_loss,
-    metrics=("loss_i2t", "loss_t2i", "acc_i2t", "acc_t2i"),
-    summary_metrics=("acc_i2t",),
-    trainable_mask=trainable_mask,
-    init_from_pretrained=pretrained.init_from_pretrained,
-    has_pretrained=lambda model_cfg: bool(model_cfg.text.init or model_cfg.image.init),
-    encoders=encoders,
-    export=export,
-    check_config=check_config,
-    losses=tuple(losses.LOSSES),  # InfoNCE (lam, temperature)
+  name="convirt",
+  build=convirt_model.from_config,
+  init=init,
+  make_loss=make_loss,
+  metrics=("loss_i2t", "loss_t2i", "acc_i2t", "acc_t2i"),
+  summary_metrics=("acc_i2t",),
+  trainable_mask=trainable_mask,
+  init_from_pretrained=pretrained.init_from_pretrained,
+  has_pretrained=lambda model_cfg: bool(model_cfg.text.init or model_cfg.image.init),
+  encoders=encoders,
+  export=export,
+  check_config=check_config,
+  losses=tuple(losses.LOSSES),  # InfoNCE (lam, temperature)
 )

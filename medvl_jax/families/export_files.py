@@ -5,6 +5,7 @@ Each family's `export` writes its files with these into the temporary directory 
 same way (float32 tensors tagged for PyTorch, a progress bar on large files, files that follow
 the umask).
 """
+
 import importlib.metadata
 import json
 import pathlib
@@ -18,16 +19,22 @@ from medvl_jax import progress
 from medvl_jax.errors import WeightsError
 
 _ST_METADATA = {"format": "pt"}  # transformers and safetensors.torch expect this tag.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                   "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "vocab.txt",
+  "special_tokens_map.json",
+  "added_tokens.json",
+)
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: pathlib.Path) -> None:
   """Writes `tensors` (floating ones as float32) to `path`, with a progress bar if large."""
   arrays = {}
   n_bytes = sum(np.asarray(v).nbytes for v in tensors.values())
-  bar = progress.bar(n_bytes, f"export {path.name}", unit="B",
-                     min_total=progress.MIN_EXPORT_BYTES, unit_scale=True)
+  bar = progress.bar(
+    n_bytes, f"export {path.name}", unit="B", min_total=progress.MIN_EXPORT_BYTES, unit_scale=True
+  )
   for name, value in tensors.items():
     value = np.asarray(value)
     bar.update(value.nbytes)
@@ -50,8 +57,10 @@ def copy_tokenizer(text_cfg: Any, text_dir: pathlib.Path) -> None:
   """
   tokenizer_dir = text_cfg.tokenizer or text_cfg.init
   if not tokenizer_dir or not pathlib.Path(tokenizer_dir).is_dir():
-    raise WeightsError(f"tokenizer directory of the run not found: {str(tokenizer_dir)!r} "
-                       "(config.model.text.tokenizer or .init)")
+    raise WeightsError(
+      f"tokenizer directory of the run not found: {str(tokenizer_dir)!r} "
+      "(config.model.text.tokenizer or .init)"
+    )
   src = pathlib.Path(tokenizer_dir)
   copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
   if "tokenizer.json" not in copied and "vocab.txt" not in copied:

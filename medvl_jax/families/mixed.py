@@ -5,6 +5,7 @@ One batch mixes paired, image-only and text-only rows; every loss is masked by `
 `has_text` (and by `mask` in eval batches), so the family needs nothing else from the trainer.
 Random streams: `dropout` (the step key) and `masking` (derived from it).
 """
+
 from collections.abc import Mapping
 import pathlib
 import re
@@ -43,8 +44,9 @@ def make_loss(config):
     rngs = {"masking": jax.random.fold_in(key, _MASKING_SALT)}
     if train:
       rngs["dropout"] = key
-    loss, metrics = mixed_model.forward_and_loss(model, variables, _eval_batch(batch), rngs,
-                                                 loss_cfg, train)
+    loss, metrics = mixed_model.forward_and_loss(
+      model, variables, _eval_batch(batch), rngs, loss_cfg, train
+    )
     metrics = {k: v for k, v in metrics.items() if k != "loss"}
     return loss, metrics, variables.get("batch_stats", {})
 
@@ -63,7 +65,8 @@ def trainable_mask(params, model_cfg):
     frozen.append(r"^text/embeddings/")
   regex = re.compile("|".join(frozen)) if frozen else None
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: not (regex and regex.search(sharding.path_str(path))), params)
+    lambda path, _: not (regex and regex.search(sharding.path_str(path))), params
+  )
 
 
 def encoders(model) -> Encoders:
@@ -95,8 +98,11 @@ def init_from_pretrained(variables: Mapping[str, Any], model_cfg: Any) -> dict[s
     if jax.tree_util.tree_structure(old) != jax.tree_util.tree_structure(new):
       raise WeightsError(f"{source}: imported params/{key} do not match the model's tree")
     flat_old = jax.tree_util.tree_flatten_with_path(old)[0]
-    bad = ["/".join(str(k.key) for k in path) for (path, a), b in
-           zip(flat_old, jax.tree_util.tree_leaves(new)) if tuple(a.shape) != tuple(b.shape)]
+    bad = [
+      "/".join(str(k.key) for k in path)
+      for (path, a), b in zip(flat_old, jax.tree_util.tree_leaves(new))
+      if tuple(a.shape) != tuple(b.shape)
+    ]
     if bad:
       raise WeightsError(f"{source}: shape mismatch in params/{key}: {', '.join(bad[:5])}")
     params[key] = jax.tree_util.tree_map(lambda a, b: jnp.asarray(b, a.dtype), old, new)
@@ -124,59 +130,70 @@ def export_state_dicts(model: mixed_model.MixedModel, params: Mapping[str, Any])
   """
   name, kwargs = timm_architecture(model)
   return {
-      "image_encoder": timm_vit.to_timm_state_dict(params["image"]),
-      "timm": {"architecture": name, "kwargs": kwargs},
-      "text_encoder": hf_bert.to_hf_state_dict_with_pooler(params["text"]),
-      "text_config": model.text_encoder.config.to_hf(),
-      "heads": weights.to_torch({"image": params["image_proj"], "text": params["text_proj"]}),
+    "image_encoder": timm_vit.to_timm_state_dict(params["image"]),
+    "timm": {"architecture": name, "kwargs": kwargs},
+    "text_encoder": hf_bert.to_hf_state_dict_with_pooler(params["text"]),
+    "text_config": model.text_encoder.config.to_hf(),
+    "heads": weights.to_torch({"image": params["image_proj"], "text": params["text_proj"]}),
   }
 
 
 IMAGE_POOLING = {
-    "cls": "class token of the final LayerNorm's output: what the timm model returns with "
-           "global_pool='token', num_classes=0 (timm.json)",
-    "mean": "mean over the patch tokens (class token excluded) of the final LayerNorm's "
-            "output: what the timm model returns with global_pool='avg', fc_norm=False, "
-            "num_classes=0 (timm.json)",
+  "cls": "class token of the final LayerNorm's output: what the timm model returns with "
+  "global_pool='token', num_classes=0 (timm.json)",
+  "mean": "mean over the patch tokens (class token excluded) of the final LayerNorm's "
+  "output: what the timm model returns with global_pool='avg', fc_norm=False, "
+  "num_classes=0 (timm.json)",
 }
 TEXT_POOLING = {
-    "max": "max over non-padding tokens: h_u[j] = max over tokens t with attention_mask[t] == 1 "
-           "of last_hidden_state[t, j]; a row without any token gives zeros",
-    "mean": "mean over non-padding tokens: h_u = sum of last_hidden_state[t] over tokens t with "
-            "attention_mask[t] == 1, divided by their count; a row without any token gives "
-            "zeros",
-    "cls": "h_u = last_hidden_state[:, 0] (the [CLS] token's hidden state, not pooler_output)",
+  "max": "max over non-padding tokens: h_u[j] = max over tokens t with attention_mask[t] == 1 "
+  "of last_hidden_state[t, j]; a row without any token gives zeros",
+  "mean": "mean over non-padding tokens: h_u = sum of last_hidden_state[t] over tokens t with "
+  "attention_mask[t] == 1, divided by their count; a row without any token gives "
+  "zeros",
+  "cls": "h_u = last_hidden_state[:, 0] (the [CLS] token's hidden state, not pooler_output)",
 }
 EMBEDDING = {
-    "image": "z_v = fc2(relu(fc1(h_v))), h_v = image_encoder(preprocess(pixels)) (the timm "
-             "model of timm.json; its output is already pooled, see pooling.image)",
-    "text": "z_u = fc2(relu(fc1(h_u))), h_u = pooling.text(text_encoder(input_ids, "
-            "attention_mask).last_hidden_state)",
-    "similarity": "cosine: <z_v / |z_v|, z_u / |z_u|>; the training loss divides it by "
-                  "loss.temperature",
-    "heads": "projection_heads.safetensors: fc(x) = x @ weight.T + bias (torch.nn.Linear)",
+  "image": "z_v = fc2(relu(fc1(h_v))), h_v = image_encoder(preprocess(pixels)) (the timm "
+  "model of timm.json; its output is already pooled, see pooling.image)",
+  "text": "z_u = fc2(relu(fc1(h_u))), h_u = pooling.text(text_encoder(input_ids, "
+  "attention_mask).last_hidden_state)",
+  "similarity": "cosine: <z_v / |z_v|, z_u / |z_u|>; the training loss divides it by "
+  "loss.temperature",
+  "heads": "projection_heads.safetensors: fc(x) = x @ weight.T + bias (torch.nn.Linear)",
 }
-VERSIONS = ("medvl_jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "transformers",
-            "safetensors", "numpy", "torch", "timm")
+VERSIONS = (
+  "medvl_jax",
+  "jax",
+  "jaxlib",
+  "flax",
+  "orbax-checkpoint",
+  "transformers",
+  "safetensors",
+  "numpy",
+  "torch",
+  "timm",
+)
 
 
 def image_preprocessing(config: Any, model: mixed_model.MixedModel) -> dict[str, Any]:
   """What a PyTorch user does to pixels to feed the exported ViT as `encode_image` does."""
   in_chans = model.vit_config.in_chans
   return {
-      "input": "8-bit grayscale image (PIL mode 'L'), values 0..255",
-      "resize": int(config.data.resize),
-      "crop_size": int(config.data.image_size),
-      "resize_crop": "eval transform: shorter side to `resize` (bilinear, antialiased), then "
-                     "the central crop_size x crop_size window",
-      "scale": "x / 255 in float32",
-      "in_chans": in_chans,
-      "grayscale_to_rgb": "repeat the one channel 3 times" if in_chans == 3 else
-                          "no: in_chans=1, the one grey channel",
-      "mean": [float(m) for m in model.image_mean],
-      "std": [float(s) for s in model.image_std],
-      "normalise": "(x - mean) / std per channel",
-      "layout": f"torch NCHW [N, {in_chans}, crop_size, crop_size] (JAX: NHWC)",
+    "input": "8-bit grayscale image (PIL mode 'L'), values 0..255",
+    "resize": int(config.data.resize),
+    "crop_size": int(config.data.image_size),
+    "resize_crop": "eval transform: shorter side to `resize` (bilinear, antialiased), then "
+    "the central crop_size x crop_size window",
+    "scale": "x / 255 in float32",
+    "in_chans": in_chans,
+    "grayscale_to_rgb": "repeat the one channel 3 times"
+    if in_chans == 3
+    else "no: in_chans=1, the one grey channel",
+    "mean": [float(m) for m in model.image_mean],
+    "std": [float(s) for s in model.image_std],
+    "normalise": "(x - mean) / std per channel",
+    "layout": f"torch NCHW [N, {in_chans}, crop_size, crop_size] (JAX: NHWC)",
   }
 
 
@@ -201,28 +218,37 @@ def export(model, params, batch_stats, config, out_dir: pathlib.Path) -> dict[st
   export_files.save_safetensors(sds["text_encoder"], text_dir / "model.safetensors")
   export_files.save_safetensors(sds["heads"], out_dir / "projection_heads.safetensors")
   return {
-      "files": {"image_encoder": "image_encoder/model.safetensors",
-                "timm": "image_encoder/timm.json", "text_encoder": "text_encoder/",
-                "heads": "projection_heads.safetensors"},
-      "image_encoder": {
-          "load": "timm.create_model(architecture, pretrained=False, **kwargs) with timm.json, "
-                  "then load_state_dict(model.safetensors, strict=True); eval()",
-          **sds["timm"]},
-      "image_preprocessing": preprocessing,
-      "text_preprocessing": {
-          "tokenizer": "text_encoder/ (AutoTokenizer)",
-          "max_length": int(config.data.max_length), "truncation": True,
-          "token_type_ids": "zeros",
-          "padding": "any: padding tokens are masked out of attention and pooling"},
-      "pooling": {"image": IMAGE_POOLING[model.image_pool],
-                  "text": TEXT_POOLING[model.text_pool],
-                  "image_pool": model.image_pool, "text_pool": model.text_pool},
-      "text_pooler": "pooler.* written as zeros so that AutoModel loads without warnings; "
-                     "the mixed model does not use it (pooler_output is meaningless)",
-      "embedding": EMBEDDING,
-      "temperature": float(config.loss.temperature),
-      "not_exported": "fusion layers, MLM head and pixel decoder (pretraining only)",
-      "versions": export_files.versions(VERSIONS),
+    "files": {
+      "image_encoder": "image_encoder/model.safetensors",
+      "timm": "image_encoder/timm.json",
+      "text_encoder": "text_encoder/",
+      "heads": "projection_heads.safetensors",
+    },
+    "image_encoder": {
+      "load": "timm.create_model(architecture, pretrained=False, **kwargs) with timm.json, "
+      "then load_state_dict(model.safetensors, strict=True); eval()",
+      **sds["timm"],
+    },
+    "image_preprocessing": preprocessing,
+    "text_preprocessing": {
+      "tokenizer": "text_encoder/ (AutoTokenizer)",
+      "max_length": int(config.data.max_length),
+      "truncation": True,
+      "token_type_ids": "zeros",
+      "padding": "any: padding tokens are masked out of attention and pooling",
+    },
+    "pooling": {
+      "image": IMAGE_POOLING[model.image_pool],
+      "text": TEXT_POOLING[model.text_pool],
+      "image_pool": model.image_pool,
+      "text_pool": model.text_pool,
+    },
+    "text_pooler": "pooler.* written as zeros so that AutoModel loads without warnings; "
+    "the mixed model does not use it (pooler_output is meaningless)",
+    "embedding": EMBEDDING,
+    "temperature": float(config.loss.temperature),
+    "not_exported": "fusion layers, MLM head and pixel decoder (pretraining only)",
+    "versions": export_files.versions(VERSIONS),
   }
 
 
@@ -232,18 +258,29 @@ def check_config(model_cfg) -> None:
 
 
 FAMILY = Family(
-    name="mixed",
-    build=mixed_model.from_config,
-    init=init,
-    make_loss=make_loss,
-    metrics=("mlm", "mvm", "contrastive", "mlm_acc", "mlm_tokens", "mvm_patches", "pairs",
-             "loss_i2t", "loss_t2i", "acc_i2t", "acc_t2i"),
-    summary_metrics=("mlm", "mvm", "contrastive"),
-    trainable_mask=trainable_mask,
-    init_from_pretrained=init_from_pretrained,
-    has_pretrained=lambda model_cfg: bool(model_cfg.text.init or model_cfg.image.init),
-    encoders=encoders,
-    export=export,
-    check_config=check_config,
-    losses=("mixed",),  # MLM + multi-scale MVM + InfoNCE on pairs (losses.mixed_loss)
+  name="mixed",
+  build=mixed_model.from_config,
+  init=init,
+  make_loss=make_loss,
+  metrics=(
+    "mlm",
+    "mvm",
+    "contrastive",
+    "mlm_acc",
+    "mlm_tokens",
+    "mvm_patches",
+    "pairs",
+    "loss_i2t",
+    "loss_t2i",
+    "acc_i2t",
+    "acc_t2i",
+  ),
+  summary_metrics=("mlm", "mvm", "contrastive"),
+  trainable_mask=trainable_mask,
+  init_from_pretrained=init_from_pretrained,
+  has_pretrained=lambda model_cfg: bool(model_cfg.text.init or model_cfg.image.init),
+  encoders=encoders,
+  export=export,
+  check_config=check_config,
+  losses=("mixed",),  # MLM + multi-scale MVM + InfoNCE on pairs (losses.mixed_loss)
 )

@@ -4,6 +4,7 @@ Submodule names follow the Hugging Face state-dict names (`embeddings/word_embed
 `encoder/layer/0/attention/self/query`, ...) so `medvl_jax.weights` maps them one-to-one.
 The pooler is left out: ConVIRT max-pools the token outputs instead.
 """
+
 from collections.abc import Mapping
 import dataclasses
 import json
@@ -21,17 +22,17 @@ _INIT = nn.initializers.normal(stddev=0.02)  # HF `initializer_range` default.
 
 # BertConfig field -> Hugging Face config.json key.
 _HF_KEYS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "num_layers": "num_hidden_layers",
-    "num_heads": "num_attention_heads",
-    "intermediate_size": "intermediate_size",
-    "max_position_embeddings": "max_position_embeddings",
-    "type_vocab_size": "type_vocab_size",
-    "layer_norm_eps": "layer_norm_eps",
-    "hidden_dropout": "hidden_dropout_prob",
-    "attention_dropout": "attention_probs_dropout_prob",
-    "pad_token_id": "pad_token_id",
+  "vocab_size": "vocab_size",
+  "hidden_size": "hidden_size",
+  "num_layers": "num_hidden_layers",
+  "num_heads": "num_attention_heads",
+  "intermediate_size": "intermediate_size",
+  "max_position_embeddings": "max_position_embeddings",
+  "type_vocab_size": "type_vocab_size",
+  "layer_norm_eps": "layer_norm_eps",
+  "hidden_dropout": "hidden_dropout_prob",
+  "attention_dropout": "attention_probs_dropout_prob",
+  "pad_token_id": "pad_token_id",
 }
 _REQUIRED = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
 
@@ -39,6 +40,7 @@ _REQUIRED = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermedia
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   """Shape and regularisation of a BERT encoder (names shortened from HF's config)."""
+
   vocab_size: int
   hidden_size: int
   num_layers: int
@@ -53,8 +55,9 @@ class BertConfig:
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
-      raise ConfigError(f"BERT hidden_size {self.hidden_size} is not divisible by "
-                        f"num_heads {self.num_heads}")
+      raise ConfigError(
+        f"BERT hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+      )
 
   @classmethod
   def from_hf(cls, d: Mapping[str, Any], source: str = "config.json") -> "BertConfig":
@@ -68,11 +71,14 @@ class BertConfig:
       what = model_type if model_type is not None else f"missing, architectures {architectures}"
       raise WeightsError(f"{source}: model_type is {what!r}, only 'bert' is supported")
     if d.get("hidden_act", "gelu") != "gelu":
-      raise WeightsError(f"{source}: hidden_act is {d['hidden_act']!r}, only exact 'gelu' "
-                         "is supported")
+      raise WeightsError(
+        f"{source}: hidden_act is {d['hidden_act']!r}, only exact 'gelu' is supported"
+      )
     if d.get("position_embedding_type", "absolute") != "absolute":
-      raise WeightsError(f"{source}: position_embedding_type is "
-                         f"{d['position_embedding_type']!r}, only 'absolute' is supported")
+      raise WeightsError(
+        f"{source}: position_embedding_type is "
+        f"{d['position_embedding_type']!r}, only 'absolute' is supported"
+      )
     missing = [_HF_KEYS[f] for f in _REQUIRED if _HF_KEYS[f] not in d]
     if missing:
       raise WeightsError(f"{source}: missing keys {', '.join(missing)}")
@@ -82,34 +88,42 @@ class BertConfig:
   def to_hf(self) -> dict[str, Any]:
     """Returns a dict that `transformers.BertConfig(**d)` / `config.json` accepts."""
     d = {k: getattr(self, f) for f, k in _HF_KEYS.items()}
-    d.update(model_type="bert", architectures=["BertModel"], hidden_act="gelu",
-             position_embedding_type="absolute", initializer_range=0.02)
+    d.update(
+      model_type="bert",
+      architectures=["BertModel"],
+      hidden_act="gelu",
+      position_embedding_type="absolute",
+      initializer_range=0.02,
+    )
     return d
 
 
 class BertEmbeddings(nn.Module):
   """Word + absolute position + token type embeddings, then LayerNorm and dropout."""
+
   config: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array,
-               train: bool) -> jax.Array:
+  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, train: bool) -> jax.Array:
     cfg = self.config
 
     def embed(num: int, name: str) -> nn.Embed:
       return nn.Embed(num, cfg.hidden_size, embedding_init=_INIT, dtype=self.dtype, name=name)
 
     positions = jnp.arange(input_ids.shape[-1])[None, :]
-    x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
-         + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
-         + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
+    x = (
+      embed(cfg.vocab_size, "word_embeddings")(input_ids)
+      + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
+      + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+    )
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x)
     return nn.Dropout(cfg.hidden_dropout, deterministic=not train)(x)
 
 
 class BertSelfAttention(nn.Module):
   """Multi-head scaled dot-product attention over unpadded keys."""
+
   config: BertConfig
   dtype: Any = jnp.float32
 
@@ -135,6 +149,7 @@ class BertSelfAttention(nn.Module):
 
 class BertResidualOutput(nn.Module):
   """Dense -> dropout -> LayerNorm(y + residual) (HF's BertSelfOutput and BertOutput)."""
+
   config: BertConfig
   dtype: Any = jnp.float32
 
@@ -143,12 +158,14 @@ class BertResidualOutput(nn.Module):
     cfg = self.config
     y = nn.Dense(cfg.hidden_size, kernel_init=_INIT, dtype=self.dtype, name="dense")(y)
     y = nn.Dropout(cfg.hidden_dropout, deterministic=not train)(y)
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
-                        name="LayerNorm")(y + residual)
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(
+      y + residual
+    )
 
 
 class BertAttention(nn.Module):
   """HF BertAttention: `self` (attention) and `output` (projection + residual LayerNorm)."""
+
   config: BertConfig
   dtype: Any = jnp.float32
 
@@ -160,18 +177,21 @@ class BertAttention(nn.Module):
 
 class BertIntermediate(nn.Module):
   """Dense to the intermediate size with exact (erf) gelu."""
+
   config: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Dense(self.config.intermediate_size, kernel_init=_INIT, dtype=self.dtype,
-                 name="dense")(x)
+    x = nn.Dense(self.config.intermediate_size, kernel_init=_INIT, dtype=self.dtype, name="dense")(
+      x
+    )
     return nn.gelu(x, approximate=False)
 
 
 class BertLayer(nn.Module):
   """One post-LN transformer block."""
+
   config: BertConfig
   dtype: Any = jnp.float32
 
@@ -184,6 +204,7 @@ class BertLayer(nn.Module):
 
 class BertLayerStack(nn.Module):
   """HF `encoder.layer`: blocks named '0', '1', ..."""
+
   config: BertConfig
   dtype: Any = jnp.float32
 
@@ -196,6 +217,7 @@ class BertLayerStack(nn.Module):
 
 class BertEncoder(nn.Module):
   """HF `encoder`: holds the layer stack under `layer`."""
+
   config: BertConfig
   dtype: Any = jnp.float32
 
@@ -206,17 +228,22 @@ class BertEncoder(nn.Module):
 
 class BertModel(nn.Module):
   """BERT without pooler; dropout (rng 'dropout') is active only when `train` is True."""
+
   config: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-               token_type_ids: jax.Array | None = None, train: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    token_type_ids: jax.Array | None = None,
+    train: bool = False,
+  ) -> jax.Array:
     """Returns the last hidden states [N, L, H] for token ids [N, L] and a 0/1 mask [N, L]."""
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
-        input_ids, token_type_ids, train)
+    x = BertEmbeddings(self.config, self.dtype, name="embeddings")(input_ids, token_type_ids, train)
     key_mask = jnp.asarray(attention_mask) > 0
     return BertEncoder(self.config, self.dtype, name="encoder")(x, key_mask, train)
 

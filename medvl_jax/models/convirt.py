@@ -1,4 +1,5 @@
 """ConVIRT: image tower (ResNet) and text tower (BERT, max-pooled) with projection heads."""
+
 from collections.abc import Sequence
 import dataclasses
 from typing import Any
@@ -18,6 +19,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 class ProjectionHead(nn.Module):
   """g(h) = W2 relu(W1 h)."""
+
   hidden: int
   out: int
   dtype: Any = jnp.float32
@@ -39,6 +41,7 @@ class ConVIRT(nn.Module):
     image_mean, image_std: per-channel normalisation in 0..1 units.
     dtype: computation dtype of the heads.
   """
+
   image_encoder: nn.Module
   text_encoder: nn.Module
   projection_dim: int = 512
@@ -69,8 +72,7 @@ class ConVIRT(nn.Module):
     """Raw images (0..255) -> pooled image features h_v [N, D_v]."""
     return self.image(self.preprocess(images), train=train)
 
-  def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array,
-                  train: bool) -> jax.Array:
+  def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool) -> jax.Array:
     """Token ids -> h_u [N, D_u]: max over the hidden states of non-padding tokens only."""
     hidden = self.text(input_ids, attention_mask, train=train)
     valid = (jnp.asarray(attention_mask) > 0)[..., None]
@@ -79,8 +81,9 @@ class ConVIRT(nn.Module):
     # A row without any token (all padding) pools to zeros rather than finfo.min.
     return jnp.where(jnp.any(valid, axis=1), pooled, jnp.zeros_like(pooled))
 
-  def __call__(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
-               train: bool) -> dict[str, jax.Array]:
+  def __call__(
+    self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, train: bool
+  ) -> dict[str, jax.Array]:
     """Returns unnormalised projections {'image_embed': [N, d], 'text_embed': [N, d]}."""
     h_v = self.encode_image(images, train)
     h_u = self.encode_text(input_ids, attention_mask, train)
@@ -93,31 +96,38 @@ def _text_config(text_cfg: Any) -> BertConfig:
     config = bert.read_config(text_cfg.init)
   else:
     config = BertConfig(
-        vocab_size=text_cfg.vocab_size, hidden_size=text_cfg.hidden_size,
-        num_layers=text_cfg.num_layers, num_heads=text_cfg.num_heads,
-        intermediate_size=text_cfg.intermediate_size,
-        max_position_embeddings=text_cfg.max_position_embeddings)
-  return dataclasses.replace(config, hidden_dropout=text_cfg.hidden_dropout,
-                             attention_dropout=text_cfg.attention_dropout)
+      vocab_size=text_cfg.vocab_size,
+      hidden_size=text_cfg.hidden_size,
+      num_layers=text_cfg.num_layers,
+      num_heads=text_cfg.num_heads,
+      intermediate_size=text_cfg.intermediate_size,
+      max_position_embeddings=text_cfg.max_position_embeddings,
+    )
+  return dataclasses.replace(
+    config, hidden_dropout=text_cfg.hidden_dropout, attention_dropout=text_cfg.attention_dropout
+  )
 
 
 def from_config(model_cfg: Any) -> ConVIRT:
   """Builds ConVIRT from the `model` section of the config (an ml_collections.ConfigDict)."""
   if model_cfg.dtype not in DTYPES:
-    raise ConfigError(f"model.dtype: unknown {model_cfg.dtype!r}; valid: "
-                      f"{', '.join(sorted(DTYPES))}")
+    raise ConfigError(
+      f"model.dtype: unknown {model_cfg.dtype!r}; valid: {', '.join(sorted(DTYPES))}"
+    )
   dtype = DTYPES[model_cfg.dtype]
   variant = model_cfg.image.variant
   if variant not in IMAGE_VARIANTS:
-    raise ConfigError(f"model.image.variant: unknown {variant!r}; valid: "
-                      f"{', '.join(sorted(IMAGE_VARIANTS))}")
+    raise ConfigError(
+      f"model.image.variant: unknown {variant!r}; valid: {', '.join(sorted(IMAGE_VARIANTS))}"
+    )
   if len(model_cfg.image.mean) != 3 or len(model_cfg.image.std) != 3:
     raise ConfigError("model.image.mean and model.image.std must have 3 values each")
   return ConVIRT(
-      image_encoder=IMAGE_VARIANTS[variant](dtype=dtype),
-      text_encoder=BertModel(_text_config(model_cfg.text), dtype=dtype),
-      projection_dim=model_cfg.projection_dim,
-      projection_hidden=model_cfg.projection_hidden,
-      image_mean=tuple(model_cfg.image.mean),
-      image_std=tuple(model_cfg.image.std),
-      dtype=dtype)
+    image_encoder=IMAGE_VARIANTS[variant](dtype=dtype),
+    text_encoder=BertModel(_text_config(model_cfg.text), dtype=dtype),
+    projection_dim=model_cfg.projection_dim,
+    projection_hidden=model_cfg.projection_hidden,
+    image_mean=tuple(model_cfg.image.mean),
+    image_std=tuple(model_cfg.image.std),
+    dtype=dtype,
+  )

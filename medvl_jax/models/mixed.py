@@ -8,6 +8,7 @@ fuses both in co-attention layers where each modality attends to the other only 
 have it, and predicts the masked tokens (MLM head tied to the word embeddings) and the masked
 pixels (a light MAE-style decoder). `forward_and_loss` is the one entry point for training.
 """
+
 from collections.abc import Mapping, Sequence
 import dataclasses
 from typing import Any
@@ -47,24 +48,25 @@ class DecoderConfig:
 
 class CrossAttention(nn.Module):
   """Queries of one modality attend to keys/values of the other (projected to query width)."""
+
   hidden_size: int
   num_heads: int
   dropout: float
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, ctx: jax.Array, key_mask: jax.Array,
-               train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, ctx: jax.Array, key_mask: jax.Array, train: bool) -> jax.Array:
     n, lq, _ = x.shape
     lk = ctx.shape[1]
     hd = self.hidden_size // self.num_heads
+
     def dense(name):
-      return nn.Dense(self.hidden_size, kernel_init=_INIT, dtype=self.dtype,
-                                      name=name)
+      return nn.Dense(self.hidden_size, kernel_init=_INIT, dtype=self.dtype, name=name)
+
     q = dense("query")(x).reshape(n, lq, self.num_heads, hd)
     k = dense("key")(ctx).reshape(n, lk, self.num_heads, hd)
     v = dense("value")(ctx).reshape(n, lk, self.num_heads, hd)
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(jnp.float32) * hd ** -0.5
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(jnp.float32) * hd**-0.5
     logits = jnp.where(key_mask[:, None, None, :], logits, _NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout, deterministic=not train)(probs)
@@ -79,43 +81,65 @@ class CrossAttention(nn.Module):
 class FusionLayer(nn.Module):
   """LXMERT/M3AE-style co-attention: both cross-attentions read the layer input, then each
   modality runs a pre-norm self-attention + MLP block (a `vit.Block`)."""
+
   text_size: int
   image_size: int
   config: FusionConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, t: jax.Array, i: jax.Array, text_keys: jax.Array, image_keys: jax.Array,
-               train: bool) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, t: jax.Array, i: jax.Array, text_keys: jax.Array, image_keys: jax.Array, train: bool
+  ) -> tuple[jax.Array, jax.Array]:
     cfg = self.config
+
     def ln(name):
       return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
+
     tn, im = ln("text_norm"), ln("image_norm")
     t_norm, i_norm = tn(t), im(i)
     drop = nn.Dropout(cfg.dropout, deterministic=not train)
-    t2 = t + drop(CrossAttention(self.text_size, cfg.num_heads, cfg.dropout, self.dtype,
-                                 name="text_to_image")(t_norm, i_norm, image_keys, train))
-    i2 = i + drop(CrossAttention(self.image_size, cfg.num_heads, cfg.dropout, self.dtype,
-                                 name="image_to_text")(i_norm, t_norm, text_keys, train))
+    t2 = t + drop(
+      CrossAttention(self.text_size, cfg.num_heads, cfg.dropout, self.dtype, name="text_to_image")(
+        t_norm, i_norm, image_keys, train
+      )
+    )
+    i2 = i + drop(
+      CrossAttention(self.image_size, cfg.num_heads, cfg.dropout, self.dtype, name="image_to_text")(
+        i_norm, t_norm, text_keys, train
+      )
+    )
 
     def block(size, name):
-      return vit.Block(size, cfg.num_heads, int(size * cfg.mlp_ratio), 1e-6, cfg.dropout,
-                       cfg.dropout, self.dtype, name=name)
+      return vit.Block(
+        size,
+        cfg.num_heads,
+        int(size * cfg.mlp_ratio),
+        1e-6,
+        cfg.dropout,
+        cfg.dropout,
+        self.dtype,
+        name=name,
+      )
 
-    return (block(self.text_size, "text_block")(t2, text_keys, train),
-            block(self.image_size, "image_block")(i2, image_keys, train))
+    return (
+      block(self.text_size, "text_block")(t2, text_keys, train),
+      block(self.image_size, "image_block")(i2, image_keys, train),
+    )
 
 
 class MLMHead(nn.Module):
   """BERT's prediction head: dense + gelu + LayerNorm, decoder tied to the word embeddings."""
+
   layer_norm_eps: float = 1e-12
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
     x = nn.Dense(x.shape[-1], kernel_init=_INIT, dtype=self.dtype, name="dense")(x)
-    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
-                     name="LayerNorm")(nn.gelu(x, approximate=False))
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(
+      nn.gelu(x, approximate=False)
+    )
     bias = self.param("bias", nn.initializers.zeros, (word_embeddings.shape[0],))
     return x @ word_embeddings.T.astype(x.dtype) + bias
 
@@ -123,6 +147,7 @@ class MLMHead(nn.Module):
 class PixelDecoder(nn.Module):
   """MAE-style light decoder: embed, mask tokens at masked patches, positions, narrow blocks,
   a linear map to the grey pixels of each patch."""
+
   config: DecoderConfig
   num_patches: int
   patch_pixels: int
@@ -136,8 +161,14 @@ class PixelDecoder(nn.Module):
     x = jnp.where(patch_mask[..., None], mask_token.astype(x.dtype), x)
     x = x + self.param("pos_embed", _INIT, (1, self.num_patches, cfg.hidden_size))
     for k in range(cfg.num_layers):
-      x = vit.Block(cfg.hidden_size, cfg.num_heads, int(cfg.hidden_size * cfg.mlp_ratio), 1e-6,
-                    dtype=self.dtype, name=f"block{k}")(x, None, train)
+      x = vit.Block(
+        cfg.hidden_size,
+        cfg.num_heads,
+        int(cfg.hidden_size * cfg.mlp_ratio),
+        1e-6,
+        dtype=self.dtype,
+        name=f"block{k}",
+      )(x, None, train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     return nn.Dense(self.patch_pixels, kernel_init=_INIT, dtype=self.dtype, name="pred")(x)
 
@@ -145,6 +176,7 @@ class PixelDecoder(nn.Module):
 class MixedModel(nn.Module):
   """Submodules: `image` (timm-named ViT), `text` (HF-named BERT), `fusion_layers_N`, `mlm_head`,
   `decoder`, `image_proj`, `text_proj`. Every size and choice comes from `from_config`."""
+
   vit_config: vit.ViTConfig
   text_encoder: nn.Module
   fusion: FusionConfig
@@ -163,11 +195,14 @@ class MixedModel(nn.Module):
     self.image = vit.ViT(self.vit_config, self.dtype)
     self.text = self.text_encoder.clone(parent=self, name="text")
     tsize = self.text_encoder.config.hidden_size
-    self.fusion_layers = [FusionLayer(tsize, self.vit_config.hidden_size, self.fusion,
-                                      self.dtype) for _ in range(self.fusion.num_layers)]
+    self.fusion_layers = [
+      FusionLayer(tsize, self.vit_config.hidden_size, self.fusion, self.dtype)
+      for _ in range(self.fusion.num_layers)
+    ]
     self.mlm_head = MLMHead(self.text_encoder.config.layer_norm_eps, self.dtype)
-    self.decoder = PixelDecoder(self.decoder_config, self.vit_config.num_patches,
-                                self.vit_config.patch_size ** 2, self.dtype)
+    self.decoder = PixelDecoder(
+      self.decoder_config, self.vit_config.num_patches, self.vit_config.patch_size**2, self.dtype
+    )
     self.image_proj = ProjectionHead(self.projection_hidden, self.projection_dim, self.dtype)
     self.text_proj = ProjectionHead(self.projection_hidden, self.projection_dim, self.dtype)
 
@@ -208,8 +243,9 @@ class MixedModel(nn.Module):
     """Raw grey images (0..255) -> pooled image features h_v [N, D_v]."""
     return self._pool_image(self.image(self.preprocess(images), None, train), None)
 
-  def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array,
-                  train: bool = False) -> jax.Array:
+  def encode_text(
+    self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False
+  ) -> jax.Array:
     """Token ids -> pooled text features h_u [N, D_u]."""
     return self._pool_text(self.text(input_ids, attention_mask, train=train), attention_mask)
 
@@ -225,16 +261,26 @@ class MixedModel(nn.Module):
   def draw_masks(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """MLM and MVM masks from the 'masking' rng stream."""
     k_text, k_image = jax.random.split(self.make_rng("masking"))
-    mlm = masking.mlm_mask(k_text, batch["input_ids"], batch["attention_mask"],
-                           batch["has_text"], self.text_mask)
-    patch_mask, scale_id = masking.multiscale_mask(k_image, batch["input_ids"].shape[0],
-                                                   self.image_mask)
-    return {"mlm_input_ids": mlm["input_ids"], "mlm_weights": mlm["weights"],
-            "patch_mask": patch_mask, "scale_id": scale_id}
+    mlm = masking.mlm_mask(
+      k_text, batch["input_ids"], batch["attention_mask"], batch["has_text"], self.text_mask
+    )
+    patch_mask, scale_id = masking.multiscale_mask(
+      k_image, batch["input_ids"].shape[0], self.image_mask
+    )
+    return {
+      "mlm_input_ids": mlm["input_ids"],
+      "mlm_weights": mlm["weights"],
+      "patch_mask": patch_mask,
+      "scale_id": scale_id,
+    }
 
   # --- Training forward ----------------------------------------------------------------------
-  def __call__(self, batch: Mapping[str, jax.Array], train: bool = False,
-               masks: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+  def __call__(
+    self,
+    batch: Mapping[str, jax.Array],
+    train: bool = False,
+    masks: Mapping[str, jax.Array] | None = None,
+  ) -> dict[str, jax.Array]:
     """Masked forward pass on a whole batch; `masks` (from `draw_masks`) fixes the masks."""
     if masks is None:
       masks = self.draw_masks(batch)
@@ -247,26 +293,27 @@ class MixedModel(nn.Module):
     image_embed = self.image_proj(self._pool_image(img, patch_mask))
     text_embed = self.text_proj(self._pool_text(txt, attention_mask))
     text_keys = (attention_mask > 0) & has_text[:, None]
-    image_keys = jnp.concatenate([jnp.ones_like(patch_mask[:, :1]), ~patch_mask],
-                                 axis=1) & has_image[:, None]
+    image_keys = (
+      jnp.concatenate([jnp.ones_like(patch_mask[:, :1]), ~patch_mask], axis=1) & has_image[:, None]
+    )
     for layer in self.fusion_layers:
       txt, img = layer(txt, img, text_keys, image_keys, train)
-    word_embeddings = self.text.variables["params"]["embeddings"]["word_embeddings"][
-        "embedding"]
+    word_embeddings = self.text.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
     return {
-        "mlm_logits": self.mlm_head(txt, word_embeddings),
-        "mlm_targets": batch["input_ids"],
-        "mlm_weights": masks["mlm_weights"],
-        "mvm_pred": self.decoder(img[:, 1:], patch_mask, train),
-        "mvm_target": self.pixel_targets(batch["image"]),
-        "patch_mask": patch_mask,
-        "scale_id": masks["scale_id"],
-        "image_embed": image_embed,
-        "text_embed": text_embed,
+      "mlm_logits": self.mlm_head(txt, word_embeddings),
+      "mlm_targets": batch["input_ids"],
+      "mlm_weights": masks["mlm_weights"],
+      "mvm_pred": self.decoder(img[:, 1:], patch_mask, train),
+      "mvm_target": self.pixel_targets(batch["image"]),
+      "patch_mask": patch_mask,
+      "scale_id": masks["scale_id"],
+      "image_embed": image_embed,
+      "text_embed": text_embed,
     }
 
-  def regenerate(self, images: jax.Array, patch_mask: jax.Array,
-                 denorm: str = "visible") -> dict[str, jax.Array]:
+  def regenerate(
+    self, images: jax.Array, patch_mask: jax.Array, denorm: str = "visible"
+  ) -> dict[str, jax.Array]:
     """Image-only regeneration of masked patches.
 
     Args:
@@ -283,11 +330,19 @@ class MixedModel(nn.Module):
     """
     n = images.shape[0]
     has_text = jnp.zeros((n,), bool)
-    batch = {"image": images, "input_ids": jnp.zeros((n, 1), jnp.int32),
-             "attention_mask": jnp.zeros((n, 1), jnp.int32), "has_image": jnp.ones((n,), bool),
-             "has_text": has_text}
-    masks = {"mlm_input_ids": batch["input_ids"], "mlm_weights": jnp.zeros((n, 1), bool),
-             "patch_mask": patch_mask, "scale_id": jnp.zeros((n,), jnp.int32)}
+    batch = {
+      "image": images,
+      "input_ids": jnp.zeros((n, 1), jnp.int32),
+      "attention_mask": jnp.zeros((n, 1), jnp.int32),
+      "has_image": jnp.ones((n,), bool),
+      "has_text": has_text,
+    }
+    masks = {
+      "mlm_input_ids": batch["input_ids"],
+      "mlm_weights": jnp.zeros((n, 1), bool),
+      "patch_mask": patch_mask,
+      "scale_id": jnp.zeros((n,), jnp.int32),
+    }
     pred = self(batch, train=False, masks=masks)["mvm_pred"].astype(jnp.float32)
     p = self.vit_config.patch_size
     raw = vit.patchify(images.astype(jnp.float32) / 255.0, p)
@@ -300,8 +355,10 @@ class MixedModel(nn.Module):
         keep = ~patch_mask[..., None]
         count = jnp.maximum(keep.sum(1, keepdims=True), 1)
         mean = jnp.sum(jnp.where(keep, raw.mean(-1, keepdims=True), 0), 1, keepdims=True) / count
-        std = jnp.sum(jnp.where(keep, jnp.sqrt(raw.var(-1, keepdims=True) + 1e-6), 0), 1,
-                      keepdims=True) / count
+        std = (
+          jnp.sum(jnp.where(keep, jnp.sqrt(raw.var(-1, keepdims=True) + 1e-6), 0), 1, keepdims=True)
+          / count
+        )
       else:
         raise ValueError(f"denorm must be 'visible' or 'target', got {denorm!r}")
       pixels = pred * std + mean
@@ -309,9 +366,14 @@ class MixedModel(nn.Module):
     return {"pred": pred, "image": vit.unpatchify(merged, p, 1) * 255.0}
 
 
-def forward_and_loss(model: MixedModel, variables: Mapping[str, Any],
-                     batch: Mapping[str, jax.Array], rngs: Mapping[str, jax.Array],
-                     loss_cfg: Any, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+def forward_and_loss(
+  model: MixedModel,
+  variables: Mapping[str, Any],
+  batch: Mapping[str, jax.Array],
+  rngs: Mapping[str, jax.Array],
+  loss_cfg: Any,
+  train: bool,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training/validation entry point: (total loss, metrics) on a whole batch.
 
   `rngs` must hold 'masking' (and 'dropout' when train). Differentiate w.r.t.
@@ -329,64 +391,92 @@ def _check(cond: bool, msg: str) -> None:
 def vit_config(image_cfg: Any) -> vit.ViTConfig:
   """From `config.model.image`."""
   return vit.ViTConfig(
-      image_size=image_cfg.image_size, patch_size=image_cfg.patch_size,
-      in_chans=image_cfg.in_chans, hidden_size=image_cfg.hidden_size,
-      num_layers=image_cfg.num_layers, num_heads=image_cfg.num_heads,
-      mlp_ratio=image_cfg.mlp_ratio, dropout=image_cfg.dropout,
-      attention_dropout=image_cfg.attention_dropout)
+    image_size=image_cfg.image_size,
+    patch_size=image_cfg.patch_size,
+    in_chans=image_cfg.in_chans,
+    hidden_size=image_cfg.hidden_size,
+    num_layers=image_cfg.num_layers,
+    num_heads=image_cfg.num_heads,
+    mlp_ratio=image_cfg.mlp_ratio,
+    dropout=image_cfg.dropout,
+    attention_dropout=image_cfg.attention_dropout,
+  )
 
 
 def from_config(model_cfg: Any) -> MixedModel:
   """Builds the model from `config.model` (an ml_collections.ConfigDict); ConfigError on bad
   values, naming the key."""
-  _check(model_cfg.dtype in DTYPES, f"model.dtype: unknown {model_cfg.dtype!r}; valid: "
-         f"{', '.join(sorted(DTYPES))}")
+  _check(
+    model_cfg.dtype in DTYPES,
+    f"model.dtype: unknown {model_cfg.dtype!r}; valid: {', '.join(sorted(DTYPES))}",
+  )
   dtype = DTYPES[model_cfg.dtype]
   icfg = model_cfg.image
   vcfg = vit_config(icfg)
-  _check(len(icfg.mean) == vcfg.in_chans and len(icfg.std) == vcfg.in_chans,
-         f"model.image.mean/std must have in_chans={vcfg.in_chans} values each")
-  _check(icfg.pool in IMAGE_POOLS, f"model.image.pool: unknown {icfg.pool!r}; valid: "
-         f"{', '.join(IMAGE_POOLS)}")
-  _check(model_cfg.text.pool in TEXT_POOLS, f"model.text.pool: unknown "
-         f"{model_cfg.text.pool!r}; valid: {', '.join(TEXT_POOLS)}")
+  _check(
+    len(icfg.mean) == vcfg.in_chans and len(icfg.std) == vcfg.in_chans,
+    f"model.image.mean/std must have in_chans={vcfg.in_chans} values each",
+  )
+  _check(
+    icfg.pool in IMAGE_POOLS,
+    f"model.image.pool: unknown {icfg.pool!r}; valid: {', '.join(IMAGE_POOLS)}",
+  )
+  _check(
+    model_cfg.text.pool in TEXT_POOLS,
+    f"model.text.pool: unknown {model_cfg.text.pool!r}; valid: {', '.join(TEXT_POOLS)}",
+  )
   bert = _text_config(model_cfg.text)
   f = model_cfg.fusion
   fusion = FusionConfig(f.num_layers, f.num_heads, f.mlp_ratio, f.dropout)
   _check(f.num_layers >= 0, "model.fusion.num_layers must be >= 0")
   for what, size in (("text", bert.hidden_size), ("image", vcfg.hidden_size)):
-    _check(size % f.num_heads == 0, f"model.fusion.num_heads {f.num_heads} does not divide "
-           f"the {what} width {size}")
+    _check(
+      size % f.num_heads == 0,
+      f"model.fusion.num_heads {f.num_heads} does not divide the {what} width {size}",
+    )
   d = model_cfg.decoder
-  _check(d.hidden_size % d.num_heads == 0, f"model.decoder.num_heads {d.num_heads} does not "
-         f"divide model.decoder.hidden_size {d.hidden_size}")
+  _check(
+    d.hidden_size % d.num_heads == 0,
+    f"model.decoder.num_heads {d.num_heads} does not "
+    f"divide model.decoder.hidden_size {d.hidden_size}",
+  )
   return MixedModel(
-      vit_config=vcfg,
-      text_encoder=BertModel(bert, dtype=dtype),
-      fusion=fusion,
-      decoder_config=DecoderConfig(d.hidden_size, d.num_layers, d.num_heads, d.mlp_ratio,
-                            d.norm_pix_target),
-      text_mask=masking.text_config(model_cfg.masking, bert.vocab_size),
-      image_mask=masking.image_config(model_cfg.masking, vcfg.grid),
-      projection_dim=model_cfg.projection_dim,
-      projection_hidden=model_cfg.projection_hidden,
-      image_mean=tuple(icfg.mean), image_std=tuple(icfg.std),
-      image_pool=icfg.pool, text_pool=model_cfg.text.pool, dtype=dtype)
+    vit_config=vcfg,
+    text_encoder=BertModel(bert, dtype=dtype),
+    fusion=fusion,
+    decoder_config=DecoderConfig(
+      d.hidden_size, d.num_layers, d.num_heads, d.mlp_ratio, d.norm_pix_target
+    ),
+    text_mask=masking.text_config(model_cfg.masking, bert.vocab_size),
+    image_mask=masking.image_config(model_cfg.masking, vcfg.grid),
+    projection_dim=model_cfg.projection_dim,
+    projection_hidden=model_cfg.projection_hidden,
+    image_mean=tuple(icfg.mean),
+    image_std=tuple(icfg.std),
+    image_pool=icfg.pool,
+    text_pool=model_cfg.text.pool,
+    dtype=dtype,
+  )
 
 
-def dummy_batch(model: MixedModel, batch_size: int = 2, max_length: int = 8
-                ) -> dict[str, jax.Array]:
+def dummy_batch(
+  model: MixedModel, batch_size: int = 2, max_length: int = 8
+) -> dict[str, jax.Array]:
   """A batch in the agreed layout (for init and shape checks)."""
   s = model.vit_config.image_size
-  return {"image": jnp.zeros((batch_size, s, s, 1), jnp.uint8),
-          "input_ids": jnp.zeros((batch_size, max_length), jnp.int32),
-          "attention_mask": jnp.ones((batch_size, max_length), jnp.int32),
-          "has_image": jnp.ones((batch_size,), bool), "has_text": jnp.ones((batch_size,), bool),
-          "source": jnp.zeros((batch_size,), jnp.int32)}
+  return {
+    "image": jnp.zeros((batch_size, s, s, 1), jnp.uint8),
+    "input_ids": jnp.zeros((batch_size, max_length), jnp.int32),
+    "attention_mask": jnp.ones((batch_size, max_length), jnp.int32),
+    "has_image": jnp.ones((batch_size,), bool),
+    "has_text": jnp.ones((batch_size,), bool),
+    "source": jnp.zeros((batch_size,), jnp.int32),
+  }
 
 
-def init(model: MixedModel, key: jax.Array, batch: Mapping[str, jax.Array] | None = None
-         ) -> dict[str, Any]:
+def init(
+  model: MixedModel, key: jax.Array, batch: Mapping[str, jax.Array] | None = None
+) -> dict[str, Any]:
   """Initial variables ({'params': ...})."""
   batch = dummy_batch(model) if batch is None else batch
   k_params, k_mask = jax.random.split(key)

@@ -3,6 +3,7 @@
 Submodule names follow torchvision's state-dict names (`conv1`, `bn1`, `layer1/0/conv2`,
 `layer1/0/downsample/0`, ...) so that `medvl_jax.weights` maps the two one-to-one.
 """
+
 from collections.abc import Sequence
 import functools
 from typing import Any
@@ -18,19 +19,28 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
   """Bias-free conv with torch's explicit symmetric zero padding of kernel // 2."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=_CONV_INIT, dtype=dtype, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=_CONV_INIT,
+    dtype=dtype,
+    name=name,
+  )
 
 
 def _norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
   """BatchNorm with torch's defaults (eps 1e-5, torch momentum 0.1 == flax momentum 0.9)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, name=name)
+  return nn.BatchNorm(
+    use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+  )
 
 
 class Downsample(nn.Module):
   """Projection shortcut: 1x1 strided conv (`0`) then BatchNorm (`1`)."""
+
   features: int
   stride: int
   dtype: Any = jnp.float32
@@ -43,6 +53,7 @@ class Downsample(nn.Module):
 
 class Bottleneck(nn.Module):
   """torchvision Bottleneck: 1x1 -> 3x3 (strided) -> 1x1 (4x wider), identity/projection skip."""
+
   width: int
   stride: int = 1
   downsample: bool = False
@@ -63,6 +74,7 @@ class Bottleneck(nn.Module):
 
 class Stage(nn.Module):
   """One `layerK` of torchvision: blocks named '0', '1', ...; the first one may downsample."""
+
   num_blocks: int
   width: int
   stride: int
@@ -73,8 +85,9 @@ class Stage(nn.Module):
     for i in range(self.num_blocks):
       first = i == 0
       needs_proj = first and (self.stride != 1 or x.shape[-1] != 4 * self.width)
-      x = Bottleneck(self.width, self.stride if first else 1, needs_proj, self.dtype,
-                     name=str(i))(x, train)
+      x = Bottleneck(self.width, self.stride if first else 1, needs_proj, self.dtype, name=str(i))(
+        x, train
+      )
     return x
 
 
@@ -86,6 +99,7 @@ class ResNet(nn.Module):
     width: bottleneck width of the first stage (64 for ResNet-50); doubles per stage.
     dtype: computation dtype (parameters stay float32).
   """
+
   stage_sizes: Sequence[int]
   width: int = 64
   dtype: Any = jnp.float32
@@ -99,8 +113,9 @@ class ResNet(nn.Module):
     # Max pooling pads with -inf, like torch.nn.MaxPool2d(3, 2, padding=1).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_blocks in enumerate(self.stage_sizes):
-      x = Stage(num_blocks, self.width * 2**i, 1 if i == 0 else 2, self.dtype,
-                name=f"layer{i + 1}")(x, train)
+      x = Stage(
+        num_blocks, self.width * 2**i, 1 if i == 0 else 2, self.dtype, name=f"layer{i + 1}"
+      )(x, train)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 

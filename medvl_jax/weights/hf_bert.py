@@ -2,6 +2,7 @@
 
 `read_config` (the directory's config.json) lives with the model in `models.bert`.
 """
+
 from collections.abc import Mapping
 import os
 import pathlib
@@ -32,22 +33,22 @@ def normalise_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
   out = {}
   for name, value in state_dict.items():
     if name.startswith("bert."):
-      name = name[len("bert."):]
+      name = name[len("bert.") :]
     if name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES):
       continue
     if name.endswith("LayerNorm.gamma"):
-      name = name[:-len("gamma")] + "weight"
+      name = name[: -len("gamma")] + "weight"
     elif name.endswith("LayerNorm.beta"):
-      name = name[:-len("beta")] + "bias"
+      name = name[: -len("beta")] + "bias"
     out[name] = value
   return out
 
 
-def from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: BertConfig,
-                       source: str) -> dict[str, Any]:
+def from_hf_state_dict(
+  state_dict: Mapping[str, np.ndarray], config: BertConfig, source: str
+) -> dict[str, Any]:
   """HF BertModel state dict (any prefix/extras) -> flax `params` of `BertModel(config)`."""
-  trees = mapping.from_torch(normalise_keys(state_dict), {"params": param_shapes(config)},
-                             source)
+  trees = mapping.from_torch(normalise_keys(state_dict), {"params": param_shapes(config)}, source)
   return trees["params"]
 
 

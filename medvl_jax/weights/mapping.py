@@ -5,6 +5,7 @@ A flax leaf path maps to a PyTorch name by joining the module path with '.' and 
 `running_mean`/`running_var`); conv kernels are HWIO in flax and OIHW in torch, dense kernels
 (in, out) in flax and (out, in) in torch. Used both ways: import and export.
 """
+
 from collections.abc import Mapping
 import os
 import pathlib
@@ -17,12 +18,12 @@ import safetensors.numpy
 from medvl_jax.errors import WeightsError
 
 _LEAF_TO_TORCH = {
-    "kernel": "weight",
-    "embedding": "weight",
-    "scale": "weight",
-    "bias": "bias",
-    "mean": "running_mean",
-    "var": "running_var",
+  "kernel": "weight",
+  "embedding": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
 }
 _MAX_NAMED = 5  # How many offending names an error message lists.
 
@@ -83,8 +84,9 @@ def to_torch(*trees: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
-def from_torch(state_dict: Mapping[str, np.ndarray], targets: Mapping[str, Mapping[str, Any]],
-               source: str) -> dict[str, dict[str, Any]]:
+def from_torch(
+  state_dict: Mapping[str, np.ndarray], targets: Mapping[str, Mapping[str, Any]], source: str
+) -> dict[str, dict[str, Any]]:
   """Fills flax trees shaped like `targets` ({collection: tree}) from a PyTorch state dict.
 
   Args:

@@ -1,4 +1,5 @@
 """Initialisation of a model's towers from PyTorch-format checkpoints named in the config."""
+
 from collections.abc import Mapping
 import copy
 from typing import Any
@@ -11,23 +12,29 @@ from medvl_jax.weights import hf_bert, torchvision_resnet
 from medvl_jax.weights.mapping import flatten, names, unflatten
 
 
-def _replace(variables: dict[str, Any], collection: str, key: str, new: Mapping[str, Any],
-             source: str) -> None:
+def _replace(
+  variables: dict[str, Any], collection: str, key: str, new: Mapping[str, Any], source: str
+) -> None:
   """Replaces variables[collection][key] by `new` after checking paths and shapes."""
   old = flatten(variables[collection][key])
   new_flat = flatten(new)
   missing = ["/".join(p) for p in old if p not in new_flat]
   extra = ["/".join(p) for p in new_flat if p not in old]
   if missing or extra:
-    raise WeightsError(f"{source}: imported {collection}/{key} does not match the model: "
-                       f"missing {names(missing) or '-'}; unexpected {names(extra) or '-'}")
-  bad = [f"{collection}/{key}/{'/'.join(p)} imported {tuple(np.shape(v))} vs model "
-         f"{tuple(old[p].shape)}" for p, v in new_flat.items()
-         if tuple(np.shape(v)) != tuple(old[p].shape)]
+    raise WeightsError(
+      f"{source}: imported {collection}/{key} does not match the model: "
+      f"missing {names(missing) or '-'}; unexpected {names(extra) or '-'}"
+    )
+  bad = [
+    f"{collection}/{key}/{'/'.join(p)} imported {tuple(np.shape(v))} vs model {tuple(old[p].shape)}"
+    for p, v in new_flat.items()
+    if tuple(np.shape(v)) != tuple(old[p].shape)
+  ]
   if bad:
     raise WeightsError(f"{source}: shape mismatch for {len(bad)} leaves: {names(bad)}")
   variables[collection][key] = unflatten(
-      {p: jnp.asarray(v, dtype=old[p].dtype) for p, v in new_flat.items()})
+    {p: jnp.asarray(v, dtype=old[p].dtype) for p, v in new_flat.items()}
+  )
 
 
 def init_from_pretrained(variables: Mapping[str, Any], model_cfg: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """torchvision ResNet state dicts <-> `medvl_jax.models.resnet.ResNet` variables."""
+
 from collections.abc import Mapping
 import os
 from typing import Any
@@ -24,8 +25,8 @@ def _is_ignored(name: str) -> bool:
 
 
 def from_torchvision_state_dict(
-    state_dict: Mapping[str, np.ndarray], source: str,
-    model: nn.Module | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+  state_dict: Mapping[str, np.ndarray], source: str, model: nn.Module | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
   """torchvision state dict -> (params, batch_stats) of `model` (default ResNet50())."""
   kept = {k: v for k, v in state_dict.items() if not _is_ignored(k)}
   shapes = variable_shapes(model if model is not None else ResNet50())
@@ -33,8 +34,9 @@ def from_torchvision_state_dict(
   return trees["params"], trees["batch_stats"]
 
 
-def to_torchvision_state_dict(params: Mapping[str, Any],
-                              batch_stats: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def to_torchvision_state_dict(
+  params: Mapping[str, Any], batch_stats: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
   """(params, batch_stats) -> torchvision state dict without `fc.*`/`num_batches_tracked`."""
   return mapping.to_torch(params, batch_stats)
 
@@ -52,8 +54,9 @@ def load_resnet50(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, An
   return from_torchvision_state_dict(state_dict, str(path))
 
 
-def to_torchvision_loadable_state_dict(params: Mapping[str, Any], batch_stats: Mapping[str, Any]
-                                       ) -> dict[str, np.ndarray]:
+def to_torchvision_loadable_state_dict(
+  params: Mapping[str, Any], batch_stats: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
   """Like `to_torchvision_state_dict`, plus `num_batches_tracked` (int64 zeros) per BatchNorm.
 
   The result loads with `load_state_dict(strict=True)` into the torchvision model once its
@@ -62,5 +65,5 @@ def to_torchvision_loadable_state_dict(params: Mapping[str, Any], batch_stats: M
   """
   out = to_torchvision_state_dict(params, batch_stats)
   for name in [n for n in out if n.endswith(".running_mean")]:
-    out[name[:-len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+    out[name[: -len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
   return out
