@@ -106,3 +106,20 @@ def test_family_config_mismatch_is_one_line(tmp_path, tfds_dir):
   assert "config.loss.name='infonce' does not fit config.model.name='mixed'" in last, last
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w" / "config.json").exists()
+
+
+@pytest.mark.parametrize("task", ["retrieval", "linear_probe", "zeroshot", "finetune"])
+def test_evaluators_run_on_a_mixed_checkpoint(mixed_run, tmp_path, task):
+  """The evaluators reach the mixed model through the family's encoders, as for ConVIRT."""
+  import json
+
+  from tests.conftest import run_eval
+
+  workdir, _ = mixed_run
+  out = tmp_path / task
+  proc = run_eval(f"--workdir={workdir}", f"--task={task}", "--cfg=n_boot=20", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((out / "metrics.json").read_text())
+  assert result["step"] == STEPS and result["task"] == task
+  values = [v for v in result["metrics"].values() if v is not None]
+  assert values and all(np.isfinite(v) for v in values)
