@@ -177,7 +177,28 @@ def test_compare_table(probe_out, tmp_path):
   assert proc.stdout == md.read_text()
   with Image.open(tmp_path / "cmp.png") as im:  # The chart beside the table.
     im.load()
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp.md", "cmp.png"]
+  with Image.open(tmp_path / "cmp_losses.png") as im:  # The runs' loss curves.
+    im.load()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp.md", "cmp.png", "cmp_losses.png"]
+
+
+def test_compare_loss_curves_come_from_the_runs_tensorboard(short_run):
+  from medvl_jax.evaluate import __main__ as cli_main
+  from medvl_jax.evaluate import plots
+  from tests.conftest import SHORT_STEPS, read_scalars
+
+  curves = cli_main.training_curves(short_run / "tensorboard")
+  want = read_scalars(short_run / "tensorboard")
+  assert curves["train_loss"][0] == list(range(1, SHORT_STEPS + 1))
+  assert curves["train_loss"][1] == pytest.approx(
+    [want["train_loss"][s] for s in curves["train_loss"][0]]
+  )
+  assert curves["val_loss"][0] == [SHORT_STEPS]
+  fig = plots.training_curves_figure({"a": curves, "b": curves})
+  axes = fig.get_axes()
+  assert [ax.get_title() for ax in axes] == ["train_loss", "val_loss"]
+  assert [len(ax.get_lines()) for ax in axes] == [2, 2]
+  assert axes[0].get_xlabel() == "step" and axes[0].get_legend() is not None
 
 
 # ----------------------------------------------------------------------------- bad input

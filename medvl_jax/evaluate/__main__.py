@@ -166,12 +166,44 @@ def compare_table(dirs: list[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def compare_chart(dirs: list[str], path: pathlib.Path) -> None:
-  """PNG: one bar chart per metric across the evaluation directories (CIs as error bars)."""
+def compare_chart(dirs: list[str], path: pathlib.Path) -> list[pathlib.Path]:
+  """PNGs: one bar chart per metric across the evaluation directories (CIs as error bars) at
+  `path`, and the runs' training and validation loss curves at `<path stem>_losses.png` when
+  their workdirs hold TensorBoard logs. Returns the files written."""
   from medvl_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
 
   runs = read_evaluations(dirs)
   plots.comparison_chart(path, runs, _metric_names(runs), _run_labels(runs))
+  curves = {}
+  for label, r in zip(_run_labels(runs), runs):
+    per_run = training_curves(pathlib.Path(r["workdir"]) / "tensorboard")
+    if per_run:
+      curves[label if label not in curves else f"{label} ({len(curves) + 1})"] = per_run
+  if not curves:
+    return [path]
+  losses = path.with_name(f"{path.stem}_losses.png")
+  plots.training_curves(losses, curves)
+  return [path, losses]
+
+
+LOSS_TAGS = ("train_loss", "val_loss")
+
+
+def training_curves(logdir: pathlib.Path) -> dict[str, tuple[list, list]]:
+  """{tag: (steps, values)} of the loss scalars in a run's TensorBoard logs (a resumed run's
+  later values replace the earlier ones); {} if there are none."""
+  if not logdir.is_dir():
+    return {}
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  out: dict[str, dict[int, float]] = {}
+  for f in sorted(logdir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+    for rec in tf.data.TFRecordDataset(str(f)):
+      event = tf.compat.v1.Event.FromString(rec.numpy())
+      for v in event.summary.value:
+        if v.tag in LOSS_TAGS and v.HasField("tensor"):
+          out.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
+  return {tag: (sorted(d), [d[s] for s in sorted(d)]) for tag, d in out.items()}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -183,7 +215,8 @@ def _define_flags() -> None:
     "out",
     None,
     "Output directory (default WORKDIR/eval/TASK-stepN); with "
-    "--compare, a Markdown file (and a bar chart per metric beside it, .png).",
+    "--compare, a Markdown file (and beside it a bar chart per metric, .png, and the runs' "
+    "loss curves, _losses.png).",
   )
   flags.DEFINE_multi_string("cfg", [], "Task setting key=value (repeatable).")
   flags.DEFINE_bool(

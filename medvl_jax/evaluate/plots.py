@@ -196,3 +196,27 @@ def comparison_chart(
   path: pathlib.Path, runs: list[dict[str, Any]], names: list[str], labels: list[str]
 ) -> None:
   save(comparison_figure(runs, names, labels), path)
+
+
+def training_curves_figure(curves: dict[str, dict[str, tuple[list, list]]]) -> Figure:
+  """The compared runs' training curves: one panel per tag (train_loss, val_loss), one line per
+  run (`curves`: run label -> tag -> (steps, values), read from each run's TensorBoard)."""
+  tags = sorted({tag for per_run in curves.values() for tag in per_run})
+  fig = Figure(figsize=(5.0 * max(len(tags), 1), 3.6))
+  for i, tag in enumerate(tags):
+    ax = fig.add_subplot(1, max(len(tags), 1), i + 1)
+    for j, (label, per_run) in enumerate(curves.items()):
+      if tag in per_run:
+        steps, values = per_run[tag]
+        ax.plot(
+          steps, values, marker="." if len(steps) < 20 else None, color=f"C{j % 10}", label=label
+        )
+    ax.set(title=tag, xlabel="step", ylabel=tag)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  return fig
+
+
+def training_curves(path: pathlib.Path, curves: dict[str, dict[str, tuple[list, list]]]) -> None:
+  save(training_curves_figure(curves), path)
