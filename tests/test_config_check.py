@@ -38,7 +38,10 @@ CASES = [
 ]
 
 EVALUATOR_CASES = [
-  ("[{'name': 'nope'}]", ["config.evaluators[0] name='nope'", "linear_probe, regeneration, retrieval"]),
+  (
+    "[{'name': 'nope'}]",
+    ["config.evaluators[0] name='nope'", "linear_probe, regeneration, retrieval"],
+  ),
   (
     "[{'name': 'linear_probe', 'nope': 1}]",
     ["config.evaluators[0] (linear_probe)", "'nope'", "fractions", "seeds"],

@@ -21,8 +21,12 @@ its name in `_MODULES` below.
 from collections.abc import Callable
 import dataclasses
 import importlib
+import re
 from typing import Any
 
+import jax
+
+from medvl_jax import sharding
 from medvl_jax.errors import ConfigError
 
 # config.model.name -> module defining FAMILY (imported on use: a family's heavy imports, e.g.
@@ -109,3 +113,21 @@ def row_mask(batch: dict) -> Any:
   for m in present[1:]:
     out = out & m.astype(bool)
   return out
+
+
+def text_tower_mask(params, model_cfg):
+  """Trainable mask of a family with a BERT text tower at params['text']: False for its
+  embeddings (`model.text.freeze_embeddings`) and its first K layers (`model.text.frozen_layers`,
+  -1 = half: ConVIRT freezes 6 of 12), True everywhere else."""
+  num_layers = len(params["text"]["encoder"]["layer"])
+  k = model_cfg.text.frozen_layers
+  k = num_layers // 2 if k < 0 else k
+  if k > num_layers:
+    raise ConfigError(f"config.model.text.frozen_layers={k} exceeds the {num_layers} layers")
+  frozen = [rf"^text/encoder/layer/{i}/" for i in range(k)]
+  if model_cfg.text.freeze_embeddings:
+    frozen.append(r"^text/embeddings/")
+  regex = re.compile("|".join(frozen)) if frozen else None
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: not (regex and regex.search(sharding.path_str(path))), params
+  )

@@ -5,15 +5,14 @@ not padding (`mask`); a ConVIRT run on the one-source shorthand has only paired 
 """
 
 import pathlib
-import re
 from typing import Any
 
 import jax
 import numpy as np
 
-from medvl_jax import losses, sharding, weights
+from medvl_jax import losses, weights
 from medvl_jax.errors import ConfigError
-from medvl_jax.families import Encoders, Family, export_files, row_mask
+from medvl_jax.families import Encoders, Family, export_files, row_mask, text_tower_mask
 from medvl_jax.models import bert as bert_model
 from medvl_jax.models import convirt as convirt_model
 from medvl_jax.weights import hf_bert, pretrained, torchvision_resnet
@@ -54,22 +53,6 @@ def make_loss(config):
     return loss, metrics, new_stats
 
   return loss_fn
-
-
-def trainable_mask(params, model_cfg):
-  """Bool tree: False for BERT embeddings and the first K layers (ConVIRT freezes 6 of 12)."""
-  num_layers = len(params["text"]["encoder"]["layer"])
-  k = model_cfg.text.frozen_layers
-  k = num_layers // 2 if k < 0 else k
-  if k > num_layers:
-    raise ConfigError(f"config.model.text.frozen_layers={k} exceeds the {num_layers} layers")
-  frozen = [rf"^text/encoder/layer/{i}/" for i in range(k)]
-  if model_cfg.text.freeze_embeddings:
-    frozen.append(r"^text/embeddings/")
-  regex = re.compile("|".join(frozen)) if frozen else None
-  return jax.tree_util.tree_map_with_path(
-    lambda path, _: not (regex and regex.search(sharding.path_str(path))), params
-  )
 
 
 def encoders(model) -> Encoders:
@@ -225,7 +208,7 @@ FAMILY = Family(
   make_loss=make_loss,
   metrics=("loss_i2t", "loss_t2i", "acc_i2t", "acc_t2i"),
   summary_metrics=("acc_i2t",),
-  trainable_mask=trainable_mask,
+  trainable_mask=text_tower_mask,
   init_from_pretrained=pretrained.init_from_pretrained,
   has_pretrained=lambda model_cfg: bool(model_cfg.text.init or model_cfg.image.init),
   encoders=encoders,

@@ -8,15 +8,14 @@ Random streams: `dropout` (the step key) and `masking` (derived from it).
 
 from collections.abc import Mapping
 import pathlib
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from medvl_jax import sharding, weights
-from medvl_jax.errors import ConfigError, WeightsError
-from medvl_jax.families import Encoders, Family, export_files
+from medvl_jax import weights
+from medvl_jax.errors import WeightsError
+from medvl_jax.families import Encoders, Family, export_files, text_tower_mask
 from medvl_jax.models import mixed as mixed_model
 from medvl_jax.weights import hf_bert, timm_vit
 
@@ -51,22 +50,6 @@ def make_loss(config):
     return loss, metrics, variables.get("batch_stats", {})
 
   return loss_fn
-
-
-def trainable_mask(params, model_cfg):
-  """False for the text embeddings (if frozen) and the first K BERT layers; the rest trains."""
-  num_layers = len(params["text"]["encoder"]["layer"])
-  k = model_cfg.text.frozen_layers
-  k = num_layers // 2 if k < 0 else k
-  if k > num_layers:
-    raise ConfigError(f"config.model.text.frozen_layers={k} exceeds the {num_layers} layers")
-  frozen = [rf"^text/encoder/layer/{i}/" for i in range(k)]
-  if model_cfg.text.freeze_embeddings:
-    frozen.append(r"^text/embeddings/")
-  regex = re.compile("|".join(frozen)) if frozen else None
-  return jax.tree_util.tree_map_with_path(
-    lambda path, _: not (regex and regex.search(sharding.path_str(path))), params
-  )
 
 
 def encoders(model) -> Encoders:
@@ -276,7 +259,7 @@ FAMILY = Family(
     "acc_t2i",
   ),
   summary_metrics=("mlm", "mvm", "contrastive"),
-  trainable_mask=trainable_mask,
+  trainable_mask=text_tower_mask,
   init_from_pretrained=init_from_pretrained,
   has_pretrained=lambda model_cfg: bool(model_cfg.text.init or model_cfg.image.init),
   encoders=encoders,
