@@ -8,15 +8,17 @@ pool, skip counts in `info.metadata['skipped']`, the log line) is here.
 """
 
 import collections
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 import csv
 import dataclasses
 import gzip
 import hashlib
 import io
 import multiprocessing
+import os
 import re
 from typing import Any
+import zlib
 
 from absl import logging
 from etils import epath
@@ -105,12 +107,12 @@ def chexpert_value(raw: str, policy: str) -> int:
   raw = (raw or "").strip()
   if not raw:
     return 0
-  value = int(float(raw))
+  value = float(raw)  # ValueError for text; inf, nan and 0.5 are refused below.
   if value == -1:
     return {"ignore": -1, "ones": 1, "zeros": 0}[policy]
   if value not in (0, 1):
     raise ValueError(f"CheXpert label {raw!r}")
-  return value
+  return int(value)
 
 
 # ----------------------------------------------------------------------------- files
@@ -122,28 +124,136 @@ def require(path: epath.Path, what: str) -> epath.Path:
   return path
 
 
+def inside(root: epath.Path, path: epath.Path) -> bool:
+  """Whether `path`, with symlinks and `..` resolved, lies inside `root` (resolved too).
+
+  A path that cannot be a file name at all (a NUL byte, too long) is not inside.
+  """
+  try:
+    real_root = os.path.realpath(os.fspath(root))
+    real = os.path.realpath(os.fspath(path))
+  except (ValueError, OSError):
+    return False
+  return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def safe_path(root: epath.Path, *parts: str) -> epath.Path | None:
+  """root / parts if the result resolves inside root (see `inside`), else None."""
+  try:
+    path = root.joinpath(*parts)
+  except (ValueError, TypeError):
+    return None
+  return path if inside(root, path) else None
+
+
+def _utf8(data: bytes, path: epath.Path, *, bom: bool = True) -> str:
+  """The file's text; DataError naming the file, line and byte if it is not UTF-8."""
+  try:
+    return data.decode("utf-8-sig" if bom else "utf-8")
+  except UnicodeDecodeError as e:
+    line = data[: e.start].count(b"\n") + 1
+    raise DataError(
+      f"{path}: line {line}: byte 0x{data[e.start]:02x} is not UTF-8; re-save the file as UTF-8"
+    ) from None
+
+
+def read_bytes(path: epath.Path, manifest: "Manifest | None" = None) -> bytes:
+  """The bytes of a required manifest file (gunzipped for .gz); one DataError otherwise."""
+  require(path, "manifest")
+  try:
+    raw = path.read_bytes()
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({type(e).__name__}: {e.strerror or e})") from None
+  if manifest is not None:
+    manifest.add(path, raw)
+  if path.name.endswith(".gz"):
+    try:
+      return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+      raise DataError(f"{path}: not a readable gzip file ({type(e).__name__})") from None
+  return raw
+
+
+def read_text(path: epath.Path, manifest: "Manifest | None" = None) -> str:
+  """A required text file (a split list, a label file) as UTF-8; one DataError otherwise."""
+  return _utf8(read_bytes(path, manifest), path)
+
+
+class Row(dict):
+  """A CSV row (column -> cell) that knows where it is: `where` = '<file>:<line>'."""
+
+  where: str = ""
+
+
 def read_csv(
   path: epath.Path,
   required_columns: Iterable[str],
   *,
   delimiter: str = ",",
   fieldnames: list[str] | None = None,
-) -> list[dict[str, str]]:
-  """Rows of a (possibly .gz) CSV; a missing file or column is one DataError naming it."""
-  require(path, "CSV")
-  data = path.read_bytes()
-  if path.name.endswith(".gz"):
-    data = gzip.decompress(data)
+  skip: Callable[[str, str], None] | None = None,
+  manifest: "Manifest | None" = None,
+) -> list[Row]:
+  """Rows of a (possibly .gz) CSV, each a `Row` naming its file and line.
+
+  A missing file or column, a byte that is not UTF-8, a gzip or CSV format error: one
+  DataError naming the file (and line). A row with fewer or more cells than the header is
+  passed to `skip('malformed_row', where)` and left out (a DataError if `skip` is None).
+  """
+  text = _utf8(read_bytes(path, manifest), path)
   reader = csv.DictReader(
-    io.StringIO(data.decode("utf-8-sig"), newline=""), delimiter=delimiter, fieldnames=fieldnames
+    io.StringIO(text, newline=""), delimiter=delimiter, fieldnames=fieldnames, restval=None
   )
-  rows = list(reader)
-  missing = [c for c in required_columns if c not in (reader.fieldnames or [])]
-  if missing:
-    raise DataError(
-      f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(reader.fieldnames or [])})"
-    )
+  rows: list[Row] = []
+  try:
+    header = reader.fieldnames or []
+    missing = [c for c in required_columns if c not in header]
+    if missing:
+      raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(header)})")
+    for cells in reader:
+      row = Row(cells)
+      row.where = f"{path.name}:{reader.line_num}"
+      if None in row or None in row.values():
+        if skip is None:
+          raise DataError(f"{row.where}: {len(header)} columns in the header, not in this row")
+        skip("malformed_row", row.where)
+        continue
+      rows.append(row)
+  except csv.Error as e:
+    raise DataError(f"{path}: line {reader.line_num}: {e}") from None
   return rows
+
+
+class Manifest:
+  """The files a build read (CSVs, lists, report XML), fingerprinted for `corpora.source_changes`.
+
+  Stored in `info.metadata['source']`: the manual_dir and, per file (relative to it), its
+  size, mtime (ns) and sha256. A load compares size and mtime first and hashes only a file whose
+  stat changed, so a copied but identical source is not reported.
+  """
+
+  def __init__(self, root: epath.Path):
+    self.root = epath.Path(os.path.realpath(os.fspath(root)))
+    self.files: dict[str, list[Any]] = {}
+
+  def add(self, path: epath.Path, data: bytes) -> None:
+    real = os.path.realpath(os.fspath(path))
+    try:
+      rel = os.path.relpath(real, os.fspath(self.root))
+      st = os.stat(real)
+    except (OSError, ValueError):
+      return
+    self.files[rel] = [st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest()]
+
+  def metadata(self) -> dict[str, Any]:
+    return {"manual_dir": os.fspath(self.root), "files": dict(sorted(self.files.items()))}
+
+
+def skipped_line(skipped: dict[str, int]) -> str:
+  """'skipped 5 rows: 3 duplicate_key, 2 unreadable_image' (or 'skipped 0 rows')."""
+  total = sum(skipped.values())
+  parts = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items(), key=lambda x: -x[1]))
+  return f"skipped {total} rows" + (f": {parts}" if parts else "")
 
 
 # ----------------------------------------------------------------------------- reports
@@ -297,18 +407,37 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       root = dl_manager.manual_dir
     except AssertionError as e:  # tfds: "Manual directory <path> does not exist or is empty."
       raise DataError(f"{self.name}: {str(e).splitlines()[0]}") from e
+    root = epath.Path(root)
     self._skipped = collections.Counter()
-    by_split = self._split_records(epath.Path(root))
-    # A split with no usable record is left out (tfds cannot write an empty split).
-    return {
-      name: self._generate_examples(by_split[name], name)
-      for name in self.SPLITS
-      if any("_skip" not in r for r in by_split.get(name, []))
-    }
+    self.manifest = Manifest(root)
+    by_split = self._split_records(root)
+    check_records(by_split, root)
+    self.info.metadata["source"] = self.manifest.metadata()
+    # A split with no usable record is left out (tfds cannot write an empty split); its bad
+    # records are counted here.
+    generators = {}
+    for name in self.SPLITS:
+      records = by_split.get(name, [])
+      if any("_skip" not in r for r in records):
+        generators[name] = self._generate_examples(records, name)
+      else:
+        for record in records:
+          self.skip(*record["_skip"])
+    self.info.metadata["skipped"] = dict(sorted(self._skipped.items()))
+    return generators
 
-  def skip(self, reason: str, detail: str) -> None:
+  # Readers of manual_dir files: one-line DataErrors, malformed rows counted, files fingerprinted.
+  def csv(self, path: epath.Path, required_columns: Iterable[str], **kw) -> list[Row]:
+    return read_csv(path, required_columns, skip=self.skip, manifest=self.manifest, **kw)
+
+  def text(self, path: epath.Path) -> str:
+    return read_text(path, self.manifest)
+
+  def skip(self, reason: str, where: str) -> None:
+    """Counts a skipped record. `where` names its file and line or key: never report text or a
+    patient id (the log is kept with the run)."""
     self._skipped[reason] += 1
-    logging.warning("%s/%s: skipping %s (%s)", self.name, self.builder_config.name, detail, reason)
+    logging.warning("%s/%s: skipping %s (%s)", self.name, self.builder_config.name, where, reason)
 
   def _images(self, records: list[dict[str, Any]]) -> Iterator[tuple[int, bytes | None, str]]:
     size = self.builder_config.image_size
@@ -336,7 +465,8 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for i, png, error in loaded:
       record = records[i]
       if png is None:
-        self.skip("unreadable_image", f"{record['_image']}: {error}")
+        # `error` is the exception type only: PIL/pydicom messages repeat the file path.
+        self.skip("unreadable_image", f"{record['_where']}: {error}")
         continue
       kept += 1
       yield record["_key"], self._example(record, png)
@@ -346,13 +476,29 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _post_download_and_prepare_hook(self) -> None:
     skipped = dict(self.info.metadata.get("skipped", {}))
     logging.info(
-      "%s/%s: built %s; skipped %d bad records %s",
+      "%s/%s: built %s; %s",
       self.name,
       self.builder_config.name,
       {k: v.num_examples for k, v in self.info.splits.items()},
-      sum(skipped.values()),
-      skipped,
+      skipped_line(skipped),
     )
+
+
+def check_records(by_split: dict[str, list[dict[str, Any]]], root: epath.Path) -> None:
+  """Marks, across all splits, a repeated `_key` ('duplicate_key': the first record is kept)
+  and an `_image` that resolves outside `root` ('outside_manual_dir': a symlink or `..`)."""
+  seen: set[str] = set()
+  for records in by_split.values():
+    for record in records:
+      if "_skip" in record:
+        continue
+      where = record.get("_where", "")
+      if record["_key"] in seen:
+        record["_skip"] = ("duplicate_key", where)
+      elif "_image" in record and not inside(root, record["_image"]):
+        record["_skip"] = ("outside_manual_dir", where)
+      else:
+        seen.add(record["_key"])
 
 
 def text_record(findings: str, impression: str, text: str) -> tuple[dict[str, Any], str]:

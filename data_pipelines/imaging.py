@@ -77,7 +77,7 @@ def load_task(task: tuple[Any, str, int]) -> tuple[Any, bytes | None, str]:
   try:
     return key, load_png(path, image_size), ""
   except IMAGE_ERRORS as e:
-    return key, None, f"{type(e).__name__}: {e}"
+    return key, None, type(e).__name__  # The message may repeat the path.
 
 
 def dicom_to_uint8(ds: Any) -> np.ndarray:
@@ -149,4 +149,4 @@ def load_dicom_task(task: tuple[Any, str, int]) -> tuple[Any, bytes | None, str]
   try:
     return key, load_dicom(path, image_size), ""
   except dicom_errors() as e:
-    return key, None, f"{type(e).__name__}: {e}"
+    return key, None, type(e).__name__  # The message may repeat the path.

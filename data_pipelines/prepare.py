@@ -30,6 +30,9 @@ _CONFIG = flags.DEFINE_string("config", None, "Base builder config (default per 
 _NUM_WORKERS = flags.DEFINE_integer(
   "num_workers", os.cpu_count() or 1, "Processes that decode and resize images."
 )
+_REBUILD = flags.DEFINE_bool(
+  "rebuild", False, "Build again even if prepared (e.g. after the source files changed)."
+)
 
 
 def builder_for(name: str, *, config: str | None, image_size: int, data_dir: str | None):
@@ -64,6 +67,7 @@ def summary(builder) -> str:
     f"  skipped      {sum(skipped.values()):>9,d} records"
     + "".join(f"\n    {reason:<20} {n:>9,d}" for reason, n in sorted(skipped.items()))
   )
+  lines.append(f"  {common.skipped_line(skipped)}")
   return "\n".join(lines)
 
 
@@ -75,8 +79,9 @@ def prepare(
   image_size: int = common.DEFAULT_IMAGE_SIZE,
   config: str | None = None,
   num_workers: int = 1,
+  rebuild: bool = False,
 ):
-  """Builds corpus `name` from `manual_dir`; returns the prepared builder."""
+  """Builds corpus `name` from `manual_dir` (again if `rebuild`); returns the builder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   if not manual_dir or not epath.Path(manual_dir).expanduser().is_dir():
@@ -93,7 +98,14 @@ def prepare(
   tfds.enable_progress_bar()
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(
-      manual_dir=os.path.expanduser(manual_dir), try_download_gcs=False
+      manual_dir=os.path.expanduser(manual_dir),
+      try_download_gcs=False,
+      # Regenerates the dataset in place (tfds writes a new incomplete.* folder first).
+      download_mode=(
+        tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+        if rebuild
+        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+      ),
     )
   )
   return builder
@@ -113,10 +125,12 @@ def main(argv):
       image_size=_IMAGE_SIZE.value,
       config=_CONFIG.value,
       num_workers=_NUM_WORKERS.value,
+      rebuild=_REBUILD.value,
     )
   except MedvlError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    # One line, exit 2 (as every CLI here); a DataError names the file and line or row.
+    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    sys.exit(2)
   print(summary(builder))
   print(f"  took {time.perf_counter() - start:.1f}s")
 

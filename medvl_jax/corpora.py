@@ -18,9 +18,13 @@ entry to `CORPORA` below (see data_pipelines/README.md, "Adding a corpus").
 from collections.abc import Callable
 import dataclasses
 import functools
+import hashlib
 import importlib
+import os
 import tempfile
 from typing import Any
+
+from absl import logging
 
 from medvl_jax.errors import ConfigError
 
@@ -163,9 +167,76 @@ def check_config(
 
 
 def builder(name: str, builder_config: str | None = None, data_dir: str | None = None):
-  """A tfds builder instance of corpus `name` (prepared or not: callers decide what to do)."""
+  """A tfds builder instance of corpus `name` (prepared or not: callers decide what to do).
+
+  A prepared one whose source files changed since its build is reported in one warning line
+  (`warn_if_source_changed`).
+  """
   config = check_config(name, builder_config)
-  return builder_cls(name)(config=config, data_dir=data_dir or None)
+  b = builder_cls(name)(config=config, data_dir=data_dir or None)
+  if b.is_prepared():
+    warn_if_source_changed(name, b)
+  return b
+
+
+def source_changes(b) -> list[str]:
+  """The source files of a prepared build that differ from what it was built from.
+
+  The build stores, in `info.metadata['source']`, its manual_dir and each file it read
+  (relative path -> size, mtime in ns, sha256). A file whose size and mtime are unchanged
+  is taken as unchanged (a stat, no read); one whose stat changed is hashed. Returns
+  '<path> (changed)' / '<path> (missing)' entries; [] for an unchanged source, a build
+  without the record (older builds) or a manual_dir that is no longer there (nothing to
+  compare against).
+  """
+  source = b.info.metadata.get("source") if b.info.metadata else None
+  if not source or not os.path.isdir(source.get("manual_dir", "")):
+    return []
+  changes = []
+  for rel, (size, mtime_ns, digest) in source.get("files", {}).items():
+    path = os.path.join(source["manual_dir"], rel)
+    try:
+      st = os.stat(path)
+      if st.st_size == size and st.st_mtime_ns == mtime_ns:
+        continue
+      with open(path, "rb") as f:
+        same = st.st_size == size and hashlib.file_digest(f, "sha256").hexdigest() == digest
+    except OSError:
+      changes.append(f"{rel} (missing)")
+      continue
+    if not same:
+      changes.append(f"{rel} (changed)")
+  return changes
+
+
+_WARNED: set[str] = set()
+
+
+def warn_if_source_changed(name: str, b) -> bool:
+  """Logs one warning (once per build dir) if the build's source changed; True if it did.
+
+  A warning, not an error: the build stays a consistent, reproducible dataset (a resumed run
+  keeps reading what it started on); the user decides when to rebuild.
+  """
+  changes = source_changes(b)
+  if not changes:
+    return False
+  if b.data_dir not in _WARNED:
+    _WARNED.add(b.data_dir)
+    shown = ", ".join(changes[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "")
+    logging.warning(
+      "%s/%s in %s was built from %s, which changed since: %s; rebuild with "
+      "`python -m data_pipelines.prepare %s --config=%s --manual_dir=%s --rebuild`",
+      name,
+      b.builder_config.name,
+      b.data_dir,
+      b.info.metadata["source"]["manual_dir"],
+      shown,
+      name,
+      b.builder_config.name,
+      b.info.metadata["source"]["manual_dir"],
+    )
+  return True
 
 
 @functools.cache

@@ -280,6 +280,7 @@ def resolve_sample_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
 def _prepared(config, name: str, builder_config: str, where: str = "config.data"):
   spec, builder = _builder_for(name, builder_config, config.data.data_dir, where)
   if builder.is_prepared():
+    corpora.warn_if_source_changed(name, builder)  # One warning line if the source changed.
     return builder
   if not spec.auto_prepare:
     raise DataError(

@@ -103,7 +103,7 @@ def test_bad_input(tree, tmp_path):
     "unreadable_image": 1,
     "missing_image": 1,
     "bad_labels": 1,
-    "duplicate_record": 1,
+    "duplicate_key": 1,
   }
   n = sum(info.num_examples for info in builder.info.splits.values())
   assert n == len(train) - 2 + len(read_lines(bad / "test_COVIDx_CXR-3A.txt"))

@@ -49,18 +49,18 @@ def test_cli_builds_with_workers_and_prints_summary(tree, tmp_path):
 
 def test_cli_errors_are_one_line(tree, tmp_path):
   result = run_prepare("mimic_cxr", f"--manual_dir={tmp_path / 'nope'}")
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("error: --manual_dir=")
   result = run_prepare("mimicc", f"--manual_dir={tree}")
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert "corpus='mimicc' is not a known dataset; valid:" in result.stderr
   result = run_prepare("mimic_cxr", f"--manual_dir={tree}", "--image_size=100")
-  assert result.returncode == 1 and "image_size=100 has no config" in result.stderr
+  assert result.returncode == 2 and "image_size=100 has no config" in result.stderr
   empty = tmp_path / "empty"
   empty.mkdir()
   (empty / "x").write_text("")
   result = run_prepare("mimic_cxr", f"--manual_dir={empty}", f"--data_dir={tmp_path}")
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert "mimic-cxr-2.0.0-metadata.csv.gz: required file not found" in result.stderr
 
 

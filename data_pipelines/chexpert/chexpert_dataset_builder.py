@@ -51,21 +51,22 @@ CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg) is relative to 
     folder = next((root / f for f in FOLDERS if (root / f).is_dir()), root / FOLDERS[0])
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in self.SPLITS}
     for csv_name in ("train.csv", "valid.csv"):
-      rows = common.read_csv(
+      rows = self.csv(
         folder / csv_name, ("Path", "Frontal/Lateral", "AP/PA", *common.CHEXPERT_LABELS)
       )
       for row in rows:
-        path = row["Path"].strip()
+        # CheXpert paths hold the patient number: logs name the CSV line only.
+        path, where = row["Path"].strip(), row.where
         match = _PATIENT.search(path)
         if not match:
-          self.skip("bad_path", path)
+          self.skip("bad_path", where)
           continue
         patient = match.group(1)
         if csv_name == "valid.csv":
           split = "test"
         else:
           split = "train" if common.split_for_patient(patient) == "train" else "validation"
-        record: dict[str, Any] = {"_key": path}
+        record: dict[str, Any] = {"_key": path, "_where": where}
         by_split[split].append(record)
         view = row["Frontal/Lateral"].strip()
         if row["AP/PA"].strip() and view == "Frontal":
@@ -76,14 +77,16 @@ CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg) is relative to 
             for c in common.CHEXPERT_LABELS
           ]
         except ValueError:
-          record["_skip"] = ("bad_labels", path)
+          record["_skip"] = ("bad_labels", where)
           continue
         if not view:
-          record["_skip"] = ("unknown_view", path)
+          record["_skip"] = ("unknown_view", where)
           continue
-        record.update(
-          _image=root / path, image_id=path, patient_id=patient, view=view, labels=labels
-        )
+        image = common.safe_path(root, path)
+        if image is None:
+          record["_skip"] = ("outside_manual_dir", where)
+          continue
+        record.update(_image=image, image_id=path, patient_id=patient, view=view, labels=labels)
     return by_split
 
   def _example(self, record: dict[str, Any], png: bytes) -> dict[str, Any]:

@@ -96,8 +96,8 @@ of COVIDx CXR-2 and later are binary (positive/negative) and are not enough on t
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in self.SPLITS}
     seen: set[tuple[str, str]] = set()
     for part, path in zip(("train", "test"), self._label_files(root)):
-      lines = [l for l in path.read_text(encoding="utf-8-sig").splitlines() if l.strip()]
-      parsed = [parse_line(l) for l in lines]
+      numbered = [(n, l) for n, l in enumerate(self.text(path).splitlines(), 1) if l.strip()]
+      parsed = [parse_line(l) for _, l in numbered]
       valid = [p for p in parsed if p]
       if valid and all(p[2] in BINARY_CLASSES for p in valid):
         raise DataError(
@@ -106,24 +106,29 @@ of COVIDx CXR-2 and later are binary (positive/negative) and are not enough on t
           f"COVID-19 label file such as {LABEL_FILES[0][0]}"
         )
       folder = root / part
-      for n, (line, fields) in enumerate(zip(lines, parsed), 1):
+      for (n, _), fields in zip(numbered, parsed):
+        # Lines start with the patient id: logs name the file and line only.
+        where = f"{path.name}:{n}"
         if fields is None or fields[2] not in CLASSES:
-          self.skip("bad_labels", f"{path.name}:{n}: {line.strip()[:120]!r}")
+          self.skip("bad_labels", where)
           continue
         patient, filename, cls, source = fields
         if (part, filename) in seen:
-          self.skip("duplicate_record", f"{path.name}:{n}: {filename}")
+          self.skip("duplicate_key", where)
           continue
         seen.add((part, filename))
         if part == "test":
           split = "test"
         else:
           split = "train" if common.split_for_patient(patient) == "train" else "validation"
-        record: dict[str, Any] = {"_key": f"{part}/{filename}"}
+        record: dict[str, Any] = {"_key": f"{part}/{filename}", "_where": where}
         by_split[split].append(record)
-        image = folder / filename
+        image = common.safe_path(folder, filename)
+        if image is None or not common.inside(root, image):
+          record["_skip"] = ("outside_manual_dir", where)
+          continue
         if not image.is_file():
-          record["_skip"] = ("missing_image", str(image))
+          record["_skip"] = ("missing_image", where)
           continue
         label = CLASSES.index(cls)
         record.update(

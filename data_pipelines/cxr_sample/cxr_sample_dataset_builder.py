@@ -21,7 +21,6 @@ records are skipped and counted per reason; the counts are logged and stored in
 
 import collections
 from collections.abc import Iterator
-import csv
 import io
 import struct
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 from PIL import Image as PILImage
 import tensorflow_datasets as tfds
 
+from data_pipelines import common
 from data_pipelines import sentences as sentences_lib
 from data_pipelines.common import SPLIT_BUCKETS, split_for_patient  # one rule, all corpora
 from medvl_jax.errors import DataError
@@ -103,13 +103,12 @@ def read_grayscale_png(path) -> bytes:
     return out.getvalue()
 
 
-def _read_csv(path) -> list[dict[str, str]]:
-  if not path.exists():
-    raise DataError(
-      f"{path}: sample CSV not found (manual_dir must be the sample folder "
-      "holding covid_cxr_notes/ and iu_reports/)"
-    )
-  return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
+# The columns each config reads.
+COLUMNS = {
+  "paired": ("image_file", "patientid", "clinical_notes", "finding", "view"),
+  "text_only": ("report_id", "findings", "impression", "is_normal"),
+  "image_only": ("image_file", "image_index", "patient_id", "view_position", *NIH_LABELS),
+}
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -180,13 +179,25 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       root = dl_manager.manual_dir
     except AssertionError as e:  # tfds: "Manual directory <path> does not exist or is empty."
       raise DataError(f"cxr_sample: {str(e).splitlines()[0]}") from e
+    root = epath.Path(root)
     self._skipped = collections.Counter()
-    if self.builder_config.name == "paired":
-      rows, patient_key = _read_csv(root / PAIRED_CSV), "patientid"
-    elif self.builder_config.name == "image_only":
-      rows, patient_key = _read_csv(root / NIH_CSV), "patient_id"
-    else:
-      rows, patient_key = _read_csv(root / IU_CSV), "report_id"
+    self._seen: set[str] = set()
+    self.manifest = common.Manifest(root)
+    config = self.builder_config.name
+    csv_path, patient_key = {
+      "paired": (PAIRED_CSV, "patientid"),
+      "image_only": (NIH_CSV, "patient_id"),
+      "text_only": (IU_CSV, "report_id"),
+    }[config]
+    if not (root / csv_path).exists():
+      raise DataError(
+        f"{root / csv_path}: sample CSV not found (manual_dir must be the sample folder "
+        "holding covid_cxr_notes/ and iu_reports/)"
+      )
+    rows = common.read_csv(
+      root / csv_path, COLUMNS[config], skip=self._skip, manifest=self.manifest
+    )
+    self.info.metadata["source"] = self.manifest.metadata()
     by_split = collections.defaultdict(list)
     for row in rows:
       by_split[split_for_patient(row[patient_key])].append(row)
@@ -199,9 +210,34 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       return self._image_only_examples(root, rows, split)
     return self._text_only_examples(root, rows, split)
 
-  def _skip(self, reason: str, record: str) -> None:
+  def _skip(self, reason: str, where: str) -> None:
+    """Counts a skipped row; `where` is '<csv>:<line>', never note text or a patient id."""
     self._skipped[reason] += 1
-    logging.warning("cxr_sample/%s: skipping %s (%s)", self.builder_config.name, record, reason)
+    logging.warning("cxr_sample/%s: skipping %s (%s)", self.builder_config.name, where, reason)
+
+  def _first(self, key: str, where: str) -> bool:
+    """False (and a counted `duplicate_key` skip) for a key already written in any split: tfds
+    would stop with an AssertionError that logs both examples, text and patient id included."""
+    if key in self._seen:
+      self._skip("duplicate_key", where)
+      return False
+    self._seen.add(key)
+    return True
+
+  def _image(self, root, folder: str, rel: str, where: str) -> bytes | None:
+    """The row's image as grayscale PNG bytes, or None after a counted skip."""
+    path = common.safe_path(root, folder, rel)
+    if path is None:
+      self._skip("outside_manual_dir", where)
+      return None
+    if not path.exists():
+      self._skip("missing_image", where)
+      return None
+    try:
+      return read_grayscale_png(path)
+    except (OSError, ValueError, SyntaxError, EOFError, PILImage.DecompressionBombError) as e:
+      self._skip("unreadable_image", f"{where}: {type(e).__name__}")
+      return None
 
   def _finish_split(self, split: str, kept: int) -> None:
     self.info.metadata["skipped"] = dict(sorted(self._skipped.items()))
@@ -211,22 +247,20 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     kept = 0
     for row in rows:
       image_id = row["image_file"].rsplit("/", 1)[-1]
+      where = f"{row.where} (image {image_id[:64]!r})"
       text = row["clinical_notes"].strip()
-      path = root / "covid_cxr_notes" / row["image_file"]
       if not text:
-        self._skip("empty_text", image_id)
+        self._skip("empty_text", where)
         continue
       sentences = sentences_lib.split_sentences(text)
       if not sentences:
-        self._skip("no_sentences", image_id)
+        self._skip("no_sentences", where)
         continue
-      if not path.exists():
-        self._skip("missing_image", str(path))
+      if image_id in self._seen:
+        self._skip("duplicate_key", where)
         continue
-      try:
-        image = read_grayscale_png(path)
-      except (OSError, ValueError, SyntaxError) as e:
-        self._skip("unreadable_image", f"{path}: {type(e).__name__}")
+      image = self._image(root, "covid_cxr_notes", row["image_file"], where)
+      if image is None or not self._first(image_id, where):
         continue
       kept += 1
       yield (
@@ -246,23 +280,21 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _image_only_examples(self, root, rows, split) -> Iterator[tuple[str, dict[str, Any]]]:
     kept = 0
     for row in rows:
-      image_id = row["image_index"].strip()
-      path = root / "nih14_sample" / row["image_file"]
+      # NIH image names start with the patient number: logs name the CSV line only.
+      image_id, where = row["image_index"].strip(), row.where
       try:
         labels = [int(row[name]) for name in NIH_LABELS]
-      except (KeyError, ValueError):
-        self._skip("bad_labels", image_id)
+      except ValueError:
+        self._skip("bad_labels", where)
         continue
       if any(v not in (0, 1) for v in labels):
-        self._skip("bad_labels", image_id)
+        self._skip("bad_labels", where)
         continue
-      if not path.exists():
-        self._skip("missing_image", str(path))
+      if image_id in self._seen:
+        self._skip("duplicate_key", where)
         continue
-      try:
-        image = read_grayscale_png(path)
-      except (OSError, ValueError, SyntaxError) as e:
-        self._skip("unreadable_image", f"{path}: {type(e).__name__}")
+      image = self._image(root, "nih14_sample", row["image_file"], where)
+      if image is None or not self._first(image_id, where):
         continue
       kept += 1
       yield (
@@ -282,16 +314,24 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     kept = 0
     for row in rows:
       report_id = row["report_id"].strip()
+      where = f"{row.where} (report {report_id[:64]!r})"
       findings, impression = row["findings"].strip(), row["impression"].strip()
       text = " ".join(t for t in (findings, impression) if t)
       if not text:
-        self._skip("empty_text", f"report {report_id}")
+        self._skip("empty_text", where)
         continue
       sentences = sentences_lib.split_sentences(findings) + sentences_lib.split_sentences(
         impression
       )
       if not sentences:
-        self._skip("no_sentences", f"report {report_id}")
+        self._skip("no_sentences", where)
+        continue
+      try:
+        is_normal = int(row["is_normal"] or 0)
+      except ValueError:
+        self._skip("bad_labels", where)
+        continue
+      if not self._first(report_id, where):
         continue
       kept += 1
       yield (
@@ -302,7 +342,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           "impression": impression,
           "text": text,
           "sentences": sentences,
-          "is_normal": int(row["is_normal"] or 0),
+          "is_normal": is_normal,
         },
       )
     self._finish_split(split, kept)
@@ -310,9 +350,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _post_download_and_prepare_hook(self) -> None:
     skipped = dict(self.info.metadata.get("skipped", {}))
     logging.info(
-      "cxr_sample/%s: built %s; skipped %d bad records %s",
+      "cxr_sample/%s: built %s; %s",
       self.builder_config.name,
       {k: v.num_examples for k, v in self.info.splits.items()},
-      sum(skipped.values()),
-      skipped,
+      common.skipped_line(skipped),
     )

@@ -60,54 +60,51 @@ manual_dir, which puts each study's report beside its image folder:
     }
 
   def _split_records(self, root: epath.Path) -> dict[str, list[dict[str, Any]]]:
-    meta = common.read_csv(
-      root / METADATA_CSV, ("dicom_id", "subject_id", "study_id", "ViewPosition")
-    )
+    meta = self.csv(root / METADATA_CSV, ("dicom_id", "subject_id", "study_id", "ViewPosition"))
     split_of = {
-      r["dicom_id"]: r["split"] for r in common.read_csv(root / SPLIT_CSV, ("dicom_id", "split"))
+      r["dicom_id"]: r["split"] for r in self.csv(root / SPLIT_CSV, ("dicom_id", "split"))
     }
     labels_of = {}
-    for r in common.read_csv(
-      root / CHEXPERT_CSV, ("subject_id", "study_id", *common.CHEXPERT_LABELS)
-    ):
+    for r in self.csv(root / CHEXPERT_CSV, ("subject_id", "study_id", *common.CHEXPERT_LABELS)):
       try:
         labels_of[r["study_id"]] = [
           common.chexpert_value(r[c], self.builder_config.uncertain) for c in common.CHEXPERT_LABELS
         ]
       except ValueError:
-        pass  # Counted as bad_labels below if one of its images is used.
+        pass  # Counted as missing_labels below if one of its images is used.
     reports: dict[str, tuple[str, str, str] | str] = {}
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in self.SPLITS}
     for row in meta:
       dicom_id, subject, study = row["dicom_id"], row["subject_id"], row["study_id"]
+      # Logs name the row by line and dicom_id, never by subject (a patient id) or its path.
+      where = f"{row.where} (dicom_id {dicom_id[:64]!r})"
       split = _SPLITS.get(split_of.get(dicom_id, ""))
-      record: dict[str, Any] = {"_key": dicom_id}
+      record: dict[str, Any] = {"_key": dicom_id, "_where": where}
       if split is None:
-        self.skip("no_split", dicom_id)
+        self.skip("no_split", where)
         continue
       by_split[split].append(record)
       view = row["ViewPosition"].strip()
       if not view:
-        record["_skip"] = ("unknown_view", dicom_id)
+        record["_skip"] = ("unknown_view", where)
         continue
       if study not in labels_of:
-        record["_skip"] = ("missing_labels", f"study {study}")
+        record["_skip"] = ("missing_labels", where)
+        continue
+      folder = common.safe_path(root, study_dir(subject, study))
+      image = common.safe_path(root, study_dir(subject, study), f"{dicom_id}.jpg")
+      if folder is None or image is None:
+        record["_skip"] = ("outside_manual_dir", where)
         continue
       if study not in reports:
-        path = root / (study_dir(subject, study) + ".txt")
-        if not path.exists():
-          reports[study] = "missing_report"
-        else:
-          fields = common.report_fields(path.read_bytes().decode("utf-8", errors="replace"))
-          text, reason = common.text_record(*fields)
-          reports[study] = text or reason
+        reports[study] = self._report(folder.parent / f"{folder.name}.txt", root)
       report = reports[study]
       if isinstance(report, str):
-        record["_skip"] = (report, f"study {study}")
+        record["_skip"] = (report, where)
         continue
       record.update(
         report,
-        _image=root / study_dir(subject, study) / f"{dicom_id}.jpg",
+        _image=image,
         image_id=dicom_id,
         patient_id=subject,
         study_id=study,
@@ -115,6 +112,20 @@ manual_dir, which puts each study's report beside its image folder:
         labels=labels_of[study],
       )
     return by_split
+
+  def _report(self, path: epath.Path, root: epath.Path) -> dict[str, Any] | str:
+    """The text features of a study's report, or the reason it has none."""
+    if not common.inside(root, path):
+      return "outside_manual_dir"
+    try:
+      raw = path.read_bytes()
+    except FileNotFoundError:
+      return "missing_report"
+    except OSError:
+      return "unreadable_report"
+    fields = common.report_fields(raw.decode("utf-8", errors="replace"))
+    text, reason = common.text_record(*fields)
+    return text or reason
 
   def _example(self, record: dict[str, Any], png: bytes) -> dict[str, Any]:
     return {k: v for k, v in record.items() if not k.startswith("_")} | {"image": png}

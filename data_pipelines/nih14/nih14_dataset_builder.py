@@ -58,10 +58,10 @@ into manual_dir, as published:
 
   def _split_records(self, root: epath.Path) -> dict[str, list[dict[str, Any]]]:
     entry = next((root / n for n in ENTRY_CSVS if (root / n).exists()), root / ENTRY_CSVS[0])
-    rows = common.read_csv(entry, ("Image Index", "Finding Labels", "Patient ID", "View Position"))
+    rows = self.csv(entry, ("Image Index", "Finding Labels", "Patient ID", "View Position"))
     lists = {}
     for name in ("train_val_list.txt", "test_list.txt"):
-      lists[name] = set(common.require(root / name, "official split list").read_text().split())
+      lists[name] = set(self.text(common.require(root / name, "official split list")).split())
     images = {}
     for folder in sorted(root.glob("images*")):
       for sub in (folder, folder / "images"):
@@ -69,24 +69,25 @@ into manual_dir, as published:
           images.update({p.name: p for p in sub.glob("*.png")})
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in self.SPLITS}
     for row in rows:
-      name, patient = row["Image Index"].strip(), row["Patient ID"].strip()
+      # The image name starts with the patient number: logs name the CSV line only.
+      name, patient, where = row["Image Index"].strip(), row["Patient ID"].strip(), row.where
       if name in lists["test_list.txt"]:
         split = "test"
       elif name in lists["train_val_list.txt"]:
         split = "train" if common.split_for_patient(patient) == "train" else "validation"
       else:
-        self.skip("no_split", name)
+        self.skip("no_split", where)
         continue
-      record: dict[str, Any] = {"_key": name}
+      record: dict[str, Any] = {"_key": name, "_where": where}
       by_split[split].append(record)
       findings = {f.strip() for f in row["Finding Labels"].split("|")} - {"No Finding", ""}
       view = row["View Position"].strip()
       if name not in images:
-        record["_skip"] = ("missing_image", name)
+        record["_skip"] = ("missing_image", where)
       elif findings - set(NIH_LABELS):
-        record["_skip"] = ("bad_labels", f"{name}: {sorted(findings - set(NIH_LABELS))}")
+        record["_skip"] = ("bad_labels", where)
       elif not view:
-        record["_skip"] = ("unknown_view", name)
+        record["_skip"] = ("unknown_view", where)
       else:
         record.update(
           _image=images[name],

@@ -62,6 +62,30 @@ def mesh_labels(major: list[str]) -> list[int]:
   return [int(positive[name]) for name in common.CHEXPERT_LABELS]
 
 
+class ReportError(ValueError):
+  """An Open-i report file that is not a readable ecgen-radiology XML document."""
+
+
+def parse_report(data: bytes) -> tuple[dict[str, str], list[str], list[str]]:
+  """One ecgen-radiology XML report -> (sections, MeSH major terms, parentImage ids).
+
+  sections: upper-cased `AbstractText` Label -> whitespace-normalised text (a repeated label
+  keeps the last). Raises ReportError (the only error) if `data` is not well-formed XML.
+  """
+  try:
+    tree = ET.fromstring(data)
+  except (ET.ParseError, ValueError, LookupError, RecursionError) as e:
+    # ParseError: not XML; LookupError/ValueError: an unknown or bad encoding declaration.
+    raise ReportError(type(e).__name__) from None
+  sections = {
+    (a.get("Label") or "").upper(): common.sentences_lib.normalize(a.text or "")
+    for a in tree.iter("AbstractText")
+  }
+  major = [m.text or "" for m in tree.iter("major")]
+  images = [image.get("id", "") for image in tree.iter("parentImage")]
+  return sections, major, images
+
+
 class Builder(common.CorpusBuilder):
   """Open-i Indiana University chest X-ray collection: 3,955 reports, 7,470 images."""
 
@@ -95,36 +119,41 @@ projection) from Kaggle raddar/chest-xrays-indiana-university.
     png_dir = common.require(root / "NLMCXR_png", "PNG folder")
     views = {}
     if (root / "indiana_projections.csv").exists():
-      for r in common.read_csv(root / "indiana_projections.csv", ("filename", "projection")):
+      for r in self.csv(root / "indiana_projections.csv", ("filename", "projection")):
         views["CXR" + r["filename"].replace(".dcm.png", "")] = r["projection"].strip()
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in self.SPLITS}
     for path in reports:
-      try:
-        tree = ET.fromstring(path.read_bytes())
-      except ET.ParseError:
-        self.skip("unreadable_report", str(path))
+      report_id = path.stem  # The file number; IU publishes no patient ids.
+      where = f"ecgen-radiology/{path.name}"
+      if not common.inside(root, path):
+        self.skip("outside_manual_dir", where)
         continue
-      report_id = path.stem
+      try:
+        data = path.read_bytes()
+        self.manifest.add(path, data)
+        sections, major, image_ids = parse_report(data)
+      except (OSError, ReportError):
+        self.skip("unreadable_report", where)
+        continue
       split = common.split_for_patient(report_id)
-      sections = {
-        (a.get("Label") or "").upper(): common.sentences_lib.normalize(a.text or "")
-        for a in tree.iter("AbstractText")
-      }
       findings, impression = sections.get("FINDINGS", ""), sections.get("IMPRESSION", "")
       text, reason = common.text_record(
         findings, impression, " ".join(t for t in (findings, impression) if t)
       )
-      major = [m.text or "" for m in tree.iter("major")]
-      for image in tree.iter("parentImage"):
-        image_id = image.get("id", "")
-        record: dict[str, Any] = {"_key": image_id}
+      for image_id in image_ids:
+        image_where = f"{where} (image {image_id[:64]!r})"
+        record: dict[str, Any] = {"_key": image_id, "_where": image_where}
         by_split[split].append(record)
         if reason:
-          record["_skip"] = (reason, f"report {report_id}")
+          record["_skip"] = (reason, image_where)
+          continue
+        image = common.safe_path(png_dir, f"{image_id}.png") if image_id else None
+        if image is None:
+          record["_skip"] = ("outside_manual_dir" if image_id else "bad_image_id", image_where)
           continue
         record.update(
           text,
-          _image=png_dir / f"{image_id}.png",
+          _image=image,
           image_id=image_id,
           patient_id=report_id,
           view=views.get(image_id, ""),

@@ -29,6 +29,14 @@ IMAGES = "stage_2_train_images"
 DETAILED_CLASSES = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
 
 
+def _integral(raw: str) -> int:
+  """'1', '1.0' -> 1; ValueError for text, fractions, inf and nan."""
+  value = float(raw)
+  if not value.is_integer():
+    raise ValueError(raw)
+  return int(value)
+
+
 class Builder(common.CorpusBuilder):
   """RSNA Pneumonia Detection Challenge: 26,684 labelled frontal DICOMs, binary label."""
 
@@ -60,10 +68,10 @@ manual_dir, as published:
   def _split_records(self, root: epath.Path) -> dict[str, list[dict[str, Any]]]:
     import pydicom  # pylint: disable=g-import-not-at-top
 
-    rows = common.read_csv(root / LABELS_CSV, ("patientId", "x", "y", "width", "height", "Target"))
+    rows = self.csv(root / LABELS_CSV, ("patientId", "x", "y", "width", "height", "Target"))
     classes = {
       r["patientId"].strip(): r["class"].strip()
-      for r in common.read_csv(root / CLASS_CSV, ("patientId", "class"))
+      for r in self.csv(root / CLASS_CSV, ("patientId", "class"))
     }
     folder = common.require(root / IMAGES, "DICOM folder")
     by_patient: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
@@ -71,27 +79,36 @@ manual_dir, as published:
       by_patient[row["patientId"].strip()].append(row)
     by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in self.SPLITS}
     for patient, patient_rows in by_patient.items():
+      # The key and the file name are the patientId: logs name the CSV line only.
+      where = patient_rows[0].where
       if not patient:
-        self.skip("bad_labels", f"{LABELS_CSV}: row without patientId")
+        self.skip("bad_labels", where)
         continue
-      record: dict[str, Any] = {"_key": patient}
+      record: dict[str, Any] = {"_key": patient, "_where": where}
       by_split[common.split_for_patient(patient)].append(record)
-      path = folder / f"{patient}.dcm"
+      path = common.safe_path(folder, f"{patient}.dcm")
       try:
-        targets = [int(float(r["Target"])) for r in patient_rows]
+        targets = [_integral(r["Target"]) for r in patient_rows]
         boxes = [
           [float(r[k]) for k in ("x", "y", "width", "height")]
           for r in patient_rows
           if r["x"].strip()
         ]
       except ValueError:
-        record["_skip"] = ("bad_labels", patient)
+        record["_skip"] = ("bad_labels", where)
         continue
-      if set(targets) - {0, 1} or (max(targets) == 1) != bool(boxes):
-        record["_skip"] = ("bad_labels", f"{patient}: Target {targets}, {len(boxes)} boxes")
+      if (
+        set(targets) - {0, 1}
+        or (max(targets) == 1) != bool(boxes)
+        or not np.isfinite(np.asarray(boxes, np.float64)).all()
+      ):
+        record["_skip"] = ("bad_labels", where)
+        continue
+      if path is None:
+        record["_skip"] = ("outside_manual_dir", where)
         continue
       if not path.exists():
-        record["_skip"] = ("missing_image", str(path))
+        record["_skip"] = ("missing_image", where)
         continue
       try:  # Header only: the pixel data is decoded in the worker processes.
         header = pydicom.dcmread(
@@ -100,11 +117,11 @@ manual_dir, as published:
         if not header.get("Rows") or not header.get("Columns"):
           raise ValueError("no Rows/Columns: not an image")
       except imaging.dicom_errors() as e:
-        record["_skip"] = ("unreadable_image", f"{path}: {type(e).__name__}: {e}")
+        record["_skip"] = ("unreadable_image", f"{where}: {type(e).__name__}")
         continue
       view = str(header.get("ViewPosition", "") or "").strip()
       if not view:
-        record["_skip"] = ("unknown_view", str(path))
+        record["_skip"] = ("unknown_view", where)
         continue
       record.update(
         _image=path,
