@@ -55,11 +55,14 @@ setup(
     # bench/input_pipeline.py also times Grain against tf.data.
     "bench": ["grain==0.2.18"],
     # With its dependencies (torch): the tests compare against PyTorch anyway.
-    # dill: tfds.testing; scikit-image: the reference PSNR/SSIM of the regeneration tests.
+    # dill: tfds.testing; scikit-image: the reference PSNR/SSIM of the regeneration tests;
+    # hypothesis: tests/test_fuzz_parsers.py.
     "test": [SAMPLE_CHECKPOINT]
     + TORCH
     + [TIMM]
     + LINT
-    + ["pytest==9.2.0", "dill==0.4.1", "scikit-image==0.24.0"],
+    + ["pytest==9.2.0", "dill==0.4.1", "scikit-image==0.24.0"]
+    # Property-based fuzzing of the data parsers and config overrides (tests/test_fuzz_*.py).
+    + ["hypothesis==6.170.17"],
   },
 )

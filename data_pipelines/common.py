@@ -209,7 +209,8 @@ def read_csv(
     header = reader.fieldnames or []
     missing = [c for c in required_columns if c not in header]
     if missing:
-      raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(header)})")
+      has = ", ".join(h if h.isprintable() else repr(h) for h in header)
+      raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has {has})")
     for cells in reader:
       row = Row(cells)
       row.where = f"{path.name}:{reader.line_num}"

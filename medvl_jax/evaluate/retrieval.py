@@ -17,6 +17,7 @@ belong to the same patient (follow-up images share notes). CI by bootstrap over 
 
 from collections.abc import Iterator
 import csv
+import io
 import pathlib
 import re
 from typing import Any
@@ -48,15 +49,27 @@ def read_csv(path: pathlib.Path, columns: tuple[str, ...]) -> list[dict[str, str
   """Rows of a CSV that must have `columns`; DataError (one line) otherwise."""
   if not path.is_file():
     raise DataError(f"{path}: not found")
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
+  data = path.read_bytes()
+  try:
+    text = data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = data[: e.start].count(b"\n") + 1
+    raise DataError(f"{path}: line {line}: byte 0x{data[e.start]:02x} is not UTF-8") from None
+  reader = csv.DictReader(io.StringIO(text, newline=""), restval=None)
+  try:
     missing = [c for c in columns if c not in (reader.fieldnames or [])]
     if missing:
       raise DataError(
         f"{path}: missing column(s) {', '.join(map(repr, missing))} "
-        f"(has: {', '.join(reader.fieldnames or [])})"
+        f"(has: {', '.join(h if h.isprintable() else repr(h) for h in reader.fieldnames or [])})"
       )
-    rows = list(reader)
+    rows = []
+    for row in reader:
+      if None in row or None in row.values():
+        raise DataError(f"{path}: line {reader.line_num}: not as many cells as the header")
+      rows.append(row)
+  except csv.Error as e:
+    raise DataError(f"{path}: line {reader.line_num}: {e}") from None
   if not rows:
     raise DataError(f"{path}: no rows")
   return rows
