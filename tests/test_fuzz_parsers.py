@@ -46,7 +46,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarni
 # MEDVL_FUZZ_SCALE multiplies both (a longer local campaign: MEDVL_FUZZ_SCALE=20).
 _SCALE = float(os.environ.get("MEDVL_FUZZ_SCALE", "1"))
 EXAMPLES = {"text": 2500, "xml": 2000, "builder": 250, "csv": 400, "flags": 800}
-SLOW_EXAMPLES = {"text": 8000, "xml": 6000, "builder": 1000, "csv": 1600, "flags": 1500}
+SLOW_EXAMPLES = {"text": 5000, "xml": 6000, "builder": 1750, "csv": 2600, "flags": 2200}
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
 
