@@ -277,3 +277,38 @@ def test_changed_source_is_noticed_and_rebuild_clears_it(sample, tmp_path, caplo
   assert said.endswith("--rebuild`") and "\n" not in said
   prepare.prepare("cxr_sample", str(sample), data_dir=str(data_dir), config="paired", rebuild=True)
   assert warnings() == []
+
+
+def test_prepare_cli_bad_file_is_one_error_line_exit_2(sample, tmp_path):
+  """The real CLI: `error: <file>: line N: ...`, exit 2, no traceback, no note text."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
+
+  data = (sample / PAIRS).read_bytes().splitlines(keepends=True)
+  data[1] = data[1].replace(b"Person", b"Pers\xe9n")
+  (sample / PAIRS).write_bytes(b"".join(data))
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "data_pipelines.prepare",
+      "cxr_sample",
+      "--config=paired",
+      f"--manual_dir={sample}",
+      f"--data_dir={tmp_path / 'tfds'}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert errors == [
+    f"error: {sample / PAIRS}: line 2: byte 0xe9 is not UTF-8; re-save the file as UTF-8"
+  ]
+  _, rows = read_rows(DUMMY / PAIRS)
+  assert_nothing_private(proc.stdout + proc.stderr, private_strings(rows, ["clinical_notes"], []))
