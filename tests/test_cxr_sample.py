@@ -191,8 +191,9 @@ def test_bad_records_are_skipped_counted_and_logged(bad_sample, tmp_path, caplog
   assert builder.info.metadata["skipped"] == expected
   reread = Builder(config="paired", data_dir=str(tmp_path / "tfds"))
   assert reread.info.metadata["skipped"] == expected  # Kept with the dataset.
-  summary = [r.getMessage() for r in caplog.records if "bad records" in r.getMessage()]
-  assert len(summary) == 1 and "skipped 3 bad records" in summary[0]
+  summary = [r.getMessage() for r in caplog.records if "skipped 3 rows" in r.getMessage()]
+  assert len(summary) == 1
+  assert summary[0].endswith("skipped 3 rows: 1 empty_text, 1 missing_image, 1 unreadable_image")
   with open(bad_sample / "covid_cxr_notes" / "pairs.csv", newline="", encoding="utf-8") as f:
     notes = [r["clinical_notes"].strip() for r in csv.DictReader(f)]
   logged = " ".join(r.getMessage() for r in caplog.records)
