@@ -682,9 +682,33 @@ def override_argv(draw) -> list[str]:
   return argv
 
 
-def check_flags(argv: list[str]) -> None:
-  from medvl_jax import main  # pylint: disable=g-import-not-at-top
+_MAIN_FLAGS = ("config", "workdir")  # The global flags medvl_jax.main defines on import.
 
+
+@pytest.fixture(scope="module")
+def main_cli():
+  """medvl_jax.main, imported with its global flags: a same-named flag that another module
+  (data_pipelines.prepare's --config) defined in this test process is set aside meanwhile."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  fv = flags.FLAGS
+  mine = "medvl_jax.main" not in sys.modules
+  saved = {n: fv[n] for n in _MAIN_FLAGS if n in fv} if mine else {}
+  for name in saved:
+    delattr(fv, name)
+  import medvl_jax.main as main  # pylint: disable=g-import-not-at-top
+
+  yield main
+  if mine:
+    for name in _MAIN_FLAGS:
+      if name in fv:
+        delattr(fv, name)
+    del sys.modules["medvl_jax.main"]
+    for name, flag in saved.items():
+      fv[name] = flag
+
+
+def check_flags(main, argv: list[str]) -> None:
   err = io.StringIO()
   old_argv = sys.argv
   sys.argv = argv  # ml_collections reads the overrides from sys.argv, as in the real CLI.
@@ -703,10 +727,10 @@ def check_flags(argv: list[str]) -> None:
 
 
 @fuzz(override_argv(), "flags")
-def test_fuzz_config_overrides_one_line_exit_2(argv):
-  check_flags(argv)
+def test_fuzz_config_overrides_one_line_exit_2(main_cli, argv):
+  check_flags(main_cli, argv)
 
 
 @fuzz(override_argv(), "flags", slow=True)
-def test_fuzz_config_overrides_slow(argv):
-  check_flags(argv)
+def test_fuzz_config_overrides_slow(main_cli, argv):
+  check_flags(main_cli, argv)
