@@ -243,6 +243,27 @@ LOSSES: dict[str, Callable] = {"infonce": convirt_loss}
 # value and zero gradient and one batch may mix paired, image-only and text-only examples.
 
 
+def mlm_sums(logits: Array, targets: Array, weights: Array) -> dict[str, Array]:
+  """Additive MLM statistics of a set of rows: summed NLL, hits and count of the targets."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  w = weights.astype(jnp.bool_)
+  correct = (jnp.argmax(logits, axis=-1) == targets) & w
+  return {
+    "mlm_nll": jnp.sum(jnp.where(w, nll, 0.0)),
+    "mlm_correct": jnp.sum(correct).astype(jnp.float32),
+    "mlm_tokens": jnp.sum(w).astype(jnp.float32),
+  }
+
+
+def _mlm_from_sums(sums: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+  denom = jnp.maximum(sums["mlm_tokens"], 1.0)
+  return sums["mlm_nll"] / denom, {
+    "mlm_acc": sums["mlm_correct"] / denom,
+    "mlm_tokens": sums["mlm_tokens"],
+  }
+
+
 def mlm_loss(logits: Array, targets: Array, weights: Array) -> tuple[Array, dict[str, Array]]:
   """Cross-entropy over the selected (masked) positions only.
 
@@ -254,14 +275,7 @@ def mlm_loss(logits: Array, targets: Array, weights: Array) -> tuple[Array, dict
   Returns:
     (mean loss over targets, {'mlm_acc', 'mlm_tokens'}); 0 when there is no target.
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  w = weights.astype(jnp.bool_)
-  count = jnp.sum(w)
-  denom = jnp.maximum(count, 1).astype(jnp.float32)
-  loss = jnp.sum(jnp.where(w, nll, 0.0)) / denom
-  correct = (jnp.argmax(logits, axis=-1) == targets) & w
-  return loss, {"mlm_acc": jnp.sum(correct) / denom, "mlm_tokens": count.astype(jnp.float32)}
+  return _mlm_from_sums(mlm_sums(logits, targets, weights))
 
 
 def normalise_patches(patches: Array, eps: float = 1e-6) -> Array:
@@ -270,6 +284,39 @@ def normalise_patches(patches: Array, eps: float = 1e-6) -> Array:
   mean = jnp.mean(patches, axis=-1, keepdims=True)
   var = jnp.var(patches, axis=-1, keepdims=True)
   return (patches - mean) / jnp.sqrt(var + eps)
+
+
+def mvm_sums(
+  pred: Array,
+  target: Array,
+  patch_mask: Array,
+  scale_id: Array,
+  has_image: Array,
+  scale_names: Sequence[str],
+) -> dict[str, Array]:
+  """Additive MVM statistics of a set of rows: per scale, the summed per-patch squared error
+  over its masked patches ('mvm_err_<name>') and their count ('mvm_count_<name>')."""
+  err = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
+  counted = patch_mask.astype(jnp.bool_) & has_image.astype(jnp.bool_)[:, None]
+  out = {"mvm_patches": jnp.sum(counted).astype(jnp.float32)}
+  for k, name in enumerate(scale_names):
+    sel = counted & (scale_id == k)[:, None]
+    out[f"mvm_err_{name}"] = jnp.sum(jnp.where(sel, err, 0.0))
+    out[f"mvm_count_{name}"] = jnp.sum(sel).astype(jnp.float32)
+  return out
+
+
+def _mvm_from_sums(
+  sums: dict[str, Array], scale_weights: Sequence[float], scale_names: Sequence[str]
+) -> tuple[Array, dict[str, Array]]:
+  total = jnp.zeros((), jnp.float32)
+  metrics = {}
+  for w, name in zip(scale_weights, scale_names):
+    loss_k = sums[f"mvm_err_{name}"] / jnp.maximum(sums[f"mvm_count_{name}"], 1.0)
+    metrics[f"mvm_{name}"] = loss_k
+    total = total + w * loss_k
+  metrics["mvm_patches"] = sums["mvm_patches"]
+  return total, metrics
 
 
 def mvm_loss(
@@ -297,55 +344,51 @@ def mvm_loss(
   Returns:
     (loss, {'mvm_<name>': L_k, 'mvm_patches': masked patches counted}).
   """
-  err = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
-  counted = patch_mask.astype(jnp.bool_) & has_image.astype(jnp.bool_)[:, None]
-  total = jnp.zeros((), jnp.float32)
-  metrics = {}
-  for k, (w, name) in enumerate(zip(scale_weights, scale_names)):
-    sel = counted & (scale_id == k)[:, None]
-    loss_k = jnp.sum(jnp.where(sel, err, 0.0)) / jnp.maximum(jnp.sum(sel), 1).astype(jnp.float32)
-    metrics[f"mvm_{name}"] = loss_k
-    total = total + w * loss_k
-  metrics["mvm_patches"] = jnp.sum(counted).astype(jnp.float32)
-  return total, metrics
+  sums = mvm_sums(pred, target, patch_mask, scale_id, has_image, scale_names)
+  return _mvm_from_sums(sums, scale_weights, scale_names)
 
 
-def mixed_loss(
-  outputs: dict[str, Array], batch: dict[str, Array], cfg, scale_names: Sequence[str]
-) -> tuple[Array, dict[str, Array]]:
-  """MLM + multi-scale MVM + contrastive, each masked by has_image / has_text.
-
-  Args:
-    outputs: `medvl_jax.models.mixed.MixedModel` outputs.
-    batch: the batch layout (uses has_image, has_text).
-    cfg: config.loss: mlm_weight, mvm_weight, contrastive_weight, mvm_scale_weights, lam,
-      temperature. (Target normalisation is the model's: `model.decoder.norm_pix_target`.)
-    scale_names: one per MVM scale (metric names).
-
-  Returns:
-    (total, metrics) with 'loss', 'mlm', 'mvm', 'contrastive', 'mvm_<scale>' and counts.
-  """
-  has_image = batch["has_image"].astype(jnp.bool_)
+def mixed_sums(
+  outputs: dict[str, Array], batch: dict[str, Array], scale_names: Sequence[str]
+) -> dict[str, Array]:
+  """The MLM and MVM statistics of `mixed_loss` that add up over any split of the rows (sums
+  and counts): what embedding-cache accumulation collects per micro-batch."""
   has_text = batch["has_text"].astype(jnp.bool_)
-  mlm, mlm_metrics = mlm_loss(
-    outputs["mlm_logits"], outputs["mlm_targets"], outputs["mlm_weights"] & has_text[:, None]
-  )
-  mvm, mvm_metrics = mvm_loss(
-    outputs["mvm_pred"],
-    outputs["mvm_target"],
-    outputs["patch_mask"],
-    outputs["scale_id"],
-    has_image,
-    tuple(cfg.mvm_scale_weights),
-    scale_names,
-  )
-  pair = has_image & has_text
-  con, con_metrics = infonce(
-    outputs["image_embed"],
-    outputs["text_embed"],
+  return {
+    **mlm_sums(
+      outputs["mlm_logits"], outputs["mlm_targets"], outputs["mlm_weights"] & has_text[:, None]
+    ),
+    **mvm_sums(
+      outputs["mvm_pred"],
+      outputs["mvm_target"],
+      outputs["patch_mask"],
+      outputs["scale_id"],
+      batch["has_image"],
+      scale_names,
+    ),
+  }
+
+
+def mixed_combine(
+  image_embed: Array,
+  text_embed: Array,
+  pair: Array,
+  sums: dict[str, Array],
+  cfg,
+  scale_names: Sequence[str],
+  mesh=None,
+) -> tuple[Array, dict[str, Array]]:
+  """`mixed_loss` from the whole batch's embeddings, its paired-row mask and `mixed_sums`."""
+  mlm, mlm_metrics = _mlm_from_sums(sums)
+  mvm, mvm_metrics = _mvm_from_sums(sums, tuple(cfg.mvm_scale_weights), scale_names)
+  con, con_metrics = contrastive(
+    image_embed,
+    text_embed,
     lam=cfg.lam,
     temperature=cfg.temperature,
     mask=pair,
+    impl=cfg.get("impl", DEFAULT_IMPL),
+    mesh=mesh,
   )
   total = cfg.mlm_weight * mlm + cfg.mvm_weight * mvm + cfg.contrastive_weight * con
   metrics = {
@@ -359,3 +402,31 @@ def mixed_loss(
     **con_metrics,
   }
   return total, metrics
+
+
+def mixed_loss(
+  outputs: dict[str, Array], batch: dict[str, Array], cfg, scale_names: Sequence[str], mesh=None
+) -> tuple[Array, dict[str, Array]]:
+  """MLM + multi-scale MVM + contrastive, each masked by has_image / has_text.
+
+  Args:
+    outputs: `medvl_jax.models.mixed.MixedModel` outputs.
+    batch: the batch layout (uses has_image, has_text).
+    cfg: config.loss: mlm_weight, mvm_weight, contrastive_weight, mvm_scale_weights, lam,
+      temperature, impl. (Target normalisation is the model's: `model.decoder.norm_pix_target`.)
+    scale_names: one per MVM scale (metric names).
+    mesh: the batch's mesh for the contrastive term's `impl` (see `contrastive`).
+
+  Returns:
+    (total, metrics) with 'loss', 'mlm', 'mvm', 'contrastive', 'mvm_<scale>' and counts.
+  """
+  pair = batch["has_image"].astype(jnp.bool_) & batch["has_text"].astype(jnp.bool_)
+  return mixed_combine(
+    outputs["image_embed"],
+    outputs["text_embed"],
+    pair,
+    mixed_sums(outputs, batch, scale_names),
+    cfg,
+    scale_names,
+    mesh,
+  )
