@@ -21,9 +21,10 @@ What is *not* the full batch's:
     micro-batch's own statistics ("ghost batch norm"); the loss and gradient are exactly those
     of the full batch with that normalisation, not with full-batch statistics. The running
     statistics: the mean of the k micro-batches' updates from the step's starting value, i.e.
-    one EMA step per optimizer step whose batch mean is the full batch's mean exactly and whose
-    variance is the mean within-micro-batch variance (smaller by the between-micro-batch
-    spread of the means).
+    one EMA step per optimizer step with the mean of the micro-batch means and variances. For
+    the first BatchNorm (the stem's) that is the full batch's mean exactly and its mean
+    within-micro-batch variance (smaller by the spread of the micro-batch means); deeper
+    layers' inputs are themselves normalised per micro-batch, so theirs differ more.
   - Dropout draws its masks per micro-batch (key fold_in(step key, j), the same in passes 1
     and 3), so with dropout > 0 the random masks differ from a full-batch step's: the same
     distribution, not the same draw. The mixed model's MLM/MVM masks are drawn once for the
