@@ -18,6 +18,7 @@ from configs import convirt as convirt_config
 from configs import mixed as mixed_config
 from medvl_jax import accumulate, config_check, families, losses, step
 from medvl_jax.errors import ConfigError
+from tests.conftest import mixed_args, read_scalars, run_main
 
 K = 2  # micro-batches
 N = 8  # rows
@@ -174,3 +175,30 @@ def test_config_check_rejects_bad_accumulation_and_impl(tfds_dir):
   cfg.loss.impl = "sparse"
   with pytest.raises(ConfigError, match=r"config.loss.impl='sparse' is unknown; valid: dense"):
     config_check.check(cfg)
+
+
+@pytest.mark.slow  # a real CLI run of the mixed smoke model on 8 simulated devices
+def test_cli_trains_with_ring_loss_and_accumulation_on_8_devices(
+  tfds_dir, sample_data_dir, tmp_path
+):
+  workdir = tmp_path / "run"
+  proc = run_main(
+    *mixed_args(
+      workdir,
+      tfds_dir,
+      "--config.batch_size=16",
+      "--config.accumulate_steps=2",
+      "--config.loss.impl=ring",
+      "--config.total_steps=2",
+      "--config.eval_every=2",
+      "--config.checkpoint_every=2",
+    ),
+    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"},
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mesh: 8 devices" in proc.stderr + proc.stdout
+  scalars = read_scalars(workdir / "tensorboard")
+  assert sorted(scalars["train_loss"]) == [1, 2]
+  assert all(np.isfinite(v) for v in scalars["train_loss"].values())
+  assert scalars["train_contrastive"][1] > 0 and np.isfinite(scalars["val_loss"][2])

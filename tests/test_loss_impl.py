@@ -3,7 +3,9 @@ at start): 'gather' and 'ring' equal the dense InfoNCE in value and gradient, bo
 compiled per-device temporary memory, and train ConVIRT (with accumulation) as one device does.
 
 Tolerances (float32; the forms sum the same terms in another order): loss and metrics rtol
-1e-5, gradients to 1e-5 of their largest entry; model gradients 1e-4 (as tests/test_sharding).
+1e-5, gradients to 1e-5 of their largest entry; model gradients to 1e-4 of each leaf's largest
+entry + 1e-6 absolute (as tests/test_sharding: the attention key bias has a zero gradient in
+theory, ~1e-11 round-off in practice); BatchNorm statistics 1e-5.
 """
 
 import json
@@ -110,7 +112,7 @@ def run(devices, impl, steps):
   return float(loss), jax.device_get(grads), jax.device_get(stats)
 
 def gdiff(a, b):
-  return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12))
+  return max(float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-6))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 out = {}
