@@ -99,8 +99,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="infonce",  # registry name (medvl_jax.losses.LOSSES)
       lam=0.75,  # weight of image->text; 0.5 = symmetric CLIP form
       temperature=0.1,
+      # N x N layout (medvl_jax.losses.contrastive): 'gather' = local rows x all-gathered
+      # columns per device, 'ring' = blocks passed around, 'dense' = one N x N matrix; all
+      # the same loss, and on one device all are 'dense'.
+      impl="gather",
     )
   )
+  # Embedding-cache accumulation (medvl_jax.accumulate): the batch in this many micro-batches,
+  # the same loss and gradient (BatchNorm: per micro-batch statistics; README).
+  c.accumulate_steps = 1
 
   c.optimizer = ml_collections.ConfigDict(
     dict(

@@ -141,6 +141,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mvm_scale_weights=(1 / 3, 1 / 3, 1 / 3),  # equal: no scale is known to matter more
       lam=0.75,
       temperature=0.1,  # ConVIRT's InfoNCE
+      # N x N layout (medvl_jax.losses.contrastive): 'gather' = local rows x all-gathered
+      # columns per device, 'ring' = blocks passed around, 'dense' = one N x N matrix; all
+      # the same loss, and on one device all are 'dense'.
+      impl="gather",
     )
   )
   c.optimizer.lr = 1e-4  # ConVIRT's Adam lr (MRM: AdamW 1.5e-4 x batch/256)

@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from medvl_jax import corpora, families, input_pipeline
+from medvl_jax import corpora, families, input_pipeline, losses
 from medvl_jax.errors import ConfigError
 
 SCHEDULES = ("constant", "plateau")
@@ -51,6 +51,24 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
   # Every source (config.data.sources, or the one-source shorthand): name, builder config,
   # kind, weight, augmentation chain, split; metadata only, no record is read.
   input_pipeline.check_sources(config)
+
+
+# ----------------------------------------------------------------------------- batch layout
+def _check_batch_layout(config: ml_collections.ConfigDict, family) -> None:
+  """config.loss.impl and config.accumulate_steps (medvl_jax.losses, medvl_jax.accumulate)."""
+  _valid("config.loss.impl", config.loss.get("impl", losses.DEFAULT_IMPL), losses.IMPLS)
+  steps = config.get("accumulate_steps", 1)
+  if not isinstance(steps, int) or steps <= 0:
+    raise ConfigError(f"config.accumulate_steps={steps!r} must be a positive integer")
+  if config.batch_size % steps:
+    raise ConfigError(
+      f"config.accumulate_steps={steps} does not divide config.batch_size={config.batch_size}"
+    )
+  if steps > 1 and family.make_split is None:
+    raise ConfigError(
+      f"config.accumulate_steps={steps}: model family {family.name!r} does not support "
+      "accumulation; use 1"
+    )
 
 
 # ----------------------------------------------------------------------------- evaluators
@@ -99,4 +117,5 @@ def check(config: ml_collections.ConfigDict) -> None:
   for key in POSITIVE_INTS:
     if int(config[key]) <= 0:
       raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
+  _check_batch_layout(config, family)
   _check_evaluators(config)

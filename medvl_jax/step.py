@@ -65,10 +65,22 @@ def loss_and_grads(
 
 
 def train_step(
-  state: TrainState, batch: dict, *, model, tx, loss_fn: Callable, mask: Any, rng: jax.Array
+  state: TrainState,
+  batch: dict,
+  *,
+  model,
+  tx,
+  loss_fn: Callable,
+  mask: Any,
+  rng: jax.Array,
+  accumulate: Callable | None = None,
 ) -> tuple[TrainState, dict]:
-  """One update on the global batch. Frozen params: no gradient, no state, bit-identical."""
-  loss, metrics, batch_stats, grads = loss_and_grads(
+  """One update on the global batch. Frozen params: no gradient, no state, bit-identical.
+
+  `accumulate`: `accumulate.from_config(...)` for `config.accumulate_steps` > 1 (the same
+  loss and gradient, computed in micro-batches); None = one pass over the batch.
+  """
+  loss, metrics, batch_stats, grads = (accumulate or loss_and_grads)(
     state.params,
     state.batch_stats,
     batch,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from medvl_jax import accumulate as accumulate_lib
 from medvl_jax import checkpoint, config_check, families, input_pipeline, sharding
 from medvl_jax import step as step_lib
 from medvl_jax.errors import ConfigError
@@ -115,7 +116,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Model & optimizer, through the model family (families/): the loss sees the whole batch.
   family = families.get(config.model.name)
   model = family.build(config.model)
-  loss_fn = family.make_loss(config)
+  loss_fn = family.make_loss(config, mesh)  # mesh: the contrastive layout (config.loss.impl)
+  accumulate = accumulate_lib.from_config(family, config, mesh)  # config.accumulate_steps
   init_rng, step_rng = step_lib.rngs(config)
   init_fn = functools.partial(step_lib.init_variables, model, config)
   abstract_vars = jax.eval_shape(init_fn, init_rng)
@@ -170,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_shard = sharding.batch_sharding(mesh)
   step_fn = jax.jit(
     lambda st, b: step_lib.train_step(
-      st, b, model=model, tx=tx, loss_fn=loss_fn, mask=mask, rng=step_rng
+      st, b, model=model, tx=tx, loss_fn=loss_fn, mask=mask, rng=step_rng, accumulate=accumulate
     ),
     in_shardings=(state_sharding, batch_shard),
     out_shardings=(state_sharding, None),

@@ -6,8 +6,9 @@ through its `Family`; none of them names a family. `config.model.name` selects i
   family = families.get(config.model.name)
   model = family.build(config.model)
   variables = family.init(model, dummy_batch, rng)            # {'params', 'batch_stats'?}
-  loss_fn = family.make_loss(config)
+  loss_fn = family.make_loss(config, mesh)                    # mesh: for config.loss.impl
   loss, metrics, new_batch_stats = loss_fn(model, variables, batch, rng, train=True)
+  split = family.make_split(config, mesh)   # the same loss in parts, for accumulation
 
 `batch` is the whole batch in the layout of `medvl_jax.batch` (image, input_ids,
 attention_mask, has_image, has_text, source; eval batches add `mask`), so a family's loss sees
@@ -47,6 +48,26 @@ class Encoders:
 
 
 @dataclasses.dataclass(frozen=True)
+class Split:
+  """A family's training loss in the parts that embedding-cache accumulation
+  (`medvl_jax.accumulate`) needs: loss = combine(embeddings of all rows, sum over micro-batches
+  of `micro`'s sums, batch).
+
+  Attributes:
+    prepare: (model, variables, batch, rng) -> a pytree of per-row arrays [N, ...] drawn once
+      for the whole batch (e.g. the mixed model's MLM/MVM masks), sliced like the batch.
+    micro: (model, variables, micro_batch, prepared rows, rng) -> ((image_embed, text_embed),
+      {name: float32 scalar that adds up over rows}, new batch_stats); train mode.
+    combine: (model, image_embed [N, d], text_embed [N, d], summed stats, batch) -> (loss,
+      metrics as `make_loss`'s loss_fn returns them).
+  """
+
+  prepare: Callable[..., Any]
+  micro: Callable[..., Any]
+  combine: Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
   """Everything the trainer, export and evaluators need to know about one model family.
 
@@ -54,8 +75,9 @@ class Family:
     name: the `config.model.name` that selects it.
     build: config.model -> flax.linen Module.
     init: (model, batch, rng) -> freshly initialised variables for a (dummy) batch.
-    make_loss: config -> loss_fn(model, variables, batch, rng, train) ->
+    make_loss: (config, mesh=None) -> loss_fn(model, variables, batch, rng, train) ->
       (scalar loss, {metric name: scalar}, new batch_stats); metric names as `metrics`.
+      `mesh` is the one the batch is sharded over (`config.loss.impl`, `losses.contrastive`).
     metrics: names of the metrics `loss_fn` always returns besides the loss (logged as
       train_<name> and val_<name>; a family may add config-dependent ones, e.g. per-scale MVM).
     summary_metrics: the subset shown on the validation log line.
@@ -72,6 +94,8 @@ class Family:
     losses: the `config.loss.name` values this family trains with.
     check_config: config.model -> None; ConfigError naming the key on a bad nested choice
       (called by `config_check` before anything is read or built).
+    make_split: (config, mesh=None) -> `Split`, the training loss in parts for
+      `config.accumulate_steps` > 1; None = the family does not support accumulation.
   """
 
   name: str
@@ -87,6 +111,7 @@ class Family:
   export: Callable[[Any, Any, Any, Any, Any], dict]
   check_config: Callable[[Any], None]
   losses: tuple[str, ...]
+  make_split: Callable[..., Split] | None = None
 
 
 def names() -> tuple[str, ...]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from medvl_jax import losses, weights
 from medvl_jax.errors import ConfigError
-from medvl_jax.families import Encoders, Family, export_files, row_mask, text_tower_mask
+from medvl_jax.families import Encoders, Family, Split, export_files, row_mask, text_tower_mask
 from medvl_jax.models import bert as bert_model
 from medvl_jax.models import convirt as convirt_model
 from medvl_jax.weights import hf_bert, pretrained, torchvision_resnet
@@ -28,7 +28,7 @@ def init(model, batch: dict, rng: jax.Array) -> dict:
   )
 
 
-def make_loss(config):
+def make_loss(config, mesh=None):
   loss_impl = losses.LOSSES[config.loss.name]
   loss_cfg = config.loss
 
@@ -49,10 +49,36 @@ def make_loss(config):
         variables, batch["image"], batch["input_ids"], batch["attention_mask"], train=False
       )
       new_stats = variables.get("batch_stats", {})
-    loss, metrics = loss_impl(out, loss_cfg, row_mask(batch))
+    loss, metrics = loss_impl(out, loss_cfg, row_mask(batch), mesh)
     return loss, metrics, new_stats
 
   return loss_fn
+
+
+def make_split(config, mesh=None) -> Split:
+  """The InfoNCE loss in parts: each micro-batch's embeddings (the ResNet's BatchNorm
+  normalises with that micro-batch's statistics), nothing to sum, the loss of all rows."""
+  loss_impl = losses.LOSSES[config.loss.name]
+
+  def micro(model, variables, batch, prepared, rng):
+    del prepared
+    out, new_vars = model.apply(
+      variables,
+      batch["image"],
+      batch["input_ids"],
+      batch["attention_mask"],
+      train=True,
+      rngs={"dropout": rng},
+      mutable=["batch_stats"],
+    )
+    return (out["image_embed"], out["text_embed"]), {}, new_vars["batch_stats"]
+
+  def combine(model, image_embed, text_embed, sums, batch):
+    del model, sums
+    outputs = {"image_embed": image_embed, "text_embed": text_embed}
+    return loss_impl(outputs, config.loss, row_mask(batch), mesh)
+
+  return Split(prepare=lambda model, variables, batch, rng: {}, micro=micro, combine=combine)
 
 
 def encoders(model) -> Encoders:
@@ -214,5 +240,6 @@ FAMILY = Family(
   encoders=encoders,
   export=export,
   check_config=check_config,
-  losses=tuple(losses.LOSSES),  # InfoNCE (lam, temperature)
+  losses=tuple(losses.LOSSES),  # InfoNCE (lam, temperature, impl)
+  make_split=make_split,
 )

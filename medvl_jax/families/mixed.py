@@ -13,9 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from medvl_jax import weights
+from medvl_jax import losses, weights
 from medvl_jax.errors import WeightsError
-from medvl_jax.families import Encoders, Family, export_files, text_tower_mask
+from medvl_jax.families import Encoders, Family, Split, export_files, text_tower_mask
 from medvl_jax.models import mixed as mixed_model
 from medvl_jax.weights import hf_bert, timm_vit
 
@@ -34,7 +34,7 @@ def _eval_batch(batch: dict) -> dict:
   return dict(batch, has_image=batch["has_image"] & keep, has_text=batch["has_text"] & keep)
 
 
-def make_loss(config):
+def make_loss(config, mesh=None):
   loss_cfg = config.loss
 
   def loss_fn(model, variables, batch: dict, rng, train: bool):
@@ -44,12 +44,37 @@ def make_loss(config):
     if train:
       rngs["dropout"] = key
     loss, metrics = mixed_model.forward_and_loss(
-      model, variables, _eval_batch(batch), rngs, loss_cfg, train
+      model, variables, _eval_batch(batch), rngs, loss_cfg, train, mesh
     )
     metrics = {k: v for k, v in metrics.items() if k != "loss"}
     return loss, metrics, variables.get("batch_stats", {})
 
   return loss_fn
+
+
+def make_split(config, mesh=None) -> Split:
+  """The training loss in parts: the MLM/MVM masks are drawn once for the whole batch (the
+  same 'masking' key as `make_loss`), so each micro-batch sees its rows' masks; MLM and MVM
+  add up as sums and counts (`losses.mixed_sums`), the contrastive term is over all pairs."""
+  loss_cfg = config.loss
+
+  def prepare(model, variables, batch, rng):
+    rngs = {"masking": jax.random.fold_in(rng, _MASKING_SALT)}
+    return model.apply(variables, batch, method=type(model).draw_masks, rngs=rngs)
+
+  def micro(model, variables, batch, masks, rng):
+    out = model.apply(variables, batch, train=True, masks=masks, rngs={"dropout": rng})
+    sums = losses.mixed_sums(out, batch, model.scale_names)
+    return (out["image_embed"], out["text_embed"]), sums, variables.get("batch_stats", {})
+
+  def combine(model, image_embed, text_embed, sums, batch):
+    pair = batch["has_image"].astype(bool) & batch["has_text"].astype(bool)
+    loss, metrics = losses.mixed_combine(
+      image_embed, text_embed, pair, sums, loss_cfg, model.scale_names, mesh
+    )
+    return loss, {k: v for k, v in metrics.items() if k != "loss"}
+
+  return Split(prepare=prepare, micro=micro, combine=combine)
 
 
 def encoders(model) -> Encoders:
@@ -266,4 +291,5 @@ FAMILY = Family(
   export=export,
   check_config=check_config,
   losses=("mixed",),  # MLM + multi-scale MVM + InfoNCE on pairs (losses.mixed_loss)
+  make_split=make_split,
 )

@@ -373,14 +373,16 @@ def forward_and_loss(
   rngs: Mapping[str, jax.Array],
   loss_cfg: Any,
   train: bool,
+  mesh: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training/validation entry point: (total loss, metrics) on a whole batch.
 
   `rngs` must hold 'masking' (and 'dropout' when train). Differentiate w.r.t.
-  `variables['params']` with `jax.value_and_grad(..., has_aux=True)`.
+  `variables['params']` with `jax.value_and_grad(..., has_aux=True)`. `mesh`: the batch's
+  mesh, for the contrastive term's `loss_cfg.impl` (`losses.contrastive`).
   """
   outputs = model.apply(variables, batch, train=train, rngs=dict(rngs))
-  return losses.mixed_loss(outputs, batch, loss_cfg, model.scale_names)
+  return losses.mixed_loss(outputs, batch, loss_cfg, model.scale_names, mesh)
 
 
 def _check(cond: bool, msg: str) -> None:
