@@ -1,10 +1,13 @@
 """The training loop, top to bottom in the order data flows.
 
-  config check -> mesh -> input -> model & optimizer -> shardings & state -> update step
-  -> checkpoint restore -> evaluation -> loop (log, eval, checkpoint, preemption)
+  SIGTERM handler -> config check -> finished run? -> mesh -> input -> model & optimizer
+  -> shardings & state -> update step -> checkpoint restore -> evaluation
+  -> loop (non-finite policy, log, eval, checkpoint, preemption)
 
 `train_step` and `eval_step` are pure functions of (state, batch) jitted with explicit
-shardings; everything else here is the plumbing around them.
+shardings; everything else here is the plumbing around them. `train_step` never applies a
+non-finite update; the loop reads each step's `skipped` flag one step late (so the host does not
+stall the device) and applies `config.nonfinite` (see `_NonFiniteGuard`).
 """
 
 import functools
@@ -411,6 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ) from None
 
   saves.poll(mngr, wait=True)
+  mngr.wait_until_finished()
   writer.flush()
   writer.close()
   mngr.close()
