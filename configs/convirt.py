@@ -32,6 +32,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 16
   c.checkpoint_every = 16  # a multiple of eval_every, so checkpoints carry val_loss
   c.keep_checkpoints = 2  # latest N kept, plus the best by validation loss
+  # A step whose loss or gradient norm is NaN/inf is never applied (the state stays as it was).
+  # 'skip': go on with the next batch (counted, logged, TensorBoard `skipped_steps`), but stop
+  # (exit 2) after `nonfinite_max_consecutive` skipped steps in a row; 'halt': stop at the first.
+  # Default 'skip' with 10: an isolated bad batch (a loss spike, one odd record) must not end a
+  # days-long run, while a diverged model (too large an lr) fails every step and would
+  # otherwise burn the allocation writing the same state; 10 in a row is then certain and
+  # costs 10 steps. A state that gives a non-finite value is never checkpointed.
+  c.nonfinite = "skip"
+  c.nonfinite_max_consecutive = 10
 
   c.data = ml_collections.ConfigDict()
   # Registry name (medvl_jax.corpora): the one-source shorthand of data.sources.

@@ -20,7 +20,15 @@ from medvl_jax import corpora, families, input_pipeline, losses
 from medvl_jax.errors import ConfigError
 
 SCHEDULES = ("constant", "plateau")
-POSITIVE_INTS = ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every")
+NONFINITE_POLICIES = ("skip", "halt")
+POSITIVE_INTS = (
+  "batch_size",
+  "total_steps",
+  "log_every",
+  "eval_every",
+  "checkpoint_every",
+  "nonfinite_max_consecutive",
+)
 
 
 def _valid(key: str, value: Any, valid) -> None:
@@ -112,6 +120,7 @@ def check(config: ml_collections.ConfigDict) -> None:
       f"{', '.join(family.losses)}"
     )
   _valid("config.optimizer.schedule", config.optimizer.schedule, SCHEDULES)
+  _valid("config.nonfinite", config.nonfinite, NONFINITE_POLICIES)
   family.check_config(config.model)
   _check_data(config)
   for key in POSITIVE_INTS:

@@ -20,3 +20,8 @@ class WeightsError(MedvlError):
 class CheckpointError(MedvlError):
   """A training run cannot be read: no config.json, no checkpoint (at a step), or one that
   does not fit the model built from the run's config (names the directory and step)."""
+
+
+class NonFiniteError(MedvlError):
+  """Training met a non-finite loss, gradient or validation loss and stopped per
+  `config.nonfinite` (names the step and the last good checkpoint)."""

@@ -2,6 +2,9 @@ r"""Export a run to PyTorch / Hugging Face files, through its model family.
 
   python -m medvl_jax.export --workdir=runs/convirt --out=exported [--step=N] [--overwrite]
 
+A checkpoint whose params or batch statistics hold NaN/inf is refused (one line, exit 2) unless
+`--allow_nonfinite`.
+
 The run's family (`families.get(config.model.name).export`) writes its files, e.g. ConVIRT:
   OUT/image_encoder/model.safetensors    torchvision ResNet state dict without `fc.*`
   OUT/image_encoder/preprocessing.json   what to do to pixels to match the JAX image encoder
@@ -22,10 +25,22 @@ import shutil
 from typing import Any
 
 from absl import app, flags, logging
+import jax
+import numpy as np
 
 from medvl_jax import cli, families, run
 from medvl_jax.errors import CheckpointError, MedvlError, WeightsError
 from medvl_jax.families import export_files
+
+
+# ----------------------------------------------------------------------------- checks
+def _nonfinite_arrays(tree: Any) -> list[str]:
+  """Paths of the floating-point arrays of `tree` (host NumPy) holding a NaN or an inf."""
+  return [
+    jax.tree_util.keystr(path)
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.all(np.isfinite(x))
+  ]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -62,13 +77,17 @@ def export(
   out: str | os.PathLike,
   step: int | None = None,
   overwrite: bool = False,
+  allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
   """Exports checkpoint `step` (default: latest) of a run; returns export.json's dict.
+
+  A checkpoint with non-finite params or batch statistics is refused unless `allow_nonfinite`.
 
   Raises:
     CheckpointError: the run cannot be read (workdir, config.json, checkpoint step).
     ConfigError: the run's model family is unknown.
-    WeightsError (or another MedvlError): one line naming what else is missing or wrong.
+    WeightsError (or another MedvlError): one line naming what else is missing or wrong
+      (non-finite weights included).
   """
   workdir = pathlib.Path(workdir).absolute()
   out = pathlib.Path(out).absolute()
@@ -79,6 +98,14 @@ def export(
   _check_out(out, overwrite)
   model = family.build(config.model)
   step, params, batch_stats = run.restore_variables(workdir, config, model, step)
+  bad = _nonfinite_arrays({"params": params, "batch_stats": batch_stats})
+  if bad and not allow_nonfinite:
+    raise WeightsError(
+      f"checkpoint step {step} of {workdir} holds non-finite weights (NaN/inf in {len(bad)} "
+      f"arrays, e.g. {bad[0]}); refusing to export them (--allow_nonfinite exports anyway)"
+    )
+  if bad:
+    logging.warning("exporting non-finite weights (--allow_nonfinite): %d arrays", len(bad))
 
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
@@ -111,6 +138,9 @@ def _define_flags() -> None:
   )
   flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
   flags.DEFINE_bool("overwrite", False, "Replace a previous export in --out.")
+  flags.DEFINE_bool(
+    "allow_nonfinite", False, "Export even if the checkpoint's weights hold NaN/inf values."
+  )
   flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -121,7 +151,7 @@ def main(argv: list[str]) -> None:
   if not fl["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # Orbax's INFO/WARNING chatter on read-only restores.
   try:
-    meta = export(fl.workdir, fl.out, fl.step, fl.overwrite)
+    meta = export(fl.workdir, fl.out, fl.step, fl.overwrite, fl.allow_nonfinite)
   except MedvlError as e:
     logging.flush()
     cli.die(str(e))

@@ -64,6 +64,14 @@ def loss_and_grads(
   return loss, metrics, new_stats, grads
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """True iff every floating-point leaf of `tree` is finite (integer leaves always are)."""
+  leaves = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def train_step(
   state: TrainState,
   batch: dict,
@@ -79,6 +87,12 @@ def train_step(
 
   `accumulate`: `accumulate.from_config(...)` for `config.accumulate_steps` > 1 (the same
   loss and gradient, computed in micro-batches); None = one pass over the batch.
+
+  Non-finite guard: when the loss, the global gradient norm or any updated parameter is not
+  finite, the update is not applied: params, batch statistics and optimizer state come back
+  unchanged (bit-identical) and only `step` advances (the batch is consumed). `metrics` then
+  has `skipped` = 1 and every other metric 0 (so running means can leave the step out); the
+  trainer applies `config.nonfinite` (skip or halt) on the host.
   """
   loss, metrics, batch_stats, grads = (accumulate or loss_and_grads)(
     state.params,
@@ -94,10 +108,20 @@ def train_step(
   params = jax.tree.map(
     lambda p, u, m: (p + u).astype(p.dtype) if m else p, state.params, updates, mask
   )
+  grad_norm = optax.tree.norm(grads).astype(jnp.float32)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+  keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731  # a select: bit-exact either way
   new_state = state.replace(
-    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    step=state.step + 1,
+    params=jax.tree.map(keep, params, state.params),
+    batch_stats=jax.tree.map(keep, batch_stats, state.batch_stats),
+    opt_state=jax.tree.map(keep, opt_state, state.opt_state),
   )
-  return new_state, dict(metrics, loss=loss)
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
+  metrics = {k: jnp.where(ok, v, jnp.zeros_like(v)) for k, v in metrics.items()}
+  # The raw values of a skipped step, for the trainer's warning line.
+  metrics.update(skipped=(~ok).astype(jnp.float32), raw_loss=loss, raw_grad_norm=grad_norm)
+  return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: dict, *, model, loss_fn: Callable) -> dict:

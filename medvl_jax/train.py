@@ -1,14 +1,18 @@
 """The training loop, top to bottom in the order data flows.
 
-  config check -> mesh -> input -> model & optimizer -> shardings & state -> update step
-  -> checkpoint restore -> evaluation -> loop (log, eval, checkpoint, preemption)
+  SIGTERM handler -> config check -> finished run? -> mesh -> input -> model & optimizer
+  -> shardings & state -> update step -> checkpoint restore -> evaluation
+  -> loop (non-finite policy, log, eval, checkpoint, preemption)
 
 `train_step` and `eval_step` are pure functions of (state, batch) jitted with explicit
-shardings; everything else here is the plumbing around them.
+shardings; everything else here is the plumbing around them. `train_step` never applies a
+non-finite update; the loop reads each step's `skipped` flag one step late (so the host does not
+stall the device) and applies `config.nonfinite` (see `_NonFiniteGuard`).
 """
 
 import functools
 import json
+import math
 import os
 import pathlib
 import signal
@@ -25,7 +29,7 @@ import ml_collections
 from medvl_jax import accumulate as accumulate_lib
 from medvl_jax import checkpoint, config_check, families, input_pipeline, sharding
 from medvl_jax import step as step_lib
-from medvl_jax.errors import ConfigError
+from medvl_jax.errors import ConfigError, NonFiniteError
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -47,7 +51,11 @@ def evaluate(eval_fn, state, config, tokenizer, mesh) -> dict[str, float]:
 
 
 class MeanMetrics:
-  """Running means of the step metrics, summed on the devices (no per-step host sync)."""
+  """Running means of the step metrics, summed on the devices (no per-step host sync).
+
+  Steps the non-finite guard skipped (`skipped` = 1, other metrics zeroed by the step) are
+  left out of the means; a window of skipped steps only gives no means at all.
+  """
 
   def __init__(self):
     self.sums, self.count = None, 0
@@ -57,9 +65,10 @@ class MeanMetrics:
     self.count += 1
 
   def pop(self) -> dict[str, float]:
-    out = {k: float(v) / self.count for k, v in jax.device_get(self.sums).items()}
+    sums = {k: float(v) for k, v in jax.device_get(self.sums).items()}
+    n = self.count - sums.pop("skipped", 0.0)
     self.sums, self.count = None, 0
-    return out
+    return {k: v / n for k, v in sums.items()} if n > 0 else {}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -77,7 +86,11 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class _Preemption:
-  """SIGTERM (as sent by schedulers before preemption) -> save at the next step and stop."""
+  """SIGTERM (as sent by schedulers before preemption) -> save at the next step and stop.
+
+  Installed first thing in `train_and_evaluate`: a SIGTERM during data preparation, model
+  building or compilation ends the run after that stage with one line and exit 0 (not 143).
+  """
 
   def __init__(self):
     self.requested = False
@@ -89,13 +102,95 @@ class _Preemption:
     self.requested = True
 
 
+class _SaveLog:
+  """'saved checkpoint N (async, x.x s)' once Orbax has finalised an async save.
+
+  x.x runs from the `save` call (which includes the blocking device-to-host copy) to Orbax's
+  post-finalisation callback (the step's files written, just before the rename into place).
+  The line is logged at the first step boundary after that, or when the run waits for it.
+  """
+
+  def __init__(self):
+    self.pending, self.finalised_at = None, None
+
+  def finalised(self) -> None:  # Orbax's background thread
+    self.finalised_at = time.perf_counter()
+
+  def started(self, step: int) -> None:
+    self.pending, self.finalised_at = (step, time.perf_counter()), None
+
+  def poll(self, mngr, wait: bool = False) -> None:
+    if self.pending is None:
+      return
+    if wait:
+      mngr.wait_until_finished()
+    elif mngr.is_saving_in_progress():
+      return
+    step, t0 = self.pending
+    t1 = self.finalised_at or time.perf_counter()
+    logging.info("saved checkpoint %d (async, %.1f s)", step, t1 - t0)
+    self.pending = None
+
+
+class _Halt(Exception):
+  """Internal: the non-finite policy stops the run (`reason` names the step)."""
+
+
+class _NonFiniteGuard:
+  """`config.nonfinite` on the host. The jitted step already refuses every non-finite update
+  (the state is unchanged); this counts those skipped steps and decides when to stop:
+    'halt': at the first one;
+    'skip': go on, unless `config.nonfinite_max_consecutive` steps in a row were skipped.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, skipped_before: int):
+    self.policy = config.nonfinite
+    self.limit = int(config.nonfinite_max_consecutive)
+    self.total, self.streak = skipped_before, 0
+
+  def resolve(self, step: int, skipped: bool, loss: float, grad_norm: float) -> None:
+    if not skipped:
+      self.streak = 0
+      return
+    self.total += 1
+    self.streak += 1
+    logging.warning(
+      "step %d: non-finite loss (%s) or gradient norm (%s): update not applied "
+      "(%d skipped in a row, %d in total; config.nonfinite=%r)",
+      step,
+      loss,
+      grad_norm,
+      self.streak,
+      self.total,
+      self.policy,
+    )
+    if self.policy == "halt":
+      raise _Halt(f"non-finite loss/gradient at step {step} (config.nonfinite='halt')")
+    if self.streak >= self.limit:
+      raise _Halt(
+        f"non-finite loss/gradient at steps {step - self.streak + 1}-{step} ({self.streak} in a "
+        f"row = config.nonfinite_max_consecutive)"
+      )
+
+
 # ----------------------------------------------------------------------------- main entry
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir`; returns the last logged train and eval metrics."""
+  """Trains (or resumes) in `workdir`; returns the last logged train and eval metrics.
+
+  Raises NonFiniteError when `config.nonfinite` stops the run (nothing non-finite is saved).
+  """
+  preemption = _Preemption()  # first: a SIGTERM during set-up or compile ends the run cleanly
   config_check.check(config)  # every name and choice, before anything is read or written
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
+  saves = _SaveLog()
+  mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints, on_commit=saves.finalised)
+  done = mngr.latest_step()
+  if done is not None and done >= config.total_steps:  # before any data, model or compile work
+    logging.info("run already complete at step %d (workdir %s); nothing to do", done, workdir)
+    mngr.close()
+    return {}
   if is_chief:
     _write_json_atomic(workdir / "config.json", config.to_dict())
 
@@ -111,6 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Input: the sample is prepared on first use; the tokenizer comes from the text checkpoint.
   input_pipeline.prepare(config)
+  if preemption.requested:
+    return _stop_during_setup("data preparation", mngr)
   tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
 
   # Model & optimizer, through the model family (families/): the loss sees the whole batch.
@@ -140,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   # Checkpoint restore, else fresh init (+ pretrained weights where configured).
-  mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
+  skipped_before = 0
   if mngr.latest_step() is not None:
     state, data_state = checkpoint.restore(mngr, abstract_state)
     if data_state.get("seed") != config.seed:
@@ -149,6 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"{data_state.get('seed')} of the run being resumed in {workdir}"
       )
     start_step = int(data_state["batches_consumed"])
+    skipped_before = int(data_state.get("skipped_steps", 0))
     logging.info("resumed from checkpoint step %d in %s", start_step, mngr.directory)
   else:
     var_sharding = {"params": state_sharding.params}
@@ -207,65 +305,132 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   first = sharding.to_global(next(train_iter), mesh)
   step_fn = step_fn.lower(state, first).compile()
   logging.info("compiled the train step in %.1f s", time.perf_counter() - t0)
+  if preemption.requested:
+    writer.close()
+    return _stop_during_setup("model building and compilation", mngr)
 
-  preemption = _Preemption()
+  guard = _NonFiniteGuard(config, skipped_before)
   last_train, last_eval = {}, {}
   acc = MeanMetrics()
   t_report, step_report = time.perf_counter(), start_step
   batch = first
-  for step in range(start_step + 1, config.total_steps + 1):
-    if batch is None:
-      batch = sharding.to_global(next(train_iter), mesh)
-    state, metrics = step_fn(state, batch)
-    batch = None
-    acc.add(metrics)
+  pending = None  # (step, metrics) whose `skipped` flag the host has not read yet
 
-    if step % config.log_every == 0 or step == config.total_steps or step == start_step + 1:
-      last_train = {f"train_{k}": v for k, v in acc.pop().items()}
-      now = time.perf_counter()
-      sec_per_step = (now - t_report) / (step - step_report)
-      t_report, step_report = now, step
-      writer.write_scalars(step, dict(last_train, sec_per_step=sec_per_step))
-      logging.info(
-        "step %d/%d | loss %.4f | %.2f s/step | %.1f examples/s | ETA %s",
-        step,
-        config.total_steps,
-        last_train["train_loss"],
-        sec_per_step,
-        config.batch_size / sec_per_step,
-        _fmt_duration(sec_per_step * (config.total_steps - step)),
-      )
+  def settle():
+    """Reads the pending step's non-finite flag (waits for that step); may raise _Halt."""
+    nonlocal pending
+    if pending is not None:
+      s, m = pending
+      pending = None
+      skipped, loss, grad_norm = jax.device_get((m["skipped"], m["raw_loss"], m["raw_grad_norm"]))
+      guard.resolve(s, bool(skipped), float(loss), float(grad_norm))
 
-    val_loss = None
-    if step % config.eval_every == 0 or step == config.total_steps:
-      t_eval = time.perf_counter()
-      last_eval = evaluate(eval_fn, state, config, tokenizer, mesh)
-      if evaluators:
-        last_eval.update(evaluate_lib.run_all(evaluators, state))
-      t_report += time.perf_counter() - t_eval  # the train rate excludes evaluation time
-      val_loss = last_eval["val_loss"]
-      writer.write_scalars(step, last_eval)
-      logging.info(
-        "step %d | validation loss %.4f%s",
-        step,
-        val_loss,
-        "".join(f" | {k} {last_eval[f'val_{k}']:.3f}" for k in family.summary_metrics),
-      )
+  step, unhealthy = start_step, None
+  try:
+    for step in range(start_step + 1, config.total_steps + 1):
+      if batch is None:
+        batch = sharding.to_global(next(train_iter), mesh)
+      state, metrics = step_fn(state, batch)
+      batch = None
+      settle()  # the previous step's flag: the device already runs this one (no pipeline stall)
+      pending = (step, metrics)
+      acc.add({k: v for k, v in metrics.items() if not k.startswith("raw_")})
+      saves.poll(mngr)
 
-    stop = preemption.requested or mngr.reached_preemption(step)
-    if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
-      checkpoint.save(
-        mngr, step, state, {"batches_consumed": step, "seed": config.seed}, val_loss=val_loss
-      )
-    if stop:
-      logging.warning("stopping at step %d for preemption; rerun the command to resume", step)
-      break
+      stop = preemption.requested or mngr.reached_preemption(step)
+      log_now = step % config.log_every == 0 or step == config.total_steps or step == start_step + 1
+      eval_now = step % config.eval_every == 0 or step == config.total_steps
+      ckpt_now = step % config.checkpoint_every == 0 or step == config.total_steps or stop
+      if log_now or eval_now or ckpt_now:
+        settle()
+      unhealthy = f"step {step} was skipped (non-finite)" if guard.streak else None
 
+      if log_now:
+        last_train = {f"train_{k}": v for k, v in acc.pop().items()}
+        now = time.perf_counter()
+        sec_per_step = (now - t_report) / (step - step_report)
+        t_report, step_report = now, step
+        writer.write_scalars(
+          step, dict(last_train, sec_per_step=sec_per_step, skipped_steps=guard.total)
+        )
+        loss = last_train.get("train_loss")
+        logging.info(
+          "step %d/%d | loss %s | %.2f s/step | %.1f examples/s | ETA %s%s",
+          step,
+          config.total_steps,
+          "n/a (skipped)" if loss is None else f"{loss:.4f}",
+          sec_per_step,
+          config.batch_size / sec_per_step,
+          _fmt_duration(sec_per_step * (config.total_steps - step)),
+          f" | {guard.total} skipped (non-finite)" if guard.total else "",
+        )
+
+      val_loss = None
+      if eval_now:
+        t_eval = time.perf_counter()
+        last_eval = evaluate(eval_fn, state, config, tokenizer, mesh)
+        if evaluators:
+          last_eval.update(evaluate_lib.run_all(evaluators, state))
+        t_report += time.perf_counter() - t_eval  # the train rate excludes evaluation time
+        val_loss = last_eval["val_loss"]
+        writer.write_scalars(step, last_eval)
+        logging.info(
+          "step %d | validation loss %.4f%s",
+          step,
+          val_loss,
+          "".join(f" | {k} {last_eval[f'val_{k}']:.3f}" for k in family.summary_metrics),
+        )
+        if not math.isfinite(val_loss):
+          unhealthy = f"validation loss {val_loss} at step {step}"
+          if config.nonfinite == "halt":
+            raise _Halt(f"non-finite validation loss at step {step} (config.nonfinite='halt')")
+
+      if ckpt_now:
+        if unhealthy:  # never save a state that gives non-finite values
+          logging.warning("no checkpoint at step %d: %s", step, unhealthy)
+        else:
+          saves.poll(mngr, wait=True)  # the previous save's line first (save() waits anyway)
+          checkpoint.save(
+            mngr,
+            step,
+            state,
+            {"batches_consumed": step, "seed": config.seed, "skipped_steps": guard.total},
+            val_loss=val_loss,
+          )
+          saves.started(step)
+      if stop:
+        logging.warning("stopping at step %d for preemption; rerun the command to resume", step)
+        break
+    settle()
+    if unhealthy and not preemption.requested:
+      raise _Halt(f"the run ended in a non-finite state ({unhealthy})")
+  except _Halt as halt:
+    saves.poll(mngr, wait=True)
+    writer.write_scalars(step, {"skipped_steps": guard.total})
+    writer.close()
+    good = mngr.latest_step()
+    mngr.close()
+    raise NonFiniteError(
+      f"{halt}; stopped without saving it; last good checkpoint: "
+      + (f"step {good} in {mngr.directory}" if good is not None else "none yet")
+    ) from None
+
+  saves.poll(mngr, wait=True)
   mngr.wait_until_finished()
   writer.flush()
   writer.close()
   mngr.close()
   return dict(last_train, **last_eval)
+
+
+def _stop_during_setup(stage: str, mngr) -> dict:
+  logging.warning(
+    "SIGTERM received during %s: stopped before training; nothing new to save "
+    "(rerun the command to resume)",
+    stage,
+  )
+  mngr.close()
+  return {}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

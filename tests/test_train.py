@@ -39,7 +39,7 @@ def test_checkpoint_restores(smoke_run, tfds_dir):
   assert mngr.best_step() in mngr.all_steps()
   restored = mngr.restore(30)
   assert int(restored["state"]["step"]) == 30
-  assert restored["data"] == {"batches_consumed": 30, "seed": 0}
+  assert restored["data"] == {"batches_consumed": 30, "seed": 0, "skipped_steps": 0}
   leaves = jax.tree.leaves(restored["state"]["params"])
   assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
 
