@@ -20,3 +20,8 @@ class WeightsError(MedvlError):
 class CheckpointError(MedvlError):
   """A training run cannot be read: no config.json, no checkpoint (at a step), or one that
   does not fit the model built from the run's config (names the directory and step)."""
+
+
+class OutputError(MedvlError):
+  """A directory or file cannot be created or written: a workdir that is a file or read-only,
+  a disk without room for the run's checkpoints, an evaluation output (names the path)."""

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from medvl_jax import checkpoint, config_check, families, input_pipeline, sharding
+from medvl_jax import checkpoint, config_check, families, input_pipeline, run, sharding
 from medvl_jax import step as step_lib
 from medvl_jax.errors import ConfigError
 
@@ -89,14 +89,19 @@ class _Preemption:
 
 
 # ----------------------------------------------------------------------------- main entry
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir`; returns the last logged train and eval metrics."""
-  config_check.check(config)  # every name and choice, before anything is read or written
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, restart_from_scratch: bool = False
+) -> dict[str, float]:
+  """Trains (or resumes) in `workdir`; returns the last logged train and eval metrics.
+
+  `restart_from_scratch` sets the workdir's checkpoints and logs aside and starts afresh
+  (otherwise a workdir with checkpoints is resumed, and a config that does not fit it refused).
+  """
+  config_check.check(config)  # every name, choice and value, before anything is read or written
+  workdir = config_check.check_workdir(workdir)  # preflight: creatable and writable
   is_chief = jax.process_index() == 0
-  if is_chief:
-    _write_json_atomic(workdir / "config.json", config.to_dict())
+  if not restart_from_scratch:
+    run.check_resumable(workdir, config)  # the run's identity: refused before any write
 
   # Mesh.
   mesh = sharding.make_mesh()
@@ -107,10 +112,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     jax.devices()[0].platform,
     jax.process_count(),
   )
-
-  # Input: the sample is prepared on first use; the tokenizer comes from the text checkpoint.
-  input_pipeline.prepare(config)
-  tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
 
   # Model & optimizer, through the model family (families/): the loss sees the whole batch.
   family = families.get(config.model.name)
@@ -136,11 +137,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract_state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
   )
+  config_check.check_disk(workdir, abstract_state)  # preflight: room for two checkpoints
 
-  # Checkpoint restore, else fresh init (+ pretrained weights where configured).
+  # Input: the sample is prepared on first use; the tokenizer comes from the text checkpoint.
+  input_pipeline.prepare(config)
+  config_check.check_batch_fits(config)  # preflight: batch <= split (split sizes known now)
+  tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
+
+  # The config is valid and fits the run: only now is <workdir>/config.json (re)written.
+  if is_chief:
+    if restart_from_scratch and (aside := run.restart_from_scratch(workdir)):
+      logging.warning("--restart_from_scratch: set the previous run aside in %s", aside)
+    run.write_run_config(workdir, config)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    multihost_utils.sync_global_devices("medvl_jax: workdir ready")
+
+  # Checkpoint restore (the newest good step), else fresh init (+ pretrained weights).
   mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    state, data_state = checkpoint.restore(mngr, abstract_state)
+  restored = checkpoint.restore_newest_good(mngr, abstract_state, workdir)
+  if restored is not None:
+    _, state, data_state = restored
     if data_state.get("seed") != config.seed:
       raise ConfigError(
         f"config.seed={config.seed} differs from the seed "
@@ -216,6 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = sharding.to_global(next(train_iter), mesh)
     state, metrics = step_fn(state, batch)
     batch = None
+    checkpoint.check_saved(mngr, step)  # a failed async save (full disk) stops the run here
     acc.add(metrics)
 
     if step % config.log_every == 0 or step == config.total_steps or step == start_step + 1:
@@ -259,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.warning("stopping at step %d for preemption; rerun the command to resume", step)
       break
 
-  mngr.wait_until_finished()
+  checkpoint.wait_until_saved(mngr)
   writer.flush()
   writer.close()
   mngr.close()
