@@ -59,6 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Else a tuple of dicts {'name', 'builder_config', 'split', 'kind': 'paired' | 'image' |
   # 'text', 'weight' > 0, optional 'augment'}; see medvl_jax/input_pipeline.py.
   c.data.sources = ()
+  # batch_size > a train split's size repeats rows within a batch: refused unless True.
+  c.data.allow_repeats = False
   c.data.augment = ml_collections.ConfigDict(
     dict(
       crop_scale=(0.6, 1.0),

@@ -13,13 +13,25 @@ Non-finite values: `save` refuses a state with a NaN/inf leaf (unless `allow_non
 non-finite validation loss is not recorded as the step's metric, so the per-step metrics file
 (`<step>/metrics/metrics`, JSON) never holds a bare `NaN` and such a step is never "best"; a
 metric that is not finite anyway (written by an older version) ranks as +inf, i.e. worst.
+
+A resumed run restores the newest *good* step (`restore_newest_good`): a damaged step (empty
+directory, missing item, unreadable `state/_METADATA`, missing or truncated array file) is
+named in one warning, moved to `<workdir>/checkpoints_damaged/`, and the previous step is
+used; when no step is usable the run stops with one line (`CheckpointError`). A save that
+fails (e.g. a full disk) raises `CheckpointError` naming the step, its path and the last good
+step, so training stops instead of running on without checkpoints.
 """
 
 from collections.abc import Callable
+import errno
+import json
 import math
 import pathlib
+import re
+import time
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -28,6 +40,8 @@ from orbax.checkpoint import checkpoint_managers as ocm
 from medvl_jax.errors import CheckpointError
 
 VAL_LOSS = "val_loss"
+DAMAGED_DIR = "checkpoints_damaged"  # <workdir>/checkpoints_damaged/<step>-<utc time>
+ITEMS = ("state", "data")
 
 
 def _val_loss(metrics: dict) -> float:
@@ -81,6 +95,8 @@ def save(
 ) -> None:
   """Starts an async save of `state` and `data_state` at `step`.
 
+  CheckpointError (one line) also if this or the previous async save failed.
+
   Raises:
     CheckpointError: `state` has a non-finite leaf (and not `allow_nonfinite`); nothing written.
   """
@@ -91,11 +107,96 @@ def save(
     )
   finite = val_loss is not None and math.isfinite(float(val_loss))
   metrics = {VAL_LOSS: float(val_loss)} if finite else None
-  mngr.save(
-    step,
-    args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-    metrics=metrics,
+  try:
+    # Orbax waits for the previous save inside `save` anyway; waiting here first reports a
+    # failure of that previous save as itself (its step), not as this one.
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(mngr, None, e, trained=step) from e
+  try:
+    mngr.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+      ),
+      metrics=metrics,
+    )
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(mngr, step, e) from e
+
+
+def check_saved(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Raises CheckpointError when an async save has failed (cheap: polls the save thread).
+
+  Called after every train step, so a failed save (a full disk) stops the run within a step
+  of the failure being known; `step` is the step being trained (for the message only).
+  """
+  try:
+    mngr.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(mngr, None, e, trained=step) from e
+
+
+def wait_until_saved(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the pending async save; CheckpointError (one line) if it failed."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(mngr, None, e) from e
+
+
+def _save_error(
+  mngr: ocp.CheckpointManager, step: int | None, e: BaseException, trained: int | None = None
+) -> CheckpointError:
+  directory = pathlib.Path(mngr.directory)
+  if step is None:  # an async save: the newest step directory being written
+    pending = [
+      p for p in directory.glob("*.orbax-checkpoint-tmp*") if p.name.split(".")[0].isdigit()
+    ]
+    step = max((int(p.name.split(".")[0]) for p in pending), default=None)
+  good = sorted(s for s in _committed_steps(directory) if s != step)
+  where = directory / str(step) if step is not None else directory
+  return CheckpointError(
+    f"saving checkpoint {step if step is not None else '?'} to {where} failed: {_cause(e)}; "
+    f"training stopped{f' at step {trained}' if trained is not None else ''}; the last good "
+    f"checkpoint is {f'step {good[-1]}' if good else 'none'} (rerun the command to resume "
+    "once the cause, e.g. a full disk, is fixed)"
   )
+
+
+def has_checkpoints(workdir: str | pathlib.Path) -> bool:
+  """Whether `<workdir>/checkpoints` holds a committed step directory (good or damaged)."""
+  return bool(_committed_steps(pathlib.Path(workdir) / "checkpoints"))
+
+
+def latest_committed_step(workdir: str | pathlib.Path) -> int | None:
+  """The newest finalised step directory under `<workdir>/checkpoints` (None if there is none);
+  a cheap look (no Orbax manager) for "is this run already complete?"."""
+  return max(_committed_steps(pathlib.Path(workdir) / "checkpoints"), default=None)
+
+
+def _committed_steps(directory: pathlib.Path) -> list[int]:
+  """Steps whose directory Orbax finalised (renamed from its temporary name)."""
+  if not directory.is_dir():
+    return []
+  return [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+
+
+def _cause(e: BaseException) -> str:
+  """One short line: the innermost exception of the chain (TensorStore/OS say what broke)."""
+  chain = [e]
+  while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 10:
+    chain.append(nxt)
+  for err in chain:  # a full disk, the usual cause, says so far down a long message
+    if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in str(err):
+      return "no space left on device (ENOSPC)"
+  for err in reversed(chain):
+    text = str(err).strip()
+    if text and "See full TensorStore details" not in text:
+      # TensorStore names the database path, which the caller's message already holds.
+      first = re.sub(r' in OCDBT database at local file "[^"]*"', "", text.splitlines()[0])
+      return f"{type(err).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}"
+  return type(e).__name__
 
 
 @jax.jit
@@ -125,3 +226,73 @@ def restore(
     args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
   )
   return out["state"], out["data"]
+
+
+def _structure_problem(step_dir: pathlib.Path) -> str | None:
+  """What is visibly wrong with a committed step directory (None: looks complete)."""
+  if not step_dir.is_dir() or not any(step_dir.iterdir()):
+    return "the step directory is empty"
+  for item in ITEMS:
+    if not (step_dir / item).is_dir() or not any((step_dir / item).iterdir()):
+      return f"item {item!r} is missing"
+  meta = step_dir / "state" / "_METADATA"
+  try:
+    json.loads(meta.read_text())
+  except (OSError, ValueError) as e:
+    return f"{meta.relative_to(step_dir)} is unreadable ({type(e).__name__})"
+  return None
+
+
+def restore_newest_good(
+  mngr: ocp.CheckpointManager, abstract_state: Any, workdir: str | pathlib.Path
+) -> tuple[int, Any, dict] | None:
+  """(step, state, data_state) of the newest step that restores; None if there is none.
+
+  A damaged step gets one WARNING naming the step and the cause and is moved to
+  `<workdir>/checkpoints_damaged/` (kept for inspection; a later save of that step number
+  would otherwise collide with it). Raises CheckpointError when checkpoints exist but none
+  restores: the run never silently starts afresh over them.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  directory = pathlib.Path(mngr.directory)
+  damaged = []
+  for step in steps:
+    cause = _structure_problem(directory / str(step))
+    if cause is None:
+      try:
+        state, data_state = restore(mngr, abstract_state, step)
+        if not isinstance(data_state, dict) or int(data_state.get("batches_consumed", -1)) != step:
+          raise ValueError(f"item 'data' does not hold step {step}: {data_state!r:.80}")
+      except Exception as e:  # pylint: disable=broad-except
+        cause = _cause(e)
+    if cause is None:
+      if damaged:
+        _move_damaged(directory, [s for s, _ in damaged], workdir)
+        mngr.reload()
+      return step, state, data_state
+    logging.warning(
+      "checkpoint step %d in %s is damaged (%s); falling back to the previous step",
+      step,
+      directory,
+      cause,
+    )
+    damaged.append((step, cause))
+  raise CheckpointError(
+    f"no usable checkpoint in {directory}: "
+    + "; ".join(f"step {s}: {c}" for s, c in damaged)
+    + " (move the directory away, or pass --restart_from_scratch to start over)"
+  )
+
+
+def _move_damaged(directory: pathlib.Path, steps: list[int], workdir) -> None:
+  if jax.process_index() != 0:
+    return
+  target = pathlib.Path(workdir) / DAMAGED_DIR
+  target.mkdir(exist_ok=True)
+  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+  for step in steps:
+    dest = target / f"{step}-{stamp}"
+    (directory / str(step)).rename(dest)
+    logging.warning("moved damaged checkpoint step %d to %s", step, dest)

@@ -1,7 +1,7 @@
 """What every command-line tool here shares: mistakes end as one `error: ...` line, exit 2."""
 
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import flags
 
@@ -33,3 +33,27 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     die(last_line(e))
+
+
+def _closed_loop_noise(exc_type: Any, exc: Any) -> bool:
+  """RuntimeError('Event loop is closed') from asyncio: a TensorStore read or write that
+  completes after Orbax closed the event loop of a failed save or restore. Harmless; the
+  failure itself is already reported in one line."""
+  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+def quiet_closed_loop_errors() -> None:
+  """Drops the stray 'Event loop is closed' tracebacks (printed through sys.excepthook or
+  sys.unraisablehook from TensorStore callback threads) that follow a failed Orbax save or
+  restore; every other exception is printed as before."""
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def on_exception(exc_type, exc, tb):
+    if not _closed_loop_noise(exc_type, exc):
+      excepthook(exc_type, exc, tb)
+
+  def on_unraisable(unraisable):
+    if not _closed_loop_noise(unraisable.exc_type, unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = on_exception, on_unraisable

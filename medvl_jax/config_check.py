@@ -8,16 +8,28 @@ text tower, the small `config.json` of its directory.
 
 Checks, in order: registry names (model, dataset, loss, schedule), the model's nested choices
 (dtype, image variant, mean/std, checkpoint paths), the data section (builder config, what the
-dataset can serve, sizes), the step counts, and each evaluator's name and settings (against the
-evaluator constructor's signature, without building it).
+dataset can serve, sizes), the step counts, value ranges (lr > 0, 0 <= loss.lam <= 1,
+loss.temperature > 0), and each evaluator's name and settings (against the evaluator
+constructor's signature, without building it).
+
+The preflight of a training run (`train.train_and_evaluate`, before any data is built or
+anything is compiled) adds what needs the filesystem, each failure one line:
+`check_workdir` (creatable, writable, not a file), `check_disk` (free space for two
+checkpoints, estimated from the state's bytes), `check_batch_fits` (batch_size <= each train
+split, read from the prepared dataset's metadata, unless data.allow_repeats).
 """
 
+import math
+import os
+import pathlib
+import secrets
+import shutil
 from typing import Any
 
 import ml_collections
 
 from medvl_jax import corpora, families, input_pipeline, losses
-from medvl_jax.errors import ConfigError
+from medvl_jax.errors import ConfigError, OutputError
 
 SCHEDULES = ("constant", "plateau")
 NONFINITE_POLICIES = ("skip", "halt")
@@ -105,6 +117,94 @@ def _check_evaluators(config: ml_collections.ConfigDict) -> None:
       )
 
 
+# ----------------------------------------------------------------------------- value ranges
+def _number(key: str, value: Any) -> float:
+  try:
+    x = float(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{key}={value!r} is not a number") from None
+  if not math.isfinite(x):
+    raise ConfigError(f"{key}={value!r} must be finite")
+  return x
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+  if _number("config.optimizer.lr", config.optimizer.lr) <= 0:
+    raise ConfigError(f"config.optimizer.lr={config.optimizer.lr} must be > 0")
+  if "weight_decay" in config.optimizer:
+    if _number("config.optimizer.weight_decay", config.optimizer.weight_decay) < 0:
+      raise ConfigError(
+        f"config.optimizer.weight_decay={config.optimizer.weight_decay} must be >= 0"
+      )
+  if "lam" in config.loss and not 0 <= _number("config.loss.lam", config.loss.lam) <= 1:
+    raise ConfigError(f"config.loss.lam={config.loss.lam} must be in [0, 1]")
+  if "temperature" in config.loss:
+    if _number("config.loss.temperature", config.loss.temperature) <= 0:
+      raise ConfigError(f"config.loss.temperature={config.loss.temperature} must be > 0")
+
+
+# ----------------------------------------------------------------------------- preflight
+def check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+  """Creates `workdir` if needed and proves it writable (a probe file); one line if not."""
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise OutputError(f"--workdir={workdir}: exists and is not a directory")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write-probe-{secrets.token_hex(4)}"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as e:
+    raise OutputError(
+      f"--workdir={workdir}: cannot create or write to it ({e.strerror or e})"
+    ) from e
+  return workdir
+
+
+def _mb(n: float) -> str:
+  return f"{n / 1e6:.1f} MB"
+
+
+def check_disk(workdir: str | os.PathLike, abstract_state: Any, copies: int = 2) -> int:
+  """Free space for `copies` checkpoints, each estimated as the state's bytes (+10% for
+  Orbax metadata); returns the estimate of one. Measured where checkpoints are written."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  estimate = int(nbytes * 1.1)
+  where = pathlib.Path(workdir) / "checkpoints"
+  where = where if where.is_dir() else pathlib.Path(workdir)
+  free = shutil.disk_usage(where).free
+  if free < copies * estimate:
+    raise OutputError(
+      f"{where}: {_mb(free)} free, but {copies} checkpoints of this model need "
+      f"~{_mb(copies * estimate)} ({_mb(estimate)} each); free some space or choose "
+      "another --workdir"
+    )
+  return estimate
+
+
+def check_batch_fits(config: ml_collections.ConfigDict) -> None:
+  """batch_size (each source's share of it) <= its train split, unless data.allow_repeats.
+
+  Reads split sizes from the prepared datasets' metadata (no record is read): call it after
+  `input_pipeline.prepare`.
+  """
+  if config.data.get("allow_repeats", False):
+    return
+  resolved = input_pipeline.sources(config)
+  total = sum(s.weight for s in resolved)
+  for source, n in zip(resolved, input_pipeline.split_sizes(config, resolved)):
+    rows = math.ceil(config.batch_size * source.weight / total)
+    if rows > n:
+      raise ConfigError(
+        f"config.batch_size={config.batch_size} puts {rows} rows of {source.where} "
+        f"({source.name}/{source.builder_config}, split {source.split!r}) in every batch, "
+        f"but the split has {n} examples: rows would repeat within a batch; lower the batch "
+        "size, or pass --config.data.allow_repeats=True"
+      )
+
+
 # ----------------------------------------------------------------------------- all
 def check(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (or WeightsError for an unusable text checkpoint) on the first mistake.
@@ -127,4 +227,5 @@ def check(config: ml_collections.ConfigDict) -> None:
     if int(config[key]) <= 0:
       raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
   _check_batch_layout(config, family)
+  _check_ranges(config)
   _check_evaluators(config)

@@ -25,3 +25,8 @@ class CheckpointError(MedvlError):
 class NonFiniteError(MedvlError):
   """Training met a non-finite loss, gradient or validation loss and stopped per
   `config.nonfinite` (names the step and the last good checkpoint)."""
+
+
+class OutputError(MedvlError):
+  """A directory or file cannot be created or written: a workdir that is a file or read-only,
+  a disk without room for the run's checkpoints, an evaluation output (names the path)."""

@@ -150,6 +150,7 @@ def main(argv: list[str]) -> None:
   fl = flags.FLAGS
   if not fl["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # Orbax's INFO/WARNING chatter on read-only restores.
+  cli.quiet_closed_loop_errors()  # no stray asyncio traceback after a failed restore
   try:
     meta = export(fl.workdir, fl.out, fl.step, fl.overwrite, fl.allow_nonfinite)
   except MedvlError as e:

@@ -339,6 +339,14 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
   return tokenizer
 
 
+def split_sizes(config: ml_collections.ConfigDict, resolved: list[Source]) -> list[int]:
+  """Examples in each source's split, from the prepared datasets' metadata (no record read)."""
+  return [
+    _check_split(_prepared(config, s.name, s.builder_config, s.where), s.split, s.where)
+    for s in resolved
+  ]
+
+
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   return _check_split(prepare(config), split, "config.data")
 

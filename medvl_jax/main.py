@@ -20,6 +20,12 @@ _CONFIG = config_flags.DEFINE_config_file(
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+_RESTART = flags.DEFINE_bool(
+  "restart_from_scratch",
+  False,
+  "Set the workdir's checkpoints and TensorBoard logs aside (in <workdir>/discarded-<time>/) "
+  "and train afresh, also with a config the old run would refuse.",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -47,12 +53,17 @@ def initialize_distributed() -> None:
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Keeps the console readable: INFO chatter of Orbax/tfds/clu internals is dropped."""
+  """Keeps the console readable: INFO chatter of Orbax/tfds/clu internals is dropped, and
+  their warnings and errors stay one line each (no traceback: a failed save or restore is
+  reported by medvl_jax itself, in one line naming the step and the cause)."""
 
   NOISY = ("/orbax/", "/tensorflow_datasets/", "/clu/", "/etils/")
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
+    if not any(n in record.pathname for n in self.NOISY):
+      return True
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return record.levelno >= pylogging.WARNING
 
 
 def main(argv):
@@ -68,11 +79,12 @@ def main(argv):
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/medvl_jax/xla"))
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli.quiet_closed_loop_errors()
   initialize_distributed()
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
   logging.info("workdir: %s", os.path.abspath(workdir))
   try:
-    train.train_and_evaluate(_CONFIG.value, workdir)
+    train.train_and_evaluate(_CONFIG.value, workdir, restart_from_scratch=_RESTART.value)
   except MedvlError as e:
     logging.flush()
     cli.die(str(e))

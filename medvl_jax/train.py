@@ -11,14 +11,10 @@ stall the device) and applies `config.nonfinite` (see `_NonFiniteGuard`).
 """
 
 import functools
-import json
 import math
-import os
-import pathlib
 import signal
 import threading
 import time
-from typing import Any
 
 from absl import logging
 from clu import metric_writers
@@ -27,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from medvl_jax import accumulate as accumulate_lib
-from medvl_jax import checkpoint, config_check, families, input_pipeline, sharding
+from medvl_jax import checkpoint, config_check, families, input_pipeline, run, sharding
 from medvl_jax import step as step_lib
 from medvl_jax.errors import ConfigError, NonFiniteError
 
@@ -72,12 +68,6 @@ class MeanMetrics:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=str))
-  os.replace(tmp, path)
-
-
 def _fmt_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -123,7 +113,7 @@ class _SaveLog:
     if self.pending is None:
       return
     if wait:
-      mngr.wait_until_finished()
+      checkpoint.wait_until_saved(mngr)  # CheckpointError (one line) if the save failed
     elif mngr.is_saving_in_progress():
       return
     step, t0 = self.pending
@@ -174,25 +164,26 @@ class _NonFiniteGuard:
 
 
 # ----------------------------------------------------------------------------- main entry
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, restart_from_scratch: bool = False
+) -> dict[str, float]:
   """Trains (or resumes) in `workdir`; returns the last logged train and eval metrics.
 
+  `restart_from_scratch` sets the workdir's checkpoints and logs aside and starts afresh
+  (otherwise a workdir with checkpoints is resumed, and a config that does not fit it refused).
   Raises NonFiniteError when `config.nonfinite` stops the run (nothing non-finite is saved).
   """
   preemption = _Preemption()  # first: a SIGTERM during set-up or compile ends the run cleanly
-  config_check.check(config)  # every name and choice, before anything is read or written
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  config_check.check(config)  # every name, choice and value, before anything is read or written
+  workdir = config_check.check_workdir(workdir)  # preflight: creatable and writable
   is_chief = jax.process_index() == 0
   saves = _SaveLog()
-  mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints, on_commit=saves.finalised)
-  done = mngr.latest_step()
-  if done is not None and done >= config.total_steps:  # before any data, model or compile work
-    logging.info("run already complete at step %d (workdir %s); nothing to do", done, workdir)
-    mngr.close()
-    return {}
-  if is_chief:
-    _write_json_atomic(workdir / "config.json", config.to_dict())
+  if not restart_from_scratch:
+    run.check_resumable(workdir, config)  # the run's identity: refused before any write
+    done = checkpoint.latest_committed_step(workdir)
+    if done is not None and done >= config.total_steps:  # before any data, model or compile work
+      logging.info("run already complete at step %d (workdir %s); nothing to do", done, workdir)
+      return {}
 
   # Mesh.
   mesh = sharding.make_mesh()
@@ -203,12 +194,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     jax.devices()[0].platform,
     jax.process_count(),
   )
-
-  # Input: the sample is prepared on first use; the tokenizer comes from the text checkpoint.
-  input_pipeline.prepare(config)
-  if preemption.requested:
-    return _stop_during_setup("data preparation", mngr)
-  tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
 
   # Model & optimizer, through the model family (families/): the loss sees the whole batch.
   family = families.get(config.model.name)
@@ -235,11 +220,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract_state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
   )
+  config_check.check_disk(workdir, abstract_state)  # preflight: room for two checkpoints
 
-  # Checkpoint restore, else fresh init (+ pretrained weights where configured).
+  # Input: the sample is prepared on first use; the tokenizer comes from the text checkpoint.
+  input_pipeline.prepare(config)
+  if preemption.requested:
+    return _stop_during_setup("data preparation")
+  config_check.check_batch_fits(config)  # preflight: batch <= split (split sizes known now)
+  tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
+
+  # The config is valid and fits the run: only now is <workdir>/config.json (re)written.
+  if is_chief:
+    if restart_from_scratch and (aside := run.restart_from_scratch(workdir)):
+      logging.warning("--restart_from_scratch: set the previous run aside in %s", aside)
+    run.write_run_config(workdir, config)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    multihost_utils.sync_global_devices("medvl_jax: workdir ready")
+
+  # Checkpoint restore (the newest good step), else fresh init (+ pretrained weights).
+  mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints, on_commit=saves.finalised)
   skipped_before = 0
-  if mngr.latest_step() is not None:
-    state, data_state = checkpoint.restore(mngr, abstract_state)
+  restored = checkpoint.restore_newest_good(mngr, abstract_state, workdir)
+  if restored is not None:
+    _, state, data_state = restored
     if data_state.get("seed") != config.seed:
       raise ConfigError(
         f"config.seed={config.seed} differs from the seed "
@@ -332,6 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batch = sharding.to_global(next(train_iter), mesh)
       state, metrics = step_fn(state, batch)
       batch = None
+      checkpoint.check_saved(mngr, step)  # a failed async save (full disk) stops the run here
       settle()  # the previous step's flag: the device already runs this one (no pipeline stall)
       pending = (step, metrics)
       acc.add({k: v for k, v in metrics.items() if not k.startswith("raw_")})
@@ -416,20 +422,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ) from None
 
   saves.poll(mngr, wait=True)
-  mngr.wait_until_finished()
+  checkpoint.wait_until_saved(mngr)
   writer.flush()
   writer.close()
   mngr.close()
   return dict(last_train, **last_eval)
 
 
-def _stop_during_setup(stage: str, mngr) -> dict:
+def _stop_during_setup(stage: str, mngr=None) -> dict:
   logging.warning(
     "SIGTERM received during %s: stopped before training; nothing new to save "
     "(rerun the command to resume)",
     stage,
   )
-  mngr.close()
+  if mngr is not None:
+    mngr.close()
   return {}
 
 

@@ -35,6 +35,10 @@ CASES = [
   ("--config.model.image.init=/no/such.pth", ["config.model.image.init", "/no/such.pth"]),
   ("--config.data.image_size=300", ["config.data.image_size=300", "config.data.resize=72"]),
   ("--config.total_steps=0", ["config.total_steps=0", "positive"]),
+  # Value ranges (issue 14): each was accepted and trained on (loss climbed, went negative, NaN).
+  ("--config.optimizer.lr=-0.001", ["config.optimizer.lr=-0.001", "> 0"]),
+  ("--config.loss.lam=1.5", ["config.loss.lam=1.5", "[0, 1]"]),
+  ("--config.loss.temperature=0", ["config.loss.temperature=0", "> 0"]),
 ]
 
 EVALUATOR_CASES = [

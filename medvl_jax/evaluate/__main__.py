@@ -23,7 +23,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from medvl_jax import cli
-from medvl_jax.errors import ConfigError, MedvlError
+from medvl_jax.errors import ConfigError, MedvlError, OutputError
 
 
 def task_config(config: Any, task: str, overrides: list[str]) -> dict[str, Any]:
@@ -102,22 +102,43 @@ def evaluate_run(
 
   cfg = task_config(run.load_run_config(workdir), task, list(overrides))
   evaluate.check_settings(task, cfg, key="--task/--cfg")  # Before any checkpoint is restored.
+  # Where the result goes must be writable before the checkpoint is restored and evaluated.
+  _check_writable(pathlib.Path(out).absolute().parent if out else workdir / "eval")
   config, encoders, state, step = load_run(workdir, step)
   evaluator = build_evaluator(encoders, task, cfg)  # Reads and checks its inputs.
   values = {name: value for name, value in evaluator.run(state)}
   result = {"task": task, "step": int(step), "workdir": str(workdir), "cfg": cfg, "metrics": values}
   out = pathlib.Path(out).absolute() if out else workdir / "eval" / f"{task}-step{step}"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
-  tmp.mkdir()
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir()
+  except OSError as e:
+    raise OutputError(f"{out}: cannot write the evaluation ({e.strerror or e})") from e
   try:
     result["plots"] = evaluator.write_plots(tmp)
     (tmp / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     _install(tmp, out)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise OutputError(f"{out}: cannot write the evaluation ({e.strerror or e})") from e
     raise
   return out, result
+
+
+def _check_writable(directory: pathlib.Path) -> None:
+  """OutputError (exit 2) unless `directory` can be created and written (a probe file)."""
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-probe-{secrets.token_hex(4)}"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as e:
+    raise OutputError(
+      f"{directory}: cannot write the evaluation there ({e.strerror or e}); "
+      "pass --out=DIR on a writable disk"
+    ) from e
 
 
 def read_evaluations(dirs: list[str]) -> list[dict[str, Any]]:
@@ -231,6 +252,7 @@ def main(argv: list[str]) -> None:
   fl = flags.FLAGS
   if not fl["verbosity"].present:
     logging.set_verbosity(logging.ERROR)
+  cli.quiet_closed_loop_errors()  # no stray asyncio traceback after a failed restore
   try:
     if fl.compare:
       if len(argv) < 2:
