@@ -90,6 +90,7 @@ class Report:
         f"{l.mode}@{l.last_step_logged}:{l.returncode}{'+save' if l.hit_save else ''}"
         for l in self.launches
       ],
+      "mismatch_count": len(self.mismatches),
       "mismatches": self.mismatches[:20],
     }
 
