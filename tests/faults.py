@@ -4,9 +4,10 @@ The harness starts the real CLI (`python -m medvl_jax.main ...`), SIGKILLs it at
 moments, restarts the same command until it finishes and compares the final checkpoint leaf by
 leaf, bit for bit, with that of an uninterrupted run of the same command. Each kill is one of:
 
-  time     a random time between the start and the uninterrupted run's first step (start-up:
-           imports, data, restore, compile; a warm restart may be training by then);
-  step     a random delay (0-0.3 s) after a random step past the newest checkpoint is logged
+  time     a random time in start-up (imports, data, restore, compile): uniform up to the
+           previous launch's time to its first step (at first the uninterrupted run's), at the
+           latest when the launch logs its first step;
+  step     a random delay (0-0.3 s) after step (newest checkpoint + 1..4) is logged
            (training, evaluation, an async save or the end of the run);
   save     while Orbax's temporary step directory `<step>.orbax-checkpoint-tmp*` exists in
            `<workdir>/checkpoints`, i.e. while an async checkpoint is being written: during
@@ -140,6 +141,28 @@ def _last_logged_step(log: pathlib.Path) -> int:
   return max(steps, default=0)
 
 
+class _LogWatch:
+  """The highest step logged so far in a launch's log, read incrementally."""
+
+  def __init__(self, log: pathlib.Path):
+    self.log, self.offset, self.rest, self.step = log, 0, b"", 0
+
+  def poll(self) -> int:
+    try:
+      with open(self.log, "rb") as f:
+        f.seek(self.offset)
+        data = f.read()
+    except FileNotFoundError:
+      return self.step
+    self.offset += len(data)
+    *lines, self.rest = (self.rest + data).split(b"\n")
+    for line in lines:
+      m = _STEP_LINE.search(line.decode("utf-8", errors="replace"))
+      if m:
+        self.step = max(self.step, int(m.group(1)))
+    return self.step
+
+
 def launch(
   args,
   log: pathlib.Path,
@@ -178,9 +201,9 @@ def run_uninterrupted(
   """Runs the command to the end: (exit code, seconds, seconds until the first step line)."""
   t0 = time.monotonic()
   proc = launch(args, log, **kw)
-  t_first = None
+  t_first, watch = None, _LogWatch(log)
   while proc.poll() is None:
-    if t_first is None and _last_logged_step(log) > 0:
+    if t_first is None and watch.poll() > 0:
       t_first = time.monotonic() - t0
     if time.monotonic() - t0 > timeout:
       _kill(proc)
@@ -218,6 +241,7 @@ def run_with_kills(
   logs.mkdir(parents=True, exist_ok=True)
   max_launches = max_launches or 3 * kills + 5
   t_start = time.monotonic()
+  warm_startup = None  # seconds to the first step of the latest launch that got there
   wmodes = [m for m in MODES if m in modes]
   wweights = [w for m, w in zip(MODES, weights) if m in modes]
   while len(report.launches) < max_launches:
@@ -229,7 +253,7 @@ def run_with_kills(
     # Drawn before the launch, so the schedule depends only on the seed and the progress.
     target = min(total_steps, done + rng.randint(*step_window))
     delay = rng.uniform(0.0, 0.3)
-    startup_at = rng.uniform(0.0, startup_s)
+    startup_at = rng.random() * (warm_startup or startup_s)
     save_delay = rng.choice([0.0, rng.uniform(0.0, 0.05)])
     nth_save = rng.randint(1, 3)  # earlier saves of the launch complete: the run progresses
     saves_seen = set()
@@ -238,18 +262,22 @@ def run_with_kills(
     mod = module if i == 0 or restart_module is None else restart_module
     t0 = time.monotonic()
     proc = launch(args, log, module=mod, env=env)
-    killed, hit_save = False, False
+    watch = _LogWatch(log)
+    killed, hit_save, first_at = False, False, None
     while proc.poll() is None:
       now = time.monotonic() - t0
+      logged = watch.poll()
+      if logged and first_at is None:
+        first_at = now
       if now > launch_timeout:
         _kill(proc)
         report.failures.append(f"launch {i} ({mode}) hung for more than {launch_timeout:.0f} s")
         break
       fire = False
       if mode == "time":
-        fire = now >= startup_at
+        fire = now >= startup_at or logged > 0  # at the latest at the launch's first step
       elif mode == "step":
-        fire = _last_logged_step(log) >= target
+        fire = logged >= target
         if fire:
           time.sleep(delay)
       elif mode == "save":
@@ -266,6 +294,8 @@ def run_with_kills(
       time.sleep(0.005 if mode == "save" else 0.02)
     seconds = time.monotonic() - t0
     proc.wait()
+    if first_at is not None:
+      warm_startup = first_at
     report.launches.append(
       Launch(
         index=i,
@@ -370,11 +400,11 @@ def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--kills", type=int, default=20)
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--total_steps", type=int, default=0, help="default: 2 * kills, at least 20")
+  ap.add_argument("--total_steps", type=int, default=0, help="default: 3 * kills, at least 30")
   ap.add_argument("--out", type=pathlib.Path, required=True, help="a new or empty directory")
   ap.add_argument("--tfds_dir", type=pathlib.Path, default=None, help="default: <out>/tfds")
   ns = ap.parse_args()
-  total = ns.total_steps or max(20, 2 * ns.kills)
+  total = ns.total_steps or max(30, 3 * ns.kills)
   out = ns.out.absolute()
   tfds = (ns.tfds_dir or out / "tfds").absolute()
   out.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,10 @@ import pytest
 
 from tests import faults, privacy
 
-TOTAL_STEPS = 20
 KILLS = int(os.environ.get("FAULTS_KILLS", "10"))
 SEED = int(os.environ.get("FAULTS_SEED", "0"))
+# A kill advances the run by ~2 steps on average: room for all kills on a fast machine too.
+TOTAL_STEPS = max(30, 3 * KILLS)
 
 pytestmark = pytest.mark.slow
 
