@@ -1,0 +1,51 @@
+"""Test-only entry point: the real CLI (medvl_jax.main) with resume broken on purpose.
+
+tests/test_faults.py restarts killed runs through this module to check that the kill/restart
+harness notices a broken resume. The product code is untouched; the breakage is a monkeypatch
+applied here, chosen by FAULTS_BREAK_RESUME:
+
+  data_from_start  the input iterator ignores the checkpoint's data position and replays the
+                   data from batch 0 (the state itself is restored correctly);
+  position_off_by_one  the restored data position is one batch short, so one batch is trained
+                   twice (as an off-by-one in the resume bookkeeping would).
+
+  python -m tests.faults_broken_resume --config=configs/convirt.py:smoke ...
+"""
+
+import os
+
+from absl import app, logging
+
+from medvl_jax import checkpoint, input_pipeline
+from medvl_jax import main as cli_main
+
+BREAKS = ("data_from_start", "position_off_by_one")
+
+
+def _break(kind: str) -> None:
+  if kind == "data_from_start":
+    original = input_pipeline.create_train_iterator
+
+    def from_start(config, tokenizer, *, start_step=0, **kw):
+      if start_step:
+        logging.warning("FAULTS_BREAK_RESUME=%s applied (start_step %d -> 0)", kind, start_step)
+      return original(config, tokenizer, start_step=0, **kw)
+
+    input_pipeline.create_train_iterator = from_start
+  elif kind == "position_off_by_one":
+    original = checkpoint.restore
+
+    def off_by_one(*args, **kw):
+      state, data = original(*args, **kw)
+      logging.warning("FAULTS_BREAK_RESUME=%s applied", kind)
+      return state, dict(data, batches_consumed=data["batches_consumed"] - 1)
+
+    checkpoint.restore = off_by_one
+  else:
+    raise SystemExit(f"error: FAULTS_BREAK_RESUME={kind!r}; valid: {', '.join(BREAKS)}")
+
+
+if __name__ == "__main__":
+  _break(os.environ.get("FAULTS_BREAK_RESUME", ""))
+  logging.set_verbosity(logging.INFO)
+  app.run(cli_main.main, flags_parser=cli_main.parse_flags)
