@@ -30,22 +30,6 @@ def default_workdir(config_filename: str) -> str:
   return os.path.join("runs", f"{name}_{variant}" if variant else name)
 
 
-def initialize_distributed() -> None:
-  """Multi-host set-up: TPU pods auto-detect; GPU/CPU clusters pass the coordinator by env."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    if os.environ.get("MEDVL_CPU_COLLECTIVES"):  # CPU multi-process simulation
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-      coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-      process_id=int(os.environ["JAX_PROCESS_ID"]),
-    )
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-    jax.distributed.initialize()
-
-
 class _QuietLibraries(pylogging.Filter):
   """Keeps the console readable: INFO chatter of Orbax/tfds/clu internals is dropped."""
 
@@ -61,17 +45,17 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax  # pylint: disable=g-import-not-at-top
 
-  from medvl_jax import train  # pylint: disable=g-import-not-at-top
+  from medvl_jax import distributed, train  # pylint: disable=g-import-not-at-top
   from medvl_jax.errors import MedvlError  # pylint: disable=g-import-not-at-top
 
   # Re-runs and resumes reuse compiled programs (compile of the full model: ~10 s on 2 cores).
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/medvl_jax/xla"))
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  initialize_distributed()
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
-  logging.info("workdir: %s", os.path.abspath(workdir))
   try:
+    distributed.initialize_distributed(_CONFIG.value)
+    logging.info("workdir: %s", os.path.abspath(workdir))
     train.train_and_evaluate(_CONFIG.value, workdir)
   except MedvlError as e:
     logging.flush()
