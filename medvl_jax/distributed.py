@@ -158,3 +158,39 @@ def initialize_distributed(config=None, env: Mapping[str, str] | None = None) ->
     )
   logging.info("distributed: %s", found.description)
   return found
+
+
+def describe(env: Mapping[str, str], tpu_chips: int = 0) -> str:
+  """One line: what `initialize_distributed` would detect here, with JAX's coordinator for SLURM
+  (the launch scripts print it for every task before the job starts)."""
+  found = detect(env, tpu_chips)
+  line = f"{found.kind}: {found.description}"
+  if found.kind == "slurm":
+    try:  # JAX's own derivation (first node of the step, port from the job id)
+      from jax._src.clusters import slurm_cluster  # pylint: disable=g-import-not-at-top
+
+      saved = {k: os.environ.get(k) for k in SLURM_VARS}
+      os.environ.update({k: env[k] for k in SLURM_VARS})
+      try:
+        line += (
+          f"; JAX coordinator {slurm_cluster.SlurmCluster.get_coordinator_address(None, None)}"
+        )
+      finally:
+        for k, v in saved.items():
+          if v is None:
+            os.environ.pop(k, None)
+          else:
+            os.environ[k] = v
+    except ImportError:
+      pass
+  return line
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+
+  try:
+    print(describe(os.environ, _tpu_chips()), flush=True)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
