@@ -20,6 +20,13 @@ _CONFIG = config_flags.DEFINE_config_file(
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+# Ahead-of-time compile (medvl_jax/aot.py): memory and FLOPs of one step, then exit, no training.
+_COMPILE_ONLY = flags.DEFINE_bool(
+  "compile_only", False, "Compile the train step for --topology, report memory and FLOPs, exit."
+)
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", "local", "--compile_only target: a TPU slice as libtpu names it (v5e:4x4) or local."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -52,6 +59,9 @@ def main(argv):
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/medvl_jax/xla"))
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if _COMPILE_ONLY.value:
+    _compile_only()
+    return
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
   try:
     distributed.initialize_distributed(_CONFIG.value)
@@ -60,6 +70,21 @@ def main(argv):
   except MedvlError as e:
     logging.flush()
     cli.die(str(e))
+
+
+def _compile_only() -> None:
+  """--compile_only: the report on stdout; exit 1 when the step does not fit the chip."""
+  from medvl_jax import aot  # pylint: disable=g-import-not-at-top
+  from medvl_jax.errors import MedvlError  # pylint: disable=g-import-not-at-top
+
+  try:
+    report = aot.compile_step(_CONFIG.value, _TOPOLOGY.value)
+  except MedvlError as e:
+    logging.flush()
+    cli.die(str(e))
+  print("\n".join(report.lines()), flush=True)
+  if report.fits is False:
+    raise SystemExit(1)
 
 
 FLAGS = flags.FLAGS
