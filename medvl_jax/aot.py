@@ -19,7 +19,9 @@ per step from the compiled cost analysis (per device, and times the device count
 
 import dataclasses
 import functools
+import math
 import os
+import re
 import time
 
 import jax
@@ -63,6 +65,7 @@ class Report:
   hbm: int | None  # bytes per device; None: unknown (CPU)
   chip: str
   compile_s: float
+  note: str = ""  # set when the compiler stopped (out of memory): figures are its own
 
   @property
   def peak(self) -> int:
@@ -83,8 +86,12 @@ class Report:
       f"(aliased to donated arguments {g(self.aliased)}) | temporaries {g(self.temporaries)} "
       f"| code {g(self.code)}",
       f"FLOPs per step: {self.flops_per_device * self.devices:.3e} "
-      f"({self.flops_per_device:.3e} per device)",
+      f"({self.flops_per_device:.3e} per device)"
+      if self.flops_per_device == self.flops_per_device  # not NaN
+      else "FLOPs per step: unknown (no cost analysis)",
     ]
+    if self.note:
+      out.append(self.note)
     if self.hbm is None:
       out.append(f"peak per device {g(self.peak)}; no HBM size known for {self.device_kind}")
     else:
@@ -106,17 +113,22 @@ def _tpu_devices(topology: str) -> list:
       f"--topology={topology}: compiling for a TPU needs libtpu, which is not installed "
       f"(pip install -e '.[tpu]': libtpu==0.0.42.1, the version jax {jax.__version__} pins)"
     )
-  # Off a TPU VM: tell libtpu not to look for the VM's metadata server or worker list.
+  # Off a TPU VM: tell libtpu not to look for the VM's metadata server or worker list, and not to
+  # take its one-process-per-host lock (/tmp/libtpu_lockfile): compile-only devices drive no
+  # hardware, so several compiles may run at once.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return list(topologies.get_topology_desc(topology, platform="tpu").devices)
   except Exception as e:  # pylint: disable=broad-except  # JaxRuntimeError, RuntimeError
     why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(
-      f"--topology={topology!r} is not a TPU topology libtpu knows ({why}); "
-      f"e.g. {TOPOLOGY_EXAMPLES}"
-    ) from e
+    if why.startswith("INVALID_ARGUMENT"):
+      raise ConfigError(
+        f"--topology={topology!r} is not a TPU topology libtpu knows ({why}); "
+        f"e.g. {TOPOLOGY_EXAMPLES}"
+      ) from e
+    raise ConfigError(f"--topology={topology!r}: libtpu could not describe it: {why}") from e
 
 
 def target_devices(topology: str) -> tuple[list, int | None, str]:
@@ -197,27 +209,61 @@ def compile_step(config: ml_collections.ConfigDict, topology: str) -> Report:
     out_shardings=(state_sharding, None),
     donate_argnums=0,
   )
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(state_in, batch_in).compile()
-  compile_s = time.perf_counter() - t0
-
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-    cost = cost[0] if cost else {}
-  return Report(
+  report = functools.partial(
+    Report,
     target=topology or "local",
     devices=len(devices),
     device_kind=devices[0].device_kind,
     mesh=dict(mesh.shape),
     batch_size=config.batch_size,
+    hbm=hbm,
+    chip=chip,
+  )
+  t0 = time.perf_counter()
+  lowered = step_fn.lower(state_in, batch_in)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler itself refuses a program whose temporaries exceed HBM: report that
+    # (its figure, and the per-device arguments from the shardings), not a traceback.
+    m = re.search(r"RESOURCE_EXHAUSTED:.*?temporaries \(([0-9.]+)([KMGT])\)", str(e))
+    if not m:
+      raise
+    state_bytes = _per_device_bytes(state_in)
+    return report(
+      arguments=state_bytes + _per_device_bytes(batch_in),
+      outputs=state_bytes,
+      aliased=state_bytes,
+      temporaries=int(float(m[1]) * 2 ** (10 * "KMGT".index(m[2]) + 10)),
+      code=0,
+      # FLOPs of the unpartitioned program (the global batch), as if split evenly.
+      flops_per_device=_flops(lowered.cost_analysis()) / len(devices),
+      compile_s=time.perf_counter() - t0,
+      note="the compiler stopped: " + str(e).strip().splitlines()[0][:300],
+    )
+  compile_s = time.perf_counter() - t0
+
+  mem = compiled.memory_analysis()
+  return report(
     arguments=int(mem.argument_size_in_bytes),
     outputs=int(mem.output_size_in_bytes),
     aliased=int(mem.alias_size_in_bytes),
     temporaries=int(mem.temp_size_in_bytes),
     code=int(mem.generated_code_size_in_bytes),
-    flops_per_device=float((cost or {}).get("flops", 0.0)),
-    hbm=hbm,
-    chip=chip,
+    flops_per_device=_flops(compiled.cost_analysis()),
     compile_s=compile_s,
+  )
+
+
+def _flops(cost) -> float:
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes of one device's shard of every leaf (ShapeDtypeStructs with shardings)."""
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(tree)
   )

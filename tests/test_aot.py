@@ -27,7 +27,7 @@ def _report(proc) -> dict[str, float]:
   assert m, out
   flops = re.search(r"FLOPs per step: ([0-9.e+]+) \(([0-9.e+]+) per device\)", out)
   peak = re.search(rf"peak per device {GIB} of {GIB} HBM \((\w+), \d+%\): (fits|does not fit)", out)
-  assert flops and peak, out
+  assert peak and flops, out
   return dict(
     arguments=float(m[1]),
     temporaries=float(m[4]),
@@ -87,6 +87,8 @@ def test_oversized_batch_does_not_fit():
   assert proc.returncode == 1, proc.stderr[-3000:]
   r = _report(proc)
   assert r["verdict"] == "does not fit" and r["peak"] > r["hbm"] == 16.0
+  assert r["temporaries"] > 16.0
+  print(proc.stdout)
 
 
 @pytest.mark.slow
