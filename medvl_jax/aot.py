@@ -195,8 +195,9 @@ def compile_step(config: ml_collections.ConfigDict, topology: str) -> Report:
   # The key is a closed-over constant, as in train.py: raw key data, so no array of the host
   # backend ends up in a program compiled for other devices.
   step_key = jax.random.key_data(step_rng)
-  step_fn = jax.jit(
-    lambda st, b: step_lib.train_step(
+
+  def step(st, b):
+    return step_lib.train_step(
       st,
       b,
       model=model,
@@ -204,7 +205,10 @@ def compile_step(config: ml_collections.ConfigDict, topology: str) -> Report:
       loss_fn=loss_fn,
       mask=mask,
       rng=jax.random.wrap_key_data(jnp.asarray(step_key)),
-    ),
+    )
+
+  step_fn = jax.jit(
+    step,
     in_shardings=(state_sharding, batch_shard),
     out_shardings=(state_sharding, None),
     donate_argnums=0,
@@ -236,8 +240,10 @@ def compile_step(config: ml_collections.ConfigDict, topology: str) -> Report:
       aliased=state_bytes,
       temporaries=int(float(m[1]) * 2 ** (10 * "KMGT".index(m[2]) + 10)),
       code=0,
-      # FLOPs of the unpartitioned program (the global batch), as if split evenly.
-      flops_per_device=_flops(lowered.cost_analysis()) / len(devices),
+      # FLOPs of the unpartitioned program (the global batch) by the host backend's HLO cost
+      # analysis (a program lowered for compile-only devices has none), split evenly.
+      flops_per_device=_flops(jax.jit(step).lower(*_unsharded(state_in, batch_in)).cost_analysis())
+      / len(devices),
       compile_s=time.perf_counter() - t0,
       note="the compiler stopped: " + str(e).strip().splitlines()[0][:300],
     )
@@ -259,6 +265,10 @@ def _flops(cost) -> float:
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0] if cost else {}
   return float((cost or {}).get("flops", float("nan")))
+
+
+def _unsharded(*trees):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trees)
 
 
 def _per_device_bytes(tree) -> int:
