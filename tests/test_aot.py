@@ -47,6 +47,7 @@ def test_tiny_convirt_compiles_for_a_v5e_slice():
     "--config.batch_size=64",
     "--compile_only",
     "--topology=v5e:2x2",
+    timeout=600,  # ~40 s of CPU; minutes of wall time on a shared 2-core machine
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "compile-only: v5e:2x2: 4 x TPU v5 lite, mesh data=4 fsdp=1 model=1" in proc.stdout
