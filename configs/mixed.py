@@ -4,6 +4,7 @@
   python -m medvl_jax.main --config=configs/mixed.py:paired_only
   python -m medvl_jax.main --config=configs/mixed.py:unpaired       # NIH images + IU reports
   python -m medvl_jax.main --config=configs/mixed.py:smoke          # tiny, for tests
+  python -m medvl_jax.main --config=configs/mixed.py:large          # ViT-L + BERT-large, FSDP
 
 The paper's layer sizes, mask ratios, scales, decoder and loss weights are unpublished, so every
 value below is our choice, justified against the closest public designs:
@@ -185,9 +186,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.decoder.update(hidden_size=32, num_layers=1, num_heads=2)
     # Scales (1, 2, 4) on the 8x8 grid of 8px patches.
     c.optimizer.lr = 1e-3
+  elif arg == "large":
+    # ViT-L/16 + BERT-large widths (random init unless model.*.init name local checkpoints; the
+    # MiniLM vocabulary): FSDP over every device, params and Adam state sharded over 'fsdp'.
+    c.model.image.update(hidden_size=1024, num_layers=24, num_heads=16)
+    c.model.text.tokenizer = c.model.text.init
+    c.model.text.init = ""
+    c.model.text.update(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
+    c.model.fusion.update(num_heads=16)
+    c.mesh = (("data", 1), ("fsdp", -1), ("model", 1))
+    c.sharding.rules = ((".*", "fsdp"),)  # medvl_jax.sharding.FSDP_RULES
   elif arg:
     raise ValueError(
       f"configs/mixed.py: unknown variant {arg!r}; valid: 'paired_only', "
-      "'unpaired', 'smoke' or none"
+      "'unpaired', 'smoke', 'large' or none"
     )
   return c

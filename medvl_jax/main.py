@@ -26,6 +26,13 @@ _RESTART = flags.DEFINE_bool(
   "Set the workdir's checkpoints and TensorBoard logs aside (in <workdir>/discarded-<time>/) "
   "and train afresh, also with a config the old run would refuse.",
 )
+# Ahead-of-time compile (medvl_jax/aot.py): memory and FLOPs of one step, then exit, no training.
+_COMPILE_ONLY = flags.DEFINE_bool(
+  "compile_only", False, "Compile the train step for --topology, report memory and FLOPs, exit."
+)
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", "local", "--compile_only target: a TPU slice as libtpu names it (v5e:4x4) or local."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -34,22 +41,6 @@ def default_workdir(config_filename: str) -> str:
   path, _, variant = config_filename.partition(":")
   name = pathlib.Path(path).stem
   return os.path.join("runs", f"{name}_{variant}" if variant else name)
-
-
-def initialize_distributed() -> None:
-  """Multi-host set-up: TPU pods auto-detect; GPU/CPU clusters pass the coordinator by env."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    if os.environ.get("MEDVL_CPU_COLLECTIVES"):  # CPU multi-process simulation
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-      coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-      process_id=int(os.environ["JAX_PROCESS_ID"]),
-    )
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-    jax.distributed.initialize()
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -72,7 +63,7 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax  # pylint: disable=g-import-not-at-top
 
-  from medvl_jax import train  # pylint: disable=g-import-not-at-top
+  from medvl_jax import distributed, train  # pylint: disable=g-import-not-at-top
   from medvl_jax.errors import MedvlError  # pylint: disable=g-import-not-at-top
 
   # Re-runs and resumes reuse compiled programs (compile of the full model: ~10 s on 2 cores).
@@ -80,14 +71,32 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/medvl_jax/xla"))
   logging.get_absl_handler().addFilter(_QuietLibraries())
   cli.quiet_closed_loop_errors()
-  initialize_distributed()
+  if _COMPILE_ONLY.value:
+    _compile_only()
+    return
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
-  logging.info("workdir: %s", os.path.abspath(workdir))
   try:
+    distributed.initialize_distributed(_CONFIG.value)
+    logging.info("workdir: %s", os.path.abspath(workdir))
     train.train_and_evaluate(_CONFIG.value, workdir, restart_from_scratch=_RESTART.value)
   except MedvlError as e:
     logging.flush()
     cli.die(str(e))
+
+
+def _compile_only() -> None:
+  """--compile_only: the report on stdout; exit 1 when the step does not fit the chip."""
+  from medvl_jax import aot  # pylint: disable=g-import-not-at-top
+  from medvl_jax.errors import MedvlError  # pylint: disable=g-import-not-at-top
+
+  try:
+    report = aot.compile_step(_CONFIG.value, _TOPOLOGY.value)
+  except MedvlError as e:
+    logging.flush()
+    cli.die(str(e))
+  print("\n".join(report.lines()), flush=True)
+  if report.fits is False:
+    raise SystemExit(1)
 
 
 FLAGS = flags.FLAGS

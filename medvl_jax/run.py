@@ -57,6 +57,7 @@ RESUMABLE_KEYS = (
   "data.eval_split",
   "data.allow_repeats",
   "sharding.rules",  # layout only: a restore reshards
+  "mesh",  # axes and sizes: layout only as well
   "nonfinite",  # what to do on a non-finite step (its policy, not the state)
   "nonfinite_max_consecutive",
   "loss.impl",  # dense / gather / ring: equal numbers, another memory layout

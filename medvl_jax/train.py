@@ -186,13 +186,14 @@ def train_and_evaluate(
       return {}
 
   # Mesh.
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(axes=config.get("mesh", sharding.DEFAULT_AXES))
   sharding.check_batch_size(config.batch_size, mesh)
   logging.info(
-    "mesh: %d devices (%s) over %d processes",
+    "mesh: %d devices (%s) over %d processes, %s",
     mesh.devices.size,
     jax.devices()[0].platform,
     jax.process_count(),
+    " ".join(f"{a}={n}" for a, n in mesh.shape.items()),
   )
 
   # Model & optimizer, through the model family (families/): the loss sees the whole batch.
@@ -216,7 +217,12 @@ def train_and_evaluate(
 
   # Shardings: derived from shapes, so parameters are born sharded.
   abstract_state = jax.eval_shape(make_state, abstract_vars)
-  state_sharding = sharding.tree_shardings(abstract_state, mesh, config.sharding.rules)
+  state_sharding = sharding.tree_shardings(
+    abstract_state,
+    mesh,
+    config.sharding.rules,
+    min_size=config.sharding.get("fsdp_min_size", sharding.FSDP_MIN_SIZE),
+  )
   abstract_state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
   )

@@ -18,6 +18,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / 
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite runs on CPU devices; with libtpu installed (test extra, for the compile-only TPU
+# tests) JAX would otherwise try, and loudly fail, to start a TPU on every backend start-up.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def sample_dir() -> pathlib.Path:
