@@ -169,10 +169,22 @@ def has_checkpoints(workdir: str | pathlib.Path) -> bool:
   return bool(_committed_steps(pathlib.Path(workdir) / "checkpoints"))
 
 
-def latest_committed_step(workdir: str | pathlib.Path) -> int | None:
-  """The newest finalised step directory under `<workdir>/checkpoints` (None if there is none);
-  a cheap look (no Orbax manager) for "is this run already complete?"."""
-  return max(_committed_steps(pathlib.Path(workdir) / "checkpoints"), default=None)
+def latest_intact_step(workdir: str | pathlib.Path) -> int | None:
+  """The newest finalised step under `<workdir>/checkpoints` if it looks intact, else None.
+
+  A cheap look (no Orbax manager, no restore) for "is this run already complete?": a newest
+  step that is visibly damaged gives None, so the run goes through `restore_newest_good`
+  (fall back, or one error line) instead of declaring itself done.
+  """
+  steps = _committed_steps(pathlib.Path(workdir) / "checkpoints")
+  if not steps:
+    return None
+  newest = max(steps)
+  return (
+    newest
+    if _structure_problem(pathlib.Path(workdir) / "checkpoints" / str(newest)) is None
+    else None
+  )
 
 
 def _committed_steps(directory: pathlib.Path) -> list[int]:

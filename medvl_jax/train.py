@@ -180,7 +180,7 @@ def train_and_evaluate(
   saves = _SaveLog()
   if not restart_from_scratch:
     run.check_resumable(workdir, config)  # the run's identity: refused before any write
-    done = checkpoint.latest_committed_step(workdir)
+    done = checkpoint.latest_intact_step(workdir)
     if done is not None and done >= config.total_steps:  # before any data, model or compile work
       logging.info("run already complete at step %d (workdir %s); nothing to do", done, workdir)
       return {}
