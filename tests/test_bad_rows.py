@@ -5,7 +5,7 @@ of a builder's tiny fixture tree with the bad rows added. Every log record at DE
 stdout and stderr are captured and searched for the fixture's sentences and patient ids (the
 ids are replaced by distinctive strings, since the sample's own are short numbers).
 
-Decisions (docs/RELIABILITY_data.md): a file-level problem (missing column, a byte that is not
+Decisions (docs/RELIABILITY.md): a file-level problem (missing column, a byte that is not
 UTF-8, a broken gzip/CSV) is a DataError, one line naming the file and line, because every row
 after it is suspect; a row-level problem (duplicate key, unreadable or missing image, a path
 that resolves outside manual_dir, a short or long row) is skipped and counted by reason.

@@ -17,7 +17,7 @@ Unicode, `..` and absolute paths, nan/inf) and byte-level damage (inserted bytes
 UTF-8, truncation, rows cut short or too long). The default suite runs `EXAMPLES[...]`
 examples per parser, derandomised (the same inputs on every CI run); `-m slow` runs
 `SLOW_EXAMPLES` more per parser from a fresh random seed. Counts and times:
-docs/RELIABILITY_data.md (`pytest --hypothesis-show-statistics` prints them).
+docs/RELIABILITY.md (`pytest --hypothesis-show-statistics` prints them).
 """
 
 import collections
