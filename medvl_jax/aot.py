@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from medvl_jax import batch as batch_lib
-from medvl_jax import config_check, families, sharding
+from medvl_jax import config_check, program, sharding
 from medvl_jax import step as step_lib
 from medvl_jax.errors import ConfigError
 
@@ -160,59 +160,16 @@ def compile_step(config: ml_collections.ConfigDict, topology: str) -> Report:
   mesh = sharding.make_mesh(devices, axes=config.get("mesh", sharding.DEFAULT_AXES))
   sharding.check_batch_size(config.batch_size, mesh)
 
-  family = families.get(config.model.name)
-  model = family.build(config.model)
-  loss_fn = family.make_loss(config)
-  init_rng, step_rng = step_lib.rngs(config)
-  init_fn = functools.partial(step_lib.init_variables, model, config)
-  abstract_vars = jax.eval_shape(init_fn, init_rng)
-  mask = family.trainable_mask(abstract_vars["params"], config.model)
-  tx = step_lib.make_optimizer(config.optimizer, mask)
-
-  def make_state(variables):
-    return step_lib.TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=variables["params"],
-      batch_stats=variables.get("batch_stats", {}),
-      opt_state=tx.init(variables["params"]),
-    )
-
-  abstract_state = jax.eval_shape(make_state, abstract_vars)
-  state_sharding = sharding.tree_shardings(
-    abstract_state,
-    mesh,
-    config.sharding.rules,
-    min_size=config.sharding.get("fsdp_min_size", sharding.FSDP_MIN_SIZE),
-  )
-  state_in = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
-  )
-  batch_shard = sharding.batch_sharding(mesh)
+  prog = program.build(config, mesh)  # the trainer's own program: loss layout, accumulation
+  state_in = prog.abstract_state
+  batch_shard = prog.batch_sharding
   batch_in = {
     k: jax.ShapeDtypeStruct((config.batch_size, *shape), dtype, sharding=batch_shard)
     for k, (shape, dtype) in batch_lib.spec(config.data.image_size, config.data.max_length).items()
   }
-  # The key is a closed-over constant, as in train.py: raw key data, so no array of the host
-  # backend ends up in a program compiled for other devices.
-  step_key = jax.random.key_data(step_rng)
-
-  def step(st, b):
-    return step_lib.train_step(
-      st,
-      b,
-      model=model,
-      tx=tx,
-      loss_fn=loss_fn,
-      mask=mask,
-      rng=jax.random.wrap_key_data(jnp.asarray(step_key)),
-    )
-
-  step_fn = jax.jit(
-    step,
-    in_shardings=(state_sharding, batch_shard),
-    out_shardings=(state_sharding, None),
-    donate_argnums=0,
-  )
+  # The step key is closed over as raw key data, so no array of the host backend ends up in a
+  # program compiled for other devices.
+  step_fn = prog.jit_step(portable_key=True)
   report = functools.partial(
     Report,
     target=topology or "local",
@@ -234,6 +191,13 @@ def compile_step(config: ml_collections.ConfigDict, topology: str) -> Report:
     if not m:
       raise
     state_bytes = _per_device_bytes(state_in)
+
+    def host_step(st, b):  # the same step with the dense loss, for the host's cost analysis
+      loss_fn = prog.family.make_loss(config)
+      return step_lib.train_step(
+        st, b, model=prog.model, tx=prog.tx, loss_fn=loss_fn, mask=prog.mask, rng=prog.step_rng
+      )
+
     return report(
       arguments=state_bytes + _per_device_bytes(batch_in),
       outputs=state_bytes,
@@ -242,7 +206,9 @@ def compile_step(config: ml_collections.ConfigDict, topology: str) -> Report:
       code=0,
       # FLOPs of the unpartitioned program (the global batch) by the host backend's HLO cost
       # analysis (a program lowered for compile-only devices has none), split evenly.
-      flops_per_device=_flops(jax.jit(step).lower(*_unsharded(state_in, batch_in)).cost_analysis())
+      flops_per_device=_flops(
+        jax.jit(host_step).lower(*_unsharded(state_in, batch_in)).cost_analysis()
+      )
       / len(devices),
       compile_s=time.perf_counter() - t0,
       note="the compiler stopped: " + str(e).strip().splitlines()[0][:300],

@@ -10,7 +10,6 @@ non-finite update; the loop reads each step's `skipped` flag one step late (so t
 stall the device) and applies `config.nonfinite` (see `_NonFiniteGuard`).
 """
 
-import functools
 import math
 import signal
 import threading
@@ -22,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from medvl_jax import accumulate as accumulate_lib
-from medvl_jax import checkpoint, config_check, families, input_pipeline, run, sharding
+from medvl_jax import checkpoint, config_check, input_pipeline, program, run, sharding
 from medvl_jax import step as step_lib
 from medvl_jax.errors import ConfigError, NonFiniteError
 
@@ -196,36 +194,13 @@ def train_and_evaluate(
     " ".join(f"{a}={n}" for a, n in mesh.shape.items()),
   )
 
-  # Model & optimizer, through the model family (families/): the loss sees the whole batch.
-  family = families.get(config.model.name)
-  model = family.build(config.model)
-  loss_fn = family.make_loss(config, mesh)  # mesh: the contrastive layout (config.loss.impl)
-  accumulate = accumulate_lib.from_config(family, config, mesh)  # config.accumulate_steps
-  init_rng, step_rng = step_lib.rngs(config)
-  init_fn = functools.partial(step_lib.init_variables, model, config)
-  abstract_vars = jax.eval_shape(init_fn, init_rng)
-  mask = family.trainable_mask(abstract_vars["params"], config.model)
-  tx = step_lib.make_optimizer(config.optimizer, mask)
-
-  def make_state(variables):
-    return step_lib.TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=variables["params"],
-      batch_stats=variables.get("batch_stats", {}),
-      opt_state=tx.init(variables["params"]),
-    )
-
-  # Shardings: derived from shapes, so parameters are born sharded.
-  abstract_state = jax.eval_shape(make_state, abstract_vars)
-  state_sharding = sharding.tree_shardings(
-    abstract_state,
-    mesh,
-    config.sharding.rules,
-    min_size=config.sharding.get("fsdp_min_size", sharding.FSDP_MIN_SIZE),
-  )
-  abstract_state = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
-  )
+  # Model, loss, optimizer, sharded abstract state and update step (program.py; the same
+  # program `--compile_only` compiles).
+  prog = program.build(config, mesh)
+  family, model, loss_fn, mask = prog.family, prog.model, prog.loss_fn, prog.mask
+  init_fn, init_rng, abstract_vars = prog.init_fn, prog.init_rng, prog.abstract_vars
+  make_state, state_sharding = prog.make_state, prog.state_sharding
+  abstract_state = prog.abstract_state
   config_check.check_disk(workdir, abstract_state)  # preflight: room for two checkpoints
 
   # Input: the sample is prepared on first use; the tokenizer comes from the text checkpoint.
@@ -278,15 +253,8 @@ def train_and_evaluate(
   )
 
   # Update step: jitted with explicit shardings; the old state is donated.
-  batch_shard = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(
-    lambda st, b: step_lib.train_step(
-      st, b, model=model, tx=tx, loss_fn=loss_fn, mask=mask, rng=step_rng, accumulate=accumulate
-    ),
-    in_shardings=(state_sharding, batch_shard),
-    out_shardings=(state_sharding, None),
-    donate_argnums=0,
-  )
+  batch_shard = prog.batch_sharding
+  step_fn = prog.jit_step()
   eval_fn = jax.jit(
     lambda st, b: step_lib.eval_step(st, b, model=model, loss_fn=loss_fn),
     in_shardings=(state_sharding, batch_shard),
