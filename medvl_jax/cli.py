@@ -1,5 +1,7 @@
 """What every command-line tool here shares: mistakes end as one `error: ...` line, exit 2."""
 
+import pathlib
+import secrets
 import sys
 from typing import Any, NoReturn
 
@@ -57,3 +59,12 @@ def quiet_closed_loop_errors() -> None:
       unraisablehook(unraisable)
 
   sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+
+
+def probe_write(directory: pathlib.Path) -> None:
+  """Creates `directory` if needed and writes and removes a probe file in it: raises OSError
+  when it cannot (permission bits alone do not tell: root passes them on a read-only mount)."""
+  directory.mkdir(parents=True, exist_ok=True)
+  probe = directory / f".write-probe-{secrets.token_hex(4)}"
+  probe.write_bytes(b"")
+  probe.unlink()

@@ -22,13 +22,12 @@ split, read from the prepared dataset's metadata, unless data.allow_repeats).
 import math
 import os
 import pathlib
-import secrets
 import shutil
 from typing import Any
 
 import ml_collections
 
-from medvl_jax import corpora, families, input_pipeline, losses
+from medvl_jax import cli, corpora, families, input_pipeline, losses
 from medvl_jax.errors import ConfigError, OutputError
 
 SCHEDULES = ("constant", "plateau")
@@ -150,10 +149,7 @@ def check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   if workdir.exists() and not workdir.is_dir():
     raise OutputError(f"--workdir={workdir}: exists and is not a directory")
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f".write-probe-{secrets.token_hex(4)}"
-    probe.write_bytes(b"")
-    probe.unlink()
+    cli.probe_write(workdir)
   except OSError as e:
     raise OutputError(
       f"--workdir={workdir}: cannot create or write to it ({e.strerror or e})"

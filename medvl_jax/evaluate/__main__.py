@@ -130,10 +130,7 @@ def evaluate_run(
 def _check_writable(directory: pathlib.Path) -> None:
   """OutputError (exit 2) unless `directory` can be created and written (a probe file)."""
   try:
-    directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / f".write-probe-{secrets.token_hex(4)}"
-    probe.write_bytes(b"")
-    probe.unlink()
+    cli.probe_write(directory)
   except OSError as e:
     raise OutputError(
       f"{directory}: cannot write the evaluation there ({e.strerror or e}); "
