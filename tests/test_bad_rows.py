@@ -84,8 +84,10 @@ def logs(caplog, capfd):
     return "\n".join((records, out, err))
 
   yield text
-  absl_logger.setLevel(old)
+  # Verbosity first: set_verbosity sets the absl logger's level, which must end as it was
+  # (NOTSET when no test set it; otherwise later tests' INFO records are dropped).
   absl_logging.set_verbosity(old_verbosity)
+  absl_logger.setLevel(old)
 
 
 def build(builder_cls, config: str, manual_dir: pathlib.Path, data_dir: pathlib.Path):
