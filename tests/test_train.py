@@ -146,7 +146,7 @@ def test_error_batch_not_divisible_by_devices(tmp_path):
     "--config.batch_size=6",
     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
   )
-  _one_line_error(proc, "batch_size=6", "4 devices")
+  _one_line_error(proc, "batch_size=6", "4 batch shards", "data=4")
 
 
 def test_sigterm_checkpoints_and_stops(smoke_run, tfds_dir, tmp_path):
