@@ -46,8 +46,9 @@ def _closed_loop_noise(exc_type: Any, exc: Any) -> bool:
 
 def quiet_closed_loop_errors() -> None:
   """Drops the stray 'Event loop is closed' tracebacks (printed through sys.excepthook or
-  sys.unraisablehook from TensorStore callback threads) that follow a failed Orbax save or
-  restore; every other exception is printed as before."""
+  sys.unraisablehook from TensorStore callback threads) and the unraisable exceptions of
+  Orbax's abandoned coroutines that follow a failed Orbax save or restore; every other
+  exception is printed as before."""
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
   def on_exception(exc_type, exc, tb):
@@ -55,7 +56,12 @@ def quiet_closed_loop_errors() -> None:
       excepthook(exc_type, exc, tb)
 
   def on_unraisable(unraisable):
-    if not _closed_loop_noise(unraisable.exc_type, unraisable.exc_value):
+    # Also: "Exception ignored in: <coroutine ...>" of Orbax's other read/write coroutines,
+    # garbage-collected after the first one failed (timing-dependent); the failure itself is
+    # reported by medvl_jax in one line (a damaged step, a failed save).
+    code = getattr(unraisable.object, "cr_code", None)
+    orbax_coroutine = code is not None and "/orbax/" in code.co_filename.replace("\\", "/")
+    if not (orbax_coroutine or _closed_loop_noise(unraisable.exc_type, unraisable.exc_value)):
       unraisablehook(unraisable)
 
   sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
