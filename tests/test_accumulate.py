@@ -136,6 +136,7 @@ def _ghost_bn_reference(model, variables, mask, batch, cfg, rng):
   return jax.jit(jax.value_and_grad(loss_of))(variables["params"])
 
 
+@pytest.mark.slow  # ~30-90 s on 2 cores
 def test_convirt_accumulation_is_exact_for_micro_batch_batchnorm():
   cfg = _no_dropout(convirt_config.get_config("smoke"))
   lam = cfg.loss.lam

@@ -41,6 +41,7 @@ def _report(proc) -> dict[str, float]:
   )
 
 
+@pytest.mark.slow  # ~40 s of CPU for the TPU compile
 @needs_libtpu
 def test_tiny_convirt_compiles_for_a_v5e_slice():
   proc = run_main(

@@ -178,6 +178,7 @@ def test_lr_1e30_resume_skip_policy_stops_and_keeps_the_good_checkpoint(
   assert all(math.isfinite(v) for v in read_scalars(workdir / "tensorboard")["train_loss"].values())
 
 
+@pytest.mark.slow  # a CLI run; kept out of the ~20 min default suite
 def test_lr_1e30_resume_halt_policy(short_run, tfds_dir, tmp_path):
   workdir = _copy_run(short_run, tmp_path)
   proc = run_main(
@@ -245,6 +246,7 @@ def test_rerun_of_a_finished_run_says_so_without_compiling(short_run, tfds_dir, 
   assert sorted((workdir / "tensorboard").rglob("events.out.tfevents.*")) == events
 
 
+@pytest.mark.slow  # a CLI run; kept out of the ~20 min default suite
 def test_saved_checkpoint_line(short_run, tfds_dir, tmp_path):
   """Resume 3 -> 5 with a checkpoint at 4 and 5: one 'saved checkpoint N (async, x.x s)' each."""
   workdir = _copy_run(short_run, tmp_path)
@@ -258,6 +260,7 @@ def test_saved_checkpoint_line(short_run, tfds_dir, tmp_path):
   assert [int(s) for s, _ in saved] == [4, 5], proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # a CLI run; kept out of the ~20 min default suite
 def test_sigterm_during_startup_exits_cleanly(tfds_dir, tmp_path):
   """SIGTERM right after the mesh line (data, model build and compile still ahead): one line,
   exit 0, no checkpoint (before: the default action, killed by signal 15 / exit 143)."""

@@ -139,6 +139,7 @@ def test_batch_larger_than_train_split(smoke_run, tfds_dir, tmp_path):
   assert not (tmp_path / "w" / "config.json").exists()  # refused before config.json
 
 
+@pytest.mark.slow  # a CLI run that trains; the in-process tests cover the default suite
 def test_batch_larger_than_split_allowed_explicitly(smoke_run, tfds_dir):
   from configs import convirt
 
@@ -261,6 +262,7 @@ def test_damaged_newest_checkpoint_falls_back(smoke_run, tmp_path, damage, caplo
   mngr.close()
 
 
+@pytest.mark.slow  # a CLI run that trains; the in-process tests cover the default suite
 def test_damaged_checkpoint_resume_through_the_cli(smoke_run, tfds_dir, tmp_path):
   """The whole path: one warning, resume from step 20, train to 32, config.json updated with
   the new total_steps (a key that may change on resume)."""
