@@ -33,14 +33,20 @@ def _break(kind: str) -> None:
 
     input_pipeline.create_train_iterator = from_start
   elif kind == "position_off_by_one":
-    original = checkpoint.restore
+    # Patched at restore_newest_good (what the trainer calls): `restore` itself is checked
+    # there (its data position must equal the step), which would turn this breakage into a
+    # "damaged step" fallback instead of a broken resume.
+    original = checkpoint.restore_newest_good
 
     def off_by_one(*args, **kw):
-      state, data = original(*args, **kw)
+      out = original(*args, **kw)
+      if out is None:
+        return out
+      step, state, data = out
       logging.warning("FAULTS_BREAK_RESUME=%s applied", kind)
-      return state, dict(data, batches_consumed=data["batches_consumed"] - 1)
+      return step, state, dict(data, batches_consumed=data["batches_consumed"] - 1)
 
-    checkpoint.restore = off_by_one
+    checkpoint.restore_newest_good = off_by_one
   else:
     raise SystemExit(f"error: FAULTS_BREAK_RESUME={kind!r}; valid: {', '.join(BREAKS)}")
 
