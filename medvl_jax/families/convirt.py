@@ -28,21 +28,26 @@ def init(model, batch: dict, rng: jax.Array) -> dict:
   )
 
 
+def _apply_train(model, variables, batch: dict, rng):
+  """The towers in train mode: (outputs, updated variables with the new batch statistics)."""
+  return model.apply(
+    variables,
+    batch["image"],
+    batch["input_ids"],
+    batch["attention_mask"],
+    train=True,
+    rngs={"dropout": rng},
+    mutable=["batch_stats"],
+  )
+
+
 def make_loss(config, mesh=None):
   loss_impl = losses.LOSSES[config.loss.name]
   loss_cfg = config.loss
 
   def loss_fn(model, variables, batch: dict, rng, train: bool):
     if train:
-      out, new_vars = model.apply(
-        variables,
-        batch["image"],
-        batch["input_ids"],
-        batch["attention_mask"],
-        train=True,
-        rngs={"dropout": rng},
-        mutable=["batch_stats"],
-      )
+      out, new_vars = _apply_train(model, variables, batch, rng)
       new_stats = new_vars["batch_stats"]
     else:
       out = model.apply(
@@ -62,15 +67,7 @@ def make_split(config, mesh=None) -> Split:
 
   def micro(model, variables, batch, prepared, rng):
     del prepared
-    out, new_vars = model.apply(
-      variables,
-      batch["image"],
-      batch["input_ids"],
-      batch["attention_mask"],
-      train=True,
-      rngs={"dropout": rng},
-      mutable=["batch_stats"],
-    )
+    out, new_vars = _apply_train(model, variables, batch, rng)
     return (out["image_embed"], out["text_embed"]), {}, new_vars["batch_stats"]
 
   def combine(model, image_embed, text_embed, sums, batch):
