@@ -1,5 +1,6 @@
 """What every command-line tool here shares: mistakes end as one `error: ...` line, exit 2."""
 
+import logging
 import pathlib
 import secrets
 import sys
@@ -65,6 +66,18 @@ def quiet_closed_loop_errors() -> None:
       unraisablehook(unraisable)
 
   sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+  # And asyncio's "Task exception was never retrieved" for the write/read tasks of the same
+  # failed Orbax save or restore (logged by the event loop when the task is collected, possibly
+  # after our one error line).
+  logging.getLogger("asyncio").addFilter(_orbax_task_noise)
+
+
+def _orbax_task_noise(record: logging.LogRecord) -> bool:
+  """False (drop) for asyncio's report of an unretrieved Orbax task exception."""
+  message = str(record.msg)
+  return not (
+    message.startswith("Task exception was never retrieved") and "/orbax/" in message
+  )
 
 
 def probe_write(directory: pathlib.Path) -> None:

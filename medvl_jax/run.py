@@ -56,7 +56,7 @@ RESUMABLE_KEYS = (
   "data.sample_dir",
   "data.eval_split",
   "data.allow_repeats",
-  "sharding.rules",  # layout only: a restore reshards
+  "sharding",  # rules and fsdp_min_size: layout only, a restore reshards
   "mesh",  # axes and sizes: layout only as well
   "nonfinite",  # what to do on a non-finite step (its policy, not the state)
   "nonfinite_max_consecutive",
