@@ -156,6 +156,7 @@ def test_nan_val_loss_is_never_best_and_metrics_stay_json(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the CLI
+@pytest.mark.slow  # resume of the smoke run with lr=1e30 until the stop: ~30-90 s
 def test_lr_1e30_resume_skip_policy_stops_and_keeps_the_good_checkpoint(
   short_run, tfds_dir, tmp_path
 ):

@@ -87,6 +87,7 @@ def test_frozen_layers_bit_identical_and_stateless(smoke_run, tfds_dir):
   assert len(opt_leaves) == 2 * n_trainable + 1  # mu, nu per trainable leaf + Adam's count
 
 
+@pytest.mark.slow  # kill + resume runs (also covered by tests/test_faults.py): ~30-80 s
 def test_resume_after_sigkill_matches_uninterrupted(smoke_run, tfds_dir, tmp_path):
   reference = read_scalars(smoke_run[0] / "tensorboard")["train_loss"]
   workdir = tmp_path / "killed"
@@ -149,6 +150,7 @@ def test_error_batch_not_divisible_by_devices(tmp_path):
   _one_line_error(proc, "batch_size=6", "4 batch shards", "data=4")
 
 
+@pytest.mark.slow  # a smoke run, SIGTERM, resume: ~40-120 s
 def test_sigterm_checkpoints_and_stops(smoke_run, tfds_dir, tmp_path):
   """Schedulers send SIGTERM before preemption: save at the next step, exit 0, resume later."""
   reference = read_scalars(smoke_run[0] / "tensorboard")["train_loss"]
@@ -177,6 +179,7 @@ def test_sigterm_checkpoints_and_stops(smoke_run, tfds_dir, tmp_path):
     np.testing.assert_allclose(losses[30], reference[30], rtol=1e-6)
 
 
+@pytest.mark.slow  # the full MiniLM text tower compiled and trained: ~1-3 min
 def test_text_tower_starts_from_the_real_checkpoint(tfds_dir, tmp_path):
   """`model.text.init` = the real MiniLM directory: the run's frozen BERT weights are exactly
   the checkpoint's (the import reaches the trained state, through sharded initialisation)."""
