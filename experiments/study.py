@@ -35,6 +35,7 @@ import pathlib
 import platform
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -253,7 +254,8 @@ def load_nih(config) -> dict[str, np.ndarray]:
   data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   order = np.argsort(data["image_id"], kind="stable")  # The same row order for every arm.
   data = {k: v[order] for k, v in data.items()}
-  names = corpora.label_names("nih14")
+  # The order of the builder's `labels` feature (not the nih14 corpus's registry order).
+  names = importlib.import_module("data_pipelines.cxr_sample.cxr_sample_dataset_builder").NIH_LABELS
   keep = [i for i, n in enumerate(names) if n != "No Finding"]
   data["labels"] = data["labels"][:, keep]
   data["names"] = np.asarray([names[i] for i in keep])
@@ -391,9 +393,22 @@ def run_arm(arm: str, out: pathlib.Path, mode: str, eta: Eta, todo: list[tuple[s
     log(f"arm {arm} {ARMS[arm]['title']}: {stage} ...")
     t0 = time.perf_counter()
     if stage == "train":
-      from medvl_jax import train  # pylint: disable=g-import-not-at-top
+      from medvl_jax import (
+        checkpoint,  # pylint: disable=g-import-not-at-top
+        train,  # pylint: disable=g-import-not-at-top
+      )
 
-      train.train_and_evaluate(config, str(workdir))
+      handler = signal.getsignal(signal.SIGTERM)  # training installs its own (preemption)
+      try:
+        train.train_and_evaluate(config, str(workdir))
+      finally:
+        signal.signal(signal.SIGTERM, handler)
+      reached = checkpoint.latest_intact_step(workdir)
+      if reached is None or reached < config.total_steps:  # stopped early (SIGTERM)
+        raise StudyError(
+          f"arm {arm}: training stopped at step {reached or 0} of {config.total_steps}; "
+          "run the same command again to resume"
+        )
       info = dict(steps=int(config.total_steps))
     else:
       if encoders is None:
@@ -598,10 +613,12 @@ def _versions() -> dict[str, str]:
 
   out = {"python": platform.python_version()}
   for p in ("jax", "flax", "optax", "orbax-checkpoint", "tensorflow", "scikit-learn", "numpy"):
-    try:
-      out[p] = md.version(p)
-    except md.PackageNotFoundError:
-      out[p] = "not installed"
+    for dist in (p, f"{p}-cpu"):  # tensorflow-cpu on CPU-only machines
+      try:
+        out[p] = md.version(dist)
+        break
+      except md.PackageNotFoundError:
+        out[p] = "not installed"
   return out
 
 
