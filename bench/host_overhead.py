@@ -23,6 +23,7 @@ with XLA's count as overhead too. Prints one JSON line.
 """
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -141,10 +142,12 @@ def main():
   absl_logging.set_verbosity(absl_logging.INFO)  # the loop's progress lines mark the window
   cfg = config_for(args)
   input_pipeline.prepare(cfg)
-  device = DeviceStep(cfg)
   dev, loop = [], []
   for _ in range(args.rounds):  # alternated, so load from other processes hits both alike
+    device = DeviceStep(cfg)  # rebuilt per round (compile cache): one model in memory at a time
     dev.append(device.seconds_per_step(args.steps))
+    del device
+    gc.collect()
     loop.append(loop_seconds_per_step(cfg, args.warmup))
   dev_s, loop_s = (float(np.median([d[0] for d in dev])), float(np.median([x[0] for x in loop])))
   dev_c, loop_c = (float(np.median([d[1] for d in dev])), float(np.median([x[1] for x in loop])))
