@@ -55,11 +55,16 @@ def test_bf16_step_computes_in_bf16_and_keeps_float32_state_and_loss():
   assert exps.count("bfloat16") <= layers, exps
 
 
-# Tolerance of the bf16 curve against the float32 one, per step (train_loss, the smoke run's
-# 30 steps, same seed and batches): bf16 keeps 8 mantissa bits, so activations round at ~0.4%;
-# the InfoNCE loss of the smoke batch (8 pairs, ln 8 = 2.08 at chance) moves by ~1 over the run.
-MAX_ABS_DIFF = 0.15  # any one step
-MEAN_ABS_DIFF = 0.05  # over the 30 steps
+# Tolerances of the bf16 train-loss curve against the float32 one (the smoke run's 30 steps,
+# same seed, batches and dropout draws). Step 1 starts from the same float32 params, so only
+# the bf16 rounding of activations (8 mantissa bits, ~0.4%) differs; after that the two
+# trajectories drift apart by rounding, and the per-step loss of an 8-pair batch varies by
+# ~0.1 from step to step (ln 8 = 2.08 at chance). Measured on the 2-core CPU: step 1 0.004,
+# max 0.132, mean 0.048, last-10 signed mean 0.013.
+FIRST_STEP = 0.02
+MAX_ABS_DIFF = 0.25  # any one step
+MEAN_ABS_DIFF = 0.08  # over the 30 steps
+LAST10_MEAN = 0.05  # |mean of bf16 - fp32| over the last 10 steps: the curves' level
 
 
 @pytest.mark.slow
@@ -72,8 +77,11 @@ def test_bf16_smoke_run_tracks_float32_and_saves_float32(smoke_run, tfds_dir, tm
   fp32 = read_scalars(fp32_dir / "tensorboard")["train_loss"]
   bf16 = read_scalars(tmp_path / "tensorboard")["train_loss"]
   assert sorted(bf16) == sorted(fp32) == list(range(1, 31))
-  diff = np.abs(np.array([bf16[s] - fp32[s] for s in range(1, 31)]))
-  assert diff.max() <= MAX_ABS_DIFF and diff.mean() <= MEAN_ABS_DIFF, diff
+  signed = np.array([bf16[s] - fp32[s] for s in range(1, 31)])
+  diff = np.abs(signed)
+  assert diff[0] <= FIRST_STEP, signed
+  assert diff.max() <= MAX_ABS_DIFF and diff.mean() <= MEAN_ABS_DIFF, signed
+  assert abs(signed[-10:].mean()) <= LAST10_MEAN, signed
   # It learns as the float32 run does: the last 5 steps below the first 5.
   assert np.mean([bf16[s] for s in range(26, 31)]) < np.mean([bf16[s] for s in range(1, 6)])
   state = checkpoint.manager(tmp_path, read_only=True).restore(30)["state"]
