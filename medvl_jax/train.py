@@ -6,11 +6,17 @@
 
 `train_step` and `eval_step` are pure functions of (state, batch) jitted with explicit
 shardings; everything else here is the plumbing around them. `train_step` never applies a
-non-finite update; the loop reads each step's `skipped` flag one step late (so the host does not
-stall the device) and applies `config.nonfinite` (see `_NonFiniteGuard`).
+non-finite update; the loop reads each step's `skipped` flag once the step is done (never
+stalling the devices) and applies `config.nonfinite` (see `_NonFiniteGuard`).
+
+Host overhead (bench/host_overhead.py): a background thread reads, tokenises and puts the next
+batches on the devices while a step runs (`_Prefetcher`); the loop itself waits for the devices
+only at evaluations, checkpoints, preemption and the end (see `_train_loop`).
 """
 
+import collections
 import math
+import queue
 import signal
 import threading
 import time
@@ -18,8 +24,8 @@ import time
 from absl import logging
 from clu import metric_writers
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from medvl_jax import checkpoint, config_check, input_pipeline, program, run, sharding
 from medvl_jax import step as step_lib
@@ -45,24 +51,94 @@ def evaluate(eval_fn, state, config, tokenizer, mesh) -> dict[str, float]:
 
 
 class MeanMetrics:
-  """Running means of the step metrics, summed on the devices (no per-step host sync).
+  """Running means of the step metrics: the steps' device arrays are kept as they come (no
+  device work and no host sync per step) and fetched in one transfer per log window.
 
   Steps the non-finite guard skipped (`skipped` = 1, other metrics zeroed by the step) are
   left out of the means; a window of skipped steps only gives no means at all.
   """
 
   def __init__(self):
-    self.sums, self.count = None, 0
+    self.window = []
 
   def add(self, metrics: dict) -> None:
-    self.sums = metrics if self.sums is None else jax.tree.map(jnp.add, self.sums, metrics)
-    self.count += 1
+    self.window.append(metrics)
+
+  def take(self) -> list[dict]:
+    """The window so far (still on the devices); the next one starts empty."""
+    window, self.window = self.window, []
+    return window
+
+  @staticmethod
+  def means(window: list[dict]) -> dict[str, float]:
+    """Waits for the window's steps and fetches their metrics at once."""
+    if not window:
+      return {}
+    sums = {k: float(np.sum(v)) for k, v in _stack(jax.device_get(window)).items()}
+    n = len(window) - sums.pop("skipped", 0.0)
+    return {k: v / n for k, v in sums.items()} if n > 0 else {}
 
   def pop(self) -> dict[str, float]:
-    sums = {k: float(v) for k, v in jax.device_get(self.sums).items()}
-    n = self.count - sums.pop("skipped", 0.0)
-    self.sums, self.count = None, 0
-    return {k: v / n for k, v in sums.items()} if n > 0 else {}
+    return self.means(self.take())
+
+
+def _stack(window: list[dict]) -> dict[str, np.ndarray]:
+  return {k: np.asarray([m[k] for m in window], np.float64) for k in window[0]}
+
+
+# Steps the host may dispatch ahead of the last one whose non-finite flag it has read; beyond
+# that it waits (back-pressure: bounded device memory for queued batches and metrics).
+_MAX_AHEAD = 2
+
+
+class _Prefetcher:
+  """`make()` (the next global batch, on the devices) run ahead by a background thread.
+
+  Holds at most `depth` batches; an exception in `make` is raised again by `next()` in the
+  caller's thread (same type, same message). `close()` stops the thread (daemon: it never
+  holds up the interpreter's exit).
+  """
+
+  def __init__(self, make, depth: int = 2):
+    self._make = make
+    self._queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="medvl-prefetch", daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _run(self) -> None:
+    while not self._stop.is_set():
+      try:
+        item = (True, self._make())
+      except BaseException as e:  # pylint: disable=broad-except  # handed to the consumer
+        self._put((False, e))
+        return
+      if not self._put(item):
+        return
+
+  def next(self):
+    ok, value = self._queue.get()
+    if not ok:
+      raise value
+    return value
+
+  def close(self) -> None:
+    self._stop.set()
+    while True:  # unblock a put in progress; the batches are dropped
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout=5.0)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -129,6 +205,11 @@ class _NonFiniteGuard:
   (the state is unchanged); this counts those skipped steps and decides when to stop:
     'halt': at the first one;
     'skip': go on, unless `config.nonfinite_max_consecutive` steps in a row were skipped.
+  The loop resolves the steps in order as their flags arrive (without waiting for them, at
+  most `_MAX_AHEAD` steps late) and all of them before any evaluation or checkpoint, so the
+  outcome is exact: the same steps counted, the same step named, the same last good
+  checkpoint; only the updates of the (at most `_MAX_AHEAD`) steps already dispatched after
+  a halting one are computed, and discarded with the run's unsaved state.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, skipped_before: int):
@@ -273,6 +354,58 @@ def train_and_evaluate(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
+  # The next global batches are read, tokenised and put on the devices by a background
+  # thread while the devices run the current step (and, first, while the step compiles).
+  prefetch = _Prefetcher(lambda: sharding.to_global(next(train_iter), mesh))
+  try:
+    return _train_loop(
+      config,
+      workdir=workdir,
+      mesh=mesh,
+      family=family,
+      state=state,
+      start_step=start_step,
+      skipped_before=skipped_before,
+      step_fn=step_fn,
+      eval_fn=eval_fn,
+      evaluators=evaluators,
+      tokenizer=tokenizer,
+      prefetch=prefetch,
+      mngr=mngr,
+      saves=saves,
+      preemption=preemption,
+      is_chief=is_chief,
+    )
+  finally:
+    prefetch.close()
+
+
+def _train_loop(
+  config,
+  *,
+  workdir,
+  mesh,
+  family,
+  state,
+  start_step,
+  skipped_before,
+  step_fn,
+  eval_fn,
+  evaluators,
+  tokenizer,
+  prefetch,
+  mngr,
+  saves,
+  preemption,
+  is_chief,
+) -> dict[str, float]:
+  """Compile, then the steps: non-finite policy, logging, evaluation, checkpoints, preemption.
+
+  Host syncs: none per step. The host reads a step's non-finite flag once that step is done
+  (`is_ready`, never waiting), waits only when it is `_MAX_AHEAD` steps ahead of the devices,
+  and fetches the metrics of a log window after it has dispatched the next step; it waits for
+  the devices only at evaluations, checkpoints, preemption and the end.
+  """
   writer = metric_writers.create_default_writer(
     str(workdir / "tensorboard"), just_logging=not is_chief, asynchronous=True
   )
@@ -281,7 +414,7 @@ def train_and_evaluate(
 
   # Compile ahead of the loop, so the first progress line already times a real step.
   t0 = time.perf_counter()
-  first = sharding.to_global(next(train_iter), mesh)
+  first = prefetch.next()
   step_fn = step_fn.lower(state, first).compile()
   logging.info("compiled the train step in %.1f s", time.perf_counter() - t0)
   if preemption.requested:
@@ -293,63 +426,77 @@ def train_and_evaluate(
   acc = MeanMetrics()
   t_report, step_report = time.perf_counter(), start_step
   batch = first
-  pending = None  # (step, metrics) whose `skipped` flag the host has not read yet
+  pending = collections.deque()  # (step, metrics) whose `skipped` flag the host has not read
+  deferred = None  # (step, metrics of the log window): logged once the next step is dispatched
 
-  def settle():
-    """Reads the pending step's non-finite flag (waits for that step); may raise _Halt."""
-    nonlocal pending
-    if pending is not None:
-      s, m = pending
-      pending = None
+  def settle(upto: int | None = None, wait: bool = True):
+    """Reads the non-finite flags of the pending steps in order (of those up to `upto`; with
+    `wait`=False only of those already done); may raise _Halt."""
+    while pending and (upto is None or pending[0][0] <= upto):
+      s, m = pending[0]
+      if not wait and not m["skipped"].is_ready():
+        return
+      pending.popleft()
       skipped, loss, grad_norm = jax.device_get((m["skipped"], m["raw_loss"], m["raw_grad_norm"]))
       guard.resolve(s, bool(skipped), float(loss), float(grad_norm))
+
+  def log_train(s: int, window: list) -> None:
+    nonlocal last_train, t_report, step_report
+    settle(upto=s)  # the window's skipped steps are counted in the line
+    last_train = {f"train_{k}": v for k, v in MeanMetrics.means(window).items()}
+    now = time.perf_counter()
+    sec_per_step = (now - t_report) / (s - step_report)
+    t_report, step_report = now, s
+    writer.write_scalars(s, dict(last_train, sec_per_step=sec_per_step, skipped_steps=guard.total))
+    loss = last_train.get("train_loss")
+    logging.info(
+      "step %d/%d | loss %s | %.2f s/step | %.1f examples/s | ETA %s%s",
+      s,
+      config.total_steps,
+      "n/a (skipped)" if loss is None else f"{loss:.4f}",
+      sec_per_step,
+      config.batch_size / sec_per_step,
+      _fmt_duration(sec_per_step * (config.total_steps - s)),
+      f" | {guard.total} skipped (non-finite)" if guard.total else "",
+    )
 
   step, unhealthy = start_step, None
   try:
     for step in range(start_step + 1, config.total_steps + 1):
       if batch is None:
-        batch = sharding.to_global(next(train_iter), mesh)
+        batch = prefetch.next()
       state, metrics = step_fn(state, batch)
       batch = None
       checkpoint.check_saved(mngr, step)  # a failed async save (full disk) stops the run here
-      settle()  # the previous step's flag: the device already runs this one (no pipeline stall)
-      pending = (step, metrics)
+      pending.append((step, metrics))
       acc.add({k: v for k, v in metrics.items() if not k.startswith("raw_")})
+      if deferred is not None:  # the previous window's figures: the devices run this step
+        log_train(*deferred)
+        deferred = None
+      settle(wait=False)  # the flags of the steps already done
+      settle(upto=step - _MAX_AHEAD)  # back-pressure: at most _MAX_AHEAD steps in flight
       saves.poll(mngr)
 
       stop = preemption.requested or mngr.reached_preemption(step)
       log_now = step % config.log_every == 0 or step == config.total_steps or step == start_step + 1
       eval_now = step % config.eval_every == 0 or step == config.total_steps
       ckpt_now = step % config.checkpoint_every == 0 or step == config.total_steps or stop
-      if log_now or eval_now or ckpt_now:
-        settle()
-      unhealthy = f"step {step} was skipped (non-finite)" if guard.streak else None
-
+      if eval_now or ckpt_now:
+        settle()  # every step up to this one: the state is final
       if log_now:
-        last_train = {f"train_{k}": v for k, v in acc.pop().items()}
-        now = time.perf_counter()
-        sec_per_step = (now - t_report) / (step - step_report)
-        t_report, step_report = now, step
-        writer.write_scalars(
-          step, dict(last_train, sec_per_step=sec_per_step, skipped_steps=guard.total)
-        )
-        loss = last_train.get("train_loss")
-        logging.info(
-          "step %d/%d | loss %s | %.2f s/step | %.1f examples/s | ETA %s%s",
-          step,
-          config.total_steps,
-          "n/a (skipped)" if loss is None else f"{loss:.4f}",
-          sec_per_step,
-          config.batch_size / sec_per_step,
-          _fmt_duration(sec_per_step * (config.total_steps - step)),
-          f" | {guard.total} skipped (non-finite)" if guard.total else "",
-        )
+        if eval_now or ckpt_now:
+          log_train(step, acc.take())
+        else:
+          deferred = (step, acc.take())
+      unhealthy = f"step {step} was skipped (non-finite)" if guard.streak else None
 
       val_loss = None
       if eval_now:
         t_eval = time.perf_counter()
         last_eval = evaluate(eval_fn, state, config, tokenizer, mesh)
         if evaluators:
+          from medvl_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+
           last_eval.update(evaluate_lib.run_all(evaluators, state))
         t_report += time.perf_counter() - t_eval  # the train rate excludes evaluation time
         val_loss = last_eval["val_loss"]
@@ -382,6 +529,8 @@ def train_and_evaluate(
         logging.warning("stopping at step %d for preemption; rerun the command to resume", step)
         break
     settle()
+    if deferred is not None:  # not reached: the last step always logs at once
+      log_train(*deferred)
     if unhealthy and not preemption.requested:
       raise _Halt(f"the run ended in a non-finite state ({unhealthy})")
   except _Halt as halt:
