@@ -4,10 +4,11 @@ r"""ResNet-50 train step with each conv computed a different way, timed interlea
   python bench/conv_variants.py --batch=16 --image_size=224 --variants=xla,dot
 
 The step of `bench/step_time.py --model=resnet50` (ResNet-50 tower, loss = mean square of the
-pooled features, BatchNorm in train mode, Adam). Variants (which convs use `resnet.DotConv`,
-the rest `flax.linen.Conv`):
+pooled features, BatchNorm in train mode, Adam). Variants (which convs use `resnet.DotConv` —
+a dot for 1x1, im2col + dot for k x k — the rest `flax.linen.Conv`):
   xla     none                       dot        all
-  dot1x1  the 1x1 convs only         dotkxk     the 3x3s and the 7x7 stem only
+  dot1x1  the 1x1 convs only (= the library's conv_impl='dot')
+  dotkxk  the 3x3s and the 7x7 stem only
   dot_nostem  all but the 7x7 stem
 Every variant is compiled first; then each round runs one step of every variant in turn, so a
 shared machine's load drifts over all of them alike. Prints one JSON line per variant (median
@@ -45,7 +46,9 @@ VARIANTS = {
 def _patched(use_dot):
   def conv(features, kernel, stride, name, dtype, impl="xla"):
     del impl
-    return _PLAIN(features, kernel, stride, name, dtype, "dot" if use_dot(kernel) else "xla")
+    if use_dot(kernel):  # 1x1: a dot; k x k: im2col + dot
+      return resnet.DotConv(features, kernel, stride, dtype, name=name)
+    return _PLAIN(features, kernel, stride, name, dtype, "xla")
 
   return conv
 

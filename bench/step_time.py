@@ -7,9 +7,9 @@ r"""Steady-state train-step time: this library next to its PyTorch peer, in one 
   python bench/step_time.py --model=convirt --impl=jax --dtype=bfloat16 --batch=256 --steps=20
 
 For each model, one after the other (never concurrently), with the same thread count:
-  * the machine's fp32 matmul rate: a [n, n] x [n, n] product (n = --peak_n) in JAX (`jnp.dot`)
-    and in PyTorch (`torch.mm`), best of 5; the larger is quoted as the machine's peak, the
-    denominator of `frac_of_peak` (achieved model FLOP/s / peak);
+  * the machine's matmul rate in --dtype: a [n, n] x [n, n] product (n = --peak_n) in JAX
+    (`jnp.dot`) and in PyTorch (`torch.mm`), best of 5; the larger is quoted as the machine's
+    peak, the denominator of `frac_of_peak` (achieved model FLOP/s / peak);
   * JAX: the jitted, donated `step.train_step` the trainer runs (ConVIRT; `--model=resnet50`:
     the ResNet-50 tower alone, loss = mean square of its pooled features) or
     `bench/mixed_step.bench_jax` (mixed); compile timed apart from the steps;
@@ -110,13 +110,12 @@ def _threads() -> int:
   return len(os.sched_getaffinity(0))
 
 
-def matmul_peak(n: int) -> dict:
-  """fp32 [n, n] @ [n, n], best of 5, in JAX and in PyTorch: FLOP/s."""
+def matmul_peak(n: int, with_torch: bool, dtype: str = "float32") -> dict:
+  """[n, n] @ [n, n] in `dtype`, best of 5, in JAX (and PyTorch, on its device): FLOP/s."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
 
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   dot = jax.jit(jnp.dot)
   jax.block_until_ready(dot(a, a))
   best = []
@@ -124,21 +123,29 @@ def matmul_peak(n: int) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(dot(a, a))
     best.append(time.perf_counter() - t0)
-  jax_rate = 2 * n**3 / min(best)
-  t = torch.randn(n, n)
-  torch.mm(t, t)
-  best = []
-  for _ in range(5):
-    t0 = time.perf_counter()
+  rates = {"jax": 2 * n**3 / min(best), "torch": float("nan")}
+  if with_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    t = torch.randn(n, n, device=dev).to(getattr(torch, dtype))
     torch.mm(t, t)
-    best.append(time.perf_counter() - t0)
-  torch_rate = 2 * n**3 / min(best)
+    sync()
+    best = []
+    for _ in range(5):
+      t0 = time.perf_counter()
+      torch.mm(t, t)
+      sync()
+      best.append(time.perf_counter() - t0)
+    rates["torch"] = 2 * n**3 / min(best)
   return {
     "impl": "peak",
     "n": n,
-    "jax_dot_gflops": round(jax_rate / 1e9, 1),
-    "torch_mm_gflops": round(torch_rate / 1e9, 1),
-    "peak_gflops": round(max(jax_rate, torch_rate) / 1e9, 1),
+    "matmul_dtype": dtype,
+    "jax_dot_gflops": round(rates["jax"] / 1e9, 1),
+    "torch_mm_gflops": round(rates["torch"] / 1e9, 1) if with_torch else None,
+    "peak_gflops": round(max(r for r in rates.values() if r == r) / 1e9, 1),
   }
 
 
@@ -296,10 +303,10 @@ def main(argv=None):
   ap.add_argument("--peak_n", type=int, default=2048, help="0 = skip the matmul peak")
   args = ap.parse_args(argv)
 
-  import torch  # pylint: disable=g-import-not-at-top
+  if args.impl != "jax":  # A JAX-only run needs no PyTorch (accelerator images without it).
+    import torch  # pylint: disable=g-import-not-at-top
 
-  threads = args.threads or _threads()
-  torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads or _threads())
   head = {
     "model": args.model,
     "text": "none" if args.model == "resnet50" else args.text,
@@ -309,8 +316,8 @@ def main(argv=None):
     "dtype": args.dtype,
   }
   results = {}
-  if args.peak_n and args.impl == "both":
-    results["peak"] = matmul_peak(args.peak_n)
+  if args.peak_n:
+    results["peak"] = matmul_peak(args.peak_n, args.impl != "jax", args.dtype)
     print(json.dumps({**head, **results["peak"]}), flush=True)
 
   if args.model == "mixed":
@@ -363,7 +370,7 @@ def main(argv=None):
   if "peak" in results:
     pk = results["peak"]
     lines.append(
-      f"  fp32 matmul peak ({pk['n']}^2): JAX {pk['jax_dot_gflops']} GFLOP/s, "
+      f"  {args.dtype} matmul peak ({pk['n']}^2): JAX {pk['jax_dot_gflops']} GFLOP/s, "
       f"torch {pk['torch_mm_gflops']} GFLOP/s -> peak {pk['peak_gflops']} GFLOP/s"
     )
   for impl in ("jax", "torch"):

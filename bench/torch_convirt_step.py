@@ -3,10 +3,10 @@ r"""The PyTorch baseline: one ConVIRT train step as the public re-implementation
   python bench/torch_convirt_step.py --text=bert-base --batch=32 [--amp] [--compile]
 
 torchvision resnet50 (fc removed) + transformers BertModel (random weights, the same shape as
-bench/train_step.py), max-pooled text features, 2-layer projection heads, the asymmetric InfoNCE
+bench/step_time.py), max-pooled text features, 2-layer projection heads, the asymmetric InfoNCE
 (lambda 0.75, tau 0.1), BERT embeddings + first half of the layers frozen, Adam(lr 1e-4,
 weight_decay 1e-6). Same synthetic inputs (`medvl_jax.batch.random`) and shapes as
-bench/train_step.py, so the two print comparable s/step on the same machine. `--amp` =
+bench/step_time.py, which runs `bench()` after the JAX step in the same process. `--amp` =
 bfloat16 autocast (the usual mixed precision), `--compile` = torch.compile.
 """
 

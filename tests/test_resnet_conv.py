@@ -1,4 +1,4 @@
-"""The ResNet's conv-as-matmul path (`conv_impl='dot'`) against `flax.linen.Conv` (tiny shapes).
+"""The ResNet's conv-as-matmul path (`conv_impl='dot'`, `DotConv`) against `flax.linen.Conv`.
 
 Both compute the same sums in another order, in float32: outputs and gradients agree to
 float32 rounding (stated tolerances below), and the parameters are the same tree and values.
@@ -24,10 +24,14 @@ RTOL, ATOL = 1e-5, 1e-5
 def test_dot_conv_equals_nn_conv_and_its_gradients(kernel, stride, size):
   rng = np.random.default_rng(kernel * 100 + stride * 10 + size)
   x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
-  # The ResNet's own constructor for both: torch's padding and initialiser.
+  # The ResNet's constructor (torch's padding and initialiser) against DotConv (for k > 1
+  # the im2col path, which bench/conv_variants.py times).
   plain = resnet._conv(4, kernel, stride, "conv", jnp.float32, "xla")  # pylint: disable=protected-access
-  dot = resnet._conv(4, kernel, stride, "conv", jnp.float32, "dot")  # pylint: disable=protected-access
-  assert isinstance(plain, nn.Conv) and isinstance(dot, resnet.DotConv)
+  dot = resnet.DotConv(4, kernel, stride, name="conv")
+  assert isinstance(plain, nn.Conv)
+  assert isinstance(resnet._conv(4, kernel, stride, "c", jnp.float32, "dot"), resnet.DotConv) == (  # pylint: disable=protected-access
+    kernel == 1
+  )
   params = plain.init(jax.random.key(0), x)
   # Same parameter tree, and the same initial values from the same key.
   dot_params = dot.init(jax.random.key(0), x)

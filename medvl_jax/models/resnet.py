@@ -3,15 +3,15 @@
 Submodule names follow torchvision's state-dict names (`conv1`, `bn1`, `layer1/0/conv2`,
 `layer1/0/downsample/0`, ...) so that `medvl_jax.weights` maps the two one-to-one.
 
-`conv_impl` picks how the convolutions are computed; both have the same parameters (one
+`conv_impl` picks how the convolutions are computed; all have the same parameters (one
 `kernel` [kh, kw, in, out] per conv, the same initialiser), so checkpoints and the torchvision
 import/export are shared:
-  'xla': `flax.linen.Conv` (XLA's convolution op);
-  'dot': every conv as one matrix product — 1x1 convs as a dot over the channels (strided ones
-    on the subsampled input), k x k convs through im2col (the k*k shifted, strided windows
-    concatenated on the channel axis, then one dot with the kernel reshaped to [k*k*in, out]).
-    The same sums in another order; on CPU XLA's dot is faster than its convolution
-    (bench/RESULTS.md, 2026-12-02);
+  'xla': `flax.linen.Conv` (XLA's convolution op) for every conv;
+  'dot': the 1x1 convs (36 of ResNet-50's 53, ~half its FLOPs) as one dot over the channels
+    (strided ones on the subsampled input), the 3x3s and the 7x7 stem as XLA convolutions.
+    The same sums in another order. On CPU XLA's dot is faster than its 1x1 convolution;
+    computing the 3x3s and the stem as dots too (`DotConv`'s im2col) measured slower and keeps
+    a k*k-times larger activation per conv for the backward pass (bench/RESULTS.md, 2026-12-02);
   'auto' (the default): 'dot' when JAX's default backend is the CPU, else 'xla' (cuDNN's and
     TPU's convolutions; the dot path is not measured there).
 """
@@ -33,6 +33,10 @@ CONV_IMPLS = ("auto", "xla", "dot")
 
 class DotConv(nn.Module):
   """Bias-free k x k conv, stride s, zero padding k // 2, computed as one matrix product.
+
+  k = 1: a dot over the channels of the (subsampled) input. k > 1: im2col, i.e. the k*k
+  shifted, strided windows concatenated on the channel axis, then one dot with the kernel
+  reshaped to [k*k*in, out] (the ResNet uses k > 1 only in bench/conv_variants.py).
 
   Parameters as `nn.Conv(features, (k, k), use_bias=False)`: {'kernel': [k, k, in, out]}.
   """
@@ -75,9 +79,9 @@ def _conv(
   """Bias-free conv with torch's explicit symmetric zero padding of kernel // 2."""
   if impl == "auto":
     impl = "dot" if jax.default_backend() == "cpu" else "xla"
-  if impl == "dot":
+  if impl == "dot" and kernel == 1:
     return DotConv(features, kernel, stride, dtype, name=name)
-  if impl != "xla":
+  if impl not in ("xla", "dot"):
     raise ValueError(f"conv_impl: unknown {impl!r}; valid: {', '.join(CONV_IMPLS)}")
   pad = kernel // 2
   return nn.Conv(
