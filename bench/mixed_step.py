@@ -54,12 +54,13 @@ def _time(step, steps):
   for _ in range(2):
     loss = step()
   warm = time.perf_counter() - t0
-  times = []
+  times, cpu = [], []
   for _ in range(steps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = step()
     times.append(time.perf_counter() - t0)
-  return warm, times, loss
+    cpu.append(time.process_time() - c0)
+  return warm, times, cpu, loss
 
 
 def bench_jax(cfg, batch_np, steps):
@@ -87,23 +88,30 @@ def bench_jax(cfg, batch_np, steps):
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 
+  t0 = time.perf_counter()
+  compiled = train_step.lower(params, state, jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - t0
   carry = {"params": params, "state": state, "i": 0}
 
   def step():
     carry["i"] += 1
-    carry["params"], carry["state"], loss = train_step(
+    carry["params"], carry["state"], loss = compiled(
       carry["params"], carry["state"], jax.random.key(carry["i"])
     )
     return float(loss)
 
-  warm, times, loss = _time(step, steps)
+  warm, times, cpu, loss = _time(step, steps)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6
   return {
     "impl": "jax",
     "jax": jax.__version__,
     "params_M": round(n_params, 1),
-    "compile_and_warmup_s": round(warm, 1),
+    "compile_s": round(compile_s, 1),
+    "warmup_s": round(warm, 1),
     "s_per_step_median": round(float(np.median(times)), 3),
+    "s_per_step_min": round(min(times), 3),
+    "times": [round(t, 3) for t in times],
+    "cpu_s_per_step": round(float(np.median(cpu)), 3),
     "loss": loss,
   }
 
@@ -259,7 +267,7 @@ def bench_torch(cfg, batch_np, steps):
     opt.step()
     return float(loss.detach())
 
-  warm, times, loss = _time(train_step, steps)
+  warm, times, cpu, loss = _time(train_step, steps)
   n_params = sum(q.numel() for q in model.parameters()) / 1e6
   return {
     "impl": "torch",
@@ -268,6 +276,9 @@ def bench_torch(cfg, batch_np, steps):
     "params_M": round(n_params, 1),
     "warmup_s": round(warm, 1),
     "s_per_step_median": round(float(np.median(times)), 3),
+    "s_per_step_min": round(min(times), 3),
+    "times": [round(t, 3) for t in times],
+    "cpu_s_per_step": round(float(np.median(cpu)), 3),
     "loss": loss,
   }
 

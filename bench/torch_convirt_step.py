@@ -3,10 +3,10 @@ r"""The PyTorch baseline: one ConVIRT train step as the public re-implementation
   python bench/torch_convirt_step.py --text=bert-base --batch=32 [--amp] [--compile]
 
 torchvision resnet50 (fc removed) + transformers BertModel (random weights, the same shape as
-bench/train_step.py), max-pooled text features, 2-layer projection heads, the asymmetric InfoNCE
+bench/step_time.py), max-pooled text features, 2-layer projection heads, the asymmetric InfoNCE
 (lambda 0.75, tau 0.1), BERT embeddings + first half of the layers frozen, Adam(lr 1e-4,
 weight_decay 1e-6). Same synthetic inputs (`medvl_jax.batch.random`) and shapes as
-bench/train_step.py, so the two print comparable s/step on the same machine. `--amp` =
+bench/step_time.py, which runs `bench()` after the JAX step in the same process. `--amp` =
 bfloat16 autocast (the usual mixed precision), `--compile` = torch.compile.
 """
 
@@ -81,6 +81,91 @@ def infonce(v, u, lam=0.75, tau=0.1):
   return lam * F.cross_entropy(logits, target) + (1 - lam) * F.cross_entropy(logits.t(), target)
 
 
+def bench(
+  text: str = "minilm",
+  batch: int = 32,
+  image_size: int = 224,
+  max_length: int = 128,
+  steps: int = 5,
+  amp: bool = False,
+  compile: bool = False,  # noqa: A002  (the torch.compile switch)
+  channels_last: bool = False,
+  image_only: bool = False,
+) -> dict:
+  """Times the train step; `image_only`: the ResNet-50 tower alone (loss = mean square of its
+  pooled features), the peer of `bench/step_time.py --model=resnet50`."""
+  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  torch.manual_seed(0)
+  if image_only:
+    model = torchvision.models.resnet50()
+    model.fc = torch.nn.Identity()
+  else:
+    model = ConVIRT(TEXT_SHAPES[text])
+  model = model.to(dev).train()
+  if channels_last:
+    model = model.to(memory_format=torch.channels_last)
+  opt = torch.optim.Adam(
+    [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-6
+  )
+  n, s, l = batch, image_size, max_length
+  data = batch_lib.random(n, s, l, seed=0)  # The same synthetic batch as bench/step_time.py.
+  gray = torch.from_numpy(data["image"].transpose(0, 3, 1, 2).copy()).to(dev)  # NHWC -> NCHW
+  ids = torch.from_numpy(data["input_ids"].astype(np.int64)).to(dev)
+  mask = torch.from_numpy(data["attention_mask"].astype(np.int64)).to(dev)
+  mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
+
+  def train_step():
+    images = (gray.float() / 255).expand(-1, 3, -1, -1)
+    images = (images - mean) / std
+    if channels_last:
+      images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+      if image_only:
+        loss = model(images).float().square().mean()
+      else:
+        v, u = model(images, ids, mask)
+    if not image_only:
+      loss = infonce(v, u)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+  step_fn = torch.compile(train_step) if compile else train_step
+  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+  t0 = time.perf_counter()
+  for _ in range(2):  # warm-up (and compilation with --compile)
+    loss = step_fn()
+  sync()
+  warm_s = time.perf_counter() - t0
+  times, cpu = [], []
+  for _ in range(steps):
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss = step_fn()
+    sync()
+    times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  sec = float(np.median(times))
+  return {
+    "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+    "torch": torch.__version__,
+    "threads": torch.get_num_threads(),
+    "batch": n,
+    "text": "none" if image_only else text,
+    "amp_bf16": amp,
+    "compile": compile,
+    "channels_last": channels_last,
+    "warmup_s": round(warm_s, 1),
+    "s_per_step_median": round(sec, 4),
+    "s_per_step_min": round(min(times), 4),
+    "times": [round(t, 3) for t in times],
+    "cpu_s_per_step": round(float(np.median(cpu)), 3),
+    "examples_per_s": round(n / sec, 2),
+    "loss": float(loss.detach()),
+  }
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--batch", type=int, default=32)
@@ -92,67 +177,7 @@ def main():
   ap.add_argument("--compile", action="store_true")
   ap.add_argument("--channels_last", action="store_true")
   args = ap.parse_args()
-  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  torch.manual_seed(0)
-  model = ConVIRT(TEXT_SHAPES[args.text]).to(dev).train()
-  if args.channels_last:
-    model = model.to(memory_format=torch.channels_last)
-  opt = torch.optim.Adam(
-    [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-6
-  )
-  n, s, l = args.batch, args.image_size, args.max_length
-  batch = batch_lib.random(n, s, l, seed=0)  # The same synthetic batch as bench/train_step.py.
-  gray = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()).to(dev)  # NHWC -> NCHW
-  ids = torch.from_numpy(batch["input_ids"].astype(np.int64)).to(dev)
-  mask = torch.from_numpy(batch["attention_mask"].astype(np.int64)).to(dev)
-  mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
-  std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
-
-  def train_step():
-    images = (gray.float() / 255).expand(-1, 3, -1, -1)
-    images = (images - mean) / std
-    if args.channels_last:
-      images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp):
-      v, u = model(images, ids, mask)
-    loss = infonce(v, u)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss
-
-  step_fn = torch.compile(train_step) if args.compile else train_step
-  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-  t0 = time.perf_counter()
-  for _ in range(2):  # warm-up (and compilation with --compile)
-    loss = step_fn()
-  sync()
-  warm_s = time.perf_counter() - t0
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    loss = step_fn()
-    sync()
-    times.append(time.perf_counter() - t0)
-  sec = float(np.median(times))
-  print(
-    json.dumps(
-      {
-        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "batch": n,
-        "text": args.text,
-        "amp_bf16": args.amp,
-        "compile": args.compile,
-        "channels_last": args.channels_last,
-        "warmup_s": round(warm_s, 1),
-        "s_per_step_median": round(sec, 4),
-        "s_per_step_min": round(min(times), 4),
-        "examples_per_s": round(n / sec, 1),
-        "loss": float(loss),
-      }
-    )
-  )
+  print(json.dumps(bench(**vars(args))))
 
 
 if __name__ == "__main__":

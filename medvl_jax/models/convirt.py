@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from medvl_jax.errors import ConfigError
 from medvl_jax.models import bert
 from medvl_jax.models.bert import BertConfig, BertModel
-from medvl_jax.models.resnet import ResNet50, ResNetTiny
+from medvl_jax.models.resnet import CONV_IMPLS, ResNet50, ResNetTiny
 
 IMAGE_VARIANTS = {"resnet50": ResNet50, "resnet_tiny": ResNetTiny}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -120,10 +120,17 @@ def from_config(model_cfg: Any) -> ConVIRT:
     raise ConfigError(
       f"model.image.variant: unknown {variant!r}; valid: {', '.join(sorted(IMAGE_VARIANTS))}"
     )
+  conv_impl = model_cfg.image.get("conv_impl", "auto")
+  if conv_impl not in CONV_IMPLS:
+    raise ConfigError(
+      f"model.image.conv_impl: unknown {conv_impl!r}; valid: {', '.join(CONV_IMPLS)}"
+    )
   if len(model_cfg.image.mean) != 3 or len(model_cfg.image.std) != 3:
     raise ConfigError("model.image.mean and model.image.std must have 3 values each")
   return ConVIRT(
-    image_encoder=IMAGE_VARIANTS[variant](dtype=dtype),
+    image_encoder=IMAGE_VARIANTS[variant](
+      dtype=dtype, conv_impl=model_cfg.image.get("conv_impl", "auto")
+    ),
     text_encoder=BertModel(_text_config(model_cfg.text), dtype=dtype),
     projection_dim=model_cfg.projection_dim,
     projection_hidden=model_cfg.projection_hidden,

@@ -2,6 +2,18 @@
 
 Submodule names follow torchvision's state-dict names (`conv1`, `bn1`, `layer1/0/conv2`,
 `layer1/0/downsample/0`, ...) so that `medvl_jax.weights` maps the two one-to-one.
+
+`conv_impl` picks how the convolutions are computed; all have the same parameters (one
+`kernel` [kh, kw, in, out] per conv, the same initialiser), so checkpoints and the torchvision
+import/export are shared:
+  'xla': `flax.linen.Conv` (XLA's convolution op) for every conv;
+  'dot': the 1x1 convs (36 of ResNet-50's 53, ~half its FLOPs) as one dot over the channels
+    (strided ones on the subsampled input), the 3x3s and the 7x7 stem as XLA convolutions.
+    The same sums in another order. On CPU XLA's dot is faster than its 1x1 convolution;
+    computing the 3x3s and the stem as dots too (`DotConv`'s im2col) measured slower and keeps
+    a k*k-times larger activation per conv for the backward pass (bench/RESULTS.md, 2026-12-02);
+  'auto' (the default): 'dot' when JAX's default backend is the CPU, else 'xla' (cuDNN's and
+    TPU's convolutions; the dot path is not measured there).
 """
 
 from collections.abc import Sequence
@@ -16,8 +28,61 @@ import jax.numpy as jnp
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
+CONV_IMPLS = ("auto", "xla", "dot")
+
+
+class DotConv(nn.Module):
+  """Bias-free k x k conv, stride s, zero padding k // 2, computed as one matrix product.
+
+  k = 1: a dot over the channels of the (subsampled) input. k > 1: im2col, i.e. the k*k
+  shifted, strided windows concatenated on the channel axis, then one dot with the kernel
+  reshaped to [k*k*in, out] (the ResNet uses k > 1 only in bench/conv_variants.py).
+
+  Parameters as `nn.Conv(features, (k, k), use_bias=False)`: {'kernel': [k, k, in, out]}.
+  """
+
+  features: int
+  kernel: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s = self.kernel, self.stride
+    w = self.param("kernel", _CONV_INIT, (k, k, x.shape[-1], self.features), jnp.float32)
+    x, w = jnp.asarray(x, self.dtype), jnp.asarray(w, self.dtype)
+    if k == 1:
+      cols = x[:, ::s, ::s, :] if s > 1 else x
+    else:
+      pad = k // 2
+      x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+      n, h, wd, c = x.shape
+      ho, wo = (h - k) // s + 1, (wd - k) // s + 1
+      # Window (i, j) of output pixel (a, b) is input pixel (s*a + i, s*b + j); concatenated in
+      # (i, j, channel) order, the order of the kernel's flattened [k, k, in] axes.
+      cols = jnp.concatenate(
+        [
+          jax.lax.slice(
+            x, (0, i, j, 0), (n, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c), (1, s, s, 1)
+          )
+          for i in range(k)
+          for j in range(k)
+        ],
+        axis=-1,
+      )
+    return jnp.dot(cols, w.reshape(-1, self.features))
+
+
+def _conv(
+  features: int, kernel: int, stride: int, name: str, dtype: Any, impl: str = "auto"
+) -> nn.Module:
   """Bias-free conv with torch's explicit symmetric zero padding of kernel // 2."""
+  if impl == "auto":
+    impl = "dot" if jax.default_backend() == "cpu" else "xla"
+  if impl == "dot" and kernel == 1:
+    return DotConv(features, kernel, stride, dtype, name=name)
+  if impl not in ("xla", "dot"):
+    raise ValueError(f"conv_impl: unknown {impl!r}; valid: {', '.join(CONV_IMPLS)}")
   pad = kernel // 2
   return nn.Conv(
     features,
@@ -44,10 +109,11 @@ class Downsample(nn.Module):
   features: int
   stride: int
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = _conv(self.features, 1, self.stride, "0", self.dtype)(x)
+    x = _conv(self.features, 1, self.stride, "0", self.dtype, self.conv_impl)(x)
     return _norm(train, "1", self.dtype)(x)
 
 
@@ -58,17 +124,20 @@ class Bottleneck(nn.Module):
   stride: int = 1
   downsample: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = _conv(self.width, 1, 1, "conv1", self.dtype)(x)
+    y = _conv(self.width, 1, 1, "conv1", self.dtype, self.conv_impl)(x)
     y = nn.relu(_norm(train, "bn1", self.dtype)(y))
-    y = _conv(self.width, 3, self.stride, "conv2", self.dtype)(y)
+    y = _conv(self.width, 3, self.stride, "conv2", self.dtype, self.conv_impl)(y)
     y = nn.relu(_norm(train, "bn2", self.dtype)(y))
-    y = _conv(4 * self.width, 1, 1, "conv3", self.dtype)(y)
+    y = _conv(4 * self.width, 1, 1, "conv3", self.dtype, self.conv_impl)(y)
     y = _norm(train, "bn3", self.dtype)(y)
     if self.downsample:
-      x = Downsample(4 * self.width, self.stride, self.dtype, name="downsample")(x, train)
+      x = Downsample(4 * self.width, self.stride, self.dtype, self.conv_impl, name="downsample")(
+        x, train
+      )
     return nn.relu(x + y)
 
 
@@ -79,15 +148,21 @@ class Stage(nn.Module):
   width: int
   stride: int
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i in range(self.num_blocks):
       first = i == 0
       needs_proj = first and (self.stride != 1 or x.shape[-1] != 4 * self.width)
-      x = Bottleneck(self.width, self.stride if first else 1, needs_proj, self.dtype, name=str(i))(
-        x, train
-      )
+      x = Bottleneck(
+        self.width,
+        self.stride if first else 1,
+        needs_proj,
+        self.dtype,
+        self.conv_impl,
+        name=str(i),
+      )(x, train)
     return x
 
 
@@ -98,23 +173,30 @@ class ResNet(nn.Module):
     stage_sizes: number of bottleneck blocks in each of the four stages.
     width: bottleneck width of the first stage (64 for ResNet-50); doubles per stage.
     dtype: computation dtype (parameters stay float32).
+    conv_impl: 'auto' | 'xla' | 'dot' (module docstring); the same parameters and function.
   """
 
   stage_sizes: Sequence[int]
   width: int = 64
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Maps normalised images [N, H, W, 3] to pooled features [N, 4 * 2**(S-1) * width]."""
     x = jnp.asarray(x, self.dtype)
-    x = _conv(self.width, 7, 2, "conv1", self.dtype)(x)
+    x = _conv(self.width, 7, 2, "conv1", self.dtype, self.conv_impl)(x)
     x = nn.relu(_norm(train, "bn1", self.dtype)(x))
     # Max pooling pads with -inf, like torch.nn.MaxPool2d(3, 2, padding=1).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, num_blocks in enumerate(self.stage_sizes):
       x = Stage(
-        num_blocks, self.width * 2**i, 1 if i == 0 else 2, self.dtype, name=f"layer{i + 1}"
+        num_blocks,
+        self.width * 2**i,
+        1 if i == 0 else 2,
+        self.dtype,
+        self.conv_impl,
+        name=f"layer{i + 1}",
       )(x, train)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
