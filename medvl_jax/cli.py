@@ -75,9 +75,7 @@ def quiet_closed_loop_errors() -> None:
 def _orbax_task_noise(record: logging.LogRecord) -> bool:
   """False (drop) for asyncio's report of an unretrieved Orbax task exception."""
   message = str(record.msg)
-  return not (
-    message.startswith("Task exception was never retrieved") and "/orbax/" in message
-  )
+  return not (message.startswith("Task exception was never retrieved") and "/orbax/" in message)
 
 
 def probe_write(directory: pathlib.Path) -> None:
