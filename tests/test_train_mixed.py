@@ -48,6 +48,7 @@ def test_each_loss_falls_and_is_logged_under_its_name(mixed_run):
   assert "validation loss" in proc.stderr and "| mlm " in proc.stderr
 
 
+@pytest.mark.slow  # kill + resume of the mixed smoke run: ~1 min
 def test_resume_after_sigkill_matches_uninterrupted(mixed_run, tfds_dir, tmp_path):
   reference = read_scalars(mixed_run[0] / "tensorboard")["train_loss"]
   workdir = tmp_path / "killed"
@@ -69,6 +70,7 @@ def test_resume_after_sigkill_matches_uninterrupted(mixed_run, tfds_dir, tmp_pat
     np.testing.assert_allclose(losses[step], reference[step], rtol=1e-6, err_msg=f"step {step}")
 
 
+@pytest.mark.slow  # 2 processes (gloo) + 1: ~2 min
 def test_two_processes_match_one(mixed_run, tfds_dir, tmp_path):
   reference = read_scalars(mixed_run[0] / "tensorboard")["train_loss"]
   workdir, logs = tmp_path / "two_hosts", tmp_path / "logs"
