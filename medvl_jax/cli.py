@@ -73,9 +73,19 @@ def quiet_closed_loop_errors() -> None:
 
 
 def _orbax_task_noise(record: logging.LogRecord) -> bool:
-  """False (drop) for asyncio's report of an unretrieved Orbax task exception."""
+  """False (drop) for asyncio's report of an unretrieved exception ("Task exception was never
+  retrieved", "_GatheringFuture exception was never retrieved") raised in Orbax's code."""
   message = str(record.msg)
-  return not (message.startswith("Task exception was never retrieved") and "/orbax/" in message)
+  if "exception was never retrieved" not in message.partition("\n")[0]:
+    return True
+  if "/orbax/" in message:
+    return False
+  tb = record.exc_info[2] if record.exc_info else None
+  while tb is not None:
+    if "/orbax/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+      return False
+    tb = tb.tb_next
+  return True
 
 
 def probe_write(directory: pathlib.Path) -> None:
