@@ -128,9 +128,7 @@ def from_config(model_cfg: Any) -> ConVIRT:
   if len(model_cfg.image.mean) != 3 or len(model_cfg.image.std) != 3:
     raise ConfigError("model.image.mean and model.image.std must have 3 values each")
   return ConVIRT(
-    image_encoder=IMAGE_VARIANTS[variant](
-      dtype=dtype, conv_impl=model_cfg.image.get("conv_impl", "auto")
-    ),
+    image_encoder=IMAGE_VARIANTS[variant](dtype=dtype, conv_impl=conv_impl),
     text_encoder=BertModel(_text_config(model_cfg.text), dtype=dtype),
     projection_dim=model_cfg.projection_dim,
     projection_hidden=model_cfg.projection_hidden,
