@@ -74,16 +74,10 @@ class MeanMetrics:
     """Waits for the window's steps and fetches their metrics at once."""
     if not window:
       return {}
-    sums = {k: float(np.sum(v)) for k, v in _stack(jax.device_get(window)).items()}
+    fetched = jax.device_get(window)
+    sums = {k: float(np.sum([m[k] for m in fetched], dtype=np.float64)) for k in fetched[0]}
     n = len(window) - sums.pop("skipped", 0.0)
     return {k: v / n for k, v in sums.items()} if n > 0 else {}
-
-  def pop(self) -> dict[str, float]:
-    return self.means(self.take())
-
-
-def _stack(window: list[dict]) -> dict[str, np.ndarray]:
-  return {k: np.asarray([m[k] for m in window], np.float64) for k in window[0]}
 
 
 # Steps the host may dispatch ahead of the last one whose non-finite flag it has read; beyond
