@@ -8,15 +8,7 @@ from typing import Any, NoReturn
 
 from absl import flags
 
-# What str.splitlines() breaks at: shown escaped, so an error stays on one line whatever
-# text it quotes (a config value or CSV cell holding a newline or carriage return).
-_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
-
-
-def one_line(message: str) -> str:
-  """`message` with its line breaks escaped (a trailing one dropped)."""
-  message = message.rstrip("\n")
-  return "".join(repr(c)[1:-1] if c in _BREAKS else c for c in message)
+from medvl_jax.errors import one_line
 
 
 def die(message: str) -> NoReturn:

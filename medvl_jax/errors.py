@@ -1,8 +1,24 @@
 """User-facing errors: each is reported by the CLIs as one line and a non-zero exit."""
 
+# What str.splitlines() breaks at: shown escaped, so an error stays on one line whatever
+# text it quotes (a path, config value or CSV cell holding a newline or carriage return).
+_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def one_line(message: str) -> str:
+  """`message` with its line breaks escaped (a trailing one dropped)."""
+  message = message.rstrip("\n")
+  return "".join(repr(c)[1:-1] if c in _BREAKS else c for c in message)
+
 
 class MedvlError(Exception):
-  """Base class for errors whose message alone tells the user what is wrong and where."""
+  """Base class for errors whose message alone tells the user what is wrong and where.
+
+  Its text is always one line: a line break in anything it quotes (a file name from a CSV
+  cell, a config value) is shown escaped, wherever the error is printed or logged."""
+
+  def __str__(self) -> str:
+    return one_line(super().__str__())
 
 
 class ConfigError(MedvlError, ValueError):

@@ -648,6 +648,26 @@ def test_fuzz_8x200_csvs_slow(retrieval, scratch, files):
   check_8x200(retrieval, scratch, files)
 
 
+def test_8x200_path_cell_with_a_newline_is_named_on_one_line(retrieval, tmp_path):
+  # Found by the slow fuzz run: a quoted CSV cell "x<newline>y" named as a missing image put a
+  # line break into the error. Every MedvlError escapes line breaks in what it quotes.
+  files = {
+    "image-retrieval/query.csv": b'Variable,Path\nAtelectasis,"x\ny"\n',
+    "image-retrieval/candidate.csv": (
+      b"Path," + ",".join(CATEGORIES).encode() + b"\n" + PATH.encode() + b",1" + b",0" * 7 + b"\n"
+    ),
+    "text-retrieval/query.csv": b"Variable,Text\nAtelectasis,No acute process.\n",
+  }
+  with pytest.raises(DataError) as e:
+    check_files = tmp_path / "tree"
+    write(check_files, files)
+    write(check_files, {f"chexpert/{PATH}": b""})
+    retrieval.read_8x200(check_files, check_files / "chexpert")
+  message = str(e.value)
+  assert "\n" not in message and "\r" not in message, message
+  assert "chexpert/x\\ny" in message, message
+
+
 # ----------------------------------------------------------------------------- config overrides
 
 KEYS = (
