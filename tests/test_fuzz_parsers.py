@@ -47,7 +47,7 @@ from medvl_jax.errors import DataError
 # ml_collections loads config files with importlib's deprecated load_module (once per example).
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 
-# Examples per parser: default suite (derandomised) and the extra `slow` run (random seed).
+# Examples per parser: default suite (derandomised) and the extra `slow` run (seed: module doc).
 # MEDVL_FUZZ_SCALE multiplies both (a longer local campaign: MEDVL_FUZZ_SCALE=20).
 _SCALE = float(os.environ.get("MEDVL_FUZZ_SCALE", "1"))
 EXAMPLES = {"text": 1250, "xml": 1000, "builder": 125, "csv": 200, "flags": 400}
