@@ -124,11 +124,12 @@ l1, g1, s1 = run(jax.devices()[:1], "dense", 1)
 # The gradients of the bounded forms are compared with the dense form's on the same 8-device
 # mesh (the loss with 1 device's). Between 8 devices and 1, the early ResNet layers' gradients
 # of this 64 px smoke model can differ by ~1% of a leaf's max whatever the loss form (dense
-# too: train-mode BatchNorm's backward subtracts near-equal batch means, which amplifies the
-# reduction order's rounding; seen 1.4e-2 on one CPU and < 1e-5 on another), so that
-# comparison would test XLA's partitioning, not the loss. 8 vs 1 device for the whole step is
-# tests/test_sharding.py's; accumulation below is still checked against 1 device.
-ld8, gd8, _ = run(jax.devices(), "dense", 1)
+# too; seen 1.4e-2 on one CPU and < 1e-5 on another, losses equal to 1e-7 on both; likely,
+# not isolated: train-mode BatchNorm's backward subtracts near-equal batch means, amplifying
+# the reduction order's rounding), so that comparison would test XLA's partitioning, not the
+# loss. 8 vs 1 device for the whole step is tests/test_sharding.py's; accumulation below is
+# still checked against 1 device.
+_, gd8, _ = run(jax.devices(), "dense", 1)
 for impl in ("gather", "ring"):
   l8, g8, _ = run(jax.devices(), impl, 1)
   out[impl] = [l8, l1, gdiff(g8, gd8)]
