@@ -7,7 +7,10 @@ The step of `bench/step_time.py --model=resnet50` (ResNet-50 tower, loss = mean 
 pooled features, BatchNorm in train mode, Adam). Variants (which convs use `resnet.DotConv` —
 a dot for 1x1, im2col + dot for k x k — the rest `flax.linen.Conv`):
   xla     none                       dot        all
-  dot1x1  the 1x1 convs only (= the library's conv_impl='dot')
+  dot1x1  the 1x1 convs only (= the library's conv_impl='dot': `resnet.channel_dot`, whose
+          backward computes the weight gradient from x transposed)
+  dot1x1_autodiff  as dot1x1, but the 1x1s' backward is JAX's autodiff of `jnp.dot` (the
+          library before 2026-12-06)
   dotkxk  the 3x3s and the 7x7 stem only
   dot_nostem  all but the 7x7 stem
 Every variant is compiled first; then each round runs one step of every variant in turn, so a
@@ -33,11 +36,13 @@ from medvl_jax import batch as batch_lib  # noqa: E402
 from medvl_jax.models import resnet  # noqa: E402
 
 _PLAIN = resnet._conv  # pylint: disable=protected-access
+_CHANNEL_DOT = resnet.channel_dot
 
 VARIANTS = {
   "xla": lambda k: False,
   "dot": lambda k: True,
   "dot1x1": lambda k: k == 1,
+  "dot1x1_autodiff": lambda k: k == 1,
   "dotkxk": lambda k: k > 1,
   "dot_nostem": lambda k: k < 7,
 }
@@ -92,10 +97,12 @@ def main():
   compiled, compile_s = {}, {}
   for name in names:
     resnet._conv = _patched(VARIANTS[name])  # pylint: disable=protected-access
+    resnet.channel_dot = jnp.dot if name.endswith("_autodiff") else _CHANNEL_DOT
     t0 = time.perf_counter()
     compiled[name] = make_step().lower(state, images).compile()
     compile_s[name] = time.perf_counter() - t0
   resnet._conv = _PLAIN  # pylint: disable=protected-access
+  resnet.channel_dot = _CHANNEL_DOT
   states = {name: state for name in names}
   losses = {}
   for name in names:  # warm-up

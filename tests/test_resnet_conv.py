@@ -58,6 +58,28 @@ def test_dot_conv_equals_nn_conv_and_its_gradients(kernel, stride, size):
   )
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_channel_dot_value_and_gradients_match_numpy(dtype):
+  # The 1x1 conv's custom backward (x transposed for the weight gradient) against the
+  # textbook formulas in float64 NumPy: y = x w, dx = g w^T, dw = sum over pixels x^T g.
+  rng = np.random.default_rng(7)
+  x64, w64 = rng.normal(size=(2, 3, 5, 4)), rng.normal(size=(4, 6))
+  g64 = rng.normal(size=(2, 3, 5, 6))
+  x, w, g = (jnp.asarray(a, dtype) for a in (x64, w64, g64))
+  y, vjp = jax.vjp(resnet.channel_dot, x, w)
+  dx, dw = vjp(g)
+  assert y.dtype == dx.dtype == dw.dtype == jnp.dtype(dtype)
+  assert dx.shape == x.shape and dw.shape == w.shape
+  # Against the inputs as rounded to `dtype`, so only the arithmetic's rounding remains:
+  # float32 ~1e-6 relative; bfloat16 (8-bit mantissa, results rounded to bf16) ~1e-2.
+  xr, wr, gr = (np.asarray(a, np.float64) for a in (x, w, g))
+  tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+  np.testing.assert_allclose(np.asarray(y, np.float64), xr @ wr, rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), gr @ wr.T, rtol=tol, atol=tol)
+  dw_ref = xr.reshape(-1, 4).T @ gr.reshape(-1, 6)
+  np.testing.assert_allclose(np.asarray(dw, np.float64), dw_ref, rtol=tol, atol=tol * 4)
+
+
 def _tiny_pair():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
   xla, dot = resnet.ResNetTiny(conv_impl="xla"), resnet.ResNetTiny(conv_impl="dot")

@@ -9,7 +9,8 @@ import/export are shared:
   'xla': `flax.linen.Conv` (XLA's convolution op) for every conv;
   'dot': the 1x1 convs (36 of ResNet-50's 53, ~half its FLOPs) as one dot over the channels
     (strided ones on the subsampled input), the 3x3s and the 7x7 stem as XLA convolutions.
-    The same sums in another order. On CPU XLA's dot is faster than its 1x1 convolution;
+    The same sums in another order. On CPU XLA's dot is faster than its 1x1 convolution, and
+    `channel_dot`'s backward (the weight gradient from x transposed) faster again;
     computing the 3x3s and the stem as dots too (`DotConv`'s im2col) measured slower and keeps
     a k*k-times larger activation per conv for the backward pass (bench/RESULTS.md, 2026-12-02);
   'auto' (the default): 'dot' when JAX's default backend is the CPU, else 'xla' (cuDNN's and
@@ -29,6 +30,33 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 CONV_IMPLS = ("auto", "xla", "dot")
+
+
+@jax.custom_vjp
+def channel_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., in] @ w [in, out]: a 1x1 conv, with a backward pass laid out for XLA's CPU dot.
+
+  The weight gradient sum_m x[m, i] g[m, j] contracts the leading (pixel) axis of both
+  operands. Left to itself XLA's CPU backend materialises g transposed, fused into the
+  BatchNorm backward that produces g, i.e. a strided write of the largest tensor; here x is
+  transposed explicitly and g is used as it is. Same sums (the order of the additions may
+  differ); measured in bench/conv_variants.py (bench/RESULTS.md, 2026-12-06).
+  """
+  return jnp.dot(x, w)
+
+
+def _channel_dot_fwd(x, w):
+  return jnp.dot(x, w), (x, w)
+
+
+def _channel_dot_bwd(res, g):
+  x, w = res
+  dx = jnp.dot(g, w.T)
+  dw = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+  return dx, dw.astype(w.dtype)
+
+
+channel_dot.defvjp(_channel_dot_fwd, _channel_dot_bwd)
 
 
 class DotConv(nn.Module):
@@ -70,6 +98,8 @@ class DotConv(nn.Module):
         ],
         axis=-1,
       )
+    if k == 1:
+      return channel_dot(cols, w.reshape(-1, self.features))
     return jnp.dot(cols, w.reshape(-1, self.features))
 
 
