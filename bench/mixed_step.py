@@ -63,7 +63,7 @@ def _time(step, steps):
   return warm, times, cpu, loss
 
 
-def bench_jax(cfg, batch_np, steps):
+def bench_jax(cfg, batch_np, steps, profile_dir=""):
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
@@ -101,6 +101,13 @@ def bench_jax(cfg, batch_np, steps):
     return float(loss)
 
   warm, times, cpu, loss = _time(step, steps)
+  profile = None
+  if profile_dir:
+    import xla_profile  # pylint: disable=g-import-not-at-top
+
+    args = (carry["params"], carry["state"], jax.random.key(carry["i"] + 1))
+    profile = xla_profile.profile_call(compiled, args, compiled.as_text(), profile_dir)
+    del profile["out"]
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params)) / 1e6
   return {
     "impl": "jax",
@@ -113,6 +120,7 @@ def bench_jax(cfg, batch_np, steps):
     "times": [round(t, 3) for t in times],
     "cpu_s_per_step": round(float(np.median(cpu)), 3),
     "loss": loss,
+    "_profile": profile,
   }
 
 
@@ -293,7 +301,9 @@ def main():
   batch = _inputs(args.batch, cfg.model.image.image_size, cfg.data.max_length)
   head = {"device": "cpu", "batch": args.batch, "max_length": cfg.data.max_length}
   if args.only in (None, "jax"):
-    print(json.dumps({**head, **bench_jax(cfg, batch, args.steps)}), flush=True)
+    r = bench_jax(cfg, batch, args.steps)
+    r.pop("_profile", None)
+    print(json.dumps({**head, **r}), flush=True)
   if args.only in (None, "torch"):
     print(json.dumps({**head, **bench_torch(cfg, batch, args.steps)}), flush=True)
 

@@ -161,7 +161,7 @@ def _jax_steps(compiled, state, batch, steps):
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - c0)
-  return times, cpu, float(metrics["loss"])
+  return times, cpu, float(metrics["loss"]), state
 
 
 def jax_convirt(args) -> dict:
@@ -248,7 +248,13 @@ def jax_convirt(args) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  times, cpu, loss = _jax_steps(compiled, state, batch, args.steps)
+  times, cpu, loss, state = _jax_steps(compiled, state, batch, args.steps)
+  profile = None
+  if args.profile:
+    import xla_profile  # pylint: disable=g-import-not-at-top
+
+    profile = xla_profile.profile_call(compiled, (state, batch), compiled.as_text(), args.profile)
+    del profile["out"]
   n_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
   return {
     "impl": "jax",
@@ -268,6 +274,7 @@ def jax_convirt(args) -> dict:
     "xla_counted_gflop": round(xla_flops / 1e9, 1),
     "loss": loss,
     "_frozen": frozen,
+    "_profile": profile,
   }
 
 
@@ -301,6 +308,12 @@ def main(argv=None):
   ap.add_argument("--impl", choices=("both", "jax", "torch"), default="both")
   ap.add_argument("--threads", type=int, default=0, help="PyTorch threads; 0 = JAX's")
   ap.add_argument("--peak_n", type=int, default=2048, help="0 = skip the matmul peak")
+  ap.add_argument(
+    "--profile",
+    default="",
+    help="directory: profile one more JAX step there and print its time by XLA op "
+    "(bench/xla_profile.py)",
+  )
   args = ap.parse_args(argv)
 
   if args.impl != "jax":  # A JAX-only run needs no PyTorch (accelerator images without it).
@@ -337,7 +350,10 @@ def main(argv=None):
     )
     flops = mixed_flops(cfg, args.batch, text)
     runs = {
-      "jax": lambda: {"impl": "jax", **mixed_step.bench_jax(cfg, inputs, args.steps)},
+      "jax": lambda: {
+        "impl": "jax",
+        **mixed_step.bench_jax(cfg, inputs, args.steps, profile_dir=args.profile),
+      },
       "torch": lambda: mixed_step.bench_torch(cfg, inputs, args.steps),
     }
   else:
@@ -355,6 +371,9 @@ def main(argv=None):
       continue
     r = runs[impl]()
     r.pop("_frozen", None)
+    profile = r.pop("_profile", None)
+    if profile:
+      print(json.dumps({**head, "impl": "jax_profile", **profile}), flush=True)
     sec = r["s_per_step_median"]
     r.update(
       pairs_per_s=round(args.batch / sec, 3),
