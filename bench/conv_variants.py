@@ -4,15 +4,18 @@ r"""ResNet-50 train step with each conv computed a different way, timed interlea
   python bench/conv_variants.py --batch=16 --image_size=224 --variants=xla,dot
 
 The step of `bench/step_time.py --model=resnet50` (ResNet-50 tower, loss = mean square of the
-pooled features, BatchNorm in train mode, Adam). Variants (which convs use `resnet.DotConv` —
-a dot for 1x1, im2col + dot for k x k — the rest `flax.linen.Conv`):
-  xla     none                       dot        all
-  dot1x1  the 1x1 convs only (= the library's conv_impl='dot': `resnet.channel_dot`, whose
-          backward computes the weight gradient from x transposed)
+pooled features, BatchNorm in train mode, Adam). Variants (`resnet.DotConv`: a dot for 1x1,
+im2col + dot for k x k; `resnet.TapConv`: XLA's conv with the weight gradient as per-tap dots;
+the rest `flax.linen.Conv`):
+  xla     every conv flax.linen.Conv       dot     every conv DotConv
+  dot1x1  the 1x1s DotConv (`resnet.channel_dot`, whose backward computes the weight gradient
+          from x transposed), the rest XLA convs
   dot1x1_autodiff  as dot1x1, but the 1x1s' backward is JAX's autodiff of `jnp.dot` (the
           library before 2026-12-06)
-  dotkxk  the 3x3s and the 7x7 stem only
-  dot_nostem  all but the 7x7 stem
+  library the library's conv_impl='dot': 1x1s DotConv, 3x3s TapConv, the 7x7 stem XLA's conv
+  tap_all as library, but the stem TapConv too
+  dotkxk  the 3x3s and the 7x7 stem DotConv only
+  dot_nostem  all DotConv but the 7x7 stem
 Every variant is compiled first; then each round runs one step of every variant in turn, so a
 shared machine's load drifts over all of them alike. Prints one JSON line per variant (median
 wall and CPU seconds per step over the rounds) and each variant's speed relative to 'xla'.
@@ -38,21 +41,27 @@ from medvl_jax.models import resnet  # noqa: E402
 _PLAIN = resnet._conv  # pylint: disable=protected-access
 _CHANNEL_DOT = resnet.channel_dot
 
+# Variant -> (kernel size -> how that conv is computed): 'xla' flax.linen.Conv, 'dot'
+# resnet.DotConv (1x1: a dot; k x k: im2col + dot), 'tap' resnet.TapConv (XLA conv, weight
+# gradient by per-tap dots).
 VARIANTS = {
-  "xla": lambda k: False,
-  "dot": lambda k: True,
-  "dot1x1": lambda k: k == 1,
-  "dot1x1_autodiff": lambda k: k == 1,
-  "dotkxk": lambda k: k > 1,
-  "dot_nostem": lambda k: k < 7,
+  "xla": lambda k: "xla",
+  "dot": lambda k: "dot",
+  "dot1x1": lambda k: "dot" if k == 1 else "xla",
+  "dot1x1_autodiff": lambda k: "dot" if k == 1 else "xla",
+  "library": lambda k: {1: "dot", 3: "tap"}.get(k, "xla"),
+  "tap_all": lambda k: "dot" if k == 1 else "tap",
+  "dotkxk": lambda k: "dot" if k > 1 else "xla",
+  "dot_nostem": lambda k: "dot" if k < 7 else "xla",
 }
 
 
-def _patched(use_dot):
+def _patched(how):
   def conv(features, kernel, stride, name, dtype, impl="xla"):
     del impl
-    if use_dot(kernel):  # 1x1: a dot; k x k: im2col + dot
-      return resnet.DotConv(features, kernel, stride, dtype, name=name)
+    cls = {"dot": resnet.DotConv, "tap": resnet.TapConv}.get(how(kernel))
+    if cls is not None:
+      return cls(features, kernel, stride, dtype, name=name)
     return _PLAIN(features, kernel, stride, name, dtype, "xla")
 
   return conv

@@ -18,20 +18,31 @@ RTOL, ATOL = 1e-5, 1e-5
 
 
 @pytest.mark.parametrize(
-  "kernel,stride,size",
-  [(1, 1, 5), (1, 2, 7), (3, 1, 6), (3, 2, 7), (7, 2, 8)],
+  "cls,kernel,stride,size",
+  [
+    ("DotConv", 1, 1, 5),
+    ("DotConv", 1, 2, 7),
+    ("DotConv", 3, 1, 6),
+    ("DotConv", 3, 2, 7),
+    ("DotConv", 7, 2, 8),
+    ("TapConv", 3, 1, 6),
+    ("TapConv", 3, 2, 7),
+    ("TapConv", 3, 2, 8),
+    ("TapConv", 7, 2, 9),
+  ],
 )
-def test_dot_conv_equals_nn_conv_and_its_gradients(kernel, stride, size):
+def test_dot_conv_equals_nn_conv_and_its_gradients(cls, kernel, stride, size):
   rng = np.random.default_rng(kernel * 100 + stride * 10 + size)
   x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
   # The ResNet's constructor (torch's padding and initialiser) against DotConv (for k > 1
-  # the im2col path, which bench/conv_variants.py times).
+  # the im2col path, which bench/conv_variants.py times) and TapConv (XLA's conv, weight
+  # gradient by per-tap dots: the library's 3x3s under conv_impl='dot').
   plain = resnet._conv(4, kernel, stride, "conv", jnp.float32, "xla")  # pylint: disable=protected-access
-  dot = resnet.DotConv(4, kernel, stride, name="conv")
+  dot = getattr(resnet, cls)(4, kernel, stride, name="conv")
   assert isinstance(plain, nn.Conv)
-  assert isinstance(resnet._conv(4, kernel, stride, "c", jnp.float32, "dot"), resnet.DotConv) == (  # pylint: disable=protected-access
-    kernel == 1
-  )
+  lib = resnet._conv(4, kernel, stride, "c", jnp.float32, "dot")  # pylint: disable=protected-access
+  expected = {1: resnet.DotConv, 3: resnet.TapConv, 7: nn.Conv}[kernel]
+  assert type(lib) is expected  # pylint: disable=unidiomatic-typecheck
   params = plain.init(jax.random.key(0), x)
   # Same parameter tree, and the same initial values from the same key.
   dot_params = dot.init(jax.random.key(0), x)

@@ -8,8 +8,9 @@ Submodule names follow torchvision's state-dict names (`conv1`, `bn1`, `layer1/0
 import/export are shared:
   'xla': `flax.linen.Conv` (XLA's convolution op) for every conv;
   'dot': the 1x1 convs (36 of ResNet-50's 53, ~half its FLOPs) as one dot over the channels
-    (strided ones on the subsampled input), the 3x3s and the 7x7 stem as XLA convolutions.
-    The same sums in another order. On CPU XLA's dot is faster than its 1x1 convolution, and
+    (strided ones on the subsampled input); the 3x3s as XLA convolutions whose weight gradient
+    is one dot per kernel tap (`tap_conv`); the 7x7 stem an XLA convolution. The same sums
+    in another order. On CPU XLA's dot is faster than its 1x1 convolution, and
     `channel_dot`'s backward (the weight gradient from x transposed) faster again;
     computing the 3x3s and the stem as dots too (`DotConv`'s im2col) measured slower and keeps
     a k*k-times larger activation per conv for the backward pass (bench/RESULTS.md, 2026-12-02);
@@ -57,6 +58,72 @@ def _channel_dot_bwd(res, g):
 
 
 channel_dot.defvjp(_channel_dot_fwd, _channel_dot_bwd)
+
+
+def _conv_same(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+  pad = w.shape[0] // 2
+  return jax.lax.conv_general_dilated(
+    x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def tap_conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+  """k x k conv (zero padding k // 2) whose weight gradient is k*k dots, one per kernel tap.
+
+  Forward and input gradient are XLA's convolutions. XLA's CPU weight gradient is a
+  convolution over the whole feature map with the batch as its channel axis, for which it
+  transposes x (channels first, batch last) and runs slowly at large maps; here tap (i, j)
+  of the gradient is g^T @ x shifted by (i, j): one transpose of g and k*k plain dots on
+  slices of the padded x. Same sums, other order. Measured on the ResNet-50 step with the
+  3x3s (bench/RESULTS.md, 2026-12-06); the 7x7 stem (3 input channels) measured slower so.
+  """
+  return _conv_same(x, w, stride)
+
+
+def _tap_conv_fwd(x, w, stride):
+  return _conv_same(x, w, stride), (x, w)
+
+
+def _tap_conv_bwd(stride, res, g):
+  x, w = res
+  k, s = w.shape[0], stride
+  pad = k // 2
+  dx = jax.vjp(lambda x: _conv_same(x, w, s), x)[1](g)[0]
+  n, ho, wo, out = g.shape
+  c = x.shape[-1]
+  gt = g.reshape(-1, out).T
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  # Output pixel (a, b) sees input pixel (s*a + i, s*b + j) through tap (i, j).
+  taps = [
+    gt
+    @ jax.lax.slice(
+      xp, (0, i, j, 0), (n, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c), (1, s, s, 1)
+    ).reshape(-1, c)
+    for i in range(k)
+    for j in range(k)
+  ]
+  dw = jnp.stack(taps).reshape(k, k, out, c).transpose(0, 1, 3, 2)
+  return dx, dw.astype(w.dtype)
+
+
+tap_conv.defvjp(_tap_conv_fwd, _tap_conv_bwd)
+
+
+class TapConv(nn.Module):
+  """Bias-free k x k conv, stride s, padding k // 2, by `tap_conv` (parameters as `DotConv`)."""
+
+  features: int
+  kernel: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel
+    w = self.param("kernel", _CONV_INIT, (k, k, x.shape[-1], self.features), jnp.float32)
+    x, w = jnp.asarray(x, self.dtype), jnp.asarray(w, self.dtype)
+    return tap_conv(x, w, self.stride)
 
 
 class DotConv(nn.Module):
@@ -111,6 +178,8 @@ def _conv(
     impl = "dot" if jax.default_backend() == "cpu" else "xla"
   if impl == "dot" and kernel == 1:
     return DotConv(features, kernel, stride, dtype, name=name)
+  if impl == "dot" and kernel == 3:
+    return TapConv(features, kernel, stride, dtype, name=name)
   if impl not in ("xla", "dot"):
     raise ValueError(f"conv_impl: unknown {impl!r}; valid: {', '.join(CONV_IMPLS)}")
   pad = kernel // 2
