@@ -291,6 +291,7 @@ def torch_convirt(args) -> dict:
       steps=args.steps,
       amp=args.dtype == "bfloat16",
       image_only=args.model == "resnet50",
+      profile=bool(args.profile),
     ),
   }
 
@@ -312,7 +313,8 @@ def main(argv=None):
     "--profile",
     default="",
     help="directory: profile one more JAX step there and print its time by XLA op "
-    "(bench/xla_profile.py)",
+    "(bench/xla_profile.py); the PyTorch peer (ConVIRT, resnet50) then also profiles one step "
+    "(torch.profiler, top ops by self time in its JSON line)",
   )
   args = ap.parse_args(argv)
 

@@ -91,9 +91,11 @@ def bench(
   compile: bool = False,  # noqa: A002  (the torch.compile switch)
   channels_last: bool = False,
   image_only: bool = False,
+  profile: bool = False,
 ) -> dict:
   """Times the train step; `image_only`: the ResNet-50 tower alone (loss = mean square of its
-  pooled features), the peer of `bench/step_time.py --model=resnet50`."""
+  pooled features), the peer of `bench/step_time.py --model=resnet50`. `profile`: one more
+  step under `torch.profiler`, its ops by self time in `profile_top` (ms, calls)."""
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.manual_seed(0)
   if image_only:
@@ -147,6 +149,19 @@ def bench(
     times.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - c0)
   sec = float(np.median(times))
+  top = None
+  if profile:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+      acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+      step_fn()
+      sync()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    top = [
+      {"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count}
+      for e in rows
+    ]
   return {
     "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
     "torch": torch.__version__,
@@ -163,6 +178,7 @@ def bench(
     "cpu_s_per_step": round(float(np.median(cpu)), 3),
     "examples_per_s": round(n / sec, 2),
     "loss": float(loss.detach()),
+    **({"profile_top": top} if top is not None else {}),
   }
 
 

@@ -86,10 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       init="",  # local torchvision resnet50 state dict (.pth/.safetensors) or ''
       mean=(0.485, 0.456, 0.406),
       std=(0.229, 0.224, 0.225),
-      # How the ResNet computes its convolutions (medvl_jax/models/resnet.py): 'dot' (one
-      # matrix product each, im2col for k x k), 'xla' (XLA's convolution op) or 'auto' ('dot'
-      # on CPU, where it is faster (bench/RESULTS.md), else 'xla'). The same parameters and
-      # function either way.
+      # How the ResNet computes its convolutions (medvl_jax/models/resnet.py): 'dot' (1x1s
+      # as matrix products, 3x3s as XLA convolutions with a per-tap-dot weight gradient, the
+      # stem XLA's), 'xla' (XLA's convolution op for all) or 'auto' ('dot' on CPU, where it is
+      # faster (bench/RESULTS.md), else 'xla'). The same parameters and function either way.
       conv_impl="auto",
     )
   )
