@@ -110,22 +110,6 @@ def _tap_conv_bwd(stride, res, g):
 tap_conv.defvjp(_tap_conv_fwd, _tap_conv_bwd)
 
 
-class TapConv(nn.Module):
-  """Bias-free k x k conv, stride s, padding k // 2, by `tap_conv` (parameters as `DotConv`)."""
-
-  features: int
-  kernel: int
-  stride: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.kernel
-    w = self.param("kernel", _CONV_INIT, (k, k, x.shape[-1], self.features), jnp.float32)
-    x, w = jnp.asarray(x, self.dtype), jnp.asarray(w, self.dtype)
-    return tap_conv(x, w, self.stride)
-
-
 class DotConv(nn.Module):
   """Bias-free k x k conv, stride s, zero padding k // 2, computed as one matrix product.
 
@@ -141,11 +125,16 @@ class DotConv(nn.Module):
   stride: int = 1
   dtype: Any = jnp.float32
 
+  def _kernel_and_input(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The conv's one parameter (named, shaped and initialised as nn.Conv's), both in dtype."""
+    k = self.kernel
+    w = self.param("kernel", _CONV_INIT, (k, k, x.shape[-1], self.features), jnp.float32)
+    return jnp.asarray(x, self.dtype), jnp.asarray(w, self.dtype)
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k, s = self.kernel, self.stride
-    w = self.param("kernel", _CONV_INIT, (k, k, x.shape[-1], self.features), jnp.float32)
-    x, w = jnp.asarray(x, self.dtype), jnp.asarray(w, self.dtype)
+    x, w = self._kernel_and_input(x)
     if k == 1:
       cols = x[:, ::s, ::s, :] if s > 1 else x
     else:
@@ -168,6 +157,15 @@ class DotConv(nn.Module):
     if k == 1:
       return channel_dot(cols, w.reshape(-1, self.features))
     return jnp.dot(cols, w.reshape(-1, self.features))
+
+
+class TapConv(DotConv):
+  """Bias-free k x k conv, stride s, padding k // 2, by `tap_conv` (parameters as `DotConv`)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x, w = self._kernel_and_input(x)
+    return tap_conv(x, w, self.stride)
 
 
 def _conv(
