@@ -137,25 +137,23 @@ class DotConv(nn.Module):
     x, w = self._kernel_and_input(x)
     if k == 1:
       cols = x[:, ::s, ::s, :] if s > 1 else x
-    else:
-      pad = k // 2
-      x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-      n, h, wd, c = x.shape
-      ho, wo = (h - k) // s + 1, (wd - k) // s + 1
-      # Window (i, j) of output pixel (a, b) is input pixel (s*a + i, s*b + j); concatenated in
-      # (i, j, channel) order, the order of the kernel's flattened [k, k, in] axes.
-      cols = jnp.concatenate(
-        [
-          jax.lax.slice(
-            x, (0, i, j, 0), (n, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c), (1, s, s, 1)
-          )
-          for i in range(k)
-          for j in range(k)
-        ],
-        axis=-1,
-      )
-    if k == 1:
       return channel_dot(cols, w.reshape(-1, self.features))
+    pad = k // 2
+    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    n, h, wd, c = x.shape
+    ho, wo = (h - k) // s + 1, (wd - k) // s + 1
+    # Window (i, j) of output pixel (a, b) is input pixel (s*a + i, s*b + j); concatenated in
+    # (i, j, channel) order, the order of the kernel's flattened [k, k, in] axes.
+    cols = jnp.concatenate(
+      [
+        jax.lax.slice(
+          x, (0, i, j, 0), (n, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c), (1, s, s, 1)
+        )
+        for i in range(k)
+        for j in range(k)
+      ],
+      axis=-1,
+    )
     return jnp.dot(cols, w.reshape(-1, self.features))
 
 
