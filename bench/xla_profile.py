@@ -40,9 +40,7 @@ def _instructions(hlo_text: str) -> dict:
     op_name = re.search(r'op_name="([^"]*)"', rest) or re.search(r'op_name="([^"]*)"', body)
     if opcode == "convolution" or " convolution(" in body or "__cudnn$conv" in rest + body:
       kind = "conv"
-    elif opcode in ("dot", "custom-call") and ("dot" in opcode or "gemm" in rest.lower()):
-      kind = "dot"
-    elif " dot(" in body or "gemm" in rest.lower():
+    elif opcode == "dot" or " dot(" in body or "gemm" in (rest + body).lower():
       kind = "dot"
     elif opcode in ("copy", "transpose") or re.search(r"(copy|transpose)[\w]*_fusion", name):
       kind = "copy"
