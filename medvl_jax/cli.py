@@ -66,11 +66,14 @@ def quiet_closed_loop_errors() -> None:
 
 def _orbax_task_noise(record: logging.LogRecord) -> bool:
   """False (drop) for asyncio's report of an unretrieved exception ("Task exception was never
-  retrieved", "_GatheringFuture exception was never retrieved") raised in Orbax's code."""
+  retrieved", "_GatheringFuture exception was never retrieved") raised in Orbax's code, or
+  ("Future exception was never retrieved") by the TensorStore write or read of an Orbax
+  checkpoint's OCDBT database: the other chunk writes of a save that failed on a full disk,
+  collected after our one error line."""
   message = str(record.msg)
   if "exception was never retrieved" not in message.partition("\n")[0]:
     return True
-  if "/orbax/" in message:
+  if "/orbax/" in message or "in OCDBT database at" in message:
     return False
   tb = record.exc_info[2] if record.exc_info else None
   while tb is not None:

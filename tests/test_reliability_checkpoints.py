@@ -343,3 +343,30 @@ def test_closed_event_loop_noise_is_dropped_other_errors_are_not():
   )
   assert proc.returncode == 0, proc.stderr
   assert "Event loop is closed" not in proc.stderr and "something else" in proc.stderr
+
+
+def test_unretrieved_ocdbt_write_futures_are_dropped_other_futures_are_not():
+  """After a save fails on a full disk, asyncio logs "Future exception was never retrieved"
+  for the save's other TensorStore chunk writes when they are collected, after our one error
+  line (seen in CI); the CLIs drop exactly those. Real asyncio futures, real log handler."""
+  code = (
+    "import asyncio, gc, logging\n"
+    "from medvl_jax import cli\n"
+    "logging.basicConfig()\n"
+    "cli.quiet_closed_loop_errors()\n"
+    "loop = asyncio.new_event_loop()\n"
+    "for text in ['RESOURCE_EXHAUSTED: Error writing \"state.bn.var/0\" in OCDBT database at '\n"
+    "             'local file \"/ckpt/15.orbax-checkpoint-tmp/state/\": No space left on device',\n"
+    "             'something else']:\n"
+    "  f = loop.create_future()\n"
+    "  f.set_exception(ValueError(text))\n"
+    "  del f\n"
+    "  gc.collect()\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert "OCDBT" not in proc.stderr, proc.stderr
+  assert "Future exception was never retrieved" in proc.stderr, proc.stderr
+  assert "something else" in proc.stderr, proc.stderr
