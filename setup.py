@@ -25,7 +25,7 @@ INSTALL_REQUIRES = [
   "scikit-learn==1.9.1",  # Evaluation: AUC, ROC, the linear probe's logistic regression.
   "matplotlib==3.11.2",  # Evaluation: ROC plots, retrieval sheets, --compare charts.
   "tqdm==4.70.1",  # Progress bars on long evaluation passes and exports.
-  "array-record==0.8.6",  # Random-access train reads (medvl_jax/records.py).
+  "array-record==0.8.6",  # Random-access train reads (medvl_jax/data/records.py).
 ]
 
 # PyTorch side (export / verification only). These two releases are a matched pair.
@@ -60,12 +60,12 @@ setup(
     "tpu": [LIBTPU],
     # With its dependencies (torch): the tests compare against PyTorch anyway.
     # dill: tfds.testing; scikit-image: the reference PSNR/SSIM of the regeneration tests;
-    # hypothesis: tests/test_fuzz_parsers.py.
+    # hypothesis: tests/end_to_end/test_fuzz_parsers.py.
     "test": [SAMPLE_CHECKPOINT]
     + TORCH
     + [TIMM]
     + LINT
-    + [LIBTPU]  # tests/test_aot.py compiles for TPU slices on CPU
+    + [LIBTPU]  # tests/train/test_aot.py compiles for TPU slices on CPU
     + ["pytest==9.2.0", "dill==0.4.1", "scikit-image==0.24.0"]
     # Property-based fuzzing of the data parsers and config overrides (tests/test_fuzz_*.py).
     + ["hypothesis==6.170.17"],

@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from medvl_jax import batch as batch_lib  # noqa: E402
+from medvl_jax.data import batch as batch_lib  # noqa: E402
 from medvl_jax.models import resnet  # noqa: E402
 
 _PLAIN = resnet._conv  # pylint: disable=protected-access

@@ -5,7 +5,7 @@ r"""Host overhead of the training loop: its wall time per step vs the step's com
   python bench/host_overhead.py --model=smoke --log_every=1      # the smoke config's own logging
 
 Two figures, in one process, on the real bundled sample:
-  loop:   seconds per step of the real training loop (`train.train_and_evaluate`: input
+  loop:   seconds per step of the real training loop (`loop.train_and_evaluate`: input
           pipeline, transfer, non-finite guard, metrics, logging), timed between its progress
           lines (the first `--warmup` steps, the compile, the final evaluation and checkpoint
           are outside the window).
@@ -46,7 +46,9 @@ import jax  # noqa: E402  # pylint: disable=g-import-not-at-top,wrong-import-pos
 import numpy as np  # noqa: E402  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import convirt  # noqa: E402  # pylint: disable=g-import-not-at-top
-from medvl_jax import input_pipeline, program, sharding, train  # noqa: E402
+from medvl_jax.data import input_pipeline  # noqa: E402
+from medvl_jax.parallel import sharding  # noqa: E402
+from medvl_jax.train import loop, program  # noqa: E402
 
 
 def config_for(args):
@@ -114,7 +116,7 @@ def loop_seconds_per_step(cfg, warmup: int) -> tuple[float, float]:
   logger.addHandler(marks)
   try:
     with tempfile.TemporaryDirectory() as workdir:
-      train.train_and_evaluate(cfg, workdir)
+      loop.train_and_evaluate(cfg, workdir)
   finally:
     logger.removeHandler(marks)
   timed = [m for m in marks.marks if m[0] >= warmup]

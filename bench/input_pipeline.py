@@ -2,7 +2,7 @@
 
   python bench/input_pipeline.py [--batch_size=32] [--image_size=224] [--steps=40]
       [--landed=PATH]   # a copy of the landed input_pipeline.py, measured in the same run:
-                        # git show 2fc7d76:medvl_jax/input_pipeline.py > /tmp/landed_ip.py
+                        # git show 2fc7d76:medvl_jax/data/input_pipeline.py > /tmp/landed_ip.py
 
 Prints one JSON line per setting:
   convirt / landed_convirt / mix3: examples/s of `create_train_iterator` (decode, augmentation,
@@ -35,10 +35,7 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from medvl_jax import (
-  input_pipeline,  # pylint: disable=g-import-not-at-top,wrong-import-position
-  mixing,  # pylint: disable=g-import-not-at-top,wrong-import-position
-)
+from medvl_jax.data import input_pipeline, mixing
 
 MIX = (
   {

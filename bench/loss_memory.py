@@ -34,7 +34,8 @@ def main() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from medvl_jax import losses, sharding  # pylint: disable=g-import-not-at-top
+  from medvl_jax import losses  # pylint: disable=g-import-not-at-top
+  from medvl_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
 
   devices = jax.devices()[: args.devices]
   meshes = {1: sharding.make_mesh(devices[:1]), len(devices): sharding.make_mesh(devices)}

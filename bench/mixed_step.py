@@ -131,7 +131,7 @@ def bench_torch(cfg, batch_np, steps):
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
-  from medvl_jax.weights import hf_bert  # pylint: disable=g-import-not-at-top
+  from medvl_jax.interop import hf_bert  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
   m = cfg.model

@@ -171,12 +171,14 @@ def jax_convirt(args) -> dict:
   import optax  # pylint: disable=g-import-not-at-top
 
   from configs import convirt  # pylint: disable=g-import-not-at-top
-  from medvl_jax import batch as batch_lib  # pylint: disable=g-import-not-at-top
-  from medvl_jax import families, sharding, step  # pylint: disable=g-import-not-at-top
+  from medvl_jax import families  # pylint: disable=g-import-not-at-top
+  from medvl_jax.data import batch as batch_lib  # pylint: disable=g-import-not-at-top
   from medvl_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  from medvl_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from medvl_jax.train import step  # pylint: disable=g-import-not-at-top
 
   n, s, l = args.batch, args.image_size, args.max_length
-  batch = batch_lib.random(n, s, l, seed=0)  # The layout of medvl_jax.batch, paired rows.
+  batch = batch_lib.random(n, s, l, seed=0)  # The layout of medvl_jax.data.batch, paired rows.
   t0 = time.perf_counter()
   if args.model == "resnet50":
     model = resnet.ResNet50(dtype=jnp.dtype(args.dtype), conv_impl=args.conv)
@@ -338,7 +340,7 @@ def main(argv=None):
   if args.model == "mixed":
     import mixed_step  # pylint: disable=g-import-not-at-top
 
-    from medvl_jax.weights import hf_bert  # pylint: disable=g-import-not-at-top
+    from medvl_jax.interop import hf_bert  # pylint: disable=g-import-not-at-top
 
     cfg = mixed_step._config()  # pylint: disable=protected-access
     cfg.data.max_length = args.max_length

@@ -5,7 +5,7 @@ r"""The PyTorch baseline: one ConVIRT train step as the public re-implementation
 torchvision resnet50 (fc removed) + transformers BertModel (random weights, the same shape as
 bench/step_time.py), max-pooled text features, 2-layer projection heads, the asymmetric InfoNCE
 (lambda 0.75, tau 0.1), BERT embeddings + first half of the layers frozen, Adam(lr 1e-4,
-weight_decay 1e-6). Same synthetic inputs (`medvl_jax.batch.random`) and shapes as
+weight_decay 1e-6). Same synthetic inputs (`medvl_jax.data.batch.random`) and shapes as
 bench/step_time.py, which runs `bench()` after the JAX step in the same process. `--amp` =
 bfloat16 autocast (the usual mixed precision), `--compile` = torch.compile.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 import transformers  # noqa: E402
 
-from medvl_jax import batch as batch_lib  # noqa: E402  (NumPy only: no JAX needed here)
+from medvl_jax.data import batch as batch_lib  # noqa: E402  (NumPy only: no JAX needed here)
 
 TEXT_SHAPES = {
   "minilm": dict(

@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.nonfinite_max_consecutive = 10
 
   c.data = ml_collections.ConfigDict()
-  # Registry name (medvl_jax.corpora): the one-source shorthand of data.sources.
+  # Registry name (medvl_jax.data.corpora): the one-source shorthand of data.sources.
   c.data.name = "cxr_sample"
   c.data.builder_config = "paired"
   c.data.data_dir = ""  # tfds data dir; '' = tfds default (~/tensorflow_datasets)
@@ -55,10 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.resize = 256  # shorter side before the random-resized crop
   c.data.max_length = 128  # tokens (ConVIRT re-impl)
   c.data.text_mode = "sentence"  # 'sentence': one sampled per example per epoch; 'report'
-  c.data.augment_chain = "convirt"  # medvl_jax.augment.CHAINS: 'convirt' | 'mae'
+  c.data.augment_chain = "convirt"  # medvl_jax.data.augment.CHAINS: 'convirt' | 'mae'
   # Train sources: () = the one paired source above (name, builder_config, train_split).
   # Else a tuple of dicts {'name', 'builder_config', 'split', 'kind': 'paired' | 'image' |
-  # 'text', 'weight' > 0, optional 'augment'}; see medvl_jax/input_pipeline.py.
+  # 'text', 'weight' > 0, optional 'augment'}; see medvl_jax/data/input_pipeline.py.
   c.data.sources = ()
   # batch_size > a train split's size repeats rows within a batch: refused unless True.
   c.data.allow_repeats = False
@@ -122,7 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       impl="gather",
     )
   )
-  # Embedding-cache accumulation (medvl_jax.accumulate): the batch in this many micro-batches,
+  # Embedding-cache accumulation (medvl_jax.train.accumulate): the batch in this many micro-batches,
   # the same loss and gradient (BatchNorm: per micro-batch statistics; README).
   c.accumulate_steps = 1
 
@@ -141,9 +141,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # {'name': task, **settings} (medvl_jax.evaluate.EVALUATORS), e.g. [{'name': 'linear_probe'}].
   c.evaluators = []
 
-  # Device mesh, (axis, size) with one -1 = the remaining devices (medvl_jax/sharding.py). The
-  # batch is split over data x fsdp. ConVIRT-size models (ResNet-50 + BERT-base, ~0.2 GB of
-  # params + Adam state) are pure data parallel; the large variant shards over 'fsdp'.
+  # Device mesh, (axis, size) with one -1 = the remaining devices
+  # (medvl_jax/parallel/sharding.py). The batch is split over data x fsdp. ConVIRT-size models
+  # (ResNet-50 + BERT-base, ~0.2 GB of params + Adam state) are pure data parallel; the large
+  # variant shards over 'fsdp'.
   c.mesh = (("data", -1), ("fsdp", 1), ("model", 1))
   c.sharding = ml_collections.ConfigDict()
   # (param-path regex, spec) rules, first match wins; spec: a partition spec tuple over mesh
@@ -182,7 +183,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text.init = ""
     c.model.text.update(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
     c.mesh = (("data", 1), ("fsdp", -1), ("model", 1))
-    c.sharding.rules = ((".*", "fsdp"),)  # medvl_jax.sharding.FSDP_RULES
+    c.sharding.rules = ((".*", "fsdp"),)  # medvl_jax.parallel.sharding.FSDP_RULES
   elif arg:
     raise ValueError(
       f"configs/convirt.py: unknown variant {arg!r}; valid: 'smoke', 'large' or none"

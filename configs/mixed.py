@@ -195,7 +195,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text.update(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
     c.model.fusion.update(num_heads=16)
     c.mesh = (("data", 1), ("fsdp", -1), ("model", 1))
-    c.sharding.rules = ((".*", "fsdp"),)  # medvl_jax.sharding.FSDP_RULES
+    c.sharding.rules = ((".*", "fsdp"),)  # medvl_jax.parallel.sharding.FSDP_RULES
   elif arg:
     raise ValueError(
       f"configs/mixed.py: unknown variant {arg!r}; valid: 'paired_only', "

@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from etils import epath
 
 from data_pipelines import common
-from medvl_jax import corpora
+from medvl_jax.data import corpora
 from medvl_jax.errors import MedvlError
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The corpus in its published layout.")
@@ -36,7 +36,7 @@ _REBUILD = flags.DEFINE_bool(
 
 
 def builder_for(name: str, *, config: str | None, image_size: int, data_dir: str | None):
-  """The tfds builder of registered corpus `name` (`medvl_jax.corpora`) at `image_size`.
+  """The tfds builder of registered corpus `name` (`medvl_jax.data.corpora`) at `image_size`.
 
   Raises MedvlError (one line) on an unknown name or config.
   """

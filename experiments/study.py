@@ -201,7 +201,7 @@ def untrained(config) -> tuple[Any, Any]:
   import jax  # pylint: disable=g-import-not-at-top
 
   from medvl_jax import families  # pylint: disable=g-import-not-at-top
-  from medvl_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from medvl_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   family = families.get(config.model.name)
   model = family.build(config.model)
@@ -217,7 +217,7 @@ def untrained(config) -> tuple[Any, Any]:
 
 
 def encoders_and_state(arm: str, config, workdir: pathlib.Path):
-  from medvl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from medvl_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from medvl_jax.evaluate import __main__ as ev_main  # pylint: disable=g-import-not-at-top
   from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
 
@@ -234,7 +234,7 @@ def load_nih(config) -> dict[str, np.ndarray]:
   """All of `nih14_sample` (every split of cxr_sample/image_only), eval transform."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  from medvl_jax import corpora, input_pipeline  # pylint: disable=g-import-not-at-top
+  from medvl_jax.data import corpora, input_pipeline  # pylint: disable=g-import-not-at-top
   from medvl_jax.evaluate import datasets  # pylint: disable=g-import-not-at-top
 
   b = corpora.builder("cxr_sample", "image_only", config.data.data_dir)
@@ -393,14 +393,12 @@ def run_arm(arm: str, out: pathlib.Path, mode: str, eta: Eta, todo: list[tuple[s
     log(f"arm {arm} {ARMS[arm]['title']}: {stage} ...")
     t0 = time.perf_counter()
     if stage == "train":
-      from medvl_jax import (
-        checkpoint,  # pylint: disable=g-import-not-at-top
-        train,  # pylint: disable=g-import-not-at-top
-      )
+      from medvl_jax.ckpt import checkpoint
+      from medvl_jax.train import loop
 
       handler = signal.getsignal(signal.SIGTERM)  # training installs its own (preemption)
       try:
-        train.train_and_evaluate(config, str(workdir))
+        loop.train_and_evaluate(config, str(workdir))
       finally:
         signal.signal(signal.SIGTERM, handler)
       reached = checkpoint.latest_intact_step(workdir)

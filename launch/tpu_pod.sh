@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A Cloud TPU pod slice run: create the slice, copy this checkout to every worker, run the same
-# command on all workers (JAX detects the slice: medvl_jax/distributed.py), tail, delete.
+# command on all workers (JAX detects the slice: medvl_jax/parallel/distributed.py), tail, delete.
 #
 #   launch/tpu_pod.sh [--dry-run] --name=NAME --zone=ZONE --accelerator=TYPE \
 #     [--version=RUNTIME] [--project=PROJECT] [--workers=N] STEP [MAIN_FLAGS...]

@@ -27,7 +27,8 @@ from typing import Any
 
 import ml_collections
 
-from medvl_jax import cli, corpora, families, input_pipeline, losses
+from medvl_jax import cli, families, losses
+from medvl_jax.data import corpora, input_pipeline
 from medvl_jax.errors import ConfigError, OutputError
 
 SCHEDULES = ("constant", "plateau")
@@ -74,7 +75,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
 
 # ----------------------------------------------------------------------------- batch layout
 def _check_batch_layout(config: ml_collections.ConfigDict, family) -> None:
-  """config.loss.impl and config.accumulate_steps (medvl_jax.losses, medvl_jax.accumulate)."""
+  """config.loss.impl and config.accumulate_steps (medvl_jax.losses, medvl_jax.train.accumulate)."""
   _valid("config.loss.impl", config.loss.get("impl", losses.DEFAULT_IMPL), losses.IMPLS)
   steps = config.get("accumulate_steps", 1)
   if not isinstance(steps, int) or steps <= 0:

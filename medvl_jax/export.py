@@ -28,9 +28,10 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
-from medvl_jax import cli, families, run
+from medvl_jax import cli, families
+from medvl_jax.ckpt import run_dir
 from medvl_jax.errors import CheckpointError, MedvlError, WeightsError
-from medvl_jax.families import export_files
+from medvl_jax.interop import export_files
 
 
 # ----------------------------------------------------------------------------- checks
@@ -93,11 +94,11 @@ def export(
   out = pathlib.Path(out).absolute()
   if not workdir.is_dir():
     raise CheckpointError(f"{workdir}: workdir not found")
-  config = run.load_run_config(workdir)
+  config = run_dir.load_run_config(workdir)
   family = families.get(config.model.name)
   _check_out(out, overwrite)
   model = family.build(config.model)
-  step, params, batch_stats = run.restore_variables(workdir, config, model, step)
+  step, params, batch_stats = run_dir.restore_variables(workdir, config, model, step)
   bad = _nonfinite_arrays({"params": params, "batch_stats": batch_stats})
   if bad and not allow_nonfinite:
     raise WeightsError(

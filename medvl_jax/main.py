@@ -26,7 +26,8 @@ _RESTART = flags.DEFINE_bool(
   "Set the workdir's checkpoints and TensorBoard logs aside (in <workdir>/discarded-<time>/) "
   "and train afresh, also with a config the old run would refuse.",
 )
-# Ahead-of-time compile (medvl_jax/aot.py): memory and FLOPs of one step, then exit, no training.
+# Ahead-of-time compile (medvl_jax/train/aot.py): memory and FLOPs of one step, then exit, no
+# training.
 _COMPILE_ONLY = flags.DEFINE_bool(
   "compile_only", False, "Compile the train step for --topology, report memory and FLOPs, exit."
 )
@@ -63,8 +64,9 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax  # pylint: disable=g-import-not-at-top
 
-  from medvl_jax import distributed, train  # pylint: disable=g-import-not-at-top
   from medvl_jax.errors import MedvlError  # pylint: disable=g-import-not-at-top
+  from medvl_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  from medvl_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   # Re-runs and resumes reuse compiled programs (compile of the full model: ~10 s on 2 cores).
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
@@ -78,7 +80,7 @@ def main(argv):
   try:
     distributed.initialize_distributed(_CONFIG.value)
     logging.info("workdir: %s", os.path.abspath(workdir))
-    train.train_and_evaluate(_CONFIG.value, workdir, restart_from_scratch=_RESTART.value)
+    loop.train_and_evaluate(_CONFIG.value, workdir, restart_from_scratch=_RESTART.value)
   except MedvlError as e:
     logging.flush()
     cli.die(str(e))
@@ -86,8 +88,8 @@ def main(argv):
 
 def _compile_only() -> None:
   """--compile_only: the report on stdout; exit 1 when the step does not fit the chip."""
-  from medvl_jax import aot  # pylint: disable=g-import-not-at-top
   from medvl_jax.errors import MedvlError  # pylint: disable=g-import-not-at-top
+  from medvl_jax.train import aot  # pylint: disable=g-import-not-at-top
 
   try:
     report = aot.compile_step(_CONFIG.value, _TOPOLOGY.value)

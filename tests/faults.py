@@ -15,7 +15,7 @@ leaf, bit for bit, with that of an uninterrupted run of the same command. Each k
 
 A kill "hit a save in progress" when a temporary step directory that the launch created is
 still there after the process died (the save could not have completed). Used by
-tests/test_faults.py (marker `slow`); also a command line for longer campaigns:
+tests/end_to_end/test_faults.py (marker `slow`); also a command line for longer campaigns:
 
   PYTHONPATH=. python -m tests.faults --kills=20 --seed=1 --out=/tmp/faults
 """
@@ -338,7 +338,7 @@ def compare_checkpoints(ref: pathlib.Path, got: pathlib.Path, step: int) -> list
   the differences (empty = bit-identical: same tree, dtypes, shapes and bytes)."""
   import numpy as np
 
-  from medvl_jax import checkpoint
+  from medvl_jax.ckpt import checkpoint
 
   def load(workdir):
     mngr = checkpoint.manager(workdir, read_only=True)

@@ -1,8 +1,8 @@
 """Test-only entry point: the real CLI (medvl_jax.main) with resume broken on purpose.
 
-tests/test_faults.py restarts killed runs through this module to check that the kill/restart
-harness notices a broken resume. The product code is untouched; the breakage is a monkeypatch
-applied here, chosen by FAULTS_BREAK_RESUME:
+tests/end_to_end/test_faults.py restarts killed runs through this module to check that the
+kill/restart harness notices a broken resume. The product code is untouched; the breakage is a
+monkeypatch applied here, chosen by FAULTS_BREAK_RESUME:
 
   data_from_start  the input iterator ignores the checkpoint's data position and replays the
                    data from batch 0 (the state itself is restored correctly);
@@ -16,8 +16,9 @@ import os
 
 from absl import app, logging
 
-from medvl_jax import checkpoint, input_pipeline
 from medvl_jax import main as cli_main
+from medvl_jax.ckpt import checkpoint
+from medvl_jax.data import input_pipeline
 
 BREAKS = ("data_from_start", "position_off_by_one")
 

@@ -1,6 +1,7 @@
 """Finds report text and patient ids of the sample data in logs and TensorBoard files.
 
-What counts as a leak (used by tests/test_log_privacy.py and tests/test_faults.py):
+What counts as a leak (used by tests/end_to_end/test_log_privacy.py and
+tests/end_to_end/test_faults.py):
   * a sentence of a note, at least MIN_CHARS characters long after normalisation (lower case,
     repr's escaped line breaks and every run of characters other than letters and digits turned
     into one space, so escaping, quoting or re-wrapping in a log line does not hide it).

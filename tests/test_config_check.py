@@ -153,10 +153,7 @@ def test_evaluator_settings_match_the_constructors():
   """The signature check accepts every evaluator's own defaults and refuses a typo."""
   import inspect  # pylint: disable=g-import-not-at-top
 
-  from medvl_jax import (
-    config_check,  # pylint: disable=g-import-not-at-top
-    evaluate,  # pylint: disable=g-import-not-at-top
-  )
+  from medvl_jax import config_check, evaluate
   from medvl_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
 
   for name, cls in evaluate.EVALUATORS.items():

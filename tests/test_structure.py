@@ -25,18 +25,18 @@ def _chain(graph, importer: str, imported: str):
 @pytest.mark.parametrize(
   "importer,imported",
   [
-    ("medvl_jax.models", "medvl_jax.weights"),  # models parse HF config.json themselves
-    ("medvl_jax.models", "medvl_jax.run"),
-    ("medvl_jax.models", "medvl_jax.train"),
+    ("medvl_jax.models", "medvl_jax.interop"),  # models parse HF config.json themselves
+    ("medvl_jax.models", "medvl_jax.ckpt.run_dir"),
+    ("medvl_jax.models", "medvl_jax.train.loop"),
     ("medvl_jax.models", "medvl_jax.evaluate"),
     ("medvl_jax.models", "medvl_jax.export"),
-    ("medvl_jax.evaluate", "medvl_jax.export"),  # runs are read through medvl_jax.run
-    ("medvl_jax.evaluate", "medvl_jax.train"),
-    ("medvl_jax.run", "medvl_jax.export"),
-    ("medvl_jax.run", "medvl_jax.evaluate"),
-    ("medvl_jax.weights", "medvl_jax.run"),
-    ("medvl_jax.weights", "medvl_jax.train"),
-    ("medvl_jax.checkpoint", "medvl_jax.weights"),
+    ("medvl_jax.evaluate", "medvl_jax.export"),  # runs are read through medvl_jax.ckpt.run_dir
+    ("medvl_jax.evaluate", "medvl_jax.train.loop"),
+    ("medvl_jax.ckpt.run_dir", "medvl_jax.export"),
+    ("medvl_jax.ckpt.run_dir", "medvl_jax.evaluate"),
+    ("medvl_jax.interop", "medvl_jax.ckpt.run_dir"),
+    ("medvl_jax.interop", "medvl_jax.train.loop"),
+    ("medvl_jax.ckpt.checkpoint", "medvl_jax.interop"),
   ],
 )
 def test_no_import_in_this_direction(graph, importer, imported):
@@ -44,9 +44,11 @@ def test_no_import_in_this_direction(graph, importer, imported):
 
 
 def test_run_reading_has_one_owner(graph):
-  """export and the evaluate CLI both read runs through medvl_jax.run."""
-  assert "medvl_jax.run" in graph.find_modules_directly_imported_by("medvl_jax.export")
-  assert "medvl_jax.run" in graph.find_modules_directly_imported_by("medvl_jax.evaluate.__main__")
+  """export and the evaluate CLI both read runs through medvl_jax.ckpt.run_dir."""
+  assert "medvl_jax.ckpt.run_dir" in graph.find_modules_directly_imported_by("medvl_jax.export")
+  assert "medvl_jax.ckpt.run_dir" in graph.find_modules_directly_imported_by(
+    "medvl_jax.evaluate.__main__"
+  )
 
 
 def test_no_import_cycle(graph):
@@ -55,21 +57,21 @@ def test_no_import_cycle(graph):
   cycles = []
   for a, b in itertools.combinations(mods, 2):
     if a.startswith(b + ".") or b.startswith(a + "."):
-      continue  # a package and its own submodule (e.g. `weights` re-exporting `mapping`)
+      continue  # a package and its own submodule (e.g. `interop` re-exporting `mapping`)
     if graph.chain_exists(a, b) and graph.chain_exists(b, a):
       cycles.append((a, b))
   assert cycles == []
 
 
-def test_weights_init_is_a_small_public_surface():
-  """`weights/__init__.py` re-exports; the logic lives in named modules."""
-  tree = ast.parse((REPO / "medvl_jax" / "weights" / "__init__.py").read_text())
+def test_interop_init_is_a_small_public_surface():
+  """`interop/__init__.py` re-exports; the logic lives in named modules."""
+  tree = ast.parse((REPO / "medvl_jax" / "interop" / "__init__.py").read_text())
   defs = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
   assert defs == []
-  from medvl_jax import weights  # pylint: disable=g-import-not-at-top
-  from medvl_jax.weights import mapping  # pylint: disable=g-import-not-at-top
+  from medvl_jax import interop  # pylint: disable=g-import-not-at-top
+  from medvl_jax.interop import mapping  # pylint: disable=g-import-not-at-top
 
-  assert weights.to_torch is mapping.to_torch and weights.from_torch is mapping.from_torch
+  assert interop.to_torch is mapping.to_torch and interop.from_torch is mapping.from_torch
 
 
 def test_lint_imports_contracts_hold():

@@ -14,7 +14,7 @@ The data is read from `dl_manager.manual_dir`, which must be the sample folder i
 
 Splits are by patient (a hash of the patient id, so no patient is in two splits; each IU
 report counts as its own patient). The training input reads each train split by random access
-from an ArrayRecord copy written once beside the tfds files (`medvl_jax/records.py`). Bad
+from an ArrayRecord copy written once beside the tfds files (`medvl_jax/data/records.py`). Bad
 records are skipped and counted per reason; the counts are logged and stored in
 `builder.info.metadata['skipped']`.
 """

@@ -55,16 +55,14 @@ def build_evaluator(encoders: Any, task: str, cfg: dict[str, Any]) -> Any:
 
 def load_run(workdir: pathlib.Path, step: int | None):
   """(config, encoders, state, step) of a run's checkpoint, without optimizer state."""
-  from medvl_jax import (
-    families,  # pylint: disable=g-import-not-at-top
-    input_pipeline,  # pylint: disable=g-import-not-at-top
-    run,  # pylint: disable=g-import-not-at-top
-  )
+  from medvl_jax import families
+  from medvl_jax.ckpt import run_dir
+  from medvl_jax.data import input_pipeline
   from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
 
-  config = run.load_run_config(workdir)
+  config = run_dir.load_run_config(workdir)
   model = families.get(config.model.name).build(config.model)
-  step, params, batch_stats = run.restore_variables(workdir, config, model, step)
+  step, params, batch_stats = run_dir.restore_variables(workdir, config, model, step)
   tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
   encoders = features.Encoders(model, config, tokenizer)
   return config, encoders, types.SimpleNamespace(params=params, batch_stats=batch_stats), step
@@ -98,9 +96,9 @@ def evaluate_run(
   workdir = pathlib.Path(workdir).absolute()
   if not workdir.is_dir():
     raise ConfigError(f"{workdir}: workdir not found")
-  from medvl_jax import run  # pylint: disable=g-import-not-at-top
+  from medvl_jax.ckpt import run_dir  # pylint: disable=g-import-not-at-top
 
-  cfg = task_config(run.load_run_config(workdir), task, list(overrides))
+  cfg = task_config(run_dir.load_run_config(workdir), task, list(overrides))
   evaluate.check_settings(task, cfg, key="--task/--cfg")  # Before any checkpoint is restored.
   # Where the result goes must be writable before the checkpoint is restored and evaluated.
   _check_writable(pathlib.Path(out).absolute().parent if out else workdir / "eval")

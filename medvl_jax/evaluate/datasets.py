@@ -1,4 +1,4 @@
-"""Labelled image corpora for the evaluators, by registry name (`medvl_jax.corpora`).
+"""Labelled image corpora for the evaluators, by registry name (`medvl_jax.data.corpora`).
 
 `load_split('chexpert', 'test', builder_config='u_ignore_64', data_dir=...)` reads a prepared
 tfds corpus (`python -m data_pipelines.prepare NAME ...`) and returns
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from medvl_jax import augment, corpora
+from medvl_jax.data import augment, corpora
 from medvl_jax.errors import ConfigError, DataError
 
 LATERAL_VIEWS = frozenset({"L", "LL", "RL", "LATERAL", "LAT"})

@@ -16,7 +16,8 @@ from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from medvl_jax import augment, families, input_pipeline, progress
+from medvl_jax import families, progress
+from medvl_jax.data import augment, input_pipeline
 from medvl_jax.errors import DataError
 
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine")

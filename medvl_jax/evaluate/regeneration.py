@@ -43,9 +43,10 @@ import numpy as np
 from scipy import ndimage
 import tensorflow_datasets as tfds
 
-from medvl_jax import augment, corpora, input_pipeline, masking
+from medvl_jax.data import augment, corpora, input_pipeline
 from medvl_jax.errors import ConfigError, DataError
 from medvl_jax.evaluate import features, metrics, plots
+from medvl_jax.losses import masking
 
 PSNR_CAP = 100.0  # dB; an exact fill (MSE 0, PSNR +inf) counts as this in averages.
 DATA_RANGE = 255.0

@@ -10,7 +10,7 @@ through its `Family`; none of them names a family. `config.model.name` selects i
   loss, metrics, new_batch_stats = loss_fn(model, variables, batch, rng, train=True)
   split = family.make_split(config, mesh)   # the same loss in parts, for accumulation
 
-`batch` is the whole batch in the layout of `medvl_jax.batch` (image, input_ids,
+`batch` is the whole batch in the layout of `medvl_jax.data.batch` (image, input_ids,
 attention_mask, has_image, has_text, source; eval batches add `mask`), so a family's loss sees
 its targets and which rows carry which modality. `rng` is the step's key; the family derives
 its streams from it (`dropout`, and e.g. `masking`).
@@ -27,8 +27,8 @@ from typing import Any
 
 import jax
 
-from medvl_jax import sharding
 from medvl_jax.errors import ConfigError
+from medvl_jax.parallel import sharding
 
 # config.model.name -> module defining FAMILY (imported on use: a family's heavy imports, e.g.
 # its export side, are paid only by the runs that use it).
@@ -50,8 +50,8 @@ class Encoders:
 @dataclasses.dataclass(frozen=True)
 class Split:
   """A family's training loss in the parts that embedding-cache accumulation
-  (`medvl_jax.accumulate`) needs: loss = combine(embeddings of all rows, sum over micro-batches
-  of `micro`'s sums, batch).
+  (`medvl_jax.train.accumulate`) needs: loss = combine(embeddings of all rows, sum over
+  micro-batches of `micro`'s sums, batch).
 
   Attributes:
     prepare: (model, variables, batch, rng) -> a pytree of per-row arrays [N, ...] drawn once

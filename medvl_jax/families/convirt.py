@@ -10,12 +10,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from medvl_jax import losses, weights
+from medvl_jax import interop, losses
 from medvl_jax.errors import ConfigError
-from medvl_jax.families import Encoders, Family, Split, export_files, row_mask, text_tower_mask
+from medvl_jax.families import Encoders, Family, Split, row_mask, text_tower_mask
+from medvl_jax.interop import export_files, hf_bert, pretrained, torchvision_resnet
 from medvl_jax.models import bert as bert_model
 from medvl_jax.models import convirt as convirt_model
-from medvl_jax.weights import hf_bert, pretrained, torchvision_resnet
 
 
 def init(model, batch: dict, rng: jax.Array) -> dict:
@@ -118,7 +118,7 @@ VERSIONS = (
 
 def heads_state_dict(params: Any) -> dict[str, np.ndarray]:
   """{'image.fc1.weight': [out, in], 'image.fc1.bias': [out], ..., 'text.fc2.bias'}."""
-  return weights.to_torch({"image": params["image_proj"], "text": params["text_proj"]})
+  return interop.to_torch({"image": params["image_proj"], "text": params["text_proj"]})
 
 
 def image_preprocessing(config, model) -> dict[str, Any]:

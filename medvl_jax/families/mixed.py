@@ -13,11 +13,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from medvl_jax import losses, weights
+from medvl_jax import interop, losses
 from medvl_jax.errors import WeightsError
-from medvl_jax.families import Encoders, Family, Split, export_files, text_tower_mask
+from medvl_jax.families import Encoders, Family, Split, text_tower_mask
+from medvl_jax.interop import export_files, hf_bert, timm_vit
 from medvl_jax.models import mixed as mixed_model
-from medvl_jax.weights import hf_bert, timm_vit
 
 _MASKING_SALT = 0x6D61736B  # 'mask': the masking stream is independent of dropout's.
 
@@ -142,7 +142,7 @@ def export_state_dicts(model: mixed_model.MixedModel, params: Mapping[str, Any])
     "timm": {"architecture": name, "kwargs": kwargs},
     "text_encoder": hf_bert.to_hf_state_dict_with_pooler(params["text"]),
     "text_config": model.text_encoder.config.to_hf(),
-    "heads": weights.to_torch({"image": params["image_proj"], "text": params["text_proj"]}),
+    "heads": interop.to_torch({"image": params["image_proj"], "text": params["text_proj"]}),
   }
 
 

@@ -1,7 +1,7 @@
 """BERT encoder numerically equal to `transformers.BertModel` (absolute positions, post-LN).
 
 Submodule names follow the Hugging Face state-dict names (`embeddings/word_embeddings`,
-`encoder/layer/0/attention/self/query`, ...) so `medvl_jax.weights` maps them one-to-one.
+`encoder/layer/0/attention/self/query`, ...) so `medvl_jax.interop` maps them one-to-one.
 The pooler is left out: ConVIRT max-pools the token outputs instead.
 """
 

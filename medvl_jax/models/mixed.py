@@ -17,8 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medvl_jax import losses, masking
+from medvl_jax import losses
 from medvl_jax.errors import ConfigError
+from medvl_jax.losses import masking
 from medvl_jax.models import vit
 from medvl_jax.models.bert import BertModel
 from medvl_jax.models.convirt import DTYPES, ProjectionHead, _text_config

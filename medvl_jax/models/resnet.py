@@ -1,7 +1,7 @@
 """ResNet v1.5 (torchvision layout) returning globally average-pooled features.
 
 Submodule names follow torchvision's state-dict names (`conv1`, `bn1`, `layer1/0/conv2`,
-`layer1/0/downsample/0`, ...) so that `medvl_jax.weights` maps the two one-to-one.
+`layer1/0/downsample/0`, ...) so that `medvl_jax.interop` maps the two one-to-one.
 
 `conv_impl` picks how the convolutions are computed; all have the same parameters (one
 `kernel` [kh, kw, in, out] per conv, the same initialiser), so checkpoints and the torchvision

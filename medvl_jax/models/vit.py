@@ -2,7 +2,7 @@
 
 Submodule and parameter names follow timm's `vit_*_patch16_*` state dict one-to-one
 (`patch_embed/proj`, `cls_token`, `pos_embed`, `blocks/N/{norm1,attn/qkv,attn/proj,norm2,
-mlp/fc1,mlp/fc2}`, `norm`), so `medvl_jax.weights.timm_vit` maps them both ways. Masked patches
+mlp/fc1,mlp/fc2}`, `norm`), so `medvl_jax.interop.timm_vit` maps them both ways. Masked patches
 (masked image modeling) are excluded as attention keys, which gives the visible tokens exactly
 the outputs they would have if the masked patches were dropped (MAE) while keeping static
 shapes.

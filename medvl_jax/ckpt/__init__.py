@@ -1,0 +1,1 @@
+"""Checkpoints: the Orbax manager, and reading a run's directory."""

@@ -1,0 +1,217 @@
+"""Reading a training run: its config, the abstract variables of its model, and the params
+and batch statistics of a checkpoint step (without the optimizer state); and the run's
+identity: which config changes a resume accepts (`RESUMABLE_KEYS`).
+
+The one owner of this: `export.py` and `evaluate` call it; `train.py` writes what it reads
+(`<workdir>/config.json` and `<workdir>/checkpoints/<step>/state`, see `checkpoint.py`).
+"""
+
+import functools
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from medvl_jax.ckpt import checkpoint
+from medvl_jax.errors import CheckpointError, ConfigError
+from medvl_jax.train import step as step_lib
+
+
+def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """The config a run was trained with (`<workdir>/config.json`, written by train.py)."""
+  workdir = pathlib.Path(workdir)
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise CheckpointError(f"{path}: not found (is {workdir} a training workdir?)")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot parse: {e}") from e
+
+
+# Config keys (dotted; a key also covers everything under it) that may differ between a run's
+# config.json and the config of a resumed run: they change neither the shapes of the state,
+# nor the data stream, nor the seed. Every other difference is refused (`check_resumable`).
+# Documented in README ("Resuming a run").
+RESUMABLE_KEYS = (
+  "total_steps",
+  "log_every",
+  "eval_every",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "evaluators",
+  "optimizer.lr",
+  "optimizer.weight_decay",
+  "optimizer.plateau_factor",
+  "optimizer.plateau_patience",
+  "optimizer.plateau_accumulation",
+  "data.data_dir",  # where the same data lives
+  "data.sample_dir",
+  "data.eval_split",
+  "data.allow_repeats",
+  "sharding",  # rules and fsdp_min_size: layout only, a restore reshards
+  "mesh",  # axes and sizes: layout only as well
+  "nonfinite",  # what to do on a non-finite step (its policy, not the state)
+  "nonfinite_max_consecutive",
+  "loss.impl",  # dense / gather / ring: equal numbers, another memory layout
+  "accumulate_steps",  # micro-batches of the same global batch (BatchNorm: see README)
+)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}."))
+  return {k.rstrip("."): v for k, v in out.items()}
+
+
+def _resumable(key: str) -> bool:
+  return any(key == r or key.startswith(f"{r}.") for r in RESUMABLE_KEYS)
+
+
+def config_json(config: ml_collections.ConfigDict) -> str:
+  """config.json's text: the config as JSON (tuples as lists, non-JSON values as strings)."""
+  return json.dumps(config.to_dict(), indent=2, default=str) + "\n"
+
+
+def check_resumable(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """ConfigError (one line, naming the keys) if `config` cannot resume the run in `workdir`.
+
+  Compared with `<workdir>/config.json` only when the workdir holds checkpoints (before the
+  first checkpoint there is nothing to be incompatible with). Keys present in only one of the
+  two (a setting added or removed by another version of the code) are not compared.
+  """
+  workdir = pathlib.Path(workdir)
+  path = workdir / "config.json"
+  if not path.is_file() or not checkpoint.has_checkpoints(workdir):
+    return
+  old = _flat(load_run_config(workdir).to_dict())
+  new = _flat(json.loads(config_json(config)))
+  differing = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k] and not _resumable(k)]
+  if differing:
+    shown = ", ".join(f"{k} ({old[k]!r:.40} -> {new[k]!r:.40})" for k in differing[:6])
+    raise ConfigError(
+      f"the config differs from the run in {workdir} ({path.name}) in "
+      f"{'keys' if len(differing) > 1 else 'a key'} that cannot change on resume: {shown}"
+      f"{' ...' if len(differing) > 6 else ''}; use a new --workdir, or pass "
+      "--restart_from_scratch to start this one over"
+    )
+
+
+def write_run_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Atomically (temporary file, fsync, rename) writes `<workdir>/config.json`."""
+  path = pathlib.Path(workdir) / "config.json"
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(config_json(config))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    tmp.unlink(missing_ok=True)
+    raise CheckpointError(f"{path}: cannot write the run's config: {e}") from e
+
+
+def restart_from_scratch(workdir: str | pathlib.Path) -> pathlib.Path | None:
+  """Sets a run's checkpoints and TensorBoard logs aside (`<workdir>/discarded-<utc time>/`),
+  so training starts afresh; nothing is deleted. Returns that directory (None: nothing to do)."""
+  workdir = pathlib.Path(workdir)
+  present = [workdir / n for n in ("checkpoints", "tensorboard", checkpoint.DAMAGED_DIR)]
+  present = [p for p in present if p.exists()]
+  if not present:
+    return None
+  target = workdir / f"discarded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+  target.mkdir()
+  for p in present:
+    p.rename(target / p.name)
+  return target
+
+
+def abstract_variables(model: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Shapes of the run's variables ({'params', 'batch_stats'}), as training initialises them."""
+  init = functools.partial(step_lib.init_variables, model, config)
+  return jax.eval_shape(init, jax.random.key(0))
+
+
+def restore_variables(
+  workdir: str | pathlib.Path,
+  config: ml_collections.ConfigDict,
+  model: Any,
+  step: int | None = None,
+) -> tuple[int, dict[str, Any], dict[str, Any]]:
+  """Restores (step, params, batch_stats) as host NumPy arrays; the optimizer state is skipped.
+
+  Raises:
+    CheckpointError: no checkpoints, `step` not among them (lists the available ones), or a
+      checkpoint that does not fit the model built from the run's config.
+  """
+  workdir = pathlib.Path(workdir)
+  ckpt_dir = workdir / "checkpoints"
+  if not ckpt_dir.is_dir():
+    raise CheckpointError(f"{ckpt_dir}: no checkpoints (train first, or check --workdir)")
+  mngr = checkpoint.manager(workdir, read_only=True)
+  try:
+    steps = sorted(mngr.all_steps())
+    if not steps:
+      raise CheckpointError(f"{ckpt_dir}: no complete checkpoints")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise CheckpointError(
+        f"no checkpoint for step {step} in {ckpt_dir} (available: {', '.join(map(str, steps))})"
+      )
+    step_dir = ocp.step.find_step_path(mngr.directory, ocp.step.standard_name_format(), step=step)
+  finally:
+    mngr.close()
+  # The `state` item alone, without the optimizer state, straight to host NumPy arrays.
+  abstract = abstract_variables(model, config)
+  item = {
+    "step": jax.ShapeDtypeStruct((), jnp.int32),
+    "params": abstract["params"],
+    "batch_stats": abstract.get("batch_stats", {}),
+  }
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      state = ckptr.restore(
+        step_dir / "state",
+        args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True),
+      )
+  except Exception as e:  # pylint: disable=broad-except
+    first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    raise CheckpointError(
+      f"{step_dir}: cannot restore it for the model of "
+      f"{workdir / 'config.json'}: {type(e).__name__}: {first_line}"
+    ) from e
+  _check_shapes(state, item, f"{ckpt_dir}/{step}", workdir / "config.json")
+  return step, state["params"], state["batch_stats"]
+
+
+def _check_shapes(restored: Any, wanted: Any, source: str, config_file: pathlib.Path) -> None:
+  """Orbax restores the stored shapes whatever the target: compare them with the model's."""
+
+  def shapes(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(np.shape(x)) for path, x in flat}
+
+  got = shapes(restored)
+  bad = [
+    f"{k} checkpoint {got.get(k)} vs model {shape}"
+    for k, shape in shapes(wanted).items()
+    if got.get(k) != shape
+  ]
+  if bad:
+    raise CheckpointError(
+      f"{source}: does not fit the model of {config_file}: "
+      f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
+    )

@@ -1,0 +1,1 @@
+"""Training: state, update step, accumulation, the program, the loop, ahead-of-time."""
