@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from medvl_jax import families
+from medvl_jax.ckpt import checkpoint
 from medvl_jax.data import batch as batch_lib
 
 
@@ -64,14 +65,6 @@ def loss_and_grads(
   return loss, metrics, new_stats, grads
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """True iff every floating-point leaf of `tree` is finite (integer leaves always are)."""
-  leaves = [
-    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
-  ]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 def train_step(
   state: TrainState,
   batch: dict,
@@ -109,7 +102,7 @@ def train_step(
     lambda p, u, m: (p + u).astype(p.dtype) if m else p, state.params, updates, mask
   )
   grad_norm = optax.tree.norm(grads).astype(jnp.float32)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & checkpoint.all_finite(params)
   keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731  # a select: bit-exact either way
   new_state = state.replace(
     step=state.step + 1,
