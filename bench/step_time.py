@@ -222,7 +222,9 @@ def jax_convirt(args) -> dict:
     init_rng, step_rng = step.rngs(cfg)
     mesh = sharding.make_mesh()
     rep = sharding.replicated(mesh)
-    variables = jax.jit(lambda r: step.init_variables(model, cfg, r), out_shardings=rep)(init_rng)
+    variables = jax.jit(lambda r: families.init_variables(model, cfg, r), out_shardings=rep)(
+      init_rng
+    )
     mask = families.get(cfg.model.name).trainable_mask(variables["params"], cfg.model)
     tx = step.make_optimizer(cfg.optimizer, mask)
     state = jax.jit(

@@ -206,7 +206,7 @@ def untrained(config) -> tuple[Any, Any]:
   family = families.get(config.model.name)
   model = family.build(config.model)
   init_rng, _ = step_lib.rngs(config)
-  variables = jax.jit(functools.partial(step_lib.init_variables, model, config))(init_rng)
+  variables = jax.jit(functools.partial(families.init_variables, model, config))(init_rng)
   variables = jax.device_get(variables)
   if family.has_pretrained(config.model):
     variables = family.init_from_pretrained(variables, config.model)

@@ -100,7 +100,7 @@ def save(
   Raises:
     CheckpointError: `state` has a non-finite leaf (and not `allow_nonfinite`); nothing written.
   """
-  if not allow_nonfinite and not bool(_all_finite(state)):
+  if not allow_nonfinite and not bool(_all_finite_on_device(state)):
     raise CheckpointError(
       f"refusing to write checkpoint {step} in {mngr.directory}: the train state holds "
       "non-finite values (NaN/inf)"
@@ -211,13 +211,19 @@ def _cause(e: BaseException) -> str:
   return type(e).__name__
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-  """One device reduction (as `step.all_finite`; step and checkpoint are independent layers)."""
+def all_finite(tree: Any) -> jax.Array:
+  """True iff every floating-point leaf of `tree` is finite (integer leaves always are).
+
+  What "finite" means for a train state: `save` writes no state that fails it, and the jitted
+  update step (`medvl_jax.train.step`) applies no update that fails it.
+  """
   leaves = [
     jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
   ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+_all_finite_on_device = jax.jit(all_finite)  # `save`'s check: one device reduction
 
 
 def restore(

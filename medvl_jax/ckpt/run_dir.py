@@ -19,9 +19,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from medvl_jax import families
 from medvl_jax.ckpt import checkpoint
 from medvl_jax.errors import CheckpointError, ConfigError
-from medvl_jax.train import step as step_lib
 
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -139,7 +139,7 @@ def restart_from_scratch(workdir: str | pathlib.Path) -> pathlib.Path | None:
 
 def abstract_variables(model: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Shapes of the run's variables ({'params', 'batch_stats'}), as training initialises them."""
-  init = functools.partial(step_lib.init_variables, model, config)
+  init = functools.partial(families.init_variables, model, config)
   return jax.eval_shape(init, jax.random.key(0))
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 
+from medvl_jax.data import batch as batch_lib
 from medvl_jax.errors import ConfigError
 from medvl_jax.parallel import sharding
 
@@ -156,3 +157,13 @@ def text_tower_mask(params, model_cfg):
   return jax.tree_util.tree_map_with_path(
     lambda path, _: not (regex and regex.search(sharding.path_str(path))), params
   )
+
+
+def dummy_batch(config, batch_size: int = 1) -> dict[str, Any]:
+  """A train batch of the layout in `medvl_jax.data.batch` (zeros; every row has image and text)."""
+  return batch_lib.from_config(config, batch_size)
+
+
+def init_variables(model, config, rng: jax.Array) -> dict:
+  """Randomly initialised flax variables ({'params', 'batch_stats'}) for a 1-example batch."""
+  return get(config.model.name).init(model, dummy_batch(config), rng)

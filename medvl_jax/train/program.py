@@ -1,5 +1,5 @@
 """The training program of a config on a mesh: model, loss, optimizer, abstract sharded state
-and the jitted update step — built in one place for the trainer (`train.py`) and the
+and the jitted update step — built in one place for the trainer (`loop.py`) and the
 ahead-of-time compiler (`aot.py`), so `--compile_only` measures exactly the step that trains
 (the same loss layout, `config.loss.impl`, and accumulation, `config.accumulate_steps`).
 """
@@ -74,7 +74,7 @@ def build(config: ml_collections.ConfigDict, mesh) -> Program:
   loss_fn = family.make_loss(config, mesh)  # mesh: the contrastive layout (config.loss.impl)
   accumulate = accumulate_lib.from_config(family, config, mesh)  # config.accumulate_steps
   init_rng, step_rng = step_lib.rngs(config)
-  init_fn = functools.partial(step_lib.init_variables, model, config)
+  init_fn = functools.partial(families.init_variables, model, config)
   abstract_vars = jax.eval_shape(init_fn, init_rng)
   mask = family.trainable_mask(abstract_vars["params"], config.model)
   tx = step_lib.make_optimizer(config.optimizer, mask)

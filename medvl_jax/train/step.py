@@ -1,6 +1,6 @@
 """The pure core of training: train state, optimizer, update steps (through a model family).
 
-Nothing here does I/O: `train.py` wires these into the loop, benchmarks and tests call them
+Nothing here does I/O: `loop.py` wires these into the loop, benchmarks and tests call them
 directly. `train_step`/`eval_step` are pure functions of (state, batch) to be jitted with
 explicit shardings.
 """
@@ -12,11 +12,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from medvl_jax import families
-from medvl_jax.data import batch as batch_lib
+from medvl_jax.ckpt import checkpoint
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -64,14 +62,6 @@ def loss_and_grads(
   return loss, metrics, new_stats, grads
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """True iff every floating-point leaf of `tree` is finite (integer leaves always are)."""
-  leaves = [
-    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
-  ]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 def train_step(
   state: TrainState,
   batch: dict,
@@ -109,7 +99,7 @@ def train_step(
     lambda p, u, m: (p + u).astype(p.dtype) if m else p, state.params, updates, mask
   )
   grad_norm = optax.tree.norm(grads).astype(jnp.float32)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & checkpoint.all_finite(params)
   keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731  # a select: bit-exact either way
   new_state = state.replace(
     step=state.step + 1,
@@ -132,16 +122,6 @@ def eval_step(state: TrainState, batch: dict, *, model, loss_fn: Callable) -> di
   return dict({f"{k}_sum": v * n for k, v in metrics.items()}, loss_sum=loss * n, count=n)
 
 
-def dummy_batch(config, batch_size: int = 1) -> dict[str, np.ndarray]:
-  """A train batch of the layout in `medvl_jax.data.batch` (zeros; every row has image and text)."""
-  return batch_lib.from_config(config, batch_size)
-
-
 def rngs(config) -> tuple[jax.Array, jax.Array]:
   """(init rng, step rng) derived from config.seed."""
   return tuple(jax.random.split(jax.random.key(config.seed)))
-
-
-def init_variables(model, config, rng: jax.Array) -> dict:
-  """Randomly initialised flax variables ({'params', 'batch_stats'}) for a 1-example batch."""
-  return families.get(config.model.name).init(model, dummy_batch(config), rng)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from configs import convirt
+from medvl_jax import families
 from medvl_jax.data import batch
 from medvl_jax.errors import DataError
-from medvl_jax.train import step
 
 S, L, B = 32, 12, 4
 
@@ -38,11 +38,11 @@ def test_zeros_follows_the_layout(eval_):
     assert z["mask"].all()
 
 
-def test_from_config_and_step_dummy_batch():
+def test_from_config_and_families_dummy_batch():
   cfg = convirt.get_config("smoke")
   z = batch.from_config(cfg, 3)
   batch.check(z, image_size=cfg.data.image_size, max_length=cfg.data.max_length, batch_size=3)
-  d = step.dummy_batch(cfg)
+  d = families.dummy_batch(cfg)
   batch.check(d, image_size=cfg.data.image_size, max_length=cfg.data.max_length, batch_size=1)
 
 

@@ -61,7 +61,7 @@ def test_frozen_layers_bit_identical_and_stateless(smoke_run, tfds_dir):
   cfg = _smoke_config(tfds_dir)
   model = families.get(cfg.model.name).build(cfg.model)
   init_rng, _ = step.rngs(cfg)
-  init = jax.device_get(jax.jit(lambda r: step.init_variables(model, cfg, r))(init_rng))
+  init = jax.device_get(jax.jit(lambda r: families.init_variables(model, cfg, r))(init_rng))
   final = checkpoint.manager(workdir, read_only=True).restore(30)["state"]["params"]
   mask = families.get(cfg.model.name).trainable_mask(init["params"], cfg.model)
   flat_init = jax.tree_util.tree_flatten_with_path(init["params"])[0]

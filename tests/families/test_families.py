@@ -9,7 +9,6 @@ import pytest
 from configs import convirt
 from medvl_jax import families, losses
 from medvl_jax.errors import ConfigError
-from medvl_jax.train import step
 
 
 def _batch(cfg, n=6, seed=0, **extra):
@@ -30,7 +29,7 @@ def smoke():
   cfg = convirt.get_config("smoke")
   family = families.get(cfg.model.name)
   model = family.build(cfg.model)
-  variables = jax.jit(lambda r: step.init_variables(model, cfg, r))(jax.random.key(0))
+  variables = jax.jit(lambda r: families.init_variables(model, cfg, r))(jax.random.key(0))
   return cfg, family, model, variables
 
 

@@ -92,7 +92,7 @@ cfg = convirt.get_config("smoke")
 cfg.model.text.hidden_dropout = cfg.model.text.attention_dropout = 0.0
 family = families.get("convirt")
 model = family.build(cfg.model)
-variables = jax.jit(lambda r: step.init_variables(model, cfg, r))(jax.random.key(0))
+variables = jax.jit(lambda r: families.init_variables(model, cfg, r))(jax.random.key(0))
 mask = family.trainable_mask(variables["params"], cfg.model)
 rng = np.random.default_rng(0)
 # 32 rows: with 16, a micro-batch of the 2-step accumulation holds 1 row per device on 8

@@ -20,7 +20,7 @@ cfg = convirt.get_config("smoke")
 assert jax.device_count() == 8, jax.device_count()
 model = families.get(cfg.model.name).build(cfg.model)
 init_rng, step_rng = step.rngs(cfg)
-variables = jax.jit(lambda r: step.init_variables(model, cfg, r))(init_rng)
+variables = jax.jit(lambda r: families.init_variables(model, cfg, r))(init_rng)
 mask = families.get(cfg.model.name).trainable_mask(variables["params"], cfg.model)
 rng = np.random.default_rng(0)
 n, s, l = 16, cfg.data.image_size, cfg.data.max_length

@@ -38,7 +38,7 @@ def _no_dropout(cfg):
 def _setup(cfg):
   family = families.get(cfg.model.name)
   model = family.build(cfg.model)
-  variables = step.init_variables(model, cfg, jax.random.key(0))
+  variables = families.init_variables(model, cfg, jax.random.key(0))
   mask = family.trainable_mask(variables["params"], cfg.model)
   return family, model, variables, mask
 

@@ -23,13 +23,14 @@ def _eqns(jaxpr):
 
 def test_bf16_step_computes_in_bf16_and_keeps_float32_state_and_loss():
   from configs import convirt
+  from medvl_jax import families
   from medvl_jax.parallel import sharding
-  from medvl_jax.train import program, step
+  from medvl_jax.train import program
 
   cfg = convirt.get_config("smoke")
   cfg.model.dtype = "bfloat16"
   prog = program.build(cfg, sharding.make_mesh())
-  batch = step.dummy_batch(cfg, cfg.batch_size)
+  batch = families.dummy_batch(cfg, cfg.batch_size)
   closed, (new_state, metrics) = jax.make_jaxpr(prog.jit_step(), return_shape=True)(
     prog.abstract_state, batch
   )

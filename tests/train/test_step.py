@@ -21,7 +21,7 @@ def test_overfits_a_fixed_real_batch(tfds_dir, sample_data_dir):
   batch = {k: v for k, v in batch.items() if k != "mask"}
   model = families.get(cfg.model.name).build(cfg.model)
   init_rng, step_rng = step.rngs(cfg)
-  variables = jax.jit(lambda r: step.init_variables(model, cfg, r))(init_rng)
+  variables = jax.jit(lambda r: families.init_variables(model, cfg, r))(init_rng)
   mask = families.get(cfg.model.name).trainable_mask(variables["params"], cfg.model)
   tx = step.make_optimizer(cfg.optimizer, mask)
   state = step.TrainState(
