@@ -5,7 +5,7 @@
   python -m medvl_jax.main --config=configs/convirt.py:large            # BERT-large text, FSDP
   python -m medvl_jax.main --config=configs/convirt.py --config.batch_size=64
 
-Values follow METHODS.md (the paper and its public re-implementations). The default length is
+Values follow docs/METHODS.md (the paper and its public re-implementations). The default length is
 sized so the full-size model finishes on the bundled sample on a 2-core CPU in ~15 minutes; for
 MIMIC-CXR scale, set data.name and total_steps (the paper: batch 32, validation loss as guide).
 """
