@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 32  # global, over all hosts and devices (ConVIRT: 32)
-  c.total_steps = 48  # ~15 min on 2 CPU cores at full size (~18 s/step, README)
+  c.total_steps = 48  # ~15 min on 2 CPU cores at full size (~18 s/step, bench/RESULTS.md)
   c.log_every = 4
   c.eval_every = 16
   c.checkpoint_every = 16  # a multiple of eval_every, so checkpoints carry val_loss
@@ -123,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   )
   # Embedding-cache accumulation (medvl_jax.train.accumulate): the batch in this many micro-batches,
-  # the same loss and gradient (BatchNorm: per micro-batch statistics; README).
+  # the same loss and gradient (BatchNorm: per micro-batch statistics; docs/training.md).
   c.accumulate_steps = 1
 
   c.optimizer = ml_collections.ConfigDict(

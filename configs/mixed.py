@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 16
   c.checkpoint_every = 16
 
-  # --- Data: three kinds of sources in one stream (the format: README, "sources") -----------
+  # --- Data: three kinds of sources in one stream (the format: docs/corpora.md) -------------
   c.data.name = "cxr_sample"
   c.data.builder_config = "paired"
   c.data.image_size = ml_collections.FieldReference(224)
