@@ -5,7 +5,7 @@
   python -m medvl_jax.main --config=configs/convirt.py:large            # BERT-large text, FSDP
   python -m medvl_jax.main --config=configs/convirt.py --config.batch_size=64
 
-Values follow METHODS.md (the paper and its public re-implementations). The default length is
+Values follow docs/METHODS.md (the paper and its public re-implementations). The default length is
 sized so the full-size model finishes on the bundled sample on a 2-core CPU in ~15 minutes; for
 MIMIC-CXR scale, set data.name and total_steps (the paper: batch 32, validation loss as guide).
 """
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 32  # global, over all hosts and devices (ConVIRT: 32)
-  c.total_steps = 48  # ~15 min on 2 CPU cores at full size (~18 s/step, README)
+  c.total_steps = 48  # ~15 min on 2 CPU cores at full size (~18 s/step, bench/RESULTS.md)
   c.log_every = 4
   c.eval_every = 16
   c.checkpoint_every = 16  # a multiple of eval_every, so checkpoints carry val_loss
@@ -123,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   )
   # Embedding-cache accumulation (medvl_jax.train.accumulate): the batch in this many micro-batches,
-  # the same loss and gradient (BatchNorm: per micro-batch statistics; README).
+  # the same loss and gradient (BatchNorm: per micro-batch statistics; docs/training.md).
   c.accumulate_steps = 1
 
   c.optimizer = ml_collections.ConfigDict(

@@ -1,4 +1,4 @@
-"""Mixed-data masked pretraining (METHODS.md, Wang et al. 2021): paired + image-only + text-only.
+"""Mixed-data masked pretraining (Wang et al. 2021, docs/METHODS.md): paired + unpaired data.
 
   python -m medvl_jax.main --config=configs/mixed.py                # paired + NIH + IU
   python -m medvl_jax.main --config=configs/mixed.py:paired_only
@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 16
   c.checkpoint_every = 16
 
-  # --- Data: three kinds of sources in one stream (the format: README, "sources") -----------
+  # --- Data: three kinds of sources in one stream (the format: docs/corpora.md) -------------
   c.data.name = "cxr_sample"
   c.data.builder_config = "paired"
   c.data.image_size = ml_collections.FieldReference(224)
@@ -124,8 +124,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   c.model.masking.image = ml_collections.ConfigDict(
     dict(
-      # Multi-scale blocks of 1x1, 2x2, 4x4 patches (METHODS.md), one scale per row each step,
-      # balanced within the batch. 1x1 at 75% as MAE/m3ae/MRM; 2x2 (32px blocks) at 60% as
+      # Multi-scale blocks of 1x1, 2x2, 4x4 patches (docs/METHODS.md), one scale per row each
+      # step, balanced within the batch. 1x1 at 75% as MAE/m3ae/MRM; 2x2 (32px blocks) at 60% as
       # SimMIM's 32px blocks; 4x4 (64px) at 50%: coarse blocks already remove whole
       # structures, so less is masked to leave context.
       scales=(1, 2, 4),

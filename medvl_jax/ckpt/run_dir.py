@@ -39,7 +39,7 @@ def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
 # Config keys (dotted; a key also covers everything under it) that may differ between a run's
 # config.json and the config of a resumed run: they change neither the shapes of the state,
 # nor the data stream, nor the seed. Every other difference is refused (`check_resumable`).
-# Documented in README ("Resuming a run").
+# Documented in docs/training.md ("Resuming").
 RESUMABLE_KEYS = (
   "total_steps",
   "log_every",
@@ -61,7 +61,7 @@ RESUMABLE_KEYS = (
   "nonfinite",  # what to do on a non-finite step (its policy, not the state)
   "nonfinite_max_consecutive",
   "loss.impl",  # dense / gather / ring: equal numbers, another memory layout
-  "accumulate_steps",  # micro-batches of the same global batch (BatchNorm: see README)
+  "accumulate_steps",  # micro-batches of the same global batch (BatchNorm: see docs/training.md)
 )
 
 

@@ -5,8 +5,8 @@ seed (shape [2] int32/int64), so its output is a pure function of its inputs: th
 pipeline derives the seeds from (config seed, epoch, example position). Ops return float32 in
 [0, 255] (except `random_flip`, which keeps the dtype); `to_uint8` rounds at the end.
 
-The train chain follows METHODS.md (ConVIRT): random resized crop (after resizing the shorter
-side), horizontal flip, affine, brightness/contrast jitter, Gaussian blur.
+The train chain follows docs/METHODS.md (ConVIRT): random resized crop (after resizing the
+shorter side), horizontal flip, affine, brightness/contrast jitter, Gaussian blur.
 """
 
 from collections.abc import Mapping, Sequence

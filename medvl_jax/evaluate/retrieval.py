@@ -1,6 +1,6 @@
 """Zero-shot retrieval: CheXpert 8x200 (ConVIRT) Precision@k and held-out pair Recall@k.
 
-CheXpert 8x200 (METHODS.md; files as published by ConVIRT, `shared/data/README.md` section 3):
+CheXpert 8x200 (docs/METHODS.md; files as published by ConVIRT, `shared/data/README.md` section 3):
   RETRIEVAL_DIR/image-retrieval/query.csv      Variable, Path          (80 image queries)
   RETRIEVAL_DIR/image-retrieval/candidate.csv  Path, ..., 14 labels    (1,600 candidates)
   RETRIEVAL_DIR/text-retrieval/query.csv       Variable, Text          (40 text queries)

@@ -147,7 +147,7 @@ def image_preprocessing(config, model) -> dict[str, Any]:
 
 
 def export(model, params, batch_stats, config, out_dir: pathlib.Path) -> dict[str, Any]:
-  """torchvision ResNet (no fc), HF BERT directory and heads into `out_dir` (see README)."""
+  """torchvision ResNet (no fc), HF BERT directory and heads into `out_dir` (see docs/export.md)."""
   preprocessing = image_preprocessing(config, model)
   (out_dir / "image_encoder").mkdir()
   export_files.save_safetensors(

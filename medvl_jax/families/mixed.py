@@ -206,7 +206,7 @@ def image_preprocessing(config: Any, model: mixed_model.MixedModel) -> dict[str,
 
 
 def export(model, params, batch_stats, config, out_dir: pathlib.Path) -> dict[str, Any]:
-  """timm ViT + timm.json, HF BERT directory and heads into `out_dir` (see README).
+  """timm ViT + timm.json, HF BERT directory and heads into `out_dir` (see docs/export.md).
 
   The fusion layers, the MLM head and the pixel decoder serve pretraining only and are not
   exported; the embeddings use the unimodal towers and heads, as `encoders` does.

@@ -237,7 +237,7 @@ def convirt_loss(outputs: dict[str, Array], cfg, mask: Array | None = None, mesh
 LOSSES: dict[str, Callable] = {"infonce": convirt_loss}
 
 
-# --- Mixed-data masked pretraining (METHODS.md) ----------------------------------------------
+# --- Mixed-data masked pretraining (docs/METHODS.md) -----------------------------------------
 # Each term is a mean over the *global* batch of the positions it is defined on (masked tokens,
 # masked patches of image rows, paired rows), so rows of another kind contribute exactly zero
 # value and zero gradient and one batch may mix paired, image-only and text-only examples.

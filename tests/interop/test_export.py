@@ -34,7 +34,7 @@ from safetensors.torch import load_file  # noqa: E402  # pylint: disable=g-impor
 
 ATOL = 1e-4  # Absolute, on the fp32 projections (smoke run: |z_v| <~ 0.3, |z_u| <~ 2).
 STEPS = SHORT_STEPS
-DOCS = REPO / "README.md"
+DOCS = REPO / "docs" / "export.md"
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
@@ -225,7 +225,7 @@ def test_docs_snippet_runs_and_matches_jax(exported, jax_model, sample_pairs, mo
     code,
     flags=re.M,
   )
-  assert (n_out, n_in) == (1, 1), "README.md: the snippet's path lines changed"
+  assert (n_out, n_in) == (1, 1), "docs/export.md: the snippet's path lines changed"
   # The smoke run's image tower is the width-8 ResNet (see tiny_torchvision_resnet).
   monkeypatch.setattr(torchvision.models, "resnet50", tiny_torchvision_resnet)
   ns = {}

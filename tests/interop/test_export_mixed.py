@@ -32,7 +32,7 @@ import torchvision.transforms as T  # noqa: E402  # pylint: disable=g-import-not
 
 ATOL = 1e-4  # Absolute, on fp32 features and projections.
 STEPS = 3
-DOCS = REPO / "README.md"
+DOCS = REPO / "docs" / "export.md"
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -96,7 +96,7 @@ def samples(sample_data_dir) -> tuple[list[pathlib.Path], list[str]]:
 
 
 def eval_pixels(path: pathlib.Path, pre: dict) -> np.ndarray:
-  """uint8 [S, S] as in the README: PIL grayscale, resize shorter side, central crop."""
+  """uint8 [S, S] as in docs/export.md: PIL grayscale, resize shorter side, central crop."""
   image = Image.open(path).convert("L")
   return np.asarray(T.CenterCrop(pre["crop_size"])(T.Resize(pre["resize"])(image)))
 
@@ -249,7 +249,7 @@ def test_docs_snippet_runs_and_matches_jax(exported, jax_encoders, samples, caps
     code,
     flags=re.M,
   )
-  assert (n_out, n_in) == (1, 1), "README.md: the snippet's path lines changed"
+  assert (n_out, n_in) == (1, 1), "docs/export.md: the snippet's path lines changed"
   ns = {}
   exec(compile(code, str(DOCS), "exec"), ns)  # pylint: disable=exec-used
   printed = float(capsys.readouterr().out.strip().splitlines()[-1])

@@ -113,4 +113,4 @@ def test_full_size_on_v5e_4x4(config, extra):
   assert "16 x TPU v5 lite" in proc.stdout
   r = _report(proc)
   assert r["arguments"] > 0.01 and r["flops"] > 1e12
-  print(proc.stdout)  # the figures quoted in the README
+  print(proc.stdout)  # the figures in bench/RESULTS.md
