@@ -2,6 +2,7 @@
 exit status 2, before anything is built or written (no workdir contents, no tfds directory)."""
 
 import pathlib
+import re
 import textwrap
 
 import pytest
@@ -179,3 +180,68 @@ def test_evaluate_cli_checks_cfg_settings_before_restoring(short_run, tmp_path):
   assert "unknown setting 'no_such_setting'" in last and "fractions" in last, last
   assert "Traceback" not in proc.stderr
   assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the schema
+def _config_modules():
+  from configs import convirt, mixed  # pylint: disable=g-import-not-at-top
+
+  return {"convirt": convirt, "mixed": mixed}
+
+
+def _variants(module) -> list[str | None]:
+  """None and every variant a config file names when asked for an unknown one."""
+  with pytest.raises(ValueError) as raised:
+    module.get_config("no_such_variant")
+  named = re.findall(r"'(\w+)'", str(raised.value).partition("valid:")[2])
+  assert named, str(raised.value)
+  return [None, *named]
+
+
+CONFIG_VARIANTS = [
+  (name, variant) for name, module in _config_modules().items() for variant in _variants(module)
+]
+
+
+def _flat_keys(tree, prefix: str = "") -> set[str]:
+  keys = set()
+  for k, v in tree.items():
+    keys.add(f"{prefix}{k}")
+    if isinstance(v, dict):
+      keys |= _flat_keys(v, f"{prefix}{k}.")
+  return keys
+
+
+@pytest.mark.parametrize(
+  "name,variant", CONFIG_VARIANTS, ids=[f"{n}:{v}" for n, v in CONFIG_VARIANTS]
+)
+def test_every_schema_key_is_in_every_config_variant(name, variant):
+  """Every required, resumable and checked key is a key of each variant of both config files,
+  and each default there passes its check."""
+  from medvl_jax import config_check  # pylint: disable=g-import-not-at-top
+
+  config = _config_modules()[name].get_config(variant)
+  keys = _flat_keys(config.to_dict())
+  for declared in ("REQUIRED_KEYS", "RESUMABLE_KEYS", "CHECKED_KEYS"):
+    missing = [k for k in getattr(config_check, declared) if k not in keys]
+    assert not missing, f"{declared}: configs/{name}.py:{variant} lacks {missing}"
+  config_check.check_required(config)
+  config_check._check_values(config)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("key", ["data.augment.flip_p", "mesh", "loss.impl"])
+def test_missing_key_is_named_in_one_line(tmp_path, key):
+  from configs import convirt  # pylint: disable=g-import-not-at-top
+  from medvl_jax import config_check  # pylint: disable=g-import-not-at-top
+  from medvl_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
+  config = convirt.get_config("smoke")
+  config.data.data_dir = str(tmp_path / "tfds")
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  del node[leaf]
+  with pytest.raises(ConfigError, match=rf"^config\.{re.escape(key)} is missing$"):
+    config_check.check(config)
+  assert not (tmp_path / "tfds").exists()

@@ -256,7 +256,7 @@ def train_and_evaluate(
   is_chief = jax.process_index() == 0
   saves = _SaveLog()
   if not restart_from_scratch:
-    run_dir.check_resumable(workdir, config)  # the run's identity: refused before any write
+    config_check.check_resumable(workdir, config)  # the run's identity: refused before any write
     done = checkpoint.latest_intact_step(workdir)
     if done is not None and done >= config.total_steps:  # before any data, model or compile work
       logging.info("run already complete at step %d (workdir %s); nothing to do", done, workdir)

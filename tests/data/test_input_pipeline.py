@@ -244,10 +244,6 @@ def test_config_errors_name_the_key(data_dir, tokenizer):
     ip.create_train_iterator(
       make_config(data_dir, **{"data.builder_config": "text_only"}), tokenizer
     )
-  config = make_config(data_dir)
-  del config.data.augment["flip_p"]
-  with pytest.raises(ConfigError, match="config.data.augment.flip_p is missing"):
-    ip.create_train_iterator(config, tokenizer)
 
 
 def test_load_tokenizer_errors_name_the_path(tmp_path):
