@@ -104,6 +104,7 @@ SCHEMA: dict[str, tuple[bool, Any]] = {
   "mesh":                               (RESUME, None),  # layout only: a restore reshards
   "sharding.rules":                     (RESUME, None),
   "sharding.fsdp_min_size":             (RESUME, None),
+  "distributed.initialization_timeout": (RESUME, None),  # seconds; start-up only
 }
 # fmt: on
 REQUIRED_KEYS = tuple(SCHEMA)

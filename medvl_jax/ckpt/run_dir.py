@@ -23,15 +23,46 @@ from medvl_jax.ckpt import checkpoint
 from medvl_jax.errors import CheckpointError
 from medvl_jax.train import step as step_lib
 
+# Keys that a config.json written by another version of the code may lack, with the value that
+# version ran with (it read them with that default): `load_run_config` fills them in, so that
+# the code reads every key directly. A key is filled where its section exists and, for a key of
+# one kind of section, where that section has the named sibling (a ResNet image tower has a
+# `variant`; a ViT tower has no `conv_impl`).
+_FILLED_IN = (
+  # (key, value, only in a section with this key)
+  ("accumulate_steps", 1, None),
+  ("evaluators", [], None),
+  ("mesh", [["data", -1], ["fsdp", 1], ["model", 1]], None),
+  ("sharding.fsdp_min_size", 2**14, None),
+  ("data.sources", [], None),
+  ("data.allow_repeats", False, None),
+  ("loss.impl", "gather", None),
+  ("model.image.conv_impl", "auto", "variant"),
+)
+
+
+def _fill_in(tree: dict[str, Any]) -> dict[str, Any]:
+  """config.json's dict, with each key of `_FILLED_IN` that it lacks set where it applies."""
+  for key, value, sibling in _FILLED_IN:
+    *sections, last = key.split(".")
+    section = tree
+    for part in sections:
+      section = section.get(part) if isinstance(section, dict) else None
+    applies = isinstance(section, dict) and (sibling is None or sibling in section)
+    if applies and last not in section:
+      section[last] = value
+  return tree
+
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`<workdir>/config.json`, written by train.py)."""
+  """The config a run was trained with (`<workdir>/config.json`, written by train.py), with
+  the keys that another version of the code did not write filled in (`_FILLED_IN`)."""
   workdir = pathlib.Path(workdir)
   path = workdir / "config.json"
   if not path.is_file():
     raise CheckpointError(f"{path}: not found (is {workdir} a training workdir?)")
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(_fill_in(json.loads(path.read_text())))
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path}: cannot parse: {e}") from e
 

@@ -112,8 +112,8 @@ class Source:
 
 
 def sources(config: ml_collections.ConfigDict) -> list[Source]:
-  """config.data.sources resolved (the one-source shorthand when empty or absent)."""
-  entries = config.data.get("sources") or ()  # Optional by contract: absent = shorthand.
+  """config.data.sources resolved (the one-source shorthand when empty)."""
+  entries = config.data.sources
   if not entries:
     return [
       Source(

@@ -263,7 +263,7 @@ def train_and_evaluate(
       return {}
 
   # Mesh.
-  mesh = sharding.make_mesh(axes=config.get("mesh", sharding.DEFAULT_AXES))
+  mesh = sharding.make_mesh(axes=config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   logging.info(
     "mesh: %d devices (%s) over %d processes, %s",

@@ -36,6 +36,7 @@ def make_config(data_dir, **overrides) -> ml_collections.ConfigDict:
         "max_length": 24,
         "text_mode": "sentence",
         "augment_chain": "convirt",
+        "sources": (),
         "augment": {
           "crop_scale": (0.6, 1.0),
           "flip_p": 0.5,
