@@ -152,6 +152,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # dimension that does not divide: replicated, and logged.
   c.sharding.rules = ()
   c.sharding.fsdp_min_size = 2**14  # elements; smaller leaves stay replicated under 'fsdp'
+  # Multi-process start-up (medvl_jax/parallel/distributed.py): how long a process waits for
+  # the others to join, in seconds.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialization_timeout = 300
 
   if arg == "smoke":
     c.batch_size = 8

@@ -1,4 +1,8 @@
-"""Every name and nested choice of a training config, checked in one pass before any I/O.
+"""The config schema, and every name and nested choice of a training config checked in one pass
+before any I/O.
+
+The schema (`SCHEMA`, below): the keys every config defines, which of them a resume may change
+(`RESUMABLE_KEYS`, compared by `check_resumable`) and what each checked value must be.
 
 `train.train_and_evaluate` calls `check(config)` first: before the workdir or its config.json
 is written, before any dataset is read or built and before any model is initialised. Each
@@ -6,19 +10,23 @@ mistake is one `ConfigError` line naming the key and the valid values. Nothing h
 a registry lookup, a builder class (imported by name, its configs listed) and, for a pretrained
 text tower, the small `config.json` of its directory.
 
-Checks, in order: registry names (model, dataset, loss, schedule), the model's nested choices
-(dtype, image variant, mean/std, checkpoint paths), the data section (builder config, what the
-dataset can serve, sizes), the step counts, value ranges (lr > 0, 0 <= loss.lam <= 1,
-loss.temperature > 0), and each evaluator's name and settings (against the evaluator
-constructor's signature, without building it).
+Checks, in order: the required keys (`check_required`), registry names (model, dataset, loss),
+the values of the schema (step counts and other positive integers, lr > 0, weight_decay >= 0,
+0 <= loss.lam <= 1, loss.temperature > 0, the schedule, the non-finite policy and the loss
+layout), the model's nested choices (dtype, image variant, mean/std, checkpoint paths), the data
+section (builder config, what the dataset can serve, sizes), the batch layout (accumulation) and
+each evaluator's name and settings (against the evaluator constructor's signature, without
+building it).
 
 The preflight of a training run (`train.train_and_evaluate`, before any data is built or
 anything is compiled) adds what needs the filesystem, each failure one line:
-`check_workdir` (creatable, writable, not a file), `check_disk` (free space for two
-checkpoints, estimated from the state's bytes), `check_batch_fits` (batch_size <= each train
-split, read from the prepared dataset's metadata, unless data.allow_repeats).
+`check_resumable` (the config fits the run already in the workdir), `check_workdir`
+(creatable, writable, not a file), `check_disk` (free space for two checkpoints, estimated from
+the state's bytes), `check_batch_fits` (batch_size <= each train split, read from the prepared
+dataset's metadata, unless data.allow_repeats).
 """
 
+import json
 import math
 import os
 import pathlib
@@ -28,19 +36,120 @@ from typing import Any
 import ml_collections
 
 from medvl_jax import cli, families, losses
+from medvl_jax.ckpt import checkpoint, run_dir
 from medvl_jax.data import corpora, input_pipeline
 from medvl_jax.errors import ConfigError, OutputError
 
+# ----------------------------------------------------------------------------- the schema
+# Every config (configs/convirt.py, configs/mixed.py and each of their variants) defines every
+# key below, with its default, and the code reads them directly (`config.mesh`). The `model`
+# section below `model.name` belongs to the model family (`Family.check_config`), and `loss`
+# keys other than these to the loss.
+#   resume:  RESUME = may differ between a run's config.json and the config that resumes it
+#            (it changes neither the shapes of the state, nor the data stream, nor the seed);
+#            FIXED = a difference is refused (`check_resumable`). Documented in README.
+#   must be: what `check` holds the value to: a range, or a tuple of the valid values;
+#            None = free, or checked with the part that reads it (data, model, evaluators).
+RESUME, FIXED = True, False
+POSITIVE_INT = "a positive integer"
 SCHEDULES = ("constant", "plateau")
 NONFINITE_POLICIES = ("skip", "halt")
-POSITIVE_INTS = (
-  "batch_size",
-  "total_steps",
-  "log_every",
-  "eval_every",
-  "checkpoint_every",
-  "nonfinite_max_consecutive",
-)
+
+# fmt: off
+SCHEMA: dict[str, tuple[bool, Any]] = {
+  # key                                 resume  must be
+  "seed":                               (FIXED,  None),
+  "batch_size":                         (FIXED,  POSITIVE_INT),  # global
+  "total_steps":                        (RESUME, POSITIVE_INT),
+  "log_every":                          (RESUME, POSITIVE_INT),
+  "eval_every":                         (RESUME, POSITIVE_INT),
+  "checkpoint_every":                   (RESUME, POSITIVE_INT),
+  "keep_checkpoints":                   (RESUME, None),
+  "nonfinite":                          (RESUME, NONFINITE_POLICIES),  # a policy, not the state
+  "nonfinite_max_consecutive":          (RESUME, POSITIVE_INT),
+  "accumulate_steps":                   (RESUME, POSITIVE_INT),  # micro-batches, the same batch
+  "evaluators":                         (RESUME, None),
+  "data.name":                          (FIXED,  None),
+  "data.builder_config":                (FIXED,  None),
+  "data.data_dir":                      (RESUME, None),  # where the same data lives
+  "data.sample_dir":                    (RESUME, None),
+  "data.train_split":                   (FIXED,  None),
+  "data.eval_split":                    (RESUME, None),
+  "data.image_size":                    (FIXED,  None),
+  "data.resize":                        (FIXED,  None),
+  "data.max_length":                    (FIXED,  None),
+  "data.text_mode":                     (FIXED,  None),
+  "data.augment_chain":                 (FIXED,  None),
+  "data.sources":                       (FIXED,  None),
+  "data.allow_repeats":                 (RESUME, None),
+  "data.augment.crop_scale":            (FIXED,  None),
+  "data.augment.flip_p":                (FIXED,  None),
+  "data.augment.rotation":              (FIXED,  None),
+  "data.augment.translate":             (FIXED,  None),
+  "data.augment.affine_scale":          (FIXED,  None),
+  "data.augment.brightness":            (FIXED,  None),
+  "data.augment.contrast":              (FIXED,  None),
+  "data.augment.blur_sigma":            (FIXED,  None),
+  "model.name":                         (FIXED,  None),
+  "loss.name":                          (FIXED,  None),
+  "loss.impl":                          (RESUME, losses.IMPLS),  # the same loss, another layout
+  "loss.lam":                           (FIXED,  "in [0, 1]"),
+  "loss.temperature":                   (FIXED,  "> 0"),
+  "optimizer.lr":                       (RESUME, "> 0"),
+  "optimizer.weight_decay":             (RESUME, ">= 0"),
+  "optimizer.schedule":                 (FIXED,  SCHEDULES),
+  "optimizer.plateau_factor":           (RESUME, None),
+  "optimizer.plateau_patience":         (RESUME, None),
+  "optimizer.plateau_accumulation":     (RESUME, None),
+  "mesh":                               (RESUME, None),  # layout only: a restore reshards
+  "sharding.rules":                     (RESUME, None),
+  "sharding.fsdp_min_size":             (RESUME, None),
+  "distributed.initialization_timeout": (RESUME, None),  # seconds; start-up only
+}
+# fmt: on
+REQUIRED_KEYS = tuple(SCHEMA)
+RESUMABLE_KEYS = tuple(k for k, (resume, _) in SCHEMA.items() if resume)
+CHECKED_KEYS = tuple(k for k, (_, must_be) in SCHEMA.items() if must_be is not None)
+
+
+# ----------------------------------------------------------------------------- resume
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}."))
+  return {k.rstrip("."): v for k, v in out.items()}
+
+
+def _resumable(key: str) -> bool:
+  return any(key == r or key.startswith(f"{r}.") for r in RESUMABLE_KEYS)
+
+
+def check_resumable(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """ConfigError (one line, naming the keys) if `config` cannot resume the run in `workdir`.
+
+  Compared with `<workdir>/config.json` (as `run_dir.load_run_config` reads it) only when the
+  workdir holds checkpoints (before the first checkpoint there is nothing to be incompatible
+  with). Every difference in a key outside `RESUMABLE_KEYS` (a key also covers everything
+  under it) is refused. Keys present in only one of the two (a setting added or removed by
+  another version of the code) are not compared.
+  """
+  workdir = pathlib.Path(workdir)
+  path = workdir / "config.json"
+  if not path.is_file() or not checkpoint.has_checkpoints(workdir):
+    return
+  old = _flat(run_dir.load_run_config(workdir).to_dict())
+  new = _flat(json.loads(run_dir.config_json(config)))
+  differing = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k] and not _resumable(k)]
+  if differing:
+    shown = ", ".join(f"{k} ({old[k]!r:.40} -> {new[k]!r:.40})" for k in differing[:6])
+    raise ConfigError(
+      f"the config differs from the run in {workdir} ({path.name}) in "
+      f"{'keys' if len(differing) > 1 else 'a key'} that cannot change on resume: {shown}"
+      f"{' ...' if len(differing) > 6 else ''}; use a new --workdir, or pass "
+      "--restart_from_scratch to start this one over"
+    )
 
 
 def _valid(key: str, value: Any, valid) -> None:
@@ -48,13 +157,56 @@ def _valid(key: str, value: Any, valid) -> None:
     raise ConfigError(f"{key}={value!r} is unknown; valid: {', '.join(sorted(valid))}")
 
 
-# ----------------------------------------------------------------------------- model
+def _value(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+# ----------------------------------------------------------------------------- required keys
+def check_required(config: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the first key of `REQUIRED_KEYS` that `config` lacks."""
+  for key in REQUIRED_KEYS:
+    try:
+      _value(config, key)
+    except (KeyError, TypeError, AttributeError):
+      raise ConfigError(f"config.{key} is missing") from None
+
+
+# ----------------------------------------------------------------------------- value ranges
+def _number(key: str, value: Any) -> float:
+  try:
+    x = float(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{key}={value!r} is not a number") from None
+  if not math.isfinite(x):
+    raise ConfigError(f"{key}={value!r} must be finite")
+  return x
+
+
+_RANGES = {"> 0": lambda x: x > 0, ">= 0": lambda x: x >= 0, "in [0, 1]": lambda x: 0 <= x <= 1}
+
+
+def _check_values(config: ml_collections.ConfigDict) -> None:
+  """Each value of `CHECKED_KEYS` against its `must be` in `SCHEMA`."""
+  for key in CHECKED_KEYS:
+    must_be, value = SCHEMA[key][1], _value(config, key)
+    if isinstance(must_be, tuple):
+      _valid(f"config.{key}", value, must_be)
+    elif must_be == POSITIVE_INT:
+      if int(value) <= 0:
+        raise ConfigError(f"config.{key}={value} must be {must_be}")
+    elif not _RANGES[must_be](_number(f"config.{key}", value)):
+      raise ConfigError(f"config.{key}={value} must be {must_be}")
+
+
 # ----------------------------------------------------------------------------- data
 def _check_data(config: ml_collections.ConfigDict) -> None:
   data = config.data
   # The builder class only (imported by name, its declared features): no data is touched.
   default_config = corpora.get(data.name).default_config
-  if not data.get("sources") and "paired" not in corpora.kinds(data.name, default_config):
+  if not data.sources and "paired" not in corpora.kinds(data.name, default_config):
     paired = [
       n for n in corpora.names() if "paired" in corpora.kinds(n, corpora.get(n).default_config)
     ]
@@ -75,9 +227,8 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
 
 # ----------------------------------------------------------------------------- batch layout
 def _check_batch_layout(config: ml_collections.ConfigDict, family) -> None:
-  """config.loss.impl and config.accumulate_steps (medvl_jax.losses, medvl_jax.train.accumulate)."""
-  _valid("config.loss.impl", config.loss.get("impl", losses.DEFAULT_IMPL), losses.IMPLS)
-  steps = config.get("accumulate_steps", 1)
+  """config.accumulate_steps (medvl_jax.train.accumulate): divides the batch, fits the family."""
+  steps = config.accumulate_steps
   if not isinstance(steps, int) or steps <= 0:
     raise ConfigError(f"config.accumulate_steps={steps!r} must be a positive integer")
   if config.batch_size % steps:
@@ -115,32 +266,6 @@ def _check_evaluators(config: ml_collections.ConfigDict) -> None:
         "config.evaluators runs on one process only; on several hosts, "
         "evaluate checkpoints with `python -m medvl_jax.evaluate`"
       )
-
-
-# ----------------------------------------------------------------------------- value ranges
-def _number(key: str, value: Any) -> float:
-  try:
-    x = float(value)
-  except (TypeError, ValueError):
-    raise ConfigError(f"{key}={value!r} is not a number") from None
-  if not math.isfinite(x):
-    raise ConfigError(f"{key}={value!r} must be finite")
-  return x
-
-
-def _check_ranges(config: ml_collections.ConfigDict) -> None:
-  if _number("config.optimizer.lr", config.optimizer.lr) <= 0:
-    raise ConfigError(f"config.optimizer.lr={config.optimizer.lr} must be > 0")
-  if "weight_decay" in config.optimizer:
-    if _number("config.optimizer.weight_decay", config.optimizer.weight_decay) < 0:
-      raise ConfigError(
-        f"config.optimizer.weight_decay={config.optimizer.weight_decay} must be >= 0"
-      )
-  if "lam" in config.loss and not 0 <= _number("config.loss.lam", config.loss.lam) <= 1:
-    raise ConfigError(f"config.loss.lam={config.loss.lam} must be in [0, 1]")
-  if "temperature" in config.loss:
-    if _number("config.loss.temperature", config.loss.temperature) <= 0:
-      raise ConfigError(f"config.loss.temperature={config.loss.temperature} must be > 0")
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -187,7 +312,7 @@ def check_batch_fits(config: ml_collections.ConfigDict) -> None:
   Reads split sizes from the prepared datasets' metadata (no record is read): call it after
   `input_pipeline.prepare`.
   """
-  if config.data.get("allow_repeats", False):
+  if config.data.allow_repeats:
     return
   resolved = input_pipeline.sources(config)
   total = sum(s.weight for s in resolved)
@@ -208,6 +333,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 
   Reads nothing but the text checkpoint's config.json and writes nothing.
   """
+  check_required(config)
   family = families.get(config.model.name)
   corpora.get(config.data.name, key="config.data.name")
   if config.loss.name not in family.losses:  # e.g. a ConVIRT loss on the mixed model
@@ -216,13 +342,8 @@ def check(config: ml_collections.ConfigDict) -> None:
       f"config.model.name={config.model.name!r}; valid: "
       f"{', '.join(family.losses)}"
     )
-  _valid("config.optimizer.schedule", config.optimizer.schedule, SCHEDULES)
-  _valid("config.nonfinite", config.nonfinite, NONFINITE_POLICIES)
+  _check_values(config)
   family.check_config(config.model)
   _check_data(config)
-  for key in POSITIVE_INTS:
-    if int(config[key]) <= 0:
-      raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
   _check_batch_layout(config, family)
-  _check_ranges(config)
   _check_evaluators(config)

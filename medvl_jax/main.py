@@ -64,6 +64,7 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax  # pylint: disable=g-import-not-at-top
 
+  from medvl_jax import config_check  # pylint: disable=g-import-not-at-top
   from medvl_jax.errors import MedvlError  # pylint: disable=g-import-not-at-top
   from medvl_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   from medvl_jax.train import loop  # pylint: disable=g-import-not-at-top
@@ -78,6 +79,7 @@ def main(argv):
     return
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
   try:
+    config_check.check_required(_CONFIG.value)  # the start-up reads config.distributed
     distributed.initialize_distributed(_CONFIG.value)
     logging.info("workdir: %s", os.path.abspath(workdir))
     loop.train_and_evaluate(_CONFIG.value, workdir, restart_from_scratch=_RESTART.value)

@@ -1,7 +1,9 @@
 """Early validation: every name and nested choice fails through the real CLI in one line, with
 exit status 2, before anything is built or written (no workdir contents, no tfds directory)."""
 
+import ast
 import pathlib
+import re
 import textwrap
 
 import pytest
@@ -90,8 +92,6 @@ def test_refused_before_anything_is_built(tmp_path, override, words):
 def _override(config, override: str) -> None:
   """`--config.a.b=v` as ml_collections' flag parser applies it (a literal where it parses as
   one, else the string), on a copy of the smoke config."""
-  import ast  # pylint: disable=g-import-not-at-top
-
   key, _, raw = override[len("--config.") :].partition("=")
   try:
     value = ast.literal_eval(raw)
@@ -179,3 +179,167 @@ def test_evaluate_cli_checks_cfg_settings_before_restoring(short_run, tmp_path):
   assert "unknown setting 'no_such_setting'" in last and "fractions" in last, last
   assert "Traceback" not in proc.stderr
   assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the schema
+def _config_modules():
+  from configs import convirt, mixed  # pylint: disable=g-import-not-at-top
+
+  return {"convirt": convirt, "mixed": mixed}
+
+
+def _variants(module) -> list[str | None]:
+  """None and every variant a config file names when asked for an unknown one."""
+  with pytest.raises(ValueError) as raised:
+    module.get_config("no_such_variant")
+  named = re.findall(r"'(\w+)'", str(raised.value).partition("valid:")[2])
+  assert named, str(raised.value)
+  return [None, *named]
+
+
+CONFIG_VARIANTS = [
+  (name, variant) for name, module in _config_modules().items() for variant in _variants(module)
+]
+
+
+def _flat_keys(tree, prefix: str = "") -> set[str]:
+  keys = set()
+  for k, v in tree.items():
+    keys.add(f"{prefix}{k}")
+    if isinstance(v, dict):
+      keys |= _flat_keys(v, f"{prefix}{k}.")
+  return keys
+
+
+@pytest.mark.parametrize(
+  "name,variant", CONFIG_VARIANTS, ids=[f"{n}:{v}" for n, v in CONFIG_VARIANTS]
+)
+def test_every_schema_key_is_in_every_config_variant(name, variant):
+  """Every required, resumable and checked key is a key of each variant of both config files,
+  and each default there passes its check."""
+  from medvl_jax import config_check  # pylint: disable=g-import-not-at-top
+
+  config = _config_modules()[name].get_config(variant)
+  keys = _flat_keys(config.to_dict())
+  for declared in ("REQUIRED_KEYS", "RESUMABLE_KEYS", "CHECKED_KEYS"):
+    missing = [k for k in getattr(config_check, declared) if k not in keys]
+    assert not missing, f"{declared}: configs/{name}.py:{variant} lacks {missing}"
+  config_check.check_required(config)
+  config_check._check_values(config)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize(
+  "key", ["data.augment.flip_p", "mesh", "loss.impl", "distributed.initialization_timeout"]
+)
+def test_missing_key_is_named_in_one_line(tmp_path, key):
+  from configs import convirt  # pylint: disable=g-import-not-at-top
+  from medvl_jax import config_check  # pylint: disable=g-import-not-at-top
+  from medvl_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
+  config = convirt.get_config("smoke")
+  config.data.data_dir = str(tmp_path / "tfds")
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  del node[leaf]
+  with pytest.raises(ConfigError, match=rf"^config\.{re.escape(key)} is missing$"):
+    config_check.check(config)
+  assert not (tmp_path / "tfds").exists()
+
+
+def test_config_file_without_a_key_refused_before_start_up(tmp_path):
+  """A config file of the user's that lacks a key: one line through the real CLI, before the
+  multi-process start-up (which reads config.distributed) and before anything is built."""
+  config_file = tmp_path / "my_config.py"
+  config_file.write_text(
+    textwrap.dedent(f"""\
+      import sys
+      sys.path.insert(0, {str(REPO)!r})
+      from configs import convirt
+
+      def get_config():
+        c = convirt.get_config("smoke")
+        del c["distributed"]
+        return c
+      """)
+  )
+  workdir, tfds_dir = tmp_path / "w", tmp_path / "tfds"
+  proc = run_main(
+    f"--config={config_file}", f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}"
+  )
+  _assert_refused(proc, ["config.distributed.initialization_timeout is missing"], workdir, tfds_dir)
+
+
+# The library reads config keys directly: their defaults live in configs/*.py, and a run's
+# config.json that lacks one is filled in by medvl_jax.ckpt.run_dir.load_run_config.
+_CONFIG_NAME = re.compile(r"(config|cfg)$")
+
+
+def _root(node: ast.AST) -> str | None:
+  while isinstance(node, ast.Attribute | ast.Subscript):
+    node = node.value
+  return node.id if isinstance(node, ast.Name) else None
+
+
+def _config_names(tree: ast.AST) -> set[str]:
+  """Names that hold a config: `config`, `cfg`, `model_cfg`, ..., and any name assigned a part
+  of one (`data = config.data`)."""
+  names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and _CONFIG_NAME.search(n.id)}
+  names |= {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg) and _CONFIG_NAME.search(a.arg)}
+  while True:
+    more = {
+      t.id
+      for n in ast.walk(tree)
+      if isinstance(n, ast.Assign)
+      and isinstance(n.value, ast.Attribute | ast.Subscript | ast.Name)
+      and _root(n.value) in names
+      for t in n.targets
+      if isinstance(t, ast.Name) and t.id not in names
+    }
+    if not more:
+      return names
+    names |= more
+
+
+def config_reads_with_default(source: str) -> list[str]:
+  """`config.get(...)`, `config.data.get(...)`, `getattr(config, k, default)` in `source`."""
+  tree = ast.parse(source)
+  names = _config_names(tree)
+  found = []
+  for n in ast.walk(tree):
+    if not isinstance(n, ast.Call):
+      continue
+    f = n.func
+    if isinstance(f, ast.Attribute) and f.attr == "get" and _root(f.value) in names:
+      found.append(f"line {n.lineno}: {ast.unparse(n)}")
+    elif isinstance(f, ast.Name) and f.id == "getattr" and len(n.args) == 3:
+      if _root(n.args[0]) in names:
+        found.append(f"line {n.lineno}: {ast.unparse(n)}")
+  return found
+
+
+def test_config_reads_with_default_are_found():
+  """The scan finds each form (also through a name that holds a part of the config) and
+  leaves other mappings alone."""
+  source = textwrap.dedent("""\
+    def f(config, model_cfg, env, metrics):
+      data = config.data
+      env.get("HOME")
+      metrics.get("loss", 0.0)
+      config.mesh
+      config.get("mesh", 1)
+      data.get("sources")
+      model_cfg.image.get("conv_impl")
+      getattr(config.loss, "impl", "gather")
+    """)
+  found = config_reads_with_default(source)
+  assert [f.split(":")[0] for f in found] == ["line 6", "line 7", "line 8", "line 9"], found
+
+
+def test_library_reads_config_keys_directly():
+  offenders = []
+  for path in sorted((REPO / "medvl_jax").rglob("*.py")):
+    for hit in config_reads_with_default(path.read_text()):
+      offenders.append(f"{path.relative_to(REPO)} {hit}")
+  assert not offenders, "\n".join(offenders)

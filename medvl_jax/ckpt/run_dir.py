@@ -1,8 +1,8 @@
 """Reading a training run: its config, the abstract variables of its model, and the params
-and batch statistics of a checkpoint step (without the optimizer state); and the run's
-identity: which config changes a resume accepts (`RESUMABLE_KEYS`).
+and batch statistics of a checkpoint step (without the optimizer state).
 
-The one owner of this: `export.py` and `evaluate` call it; `train.py` writes what it reads
+The one owner of this: `export.py`, `evaluate` and the resume check
+(`config_check.check_resumable`) call it; `train.py` writes what it reads
 (`<workdir>/config.json` and `<workdir>/checkpoints/<step>/state`, see `checkpoint.py`).
 """
 
@@ -21,90 +21,55 @@ import orbax.checkpoint as ocp
 
 from medvl_jax import families
 from medvl_jax.ckpt import checkpoint
-from medvl_jax.errors import CheckpointError, ConfigError
+from medvl_jax.errors import CheckpointError
+
+# Keys that a config.json written by another version of the code may lack, with the value that
+# version ran with (it read them with that default): `load_run_config` fills them in, so that
+# the code reads every key directly. A key is filled where its section exists and, for a key of
+# one kind of section, where that section has the named sibling (a ResNet image tower has a
+# `variant`; a ViT tower has no `conv_impl`).
+_FILLED_IN = (
+  # (key, value, only in a section with this key)
+  ("accumulate_steps", 1, None),
+  ("evaluators", [], None),
+  ("mesh", [["data", -1], ["fsdp", 1], ["model", 1]], None),
+  ("sharding.fsdp_min_size", 2**14, None),
+  ("data.sources", [], None),
+  ("data.allow_repeats", False, None),
+  ("loss.impl", "gather", None),
+  ("model.image.conv_impl", "auto", "variant"),
+)
+
+
+def _fill_in(tree: dict[str, Any]) -> dict[str, Any]:
+  """config.json's dict, with each key of `_FILLED_IN` that it lacks set where it applies."""
+  for key, value, sibling in _FILLED_IN:
+    *sections, last = key.split(".")
+    section = tree
+    for part in sections:
+      section = section.get(part) if isinstance(section, dict) else None
+    applies = isinstance(section, dict) and (sibling is None or sibling in section)
+    if applies and last not in section:
+      section[last] = value
+  return tree
 
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`<workdir>/config.json`, written by train.py)."""
+  """The config a run was trained with (`<workdir>/config.json`, written by train.py), with
+  the keys that another version of the code did not write filled in (`_FILLED_IN`)."""
   workdir = pathlib.Path(workdir)
   path = workdir / "config.json"
   if not path.is_file():
     raise CheckpointError(f"{path}: not found (is {workdir} a training workdir?)")
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(_fill_in(json.loads(path.read_text())))
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path}: cannot parse: {e}") from e
-
-
-# Config keys (dotted; a key also covers everything under it) that may differ between a run's
-# config.json and the config of a resumed run: they change neither the shapes of the state,
-# nor the data stream, nor the seed. Every other difference is refused (`check_resumable`).
-# Documented in docs/training.md ("Resuming").
-RESUMABLE_KEYS = (
-  "total_steps",
-  "log_every",
-  "eval_every",
-  "checkpoint_every",
-  "keep_checkpoints",
-  "evaluators",
-  "optimizer.lr",
-  "optimizer.weight_decay",
-  "optimizer.plateau_factor",
-  "optimizer.plateau_patience",
-  "optimizer.plateau_accumulation",
-  "data.data_dir",  # where the same data lives
-  "data.sample_dir",
-  "data.eval_split",
-  "data.allow_repeats",
-  "sharding",  # rules and fsdp_min_size: layout only, a restore reshards
-  "mesh",  # axes and sizes: layout only as well
-  "nonfinite",  # what to do on a non-finite step (its policy, not the state)
-  "nonfinite_max_consecutive",
-  "loss.impl",  # dense / gather / ring: equal numbers, another memory layout
-  "accumulate_steps",  # micro-batches of the same global batch (BatchNorm: see docs/training.md)
-)
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-  if not isinstance(d, dict):
-    return {prefix: d}
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}."))
-  return {k.rstrip("."): v for k, v in out.items()}
-
-
-def _resumable(key: str) -> bool:
-  return any(key == r or key.startswith(f"{r}.") for r in RESUMABLE_KEYS)
 
 
 def config_json(config: ml_collections.ConfigDict) -> str:
   """config.json's text: the config as JSON (tuples as lists, non-JSON values as strings)."""
   return json.dumps(config.to_dict(), indent=2, default=str) + "\n"
-
-
-def check_resumable(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """ConfigError (one line, naming the keys) if `config` cannot resume the run in `workdir`.
-
-  Compared with `<workdir>/config.json` only when the workdir holds checkpoints (before the
-  first checkpoint there is nothing to be incompatible with). Keys present in only one of the
-  two (a setting added or removed by another version of the code) are not compared.
-  """
-  workdir = pathlib.Path(workdir)
-  path = workdir / "config.json"
-  if not path.is_file() or not checkpoint.has_checkpoints(workdir):
-    return
-  old = _flat(load_run_config(workdir).to_dict())
-  new = _flat(json.loads(config_json(config)))
-  differing = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k] and not _resumable(k)]
-  if differing:
-    shown = ", ".join(f"{k} ({old[k]!r:.40} -> {new[k]!r:.40})" for k in differing[:6])
-    raise ConfigError(
-      f"the config differs from the run in {workdir} ({path.name}) in "
-      f"{'keys' if len(differing) > 1 else 'a key'} that cannot change on resume: {shown}"
-      f"{' ...' if len(differing) > 6 else ''}; use a new --workdir, or pass "
-      "--restart_from_scratch to start this one over"
-    )
 
 
 def write_run_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:

@@ -81,39 +81,7 @@ def _corpus(name: str, where: str = "config.data.name") -> corpora.Corpus:
   return corpora.get(name, key=where)
 
 
-_REQUIRED_KEYS = (
-  "seed",
-  "batch_size",
-  "data.name",
-  "data.builder_config",
-  "data.data_dir",
-  "data.sample_dir",
-  "data.train_split",
-  "data.eval_split",
-  "data.image_size",
-  "data.resize",
-  "data.max_length",
-  "data.text_mode",
-  "data.augment_chain",
-  "data.augment.crop_scale",
-  "data.augment.flip_p",
-  "data.augment.rotation",
-  "data.augment.translate",
-  "data.augment.affine_scale",
-  "data.augment.brightness",
-  "data.augment.contrast",
-  "data.augment.blur_sigma",
-)
-
-
 def _check_config(config: ml_collections.ConfigDict) -> None:
-  for key in _REQUIRED_KEYS:
-    node = config
-    for part in key.split("."):
-      try:
-        node = node[part]
-      except (KeyError, TypeError, AttributeError):
-        raise ConfigError(f"config.{key} is missing") from None
   if config.data.image_size > config.data.resize:
     raise ConfigError(
       f"config.data.image_size={config.data.image_size} is larger than "
@@ -144,8 +112,8 @@ class Source:
 
 
 def sources(config: ml_collections.ConfigDict) -> list[Source]:
-  """config.data.sources resolved (the one-source shorthand when empty or absent)."""
-  entries = config.data.get("sources") or ()  # Optional by contract: absent = shorthand.
+  """config.data.sources resolved (the one-source shorthand when empty)."""
+  entries = config.data.sources
   if not entries:
     return [
       Source(

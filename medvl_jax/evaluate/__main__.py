@@ -28,7 +28,7 @@ from medvl_jax.errors import ConfigError, MedvlError, OutputError
 
 def task_config(config: Any, task: str, overrides: list[str]) -> dict[str, Any]:
   cfg = {}
-  for entry in config.get("evaluators") or []:
+  for entry in config.evaluators or []:
     entry = dict(entry)
     if entry.pop("name", None) == task:
       cfg.update(entry)

@@ -195,11 +195,7 @@ def check_config(model_cfg) -> None:
   """dtype, image variant, mean/std, checkpoint paths and tokenizer: no data read."""
   _valid("config.model.dtype", model_cfg.dtype, convirt_model.DTYPES)
   _valid("config.model.image.variant", model_cfg.image.variant, convirt_model.IMAGE_VARIANTS)
-  _valid(
-    "config.model.image.conv_impl",
-    model_cfg.image.get("conv_impl", "auto"),
-    convirt_model.CONV_IMPLS,
-  )
+  _valid("config.model.image.conv_impl", model_cfg.image.conv_impl, convirt_model.CONV_IMPLS)
   for key in ("mean", "std"):
     if len(model_cfg.image[key]) != 3:
       raise ConfigError(

@@ -228,7 +228,7 @@ def convirt_loss(outputs: dict[str, Array], cfg, mask: Array | None = None, mesh
     lam=cfg.lam,
     temperature=cfg.temperature,
     mask=mask,
-    impl=cfg.get("impl", DEFAULT_IMPL),
+    impl=cfg.impl,
     mesh=mesh,
   )
 
@@ -387,7 +387,7 @@ def mixed_combine(
     lam=cfg.lam,
     temperature=cfg.temperature,
     mask=pair,
-    impl=cfg.get("impl", DEFAULT_IMPL),
+    impl=cfg.impl,
     mesh=mesh,
   )
   total = cfg.mlm_weight * mlm + cfg.mvm_weight * mvm + cfg.contrastive_weight * con

@@ -120,7 +120,7 @@ def from_config(model_cfg: Any) -> ConVIRT:
     raise ConfigError(
       f"model.image.variant: unknown {variant!r}; valid: {', '.join(sorted(IMAGE_VARIANTS))}"
     )
-  conv_impl = model_cfg.image.get("conv_impl", "auto")
+  conv_impl = model_cfg.image.conv_impl
   if conv_impl not in CONV_IMPLS:
     raise ConfigError(
       f"model.image.conv_impl: unknown {conv_impl!r}; valid: {', '.join(CONV_IMPLS)}"

@@ -128,19 +128,17 @@ def _tpu_chips() -> int:
     return 0
 
 
-def initialize_distributed(config=None, env: Mapping[str, str] | None = None) -> Detected:
+def initialize_distributed(config, env: Mapping[str, str] | None = None) -> Detected:
   """Joins this process to the job's other processes (before any JAX computation).
 
-  `config.distributed.initialization_timeout` (seconds, default 300) bounds the wait for the
-  other processes. Returns what was detected.
+  `config.distributed.initialization_timeout` (seconds) bounds the wait for the other
+  processes. Returns what was detected.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
   env = os.environ if env is None else env
   found = detect(env, tpu_chips=_tpu_chips())
-  timeout = 300
-  if config is not None and "distributed" in config:
-    timeout = int(config.distributed.get("initialization_timeout", timeout))
+  timeout = int(config.distributed.initialization_timeout)
   if found.kind == "explicit":
     if found.cpu_collectives:
       jax.config.update("jax_cpu_collectives_implementation", found.cpu_collectives)

@@ -134,7 +134,7 @@ def loss_and_grads(
 
 def from_config(family: families.Family, config, mesh=None):
   """A `step.loss_and_grads` replacement for `config.accumulate_steps` > 1, else None."""
-  steps = int(config.get("accumulate_steps", 1))
+  steps = int(config.accumulate_steps)
   if steps == 1:
     return None
   if family.make_split is None:

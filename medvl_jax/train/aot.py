@@ -159,7 +159,7 @@ def compile_step(config: ml_collections.ConfigDict, topology: str) -> Report:
   """Lowers and compiles the train step for `topology`; nothing is initialised or run."""
   config_check.check(config)
   devices, hbm, chip = target_devices(topology)
-  mesh = sharding.make_mesh(devices, axes=config.get("mesh", sharding.DEFAULT_AXES))
+  mesh = sharding.make_mesh(devices, axes=config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
 
   prog = program.build(config, mesh)  # the trainer's own program: loss layout, accumulation

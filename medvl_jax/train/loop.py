@@ -52,14 +52,14 @@ def train_and_evaluate(
   is_chief = jax.process_index() == 0
   saves = save_log.SaveLog()
   if not restart_from_scratch:
-    run_dir.check_resumable(workdir, config)  # the run's identity: refused before any write
+    config_check.check_resumable(workdir, config)  # the run's identity: refused before any write
     done = checkpoint.latest_intact_step(workdir)
     if done is not None and done >= config.total_steps:  # before any data, model or compile work
       logging.info("run already complete at step %d (workdir %s); nothing to do", done, workdir)
       return {}
 
   # ------------------------------------------------------------------------------------------- mesh
-  mesh = sharding.make_mesh(axes=config.get("mesh", sharding.DEFAULT_AXES))
+  mesh = sharding.make_mesh(axes=config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   logging.info(
     "mesh: %d devices (%s) over %d processes, %s",

@@ -93,7 +93,7 @@ def build(config: ml_collections.ConfigDict, mesh) -> Program:
     abstract_state,
     mesh,
     config.sharding.rules,
-    min_size=config.sharding.get("fsdp_min_size", sharding.FSDP_MIN_SIZE),
+    min_size=config.sharding.fsdp_min_size,
   )
   abstract_state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding

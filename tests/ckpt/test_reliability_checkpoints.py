@@ -79,12 +79,10 @@ def test_export_after_refused_run_keeps_the_trained_crop_size(smoke_run, tfds_di
 
 
 def test_resumable_keys_documented():
-  """The allow-list lives in run_dir.RESUMABLE_KEYS and is documented, key by key, in
+  """The allow-list lives in config_check.RESUMABLE_KEYS and is documented, key by key, in
   docs/training.md."""
-  from medvl_jax.ckpt import run_dir
-
   page = (REPO / "docs" / "training.md").read_text()
-  for key in run_dir.RESUMABLE_KEYS:
+  for key in config_check.RESUMABLE_KEYS:
     assert f"`{key}`" in page, key
 
 

@@ -301,6 +301,7 @@ def model_cfg(text_init: str, image_init: str, variant: str) -> ml_collections.C
         "init": image_init,
         "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225),
+        "conv_impl": "auto",
       },
       "text": {"init": text_init, "hidden_dropout": 0.0, "attention_dropout": 0.0},
     }

@@ -33,6 +33,7 @@ def tiny_cfg(**overrides) -> ml_collections.ConfigDict:
         "init": "",
         "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225),
+        "conv_impl": "auto",
       },
       "text": {
         "init": "",
