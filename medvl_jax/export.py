@@ -5,7 +5,8 @@ r"""Export a run to PyTorch / Hugging Face files, through its model family.
 A checkpoint whose params or batch statistics hold NaN/inf is refused (one line, exit 2) unless
 `--allow_nonfinite`.
 
-The run's family (`families.get(config.model.name).export`) writes its files, e.g. ConVIRT:
+The run's family (its interop half, `interop.registry.get(config.model.name).export`) writes
+its files, e.g. ConVIRT:
   OUT/image_encoder/model.safetensors    torchvision ResNet state dict without `fc.*`
   OUT/image_encoder/preprocessing.json   what to do to pixels to match the JAX image encoder
   OUT/text_encoder/                      Hugging Face BERT directory (config, weights, tokenizer)
@@ -31,7 +32,7 @@ import numpy as np
 from medvl_jax import cli, families
 from medvl_jax.ckpt import run_dir
 from medvl_jax.errors import CheckpointError, MedvlError, WeightsError
-from medvl_jax.interop import export_files
+from medvl_jax.interop import export_files, registry
 
 
 # ----------------------------------------------------------------------------- checks
@@ -112,7 +113,7 @@ def export(
   tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
   tmp.mkdir()
   try:
-    recorded = family.export(model, params, batch_stats, config, tmp)
+    recorded = registry.get(config.model.name).export(model, params, batch_stats, config, tmp)
     meta = {
       "step": int(step),
       "source_workdir": str(workdir),

@@ -31,6 +31,7 @@ from medvl_jax import config_check
 from medvl_jax.ckpt import checkpoint, run_dir
 from medvl_jax.data import input_pipeline
 from medvl_jax.errors import ConfigError, NonFiniteError
+from medvl_jax.interop import pretrained
 from medvl_jax.parallel import sharding
 from medvl_jax.train import program
 from medvl_jax.train import step as step_lib
@@ -318,9 +319,9 @@ def train_and_evaluate(
     if "batch_stats" in abstract_vars:
       var_sharding["batch_stats"] = state_sharding.batch_stats
     variables = jax.jit(init_fn, out_shardings=var_sharding)(init_rng)  # born sharded
-    if family.has_pretrained(config.model):  # host round trip only when importing weights
+    if pretrained.configured(config.model):  # host round trip only when importing weights
       variables = jax.device_put(
-        family.init_from_pretrained(jax.device_get(variables), config.model), var_sharding
+        pretrained.init_from_pretrained(jax.device_get(variables), config.model), var_sharding
       )
     state = jax.jit(make_state, out_shardings=state_sharding)(variables)
     start_step = 0

@@ -364,9 +364,9 @@ def test_overwrite_replaces_and_failure_keeps_previous(run_dir, tmp_path, monkey
   def broken(*args, **kwargs):
     raise OSError("disk full")
 
-  from medvl_jax.families import convirt as convirt_family  # pylint: disable=g-import-not-at-top
+  from medvl_jax.interop import convirt as convirt_interop  # pylint: disable=g-import-not-at-top
 
-  monkeypatch.setattr(convirt_family, "heads_state_dict", broken)  # written after both towers
+  monkeypatch.setattr(convirt_interop, "heads_state_dict", broken)  # written after both towers
   with pytest.raises(WeightsError, match="cannot write the export: disk full"):
     export.export(run_dir, out, overwrite=True)
   assert (out / "stale.txt").exists() and leftovers(tmp_path) == []
