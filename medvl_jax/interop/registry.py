@@ -35,7 +35,7 @@ class FamilyInterop:
       WeightsError on a missing or mismatching checkpoint.
     export: (model, params, batch_stats, config, out_dir) -> dict; writes the family's
       PyTorch / Hugging Face files into `out_dir` (a fresh temporary directory that
-      `medvl_jax.export` renames into place) and returns what export.json records about them
+      `interop.export` renames into place) and returns what export.json records about them
       (files, preprocessing, pooling, the embedding math, package versions).
   """
 

@@ -16,10 +16,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medvl_jax import export, families, losses
+from medvl_jax import families, losses
 from medvl_jax.ckpt import checkpoint
 from medvl_jax.ckpt import run_dir as run_dir_lib
 from medvl_jax.errors import CheckpointError, WeightsError
+from medvl_jax.interop import export
 from tests.conftest import REPO, SHORT_STEPS
 
 torch = pytest.importorskip("torch", reason="export is checked against PyTorch (extra 'torch')")

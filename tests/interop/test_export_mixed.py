@@ -16,8 +16,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medvl_jax import export, families, losses
+from medvl_jax import families, losses
 from medvl_jax.ckpt import checkpoint
+from medvl_jax.interop import export
 from tests.conftest import REPO, run_main
 from tests.interop.test_export import assert_one_line_error, leftovers, run_export
 
