@@ -28,7 +28,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from medvl_jax import families
+from medvl_jax import cli, families
 from medvl_jax.ckpt import run_dir
 from medvl_jax.errors import CheckpointError, WeightsError
 from medvl_jax.interop import export_files, registry
@@ -55,22 +55,6 @@ def _check_out(out: pathlib.Path, overwrite: bool) -> None:
       raise WeightsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
     if not (out / "export.json").is_file():
       raise WeightsError(f"{out}: not an export directory (no export.json); refusing to replace it")
-
-
-def _install(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
-  """Renames the complete `tmp` to `out`; a previous export is removed only afterwards."""
-  if not (out.exists() and any(out.iterdir())):
-    os.replace(tmp, out)  # Also replaces an empty directory at `out`, atomically.
-    return
-  _check_out(out, overwrite)
-  old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
-  os.rename(out, old)
-  try:
-    os.rename(tmp, out)
-  except OSError:
-    os.rename(old, out)
-    raise
-  shutil.rmtree(old, ignore_errors=True)
 
 
 def export(
@@ -121,7 +105,7 @@ def export(
       "config": config.to_dict(),
     }
     export_files.write_json(tmp / "export.json", meta)
-    _install(tmp, out, overwrite)
+    cli.install_dir(tmp, out, lambda existing: _check_out(existing, overwrite))
   except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(e, OSError):
