@@ -42,15 +42,6 @@ _MODULES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Encoders:
-  """Pure functions the evaluators jit: pixels -> (pooled features h, embedding z) and
-  tokens -> embedding z; `variables` is {'params', 'batch_stats'}."""
-
-  image: Callable[[Any, Any], tuple[Any, Any]]  # (variables, uint8 [N,S,S,1]) -> (h, z)
-  text: Callable[[Any, Any, Any], Any]  # (variables, input_ids, attention_mask) -> z
-
-
-@dataclasses.dataclass(frozen=True)
 class Split:
   """A family's training loss in the parts that embedding-cache accumulation
   (`medvl_jax.train.accumulate`) needs: loss = combine(embeddings of all rows, sum over
@@ -86,7 +77,11 @@ class Family:
     summary_metrics: the subset shown on the validation log line.
     trainable_mask: (params, config.model) -> bool tree (False = frozen: no gradient, no
       optimizer state).
-    encoders: model -> `Encoders` for the evaluators.
+    encode_image: (model, variables, uint8 images [N, S, S, 1]) -> (pooled features h [N, D],
+      embeddings z [N, d]); `variables` = {'params', 'batch_stats'}; pure, for the evaluators
+      (`evaluate.features.Encoders` jits and batches it).
+    encode_text: (model, variables, input_ids [N, L], attention_mask [N, L]) -> embeddings
+      z [N, d]; likewise.
     losses: the `config.loss.name` values this family trains with.
     check_config: config.model -> None; ConfigError naming the key on a bad nested choice
       (called by `config_check` before anything is read or built).
@@ -101,7 +96,8 @@ class Family:
   metrics: tuple[str, ...]
   summary_metrics: tuple[str, ...]
   trainable_mask: Callable[[Any, Any], Any]
-  encoders: Callable[[Any], Encoders]
+  encode_image: Callable[[Any, Any, Any], tuple[Any, Any]]
+  encode_text: Callable[[Any, Any, Any, Any], Any]
   check_config: Callable[[Any], None]
   losses: tuple[str, ...]
   make_split: Callable[..., Split] | None = None

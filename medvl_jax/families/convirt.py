@@ -10,7 +10,7 @@ import jax
 
 from medvl_jax import losses
 from medvl_jax.errors import ConfigError
-from medvl_jax.families import Encoders, Family, Split, row_mask, text_tower_mask
+from medvl_jax.families import Family, Split, row_mask, text_tower_mask
 from medvl_jax.models import bert as bert_model
 from medvl_jax.models import convirt as convirt_model
 
@@ -75,16 +75,14 @@ def make_split(config, mesh=None) -> Split:
   return Split(prepare=lambda model, variables, batch, rng: {}, micro=micro, combine=combine)
 
 
-def encoders(model) -> Encoders:
-  def image(variables, images):
-    h = model.apply(variables, images, False, method=type(model).encode_image)
-    return h, model.apply(variables, h, method=lambda m, x: m.image_proj(x))
+def encode_image(model, variables, images):
+  h = model.apply(variables, images, False, method=type(model).encode_image)
+  return h, model.apply(variables, h, method=lambda m, x: m.image_proj(x))
 
-  def text(variables, ids, mask):
-    h = model.apply(variables, ids, mask, False, method=type(model).encode_text)
-    return model.apply(variables, h, method=lambda m, x: m.text_proj(x))
 
-  return Encoders(image=image, text=text)
+def encode_text(model, variables, ids, mask):
+  h = model.apply(variables, ids, mask, False, method=type(model).encode_text)
+  return model.apply(variables, h, method=lambda m, x: m.text_proj(x))
 
 
 def _valid(key, value, valid) -> None:
@@ -138,7 +136,8 @@ FAMILY = Family(
   metrics=("loss_i2t", "loss_t2i", "acc_i2t", "acc_t2i"),
   summary_metrics=("acc_i2t",),
   trainable_mask=text_tower_mask,
-  encoders=encoders,
+  encode_image=encode_image,
+  encode_text=encode_text,
   check_config=check_config,
   losses=tuple(losses.LOSSES),  # InfoNCE (lam, temperature, impl)
   make_split=make_split,

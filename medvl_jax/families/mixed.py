@@ -9,7 +9,7 @@ Random streams: `dropout` (the step key) and `masking` (derived from it).
 import jax
 
 from medvl_jax import losses
-from medvl_jax.families import Encoders, Family, Split, text_tower_mask
+from medvl_jax.families import Family, Split, text_tower_mask
 from medvl_jax.models import mixed as mixed_model
 
 _MASKING_SALT = 0x6D61736B  # 'mask': the masking stream is independent of dropout's.
@@ -70,17 +70,13 @@ def make_split(config, mesh=None) -> Split:
   return Split(prepare=prepare, micro=micro, combine=combine)
 
 
-def encoders(model) -> Encoders:
-  cls = type(model)
+def encode_image(model, variables, images):
+  h = model.apply(variables, images, method=type(model).encode_image)
+  return h, model.apply(variables, images, method=type(model).embed_image)
 
-  def image(variables, images):
-    h = model.apply(variables, images, method=cls.encode_image)
-    return h, model.apply(variables, images, method=cls.embed_image)
 
-  def text(variables, ids, mask):
-    return model.apply(variables, ids, mask, method=cls.embed_text)
-
-  return Encoders(image=image, text=text)
+def encode_text(model, variables, ids, mask):
+  return model.apply(variables, ids, mask, method=type(model).embed_text)
 
 
 def check_config(model_cfg) -> None:
@@ -108,7 +104,8 @@ FAMILY = Family(
   ),
   summary_metrics=("mlm", "mvm", "contrastive"),
   trainable_mask=text_tower_mask,
-  encoders=encoders,
+  encode_image=encode_image,
+  encode_text=encode_text,
   check_config=check_config,
   losses=("mixed",),  # MLM + multi-scale MVM + InfoNCE on pairs (losses.mixed_loss)
   make_split=make_split,

@@ -1,9 +1,9 @@
 """Export of a mixed run: a real smoke run, the real CLIs, timm and transformers on the other side.
 
-The JAX reference is the mixed family's encoders (`families.get('mixed').encoders`, what the
-evaluators use) on the checkpoint as Orbax restores it; the PyTorch side is a stock timm
-`VisionTransformer` built from `timm.json`, `transformers.AutoModel` and the exported heads,
-pooled as export.json says.
+The JAX reference is the mixed family's encoders (`encode_image` / `encode_text` of
+`families.get('mixed')`, what the evaluators use) on the checkpoint as Orbax restores it; the
+PyTorch side is a stock timm `VisionTransformer` built from `timm.json`,
+`transformers.AutoModel` and the exported heads, pooled as export.json says.
 """
 
 import csv
@@ -73,9 +73,8 @@ def jax_encoders(mixed_run):
   state = mngr.restore(mngr.latest_step())["state"]
   mngr.close()
   variables = {"params": state["params"]}
-  enc = family.encoders(model)
-  image = jax.jit(lambda images: enc.image(variables, images))
-  text = jax.jit(lambda ids, mask: enc.text(variables, ids, mask))
+  image = jax.jit(lambda images: family.encode_image(model, variables, images))
+  text = jax.jit(lambda ids, mask: family.encode_text(model, variables, ids, mask))
   return image, text, config
 
 
@@ -287,15 +286,17 @@ def test_mean_pools_export_to_what_timm_and_the_rules_compute(mixed_run, tmp_pat
   mngr = checkpoint.manager(mixed_run, read_only=True)
   variables = {"params": mngr.restore(mngr.latest_step())["state"]["params"]}
   mngr.close()
-  enc = family.encoders(model)
   images, sentences = samples
   pre = meta["image_preprocessing"]
   pixels = np.stack([eval_pixels(p, pre) for p in images[:3]])
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(out / "text_encoder"))
   tokens = tokenizer(sentences, padding=True, truncation=True, max_length=32, return_tensors="np")
-  _, z_image_ref = enc.image(variables, pixels[..., None])
-  z_text_ref = enc.text(
-    variables, tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(np.int32)
+  _, z_image_ref = family.encode_image(model, variables, pixels[..., None])
+  z_text_ref = family.encode_text(
+    model,
+    variables,
+    tokens["input_ids"].astype(np.int32),
+    tokens["attention_mask"].astype(np.int32),
   )
 
   vit, bert, heads = load_torch(out)
