@@ -3,8 +3,9 @@ r"""Export a run to PyTorch / Hugging Face files (the library: `medvl_jax.intero
   python -m medvl_jax.export --workdir=runs/convirt --out=exported [--step=N] [--overwrite]
 
 A checkpoint whose params or batch statistics hold NaN/inf is refused (one line, exit 2) unless
-`--allow_nonfinite`. OUT gets the run's family's files and export.json, written into a sibling
-temporary directory renamed to OUT when complete (see `medvl_jax.interop.export`).
+`--allow_nonfinite`. OUT gets the run's family's files, export.json and README.md (a model
+card), written into a sibling temporary directory renamed to OUT when complete (see
+`medvl_jax.interop.export`).
 """
 
 import pathlib

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medvl_jax.errors import WeightsError
-from medvl_jax.interop import export_files, hf_bert, mapping, torchvision_resnet
+from medvl_jax.interop import export_files, hf_bert, mapping, model_card, torchvision_resnet
 from medvl_jax.interop.registry import FamilyInterop
 
 
@@ -159,4 +159,45 @@ def export(model, params, batch_stats, config, out_dir: pathlib.Path) -> dict[st
   }
 
 
-INTEROP = FamilyInterop(name="convirt", init_from_pretrained=init_from_pretrained, export=export)
+# ----------------------------------------------------------------------------- model card
+PYTORCH = """\
+import torch, torchvision
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+out = "."  # this folder
+cnn = torchvision.models.resnet50()
+cnn.fc = torch.nn.Identity()  # no classifier: the output is the pooled feature h_v
+cnn.load_state_dict(load_file(f"{out}/image_encoder/model.safetensors"))
+bert = AutoModel.from_pretrained(f"{out}/text_encoder")
+tokenizer = AutoTokenizer.from_pretrained(f"{out}/text_encoder")
+heads = load_file(f"{out}/projection_heads.safetensors")  # {image,text}.fc{1,2}.{weight,bias}
+"""
+
+
+def card(model, config, recorded: dict[str, Any]) -> model_card.FamilyCard:
+  pre = recorded["image_preprocessing"]
+  architecture, pytorch = f"`{pre['architecture']}`", PYTORCH
+  if pre["architecture"] != "torchvision.models.resnet50":
+    architecture = pre["architecture"]
+    pytorch = (
+      f"# The image tower is not torchvision's resnet50 but a\n# {architecture}:\n"
+      "# build it from torchvision's ResNet and Bottleneck classes in place of resnet50().\n"
+      + pytorch
+    )
+  image = (
+    f"{architecture}, no `fc`: h_v = the {pre['feature_dim']}-d pooled features; input "
+    f"{pre['crop_size']}x{pre['crop_size']} grey (resize {pre['resize']}), repeated to 3 channels"
+  )
+  text = model_card.bert_tower(model.text_encoder.config, int(config.data.max_length), "max")
+  return model_card.FamilyCard(
+    title="ConVIRT image-text encoders (ResNet + BERT)",
+    tags=("convirt", "contrastive-learning", "resnet", "bert"),
+    towers={"image": image, "text": text},
+    pytorch=pytorch,
+  )
+
+
+INTEROP = FamilyInterop(
+  name="convirt", init_from_pretrained=init_from_pretrained, export=export, card=card
+)

@@ -12,7 +12,9 @@ The run's family (`registry.get(config.model.name).export`) writes its files, e.
   OUT/projection_heads.safetensors       `image.fc1.weight` [out, in], ... (torch Linear layout)
 and the mixed model a timm ViT (`image_encoder/timm.json` names it) instead of the ResNet.
 This module adds OUT/export.json: step, source workdir, model, what the family records (files,
-preprocessing, pooling, the embedding math, versions) and the training config.
+preprocessing, pooling, the embedding math, versions), the git commit of the exporting code
+(`code_commit`, 'unknown' outside a git checkout) and the training config; and OUT/README.md,
+a model card in the Hugging Face form (`model_card`).
 
 OUT is written into a sibling `OUT.tmp-*` directory that is renamed to OUT when complete, so
 OUT is either the previous content or the complete export, never a partial one.
@@ -31,7 +33,7 @@ import numpy as np
 from medvl_jax import cli, families
 from medvl_jax.ckpt import run_dir
 from medvl_jax.errors import CheckpointError, WeightsError
-from medvl_jax.interop import export_files, registry
+from medvl_jax.interop import export_files, model_card, registry
 
 
 # ----------------------------------------------------------------------------- checks
@@ -79,7 +81,7 @@ def export(
   if not workdir.is_dir():
     raise CheckpointError(f"{workdir}: workdir not found")
   config = run_dir.load_run_config(workdir)
-  family = families.get(config.model.name)
+  family, family_io = families.get(config.model.name), registry.get(config.model.name)
   _check_out(out, overwrite)
   model = family.build(config.model)
   step, params, batch_stats = run_dir.restore_variables(workdir, config, model, step)
@@ -92,19 +94,23 @@ def export(
   if bad:
     logging.warning("exporting non-finite weights (--allow_nonfinite): %d arrays", len(bad))
 
+  commit = model_card.code_commit()
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
   tmp.mkdir()
   try:
-    recorded = registry.get(config.model.name).export(model, params, batch_stats, config, tmp)
+    recorded = family_io.export(model, params, batch_stats, config, tmp)
     meta = {
       "step": int(step),
       "source_workdir": str(workdir),
       "model": config.model.name,
       **recorded,
+      "code_commit": commit,
       "config": config.to_dict(),
     }
     export_files.write_json(tmp / "export.json", meta)
+    card = family_io.card(model, config, recorded)
+    model_card.write(tmp, model_card.render(card, params, config, step, workdir, commit))
     cli.install_dir(tmp, out, lambda existing: _check_out(existing, overwrite))
   except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)

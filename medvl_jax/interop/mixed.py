@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from medvl_jax.errors import WeightsError
-from medvl_jax.interop import export_files, hf_bert, mapping, timm_vit
+from medvl_jax.interop import export_files, hf_bert, mapping, model_card, timm_vit
 from medvl_jax.interop.registry import FamilyInterop
 from medvl_jax.models import mixed as mixed_model
 
@@ -188,4 +188,49 @@ def export(model, params, batch_stats, config, out_dir: pathlib.Path) -> dict[st
   }
 
 
-INTEROP = FamilyInterop(name="mixed", init_from_pretrained=init_from_pretrained, export=export)
+# ----------------------------------------------------------------------------- model card
+PYTORCH = """\
+import json, timm
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+out = "."  # this folder
+arch = json.load(open(f"{out}/image_encoder/timm.json"))
+vit = timm.create_model(arch["architecture"], pretrained=False, **arch["kwargs"])
+vit.load_state_dict(load_file(f"{out}/image_encoder/model.safetensors"))  # output: pooled h_v
+bert = AutoModel.from_pretrained(f"{out}/text_encoder")
+tokenizer = AutoTokenizer.from_pretrained(f"{out}/text_encoder")
+heads = load_file(f"{out}/projection_heads.safetensors")  # {image,text}.fc{1,2}.{weight,bias}
+"""
+IMAGE_POOLING_SHORT = {"cls": "the class token", "mean": "the mean of the patch tokens"}
+
+
+def card(model, config, recorded: dict[str, Any]) -> model_card.FamilyCard:
+  del recorded
+  v = model.vit_config
+  image = (
+    f"ViT (timm `VisionTransformer`, `image_encoder/timm.json`): {v.image_size}x{v.image_size} "
+    f"input, {v.in_chans} channel(s), patch {v.patch_size}, {v.num_layers} layers, hidden "
+    f"{v.hidden_size}, {v.num_heads} heads; h_v = {IMAGE_POOLING_SHORT[model.image_pool]} "
+    "after the final LayerNorm"
+  )
+  text = model_card.bert_tower(
+    model.text_encoder.config, int(config.data.max_length), model.text_pool
+  )
+  return model_card.FamilyCard(
+    title="Mixed-data masked image-text encoders (ViT + BERT)",
+    tags=(
+      "masked-image-modeling",
+      "masked-language-modeling",
+      "contrastive-learning",
+      "vit",
+      "bert",
+    ),
+    towers={"image": image, "text": text},
+    pytorch=PYTORCH,
+  )
+
+
+INTEROP = FamilyInterop(
+  name="mixed", init_from_pretrained=init_from_pretrained, export=export, card=card
+)

@@ -4,6 +4,7 @@ its training half: pretrained towers in, a trained model out to PyTorch files.
   io = registry.get(config.model.name)
   variables = io.init_from_pretrained(host_variables, config.model)
   recorded = io.export(model, params, batch_stats, config, out_dir)
+  family_card = io.card(model, config, recorded)               # model_card.FamilyCard
 
 Adding a family: a module under `medvl_jax/interop/` that defines `INTEROP = FamilyInterop(...)`,
 and its name in `_MODULES` below (the same name as in `families._MODULES`).
@@ -37,11 +38,15 @@ class FamilyInterop:
       PyTorch / Hugging Face files into `out_dir` (a fresh temporary directory that
       `interop.export` renames into place) and returns what export.json records about them
       (files, preprocessing, pooling, the embedding math, package versions).
+    card: (model, config, recorded) -> `model_card.FamilyCard`: the family's part of the
+      exported model card (title, tags, towers, a PyTorch loading snippet); `recorded` is what
+      `export` returned.
   """
 
   name: str
   init_from_pretrained: Callable[[dict, Any], dict]
   export: Callable[[Any, Any, Any, Any, Any], dict]
+  card: Callable[[Any, Any, dict], Any]
 
 
 def names() -> tuple[str, ...]:

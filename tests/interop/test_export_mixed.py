@@ -21,6 +21,7 @@ from medvl_jax.ckpt import checkpoint
 from medvl_jax.interop import export
 from tests.conftest import REPO, run_main
 from tests.interop.test_export import assert_one_line_error, leftovers, run_export
+from tests.interop.test_model_card import card_snippet, check_card
 
 torch = pytest.importorskip("torch", reason="export is checked against PyTorch (extra 'torch')")
 timm = pytest.importorskip("timm", reason="the ViT tower is checked against timm (extra 'torch')")
@@ -263,6 +264,24 @@ def test_docs_snippet_runs_and_matches_jax(exported, jax_encoders, samples, caps
   np.testing.assert_allclose(ns["z_text"].numpy(), z_text_ref, rtol=0, atol=ATOL)
   cosine = float(np.sum(losses.l2_normalize(z_image_ref) * losses.l2_normalize(z_text_ref)))
   assert printed == pytest.approx(cosine, abs=ATOL)
+
+
+# ----------------------------------------------------------------------------- model card
+def test_model_card(exported, mixed_run, sample_data_dir):
+  front, body = check_card(exported, mixed_run, sample_data_dir)
+  assert {"masked-image-modeling", "vit", "bert"} <= set(front["tags"])
+  assert "ViT (timm `VisionTransformer`, `image_encoder/timm.json`): 64x64 input" in body
+  assert "parameters that serve pretraining only" in body  # fusion, MLM head, decoder
+
+
+def test_model_card_snippet_loads_the_export(exported):
+  ns = {}
+  exec(compile(card_snippet(exported), "README.md", "exec"), ns)  # pylint: disable=exec-used
+  weights = load_file(str(exported / "image_encoder" / "model.safetensors"))
+  np.testing.assert_array_equal(ns["vit"].pos_embed.detach(), weights["pos_embed"])
+  assert isinstance(ns["vit"], timm.models.vision_transformer.VisionTransformer)
+  assert isinstance(ns["bert"], transformers.BertModel)
+  assert sorted(ns["heads"]) == sorted(load_file(str(exported / "projection_heads.safetensors")))
 
 
 # ----------------------------------------------------------------------------- other pools
