@@ -201,6 +201,7 @@ def untrained(config) -> tuple[Any, Any]:
   import jax  # pylint: disable=g-import-not-at-top
 
   from medvl_jax import families  # pylint: disable=g-import-not-at-top
+  from medvl_jax.interop import pretrained  # pylint: disable=g-import-not-at-top
   from medvl_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   family = families.get(config.model.name)
@@ -208,8 +209,8 @@ def untrained(config) -> tuple[Any, Any]:
   init_rng, _ = step_lib.rngs(config)
   variables = jax.jit(functools.partial(families.init_variables, model, config))(init_rng)
   variables = jax.device_get(variables)
-  if family.has_pretrained(config.model):
-    variables = family.init_from_pretrained(variables, config.model)
+  if pretrained.configured(config.model):
+    variables = pretrained.init_from_pretrained(variables, config.model)
   state = types.SimpleNamespace(
     params=variables["params"], batch_stats=variables.get("batch_stats", {})
   )

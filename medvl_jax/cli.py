@@ -1,8 +1,12 @@
-"""What every command-line tool here shares: mistakes end as one `error: ...` line, exit 2."""
+"""What every command-line tool here shares: mistakes end as one `error: ...` line, exit 2;
+an output directory appears complete or not at all."""
 
+from collections.abc import Callable
 import logging
+import os
 import pathlib
 import secrets
+import shutil
 import sys
 from typing import Any, NoReturn
 
@@ -90,3 +94,27 @@ def probe_write(directory: pathlib.Path) -> None:
   probe = directory / f".write-probe-{secrets.token_hex(4)}"
   probe.write_bytes(b"")
   probe.unlink()
+
+
+def install_dir(
+  tmp: pathlib.Path, out: pathlib.Path, check_replaceable: Callable[[pathlib.Path], None]
+) -> None:
+  """Renames the complete directory `tmp` (a sibling of `out`) to `out`.
+
+  A missing or empty `out` is replaced at once. A non-empty one is first passed to
+  `check_replaceable`, which raises when it must stay (e.g. it is not an earlier output of
+  the same tool); it is then set aside, and removed only once `tmp` is in its place (put back
+  if that rename fails), so `out` always holds the previous content or the new one.
+  """
+  if not (out.exists() and any(out.iterdir())):
+    os.replace(tmp, out)  # Also replaces an empty directory at `out`, atomically.
+    return
+  check_replaceable(out)
+  old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+  os.rename(out, old)
+  try:
+    os.rename(tmp, out)
+  except OSError:
+    os.rename(old, out)
+    raise
+  shutil.rmtree(old, ignore_errors=True)

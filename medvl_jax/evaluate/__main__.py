@@ -69,17 +69,13 @@ def load_run(workdir: pathlib.Path, step: int | None):
 
 
 def _install(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  if out.exists() and any(out.iterdir()):
-    if not (out / "metrics.json").is_file():
+  def check_replaceable(existing: pathlib.Path) -> None:
+    if not (existing / "metrics.json").is_file():
       raise ConfigError(
-        f"{out}: exists, is not empty and holds no metrics.json; refusing to replace it"
+        f"{existing}: exists, is not empty and holds no metrics.json; refusing to replace it"
       )
-    old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.replace(tmp, out)
+
+  cli.install_dir(tmp, out, check_replaceable)
 
 
 def evaluate_run(

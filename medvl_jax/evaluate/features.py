@@ -6,6 +6,7 @@ fields), so the same object serves the training loop and the CLI, and both compu
 numbers. Passes over many images (>= progress.MIN_IMAGES) show a progress bar on stderr.
 """
 
+import functools
 import pathlib
 from typing import Any
 
@@ -29,7 +30,7 @@ def variables_of(state: Any) -> dict[str, Any]:
 
 class Encoders:
   """Batched, jitted, padded (fixed shapes: one compile per function) encoders of a model
-  family (`families.Family.encoders`)."""
+  family (its pure `Family.encode_image` / `Family.encode_text`)."""
 
   def __init__(
     self, model: Any, config: ml_collections.ConfigDict, tokenizer: Any, batch_size: int = 64
@@ -39,8 +40,9 @@ class Encoders:
     self.image_size, self.resize = int(config.data.image_size), int(config.data.resize)
     self.max_length = int(config.data.max_length)
 
-    fns = families.get(config.model.name).encoders(model)  # The family's encoders.
-    self._image_fn, self._text_fn = jax.jit(fns.image), jax.jit(fns.text)
+    family = families.get(config.model.name)
+    self._image_fn = jax.jit(functools.partial(family.encode_image, model))
+    self._text_fn = jax.jit(functools.partial(family.encode_text, model))
 
   def _batched(self, fn, arrays: list[np.ndarray], desc: str) -> Any:
     n, b = len(arrays[0]), self.batch_size

@@ -1,7 +1,7 @@
 """Model families: one small record per family, the only place that knows a family's shape.
 
-The trainer (`train.py`, `step.py`), `export.py`, `evaluate/` and `bench/` reach a model only
-through its `Family`; none of them names a family. `config.model.name` selects it:
+The trainer (`train/`), `evaluate/` and `bench/` reach a model only through its `Family`; none
+of them names a family. `config.model.name` selects it:
 
   family = families.get(config.model.name)
   model = family.build(config.model)
@@ -15,8 +15,11 @@ attention_mask, has_image, has_text, source; eval batches add `mask`), so a fami
 its targets and which rows carry which modality. `rng` is the step's key; the family derives
 its streams from it (`dropout`, and e.g. `masking`).
 
+A family's weights in and out (pretrained import, export to PyTorch) are its other half, in
+`medvl_jax.interop` (selected by the same name there).
+
 Adding a family: a module under `medvl_jax/families/` that defines `FAMILY = Family(...)`, and
-its name in `_MODULES` below.
+its name in `_MODULES` below; its interop half in `medvl_jax/interop/`.
 """
 
 from collections.abc import Callable
@@ -31,21 +34,12 @@ from medvl_jax.data import batch as batch_lib
 from medvl_jax.errors import ConfigError
 from medvl_jax.parallel import sharding
 
-# config.model.name -> module defining FAMILY (imported on use: a family's heavy imports, e.g.
-# its export side, are paid only by the runs that use it).
+# config.model.name -> module defining FAMILY (imported on use: a family's model code is paid
+# only by the runs that use it).
 _MODULES = {
   "convirt": "medvl_jax.families.convirt",
   "mixed": "medvl_jax.families.mixed",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Encoders:
-  """Pure functions the evaluators jit: pixels -> (pooled features h, embedding z) and
-  tokens -> embedding z; `variables` is {'params', 'batch_stats'}."""
-
-  image: Callable[[Any, Any], tuple[Any, Any]]  # (variables, uint8 [N,S,S,1]) -> (h, z)
-  text: Callable[[Any, Any, Any], Any]  # (variables, input_ids, attention_mask) -> z
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +64,7 @@ class Split:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """Everything the trainer, export and evaluators need to know about one model family.
+  """What the trainer and the evaluators need to know about one model family.
 
   Attributes:
     name: the `config.model.name` that selects it.
@@ -84,14 +78,11 @@ class Family:
     summary_metrics: the subset shown on the validation log line.
     trainable_mask: (params, config.model) -> bool tree (False = frozen: no gradient, no
       optimizer state).
-    init_from_pretrained: (host variables, config.model) -> variables with the configured
-      pretrained checkpoints imported (a no-op when none is configured).
-    has_pretrained: config.model -> whether init_from_pretrained has anything to import.
-    encoders: model -> `Encoders` for the evaluators.
-    export: (model, params, batch_stats, config, out_dir) -> dict; writes the family's
-      PyTorch / Hugging Face files into `out_dir` (a fresh temporary directory that
-      `medvl_jax.export` renames into place) and returns what export.json records about them
-      (files, preprocessing, pooling, the embedding math, package versions).
+    encode_image: (model, variables, uint8 images [N, S, S, 1]) -> (pooled features h [N, D],
+      embeddings z [N, d]); `variables` = {'params', 'batch_stats'}; pure, for the evaluators
+      (`evaluate.features.Encoders` jits and batches it).
+    encode_text: (model, variables, input_ids [N, L], attention_mask [N, L]) -> embeddings
+      z [N, d]; likewise.
     losses: the `config.loss.name` values this family trains with.
     check_config: config.model -> None; ConfigError naming the key on a bad nested choice
       (called by `config_check` before anything is read or built).
@@ -106,10 +97,8 @@ class Family:
   metrics: tuple[str, ...]
   summary_metrics: tuple[str, ...]
   trainable_mask: Callable[[Any, Any], Any]
-  init_from_pretrained: Callable[[dict, Any], dict]
-  has_pretrained: Callable[[Any], bool]
-  encoders: Callable[[Any], Encoders]
-  export: Callable[[Any, Any, Any, Any, Any], dict]
+  encode_image: Callable[[Any, Any, Any], tuple[Any, Any]]
+  encode_text: Callable[[Any, Any, Any, Any], Any]
   check_config: Callable[[Any], None]
   losses: tuple[str, ...]
   make_split: Callable[..., Split] | None = None

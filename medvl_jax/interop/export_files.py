@@ -1,7 +1,7 @@
 """Writing a family's export files: safetensors, JSON, the run's tokenizer, package versions.
 
 Each family's `export` writes its files with these into the temporary directory that
-`medvl_jax.export` renames into place when complete, so every family's files are written the
+`interop.export` renames into place when complete, so every family's files are written the
 same way (float32 tensors tagged for PyTorch, a progress bar on large files, files that follow
 the umask).
 """

@@ -28,6 +28,7 @@ from medvl_jax import config_check
 from medvl_jax.ckpt import checkpoint, run_dir
 from medvl_jax.data import input_pipeline
 from medvl_jax.errors import ConfigError, NonFiniteError
+from medvl_jax.interop import pretrained
 from medvl_jax.parallel import sharding
 from medvl_jax.train import log_window, nonfinite, prefetch, program, save_log, validation
 from medvl_jax.train import preemption as preemption_lib
@@ -261,10 +262,9 @@ def _restore_or_init(config, prog: program.Program, mngr, workdir) -> tuple:
   if "batch_stats" in prog.abstract_vars:
     var_sharding["batch_stats"] = prog.state_sharding.batch_stats
   variables = jax.jit(prog.init_fn, out_shardings=var_sharding)(prog.init_rng)  # born sharded
-  family = prog.family
-  if family.has_pretrained(config.model):  # host round trip only when importing weights
+  if pretrained.configured(config.model):  # host round trip only when importing weights
     variables = jax.device_put(
-      family.init_from_pretrained(jax.device_get(variables), config.model), var_sharding
+      pretrained.init_from_pretrained(jax.device_get(variables), config.model), var_sharding
     )
   state = jax.jit(prog.make_state, out_shardings=prog.state_sharding)(variables)
   return state, 0, 0

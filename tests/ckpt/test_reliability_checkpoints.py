@@ -67,7 +67,7 @@ def test_export_after_refused_run_keeps_the_trained_crop_size(smoke_run, tfds_di
   """The issue's case: a refused `data.image_size=48` once rewrote config.json, and the
   export then claimed crop_size 48 for a model trained at 64."""
   pytest.importorskip("torch", reason="export writes torch files (extra 'torch')")
-  from medvl_jax import export
+  from medvl_jax.interop import export
 
   workdir = _copy_run(smoke_run, tmp_path)
   proc = run_main(*smoke_args(workdir, tfds_dir, "--config.data.image_size=48"))

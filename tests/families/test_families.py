@@ -101,10 +101,11 @@ def test_trainable_mask_and_encoders(smoke):
   }
   assert not any(m for name, m in flat.items() if name.startswith("text/embeddings/"))
   assert all(m for name, m in flat.items() if name.startswith("image/"))
-  enc = family.encoders(model)
   batch = _batch(cfg, 3, seed=2)
-  h, z = jax.jit(enc.image)(variables, batch["image"])
-  zt = jax.jit(enc.text)(variables, batch["input_ids"], batch["attention_mask"])
+  h, z = jax.jit(lambda v, x: family.encode_image(model, v, x))(variables, batch["image"])
+  zt = jax.jit(lambda v, i, m: family.encode_text(model, v, i, m))(
+    variables, batch["input_ids"], batch["attention_mask"]
+  )
   out = model.apply(
     variables, batch["image"], batch["input_ids"], batch["attention_mask"], train=False
   )

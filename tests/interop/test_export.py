@@ -16,11 +16,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medvl_jax import export, families, losses
+from medvl_jax import families, losses
 from medvl_jax.ckpt import checkpoint
 from medvl_jax.ckpt import run_dir as run_dir_lib
 from medvl_jax.errors import CheckpointError, WeightsError
+from medvl_jax.interop import export
 from tests.conftest import REPO, SHORT_STEPS
+from tests.interop.test_model_card import card_snippet, check_card, read_card
 
 torch = pytest.importorskip("torch", reason="export is checked against PyTorch (extra 'torch')")
 torchvision = pytest.importorskip(
@@ -251,6 +253,53 @@ def test_docs_snippet_runs_and_matches_jax(exported, jax_model, sample_pairs, mo
   )
 
 
+# ----------------------------------------------------------------------------- model card
+def test_model_card(exported, run_dir, sample_data_dir):
+  front, body = check_card(exported, run_dir, sample_data_dir)
+  assert {"convirt", "resnet", "bert"} <= set(front["tags"])
+  assert "| text tower | `text_encoder/` | BERT (Hugging Face `BertModel`): 2 layers" in body
+  assert "no `fc`: h_v = the 256-d pooled features" in body
+
+
+def test_model_card_snippet_loads_the_export(exported, monkeypatch):
+  # The smoke run's image tower is the width-8 ResNet; the card says so above its snippet.
+  monkeypatch.setattr(torchvision.models, "resnet50", tiny_torchvision_resnet)
+  ns = {}
+  exec(compile(card_snippet(exported), "README.md", "exec"), ns)  # pylint: disable=exec-used
+  weights = load_file(str(exported / "image_encoder" / "model.safetensors"))
+  np.testing.assert_array_equal(ns["cnn"].conv1.weight.detach(), weights["conv1.weight"])
+  assert isinstance(ns["cnn"].fc, torch.nn.Identity)
+  assert isinstance(ns["bert"], transformers.BertModel)
+  assert ns["tokenizer"]("no acute findings")["input_ids"][0] == ns["tokenizer"].cls_token_id
+  assert sorted(ns["heads"]) == sorted(load_file(str(exported / "projection_heads.safetensors")))
+
+
+def test_model_card_lists_the_evaluations_of_the_exported_step(run_dir, tmp_path):
+  """An evaluation of the exported step under <workdir>/eval/ (the evaluate CLI's layout)
+  appears with its CIs; one of another step does not."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text((run_dir / "config.json").read_text())
+  for name in ("checkpoints", "tensorboard"):
+    (workdir / name).symlink_to(run_dir / name)
+  for step, r1 in ((STEPS, 0.125), (STEPS - 1, 0.5)):
+    result = {
+      "task": "retrieval",
+      "step": step,
+      "workdir": str(workdir),
+      "cfg": {"n_boot": 20},
+      "metrics": {"i2t_R@1": r1, "i2t_R@1_ci_lo": 0.05, "i2t_R@1_ci_hi": 0.25, "t2i_R@1": None},
+    }
+    (workdir / "eval" / f"retrieval-step{step}").mkdir(parents=True)
+    (workdir / "eval" / f"retrieval-step{step}" / "metrics.json").write_text(json.dumps(result))
+  export.export(workdir, tmp_path / "out")
+  _, body = read_card(tmp_path / "out")
+  assert f"(`eval/retrieval-step{STEPS}/metrics.json`;" in body
+  assert "| i2t_R@1 | 0.125 [0.05, 0.25] |" in body and "| t2i_R@1 | n/a |" in body
+  assert f"retrieval-step{STEPS - 1}" not in body and "| i2t_R@1 | 0.5" not in body
+  assert "| val_loss |" in body  # and what training logged at that step
+
+
 # ----------------------------------------------------------------------------- full-size ResNet
 def test_resnet50_export_loads_into_torchvision_resnet50(tmp_path):
   """A full-size image tower exports to what `torchvision.models.resnet50()` takes strictly."""
@@ -364,9 +413,9 @@ def test_overwrite_replaces_and_failure_keeps_previous(run_dir, tmp_path, monkey
   def broken(*args, **kwargs):
     raise OSError("disk full")
 
-  from medvl_jax.families import convirt as convirt_family  # pylint: disable=g-import-not-at-top
+  from medvl_jax.interop import convirt as convirt_interop  # pylint: disable=g-import-not-at-top
 
-  monkeypatch.setattr(convirt_family, "heads_state_dict", broken)  # written after both towers
+  monkeypatch.setattr(convirt_interop, "heads_state_dict", broken)  # written after both towers
   with pytest.raises(WeightsError, match="cannot write the export: disk full"):
     export.export(run_dir, out, overwrite=True)
   assert (out / "stale.txt").exists() and leftovers(tmp_path) == []

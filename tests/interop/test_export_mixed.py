@@ -1,9 +1,9 @@
 """Export of a mixed run: a real smoke run, the real CLIs, timm and transformers on the other side.
 
-The JAX reference is the mixed family's encoders (`families.get('mixed').encoders`, what the
-evaluators use) on the checkpoint as Orbax restores it; the PyTorch side is a stock timm
-`VisionTransformer` built from `timm.json`, `transformers.AutoModel` and the exported heads,
-pooled as export.json says.
+The JAX reference is the mixed family's encoders (`encode_image` / `encode_text` of
+`families.get('mixed')`, what the evaluators use) on the checkpoint as Orbax restores it; the
+PyTorch side is a stock timm `VisionTransformer` built from `timm.json`,
+`transformers.AutoModel` and the exported heads, pooled as export.json says.
 """
 
 import csv
@@ -16,10 +16,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medvl_jax import export, families, losses
+from medvl_jax import families, losses
 from medvl_jax.ckpt import checkpoint
+from medvl_jax.interop import export
 from tests.conftest import REPO, run_main
 from tests.interop.test_export import assert_one_line_error, leftovers, run_export
+from tests.interop.test_model_card import card_snippet, check_card
 
 torch = pytest.importorskip("torch", reason="export is checked against PyTorch (extra 'torch')")
 timm = pytest.importorskip("timm", reason="the ViT tower is checked against timm (extra 'torch')")
@@ -72,9 +74,8 @@ def jax_encoders(mixed_run):
   state = mngr.restore(mngr.latest_step())["state"]
   mngr.close()
   variables = {"params": state["params"]}
-  enc = family.encoders(model)
-  image = jax.jit(lambda images: enc.image(variables, images))
-  text = jax.jit(lambda ids, mask: enc.text(variables, ids, mask))
+  image = jax.jit(lambda images: family.encode_image(model, variables, images))
+  text = jax.jit(lambda ids, mask: family.encode_text(model, variables, ids, mask))
   return image, text, config
 
 
@@ -265,6 +266,24 @@ def test_docs_snippet_runs_and_matches_jax(exported, jax_encoders, samples, caps
   assert printed == pytest.approx(cosine, abs=ATOL)
 
 
+# ----------------------------------------------------------------------------- model card
+def test_model_card(exported, mixed_run, sample_data_dir):
+  front, body = check_card(exported, mixed_run, sample_data_dir)
+  assert {"masked-image-modeling", "vit", "bert"} <= set(front["tags"])
+  assert "ViT (timm `VisionTransformer`, `image_encoder/timm.json`): 64x64 input" in body
+  assert "parameters that serve pretraining only" in body  # fusion, MLM head, decoder
+
+
+def test_model_card_snippet_loads_the_export(exported):
+  ns = {}
+  exec(compile(card_snippet(exported), "README.md", "exec"), ns)  # pylint: disable=exec-used
+  weights = load_file(str(exported / "image_encoder" / "model.safetensors"))
+  np.testing.assert_array_equal(ns["vit"].pos_embed.detach(), weights["pos_embed"])
+  assert isinstance(ns["vit"], timm.models.vision_transformer.VisionTransformer)
+  assert isinstance(ns["bert"], transformers.BertModel)
+  assert sorted(ns["heads"]) == sorted(load_file(str(exported / "projection_heads.safetensors")))
+
+
 # ----------------------------------------------------------------------------- other pools
 def test_mean_pools_export_to_what_timm_and_the_rules_compute(mixed_run, tmp_path, samples):
   """A run with image.pool = text.pool = 'mean' (the smoke checkpoint's weights, re-labelled:
@@ -286,15 +305,17 @@ def test_mean_pools_export_to_what_timm_and_the_rules_compute(mixed_run, tmp_pat
   mngr = checkpoint.manager(mixed_run, read_only=True)
   variables = {"params": mngr.restore(mngr.latest_step())["state"]["params"]}
   mngr.close()
-  enc = family.encoders(model)
   images, sentences = samples
   pre = meta["image_preprocessing"]
   pixels = np.stack([eval_pixels(p, pre) for p in images[:3]])
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(out / "text_encoder"))
   tokens = tokenizer(sentences, padding=True, truncation=True, max_length=32, return_tensors="np")
-  _, z_image_ref = enc.image(variables, pixels[..., None])
-  z_text_ref = enc.text(
-    variables, tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(np.int32)
+  _, z_image_ref = family.encode_image(model, variables, pixels[..., None])
+  z_text_ref = family.encode_text(
+    model,
+    variables,
+    tokens["input_ids"].astype(np.int32),
+    tokens["attention_mask"].astype(np.int32),
   )
 
   vit, bert, heads = load_torch(out)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import mixed as mixed_config
-from medvl_jax.families import mixed as mixed_family
 from medvl_jax.interop import hf_bert, timm_vit
+from medvl_jax.interop import mixed as mixed_interop
 from medvl_jax.models import mixed
 
 torch = pytest.importorskip("torch")
@@ -24,7 +24,7 @@ def trained_like():
   cfg.model.text.init = cfg.model.text.tokenizer
   model = mixed.from_config(cfg.model)
   variables = mixed.init(model, jax.random.key(0))
-  variables = mixed_family.init_from_pretrained(variables, cfg.model)
+  variables = mixed_interop.init_from_pretrained(variables, cfg.model)
   _, minilm = hf_bert.load_bert(cfg.model.text.init)
   for a, b in zip(
     jax.tree_util.tree_leaves(variables["params"]["text"]), jax.tree_util.tree_leaves(minilm)
@@ -38,7 +38,7 @@ def trained_like():
 
 def test_exported_towers_reproduce_the_jax_embeddings(trained_like):
   cfg, model, variables = trained_like
-  out = mixed_family.export_state_dicts(model, variables["params"])
+  out = mixed_interop.export_state_dicts(model, variables["params"])
 
   def as_torch(sd):
     return {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
@@ -95,7 +95,7 @@ def test_image_init_from_a_timm_file(tmp_path, trained_like):
   cfg = cfg.copy_and_resolve_references()
   cfg.model.image.init = str(path)
   fresh = mixed.init(model, jax.random.key(7))
-  loaded = mixed_family.init_from_pretrained(fresh, cfg.model)
+  loaded = mixed_interop.init_from_pretrained(fresh, cfg.model)
   for a, b in zip(
     jax.tree_util.tree_leaves(loaded["params"]["image"]),
     jax.tree_util.tree_leaves(variables["params"]["image"]),

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from medvl_jax.errors import WeightsError
-from medvl_jax.interop import hf_bert, pretrained, torchvision_resnet
+from medvl_jax.interop import convirt as convirt_interop
+from medvl_jax.interop import hf_bert, torchvision_resnet
 from medvl_jax.models import convirt
 from medvl_jax.models.bert import BertConfig, BertModel
 from medvl_jax.models.resnet import ResNet50
@@ -320,7 +321,7 @@ def test_init_from_pretrained_replaces_towers(minilm_dir, resnet_files):
   cfg = model_cfg(str(minilm_dir), str(path / "r50.pth"), "resnet50")
   variables = abstract_variables(cfg)
   assert convirt.from_config(cfg).text_encoder.config.hidden_dropout == 0.0
-  out = pretrained.init_from_pretrained(variables, cfg)
+  out = convirt_interop.init_from_pretrained(variables, cfg)
   _, text = hf_bert.load_bert(minilm_dir)
   params, stats = torchvision_resnet.load_resnet50(path / "r50.pth")
   jax.tree_util.tree_map(np.testing.assert_array_equal, out["params"]["text"], text)
@@ -344,7 +345,7 @@ def test_init_from_pretrained_rejects_mismatching_model(resnet_files):
     max_position_embeddings=16,
   )
   with pytest.raises(WeightsError, match=r"r50\.pth.*params/image.*layer1/1"):
-    pretrained.init_from_pretrained(abstract_variables(cfg), cfg)
+    convirt_interop.init_from_pretrained(abstract_variables(cfg), cfg)
   # Same structure, one leaf of another shape: named with both shapes.
   cfg.image.variant = "resnet50"
   variables = abstract_variables(cfg)
@@ -356,4 +357,4 @@ def test_init_from_pretrained_rejects_mismatching_model(resnet_files):
     match=r"params/image/layer2/0/conv2/kernel imported "
     r"\(3, 3, 128, 128\) vs model \(3, 3, 128, 64\)",
   ):
-    pretrained.init_from_pretrained(variables, cfg)
+    convirt_interop.init_from_pretrained(variables, cfg)
