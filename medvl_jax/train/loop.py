@@ -29,7 +29,8 @@ import numpy as np
 
 from medvl_jax import config_check
 from medvl_jax.ckpt import checkpoint, run_dir
-from medvl_jax.data import input_pipeline
+from medvl_jax.data import sources, streams
+from medvl_jax.data import tokenizer as tokenizer_lib
 from medvl_jax.errors import ConfigError, NonFiniteError
 from medvl_jax.parallel import sharding
 from medvl_jax.train import program
@@ -40,7 +41,7 @@ from medvl_jax.train import step as step_lib
 def evaluate(eval_fn, state, config, tokenizer, mesh) -> dict[str, float]:
   """val_<metric>: the mean over the real (unpadded) rows of the eval split."""
   totals = {}
-  for local in input_pipeline.create_eval_iterator(
+  for local in streams.create_eval_iterator(
     config,
     tokenizer,
     config.data.eval_split,
@@ -283,11 +284,11 @@ def train_and_evaluate(
   config_check.check_disk(workdir, abstract_state)  # preflight: room for two checkpoints
 
   # Input: the sample is prepared on first use; the tokenizer comes from the text checkpoint.
-  input_pipeline.prepare(config)
+  sources.prepare(config)
   if preemption.requested:
     return _stop_during_setup("data preparation")
   config_check.check_batch_fits(config)  # preflight: batch <= split (split sizes known now)
-  tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
+  tokenizer = tokenizer_lib.load(config.model.text.tokenizer or config.model.text.init)
 
   # The config is valid and fits the run: only now is <workdir>/config.json (re)written.
   if is_chief:
@@ -345,7 +346,7 @@ def train_and_evaluate(
 
     evaluators = evaluate_lib.build_all(model, config, tokenizer)
 
-  train_iter = input_pipeline.create_train_iterator(
+  train_iter = streams.create_train_iterator(
     config,
     tokenizer,
     start_step=start_step,
