@@ -51,7 +51,7 @@ def _batches(cfg, n: int) -> str:
   from medvl_jax.data import streams
   from medvl_jax.data import tokenizer as tokenizer_lib
 
-  tok = tokenizer_lib.load(cfg.model.text.tokenizer or cfg.model.text.init)
+  tok = tokenizer_lib.from_config(cfg)
   it = streams.create_train_iterator(cfg, tok)
   named = []
   for i in range(n):

@@ -76,7 +76,7 @@ class DeviceStep:
       var_sharding["batch_stats"] = prog.state_sharding.batch_stats
     variables = jax.jit(prog.init_fn, out_shardings=var_sharding)(prog.init_rng)
     self.state = jax.jit(prog.make_state, out_shardings=prog.state_sharding)(variables)
-    tokenizer = tokenizer_lib.load(cfg.model.text.tokenizer or cfg.model.text.init)
+    tokenizer = tokenizer_lib.from_config(cfg)
     it = streams.create_train_iterator(cfg, tokenizer, start_step=0)
     self.batches = [sharding.to_global(next(it), mesh) for _ in range(2)]
     del it

@@ -225,7 +225,7 @@ def encoders_and_state(arm: str, config, workdir: pathlib.Path):
     config, encoders, state, _ = ev_main.load_run(workdir, None)
     return config, encoders, state
   model, state = untrained(config)
-  tokenizer = tokenizer_lib.load(config.model.text.tokenizer or config.model.text.init)
+  tokenizer = tokenizer_lib.from_config(config)
   return config, features.Encoders(model, config, tokenizer), state
 
 

@@ -1,6 +1,8 @@
 """The run's text tokenizer: a local Hugging Face fast tokenizer, and tokenising batches.
 
-Nothing is ever downloaded. Imports no TensorFlow.
+The tokenizer directory of a run is `config.model.text.tokenizer`, or `config.model.text.init`
+(the BERT checkpoint's own directory) when that is ''; training, the evaluators and export all
+find it through `directory`. Nothing is ever downloaded. Imports no TensorFlow.
 """
 
 import os
@@ -10,6 +12,12 @@ from typing import Any
 import numpy as np
 
 from medvl_jax.errors import DataError
+
+
+def directory(text_cfg: Any) -> str:
+  """The tokenizer directory of `config.model.text`: `.tokenizer`, else `.init` ('' if both are
+  empty)."""
+  return text_cfg.tokenizer or text_cfg.init
 
 
 def load(path: str | os.PathLike[str]) -> Any:
@@ -25,6 +33,11 @@ def load(path: str | os.PathLike[str]) -> Any:
   if not tokenizer.is_fast:
     raise DataError(f"{path}: not a fast tokenizer (tokenizer.json missing?)")
   return tokenizer
+
+
+def from_config(config: Any) -> Any:
+  """`load` of the run's tokenizer directory (`directory(config.model.text)`)."""
+  return load(directory(config.model.text))
 
 
 def tokenize(batch: dict[str, Any], tokenizer, max_length: int) -> dict[str, Any]:

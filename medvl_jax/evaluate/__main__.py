@@ -63,7 +63,7 @@ def load_run(workdir: pathlib.Path, step: int | None):
   config = run_dir.load_run_config(workdir)
   model = families.get(config.model.name).build(config.model)
   step, params, batch_stats = run_dir.restore_variables(workdir, config, model, step)
-  tokenizer = tokenizer_lib.load(config.model.text.tokenizer or config.model.text.init)
+  tokenizer = tokenizer_lib.from_config(config)
   encoders = features.Encoders(model, config, tokenizer)
   return config, encoders, types.SimpleNamespace(params=params, batch_stats=batch_stats), step
 

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from medvl_jax import interop, losses
+from medvl_jax.data import tokenizer as tokenizer_lib
 from medvl_jax.errors import ConfigError
 from medvl_jax.families import Encoders, Family, Split, row_mask, text_tower_mask
 from medvl_jax.interop import export_files, hf_bert, pretrained, torchvision_resnet
@@ -219,7 +220,7 @@ def check_config(model_cfg) -> None:
         "Hugging Face BERT directory; '' = random)"
       )
     bert_model.read_config(text.init)  # model_type, activation, shape: WeightsError naming the file
-  tokenizer = text.tokenizer or text.init
+  tokenizer = tokenizer_lib.directory(text)
   if not tokenizer:
     raise ConfigError(
       "config.model.text.tokenizer is required when config.model.text.init "

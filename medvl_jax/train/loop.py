@@ -288,7 +288,7 @@ def train_and_evaluate(
   if preemption.requested:
     return _stop_during_setup("data preparation")
   config_check.check_batch_fits(config)  # preflight: batch <= split (split sizes known now)
-  tokenizer = tokenizer_lib.load(config.model.text.tokenizer or config.model.text.init)
+  tokenizer = tokenizer_lib.from_config(config)
 
   # The config is valid and fits the run: only now is <workdir>/config.json (re)written.
   if is_chief:

@@ -1,15 +1,32 @@
-"""The run's tokenizer: loading it (errors name the path), tokenising batches with the bundled
-MiniLM tokenizer."""
+"""The run's tokenizer: where it is found, loading it (errors name the path), tokenising batches
+with the bundled MiniLM tokenizer."""
 
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
 from medvl_jax.data import tokenizer as tokenizer_lib
 from medvl_jax.errors import DataError
 from tests.conftest import REPO
+from tests.data.sample import TOKENIZER_DIR
+
+
+def test_directory_is_the_tokenizer_else_the_text_checkpoint():
+  text = ml_collections.ConfigDict({"tokenizer": "/tok", "init": "/bert"})
+  assert tokenizer_lib.directory(text) == "/tok"
+  text.tokenizer = ""
+  assert tokenizer_lib.directory(text) == "/bert"
+  text.init = ""
+  assert tokenizer_lib.directory(text) == ""
+
+
+def test_from_config_loads_the_run_tokenizer():
+  config = ml_collections.ConfigDict({"model": {"text": {"tokenizer": "", "init": ""}}})
+  config.model.text.init = str(TOKENIZER_DIR)
+  assert tokenizer_lib.from_config(config).is_fast
 
 
 def test_load_errors_name_the_path(tmp_path):
