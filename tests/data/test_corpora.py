@@ -34,7 +34,7 @@ EXPECTED_KINDS = {
   ("rsna_pneumonia", "default"): {"image"},
   ("covidx", "default"): {"image"},
 }
-# The label columns and task types evaluate/datasets.py held before the registry (issue 9).
+# The label columns and task types the evaluators read for each corpus.
 EXPECTED_LABELS = {
   "cxr_sample": None,
   "mimic_cxr": common.CHEXPERT_LABELS,
@@ -141,7 +141,7 @@ def test_prepare_reads_the_registry(tmp_path):
 
 def test_importing_the_registry_imports_no_data_pipeline():
   code = (
-    "import sys; from medvl_jax import corpora; corpora.get('chexpert'); "
+    "import sys; from medvl_jax.data import corpora; corpora.get('chexpert'); "
     "bad = [m for m in sys.modules if m.split('.')[0] in "
     "('data_pipelines', 'tensorflow', 'tensorflow_datasets')]; "
     "assert not bad, bad"
