@@ -48,10 +48,11 @@ def _hash_arrays(named: list[tuple[str, np.ndarray]]) -> str:
 
 
 def _batches(cfg, n: int) -> str:
-  from medvl_jax.data import input_pipeline
+  from medvl_jax.data import streams
+  from medvl_jax.data import tokenizer as tokenizer_lib
 
-  tok = input_pipeline.load_tokenizer(cfg.model.text.tokenizer or cfg.model.text.init)
-  it = input_pipeline.create_train_iterator(cfg, tok)
+  tok = tokenizer_lib.from_config(cfg)
+  it = streams.create_train_iterator(cfg, tok)
   named = []
   for i in range(n):
     batch = next(it)

@@ -46,7 +46,8 @@ import jax  # noqa: E402  # pylint: disable=g-import-not-at-top,wrong-import-pos
 import numpy as np  # noqa: E402  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import convirt  # noqa: E402  # pylint: disable=g-import-not-at-top
-from medvl_jax.data import input_pipeline  # noqa: E402
+from medvl_jax.data import sources, streams  # noqa: E402
+from medvl_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from medvl_jax.parallel import sharding  # noqa: E402
 from medvl_jax.train import loop, program  # noqa: E402
 
@@ -75,8 +76,8 @@ class DeviceStep:
       var_sharding["batch_stats"] = prog.state_sharding.batch_stats
     variables = jax.jit(prog.init_fn, out_shardings=var_sharding)(prog.init_rng)
     self.state = jax.jit(prog.make_state, out_shardings=prog.state_sharding)(variables)
-    tokenizer = input_pipeline.load_tokenizer(cfg.model.text.tokenizer or cfg.model.text.init)
-    it = input_pipeline.create_train_iterator(cfg, tokenizer, start_step=0)
+    tokenizer = tokenizer_lib.from_config(cfg)
+    it = streams.create_train_iterator(cfg, tokenizer, start_step=0)
     self.batches = [sharding.to_global(next(it), mesh) for _ in range(2)]
     del it
     self.step_fn = prog.jit_step().lower(self.state, self.batches[0]).compile()
@@ -143,7 +144,7 @@ def main():
   args = ap.parse_args()
   absl_logging.set_verbosity(absl_logging.INFO)  # the loop's progress lines mark the window
   cfg = config_for(args)
-  input_pipeline.prepare(cfg)
+  sources.prepare(cfg)
   dev, loop = [], []
   for _ in range(args.rounds):  # alternated, so load from other processes hits both alike
     device = DeviceStep(cfg)  # rebuilt per round (compile cache): one model in memory at a time

@@ -35,7 +35,8 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from medvl_jax.data import input_pipeline, mixing
+from medvl_jax.data import augment, mixing, records, sources, streams
+from medvl_jax.data import tokenizer as tokenizer_lib
 
 MIX = (
   {
@@ -156,7 +157,7 @@ def reads_per_host(config, batches: int) -> dict[int, list[int]]:
   for processes in (1, 2, 4):
     counts = []
     for p in range(processes):
-      readers = input_pipeline._readers(config, input_pipeline.sources(config))  # pylint: disable=protected-access
+      readers = streams.open_readers(config, sources.sources(config))
       for r in readers:
         r.store = Counting(r.store)
       plan = mixing.Plan(
@@ -165,7 +166,7 @@ def reads_per_host(config, batches: int) -> dict[int, list[int]]:
         tuple(len(r.store) for r in readers),
         tuple(r.source.weight for r in readers),
       )
-      it = input_pipeline.train_records(config, readers, plan, 0, p, processes)
+      it = streams.train_records(config, readers, plan, 0, p, processes)
       for _ in range(batches):
         next(it)
       counts.append(sum(r.store.count for r in readers))
@@ -206,14 +207,14 @@ def fixture_20k(path: pathlib.Path, data_dir: str) -> int:
 
 
 def resume_reads(path: pathlib.Path, n: int, batch_size: int) -> dict[int, int]:
-  store = Counting(input_pipeline.RecordStore([str(path)], n))
-  source = input_pipeline.Source("fixture", "fixture", "", "train", "paired", 1.0, "convirt")
-  reader = input_pipeline._Reader(source, store, None, "", "")  # pylint: disable=protected-access
+  store = Counting(records.RecordStore([str(path)], n))
+  source = sources.Source("fixture", "fixture", "", "train", "paired", 1.0, "convirt")
+  reader = streams.Reader(source, store, None, "", "")
   plan = mixing.Plan(0, batch_size, (n,), (1.0,))
   out = {}
   for step in (0, 10_000):
     store.count = 0
-    next(input_pipeline.train_records(None, [reader], plan, step, 0, 1))
+    next(streams.train_records(None, [reader], plan, step, 0, 1))
     out[step] = store.count
   return out
 
@@ -224,7 +225,7 @@ def decode_rates(config, steps: int, batch: int) -> tuple[float, float]:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  (reader,) = input_pipeline._readers(config, input_pipeline.sources(config))  # pylint: disable=protected-access
+  (reader,) = streams.open_readers(config, sources.sources(config))
   plan = mixing.Plan(0, batch, (len(reader.store),), (1.0,))
   order = np.concatenate([plan.host_rows(b, 0, 1)[3] for b in range(steps + 2)])
   size, resize = config.data.image_size, config.data.resize
@@ -251,8 +252,8 @@ def decode_rates(config, steps: int, batch: int) -> tuple[float, float]:
 
   def tf_decode(raw):
     ex = reader.parse(raw)
-    image = input_pipeline._decode(ex["image"])  # pylint: disable=protected-access
-    return input_pipeline.augment.center_crop(image, size, resize)
+    image = streams.decode_image(ex["image"])
+    return augment.center_crop(image, size, resize)
 
   tds = tf.data.Dataset.from_generator(
     lambda: (reader.store.read([int(i)])[0] for i in order),
@@ -278,13 +279,13 @@ def main() -> None:
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     args.data_dir = args.data_dir or os.path.join(tmp, "tfds")
-    tokenizer = input_pipeline.load_tokenizer(args.tokenizer or default_tokenizer_dir())
+    tokenizer = tokenizer_lib.load(args.tokenizer or default_tokenizer_dir())
     config, mix = make_config(args), make_config(args, MIX)
-    input_pipeline.prepare(mix)
+    sources.prepare(mix)
     common = {"batch_size": args.batch_size, "image_size": args.image_size}
     runs = [
-      ("convirt", lambda: input_pipeline.create_train_iterator(config, tokenizer)),
-      ("mix3", lambda: input_pipeline.create_train_iterator(mix, tokenizer)),
+      ("convirt", lambda: streams.create_train_iterator(config, tokenizer)),
+      ("mix3", lambda: streams.create_train_iterator(mix, tokenizer)),
     ]
     if args.landed:
       landed = load_landed(args.landed)
@@ -293,7 +294,7 @@ def main() -> None:
       emit(name, **common, **rate(make(), args.batch_size, args.steps, args.warmup))
     if args.landed:  # The one-source stream is the landed one: compare batches 0..9.
       new, old = (
-        input_pipeline.create_train_iterator(config, tokenizer),
+        streams.create_train_iterator(config, tokenizer),
         landed.create_train_iterator(config, tokenizer),
       )
       same = [

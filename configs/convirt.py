@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.augment_chain = "convirt"  # medvl_jax.data.augment.CHAINS: 'convirt' | 'mae'
   # Train sources: () = the one paired source above (name, builder_config, train_split).
   # Else a tuple of dicts {'name', 'builder_config', 'split', 'kind': 'paired' | 'image' |
-  # 'text', 'weight' > 0, optional 'augment'}; see medvl_jax/data/input_pipeline.py.
+  # 'text', 'weight' > 0, optional 'augment'}; see medvl_jax/data/sources.py.
   c.data.sources = ()
   # batch_size > a train split's size repeats rows within a batch: refused unless True.
   c.data.allow_repeats = False

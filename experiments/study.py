@@ -218,7 +218,7 @@ def untrained(config) -> tuple[Any, Any]:
 
 
 def encoders_and_state(arm: str, config, workdir: pathlib.Path):
-  from medvl_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from medvl_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from medvl_jax.evaluate import __main__ as ev_main  # pylint: disable=g-import-not-at-top
   from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
 
@@ -226,7 +226,7 @@ def encoders_and_state(arm: str, config, workdir: pathlib.Path):
     config, encoders, state, _ = ev_main.load_run(workdir, None)
     return config, encoders, state
   model, state = untrained(config)
-  tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
+  tokenizer = tokenizer_lib.from_config(config)
   return config, features.Encoders(model, config, tokenizer), state
 
 
@@ -235,14 +235,14 @@ def load_nih(config) -> dict[str, np.ndarray]:
   """All of `nih14_sample` (every split of cxr_sample/image_only), eval transform."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  from medvl_jax.data import corpora, input_pipeline  # pylint: disable=g-import-not-at-top
+  from medvl_jax.data import corpora, sources  # pylint: disable=g-import-not-at-top
   from medvl_jax.evaluate import datasets  # pylint: disable=g-import-not-at-top
 
   b = corpora.builder("cxr_sample", "image_only", config.data.data_dir)
   if not b.is_prepared():
     b.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
-        manual_dir=str(input_pipeline.resolve_sample_dir(config)), try_download_gcs=False
+        manual_dir=str(sources.resolve_sample_dir(config)), try_download_gcs=False
       )
     )
   kw = dict(

@@ -37,7 +37,7 @@ import ml_collections
 
 from medvl_jax import cli, families, losses
 from medvl_jax.ckpt import checkpoint, run_dir
-from medvl_jax.data import corpora, input_pipeline
+from medvl_jax.data import corpora, sources
 from medvl_jax.errors import ConfigError, OutputError
 
 # ----------------------------------------------------------------------------- the schema
@@ -222,7 +222,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     )
   # Every source (config.data.sources, or the one-source shorthand): name, builder config,
   # kind, weight, augmentation chain, split; metadata only, no record is read.
-  input_pipeline.check_sources(config)
+  sources.check_sources(config)
 
 
 # ----------------------------------------------------------------------------- batch layout
@@ -310,13 +310,13 @@ def check_batch_fits(config: ml_collections.ConfigDict) -> None:
   """batch_size (each source's share of it) <= its train split, unless data.allow_repeats.
 
   Reads split sizes from the prepared datasets' metadata (no record is read): call it after
-  `input_pipeline.prepare`.
+  `sources.prepare`.
   """
   if config.data.allow_repeats:
     return
-  resolved = input_pipeline.sources(config)
+  resolved = sources.sources(config)
   total = sum(s.weight for s in resolved)
-  for source, n in zip(resolved, input_pipeline.split_sizes(config, resolved)):
+  for source, n in zip(resolved, sources.split_sizes(config, resolved)):
     rows = math.ceil(config.batch_size * source.weight / total)
     if rows > n:
       raise ConfigError(

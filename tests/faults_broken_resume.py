@@ -18,21 +18,21 @@ from absl import app, logging
 
 from medvl_jax import main as cli_main
 from medvl_jax.ckpt import checkpoint
-from medvl_jax.data import input_pipeline
+from medvl_jax.data import streams
 
 BREAKS = ("data_from_start", "position_off_by_one")
 
 
 def _break(kind: str) -> None:
   if kind == "data_from_start":
-    original = input_pipeline.create_train_iterator
+    original = streams.create_train_iterator
 
     def from_start(config, tokenizer, *, start_step=0, **kw):
       if start_step:
         logging.warning("FAULTS_BREAK_RESUME=%s applied (start_step %d -> 0)", kind, start_step)
       return original(config, tokenizer, start_step=0, **kw)
 
-    input_pipeline.create_train_iterator = from_start
+    streams.create_train_iterator = from_start
   elif kind == "position_off_by_one":
     # Patched at restore_newest_good (what the trainer calls): `restore` itself is checked
     # there (its data position must equal the step), which would turn this breakage into a

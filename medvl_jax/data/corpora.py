@@ -186,7 +186,7 @@ def source_changes(b) -> list[str]:
   (relative path -> size, mtime in ns, sha256). A file whose size and mtime are unchanged
   is taken as unchanged (a stat, no read); one whose stat changed is hashed. Returns
   '<path> (changed)' / '<path> (missing)' entries; [] for an unchanged source, a build
-  without the record (older builds) or a manual_dir that is no longer there (nothing to
+  without the record or a manual_dir that is no longer there (nothing to
   compare against).
   """
   source = b.info.metadata.get("source") if b.info.metadata else None

@@ -14,9 +14,9 @@ A `Plan` mixes S sources of N_s records with weights w_s into global batches of 
   are then shuffled by a permutation seeded by (seed, b), so every host slice mixes kinds.
   Host p of P takes rows [p * B / P, (p + 1) * B / P) and reads only their records.
 
-With one source the permutation of epoch e is the landed pipeline's (argsort of stateless
-uniforms keyed by (seed, e, 0)) and rows stay in stream order, so the one-source stream is the
-landed one, batch for batch, whenever the split fits in one shuffle block.
+With one source, rows stay in stream order and the permutation of epoch e is the argsort of
+N stateless uniforms keyed by [seed, TRAIN_SALT] folded with (e, 0): the one-source stream is
+that epoch order, read batch by batch.
 """
 
 import collections
@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from medvl_jax.errors import ConfigError
 
-TRAIN_SALT = 0x7A11  # The landed pipeline's train salt: key = [seed, TRAIN_SALT].
+TRAIN_SALT = 0x7A11  # Source 0's stream key: [seed, TRAIN_SALT].
 _SOURCE_SALT, _ROWS_SALT = 0x50C, 0x4035
 
 
@@ -38,7 +38,7 @@ def fold(seed: tf.Tensor, *data) -> tf.Tensor:
 
 
 def source_key(seed: int, source: int) -> tf.Tensor:
-  """Stateless key of source `source`'s stream (source 0: the landed train key)."""
+  """Stateless key of source `source`'s stream (source 0: [seed, TRAIN_SALT] itself)."""
   key = tf.constant([seed, TRAIN_SALT], tf.int64)
   return key if source == 0 else fold(key, _SOURCE_SALT, source)
 

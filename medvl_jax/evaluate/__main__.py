@@ -57,13 +57,13 @@ def load_run(workdir: pathlib.Path, step: int | None):
   """(config, encoders, state, step) of a run's checkpoint, without optimizer state."""
   from medvl_jax import families
   from medvl_jax.ckpt import run_dir
-  from medvl_jax.data import input_pipeline
+  from medvl_jax.data import tokenizer as tokenizer_lib
   from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
 
   config = run_dir.load_run_config(workdir)
   model = families.get(config.model.name).build(config.model)
   step, params, batch_stats = run_dir.restore_variables(workdir, config, model, step)
-  tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
+  tokenizer = tokenizer_lib.from_config(config)
   encoders = features.Encoders(model, config, tokenizer)
   return config, encoders, types.SimpleNamespace(params=params, batch_stats=batch_stats), step
 

@@ -18,7 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from medvl_jax import families, progress
-from medvl_jax.data import augment, input_pipeline
+from medvl_jax.data import augment, sources
 from medvl_jax.errors import DataError
 
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
@@ -101,7 +101,7 @@ def load_sample_split(
 
   Returns {'image': uint8 [N, S, S, 1], 'text', 'finding', 'patient_id', 'view', 'image_id'}.
   """
-  builder = input_pipeline.prepare(config)
+  builder = sources.prepare(config)
   size, resize = int(config.data.image_size), int(config.data.resize)
   keys = ("text", "finding", "patient_id", "view", "image_id")
   missing = [k for k in ("image",) + keys if k not in builder.info.features]

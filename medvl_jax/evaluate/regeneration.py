@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 import tensorflow_datasets as tfds
 
-from medvl_jax.data import augment, corpora, input_pipeline
+from medvl_jax.data import augment, corpora, sources
 from medvl_jax.errors import ConfigError, DataError
 from medvl_jax.evaluate import features, metrics, plots
 from medvl_jax.losses import masking
@@ -109,12 +109,12 @@ def blur_fill(image: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- data
 def load_image_only(config: Any, split: str) -> dict[str, np.ndarray]:
   """A split of the bundled sample's image-only corpus: {'image' uint8 [N,S,S,1], 'patient_id'}."""
-  input_pipeline.prepare(config)  # Prepares every train source of the run (the sample's too).
+  sources.prepare(config)  # Prepares every train source of the run (the sample's too).
   builder = corpora.builder("cxr_sample", "image_only", config.data.data_dir)
   if not builder.is_prepared():
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
-        manual_dir=str(input_pipeline.resolve_sample_dir(config)), try_download_gcs=False
+        manual_dir=str(sources.resolve_sample_dir(config)), try_download_gcs=False
       )
     )
   if split not in builder.info.splits:

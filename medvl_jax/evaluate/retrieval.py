@@ -250,6 +250,6 @@ class Evaluator:
 
 
 def input_sample_dir(config) -> pathlib.Path:
-  from medvl_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from medvl_jax.data import sources  # pylint: disable=g-import-not-at-top
 
-  return input_pipeline.resolve_sample_dir(config)
+  return sources.resolve_sample_dir(config)

@@ -9,6 +9,7 @@ import pathlib
 import jax
 
 from medvl_jax import losses
+from medvl_jax.data import tokenizer as tokenizer_lib
 from medvl_jax.errors import ConfigError
 from medvl_jax.families import Family, Split, row_mask, text_tower_mask
 from medvl_jax.models import bert as bert_model
@@ -114,7 +115,7 @@ def check_config(model_cfg) -> None:
         "Hugging Face BERT directory; '' = random)"
       )
     bert_model.read_config(text.init)  # model_type, activation, shape: WeightsError naming the file
-  tokenizer = text.tokenizer or text.init
+  tokenizer = tokenizer_lib.directory(text)
   if not tokenizer:
     raise ConfigError(
       "config.model.text.tokenizer is required when config.model.text.init "

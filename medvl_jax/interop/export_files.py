@@ -16,6 +16,7 @@ import numpy as np
 import safetensors.numpy
 
 from medvl_jax import progress
+from medvl_jax.data import tokenizer as tokenizer_lib
 from medvl_jax.errors import WeightsError
 
 _ST_METADATA = {"format": "pt"}  # transformers and safetensors.torch expect this tag.
@@ -55,7 +56,7 @@ def copy_tokenizer(text_cfg: Any, text_dir: pathlib.Path) -> None:
 
   The tokenizer directory is `text_cfg.tokenizer`, or `text_cfg.init` when that is ''.
   """
-  tokenizer_dir = text_cfg.tokenizer or text_cfg.init
+  tokenizer_dir = tokenizer_lib.directory(text_cfg)
   if not tokenizer_dir or not pathlib.Path(tokenizer_dir).is_dir():
     raise WeightsError(
       f"tokenizer directory of the run not found: {str(tokenizer_dir)!r} "

@@ -73,7 +73,7 @@ def code_commit() -> str:
 def training_sources(config: Any) -> list[dict[str, Any]]:
   """config.data.sources as rows (name, builder_config, split, kind, weight); the one-source
   shorthand (data.name, data.builder_config, data.train_split, paired) when there are none."""
-  entries = config.data.get("sources") or ()
+  entries = config.data.sources
   if not entries:
     d = config.data
     return [dict(name=d.name, builder_config=d.builder_config, split=d.train_split, kind="paired")]

@@ -462,25 +462,8 @@ def from_config(model_cfg: Any) -> MixedModel:
   )
 
 
-def dummy_batch(
-  model: MixedModel, batch_size: int = 2, max_length: int = 8
-) -> dict[str, jax.Array]:
-  """A batch in the agreed layout (for init and shape checks)."""
-  s = model.vit_config.image_size
-  return {
-    "image": jnp.zeros((batch_size, s, s, 1), jnp.uint8),
-    "input_ids": jnp.zeros((batch_size, max_length), jnp.int32),
-    "attention_mask": jnp.ones((batch_size, max_length), jnp.int32),
-    "has_image": jnp.ones((batch_size,), bool),
-    "has_text": jnp.ones((batch_size,), bool),
-    "source": jnp.zeros((batch_size,), jnp.int32),
-  }
-
-
-def init(
-  model: MixedModel, key: jax.Array, batch: Mapping[str, jax.Array] | None = None
-) -> dict[str, Any]:
-  """Initial variables ({'params': ...})."""
-  batch = dummy_batch(model) if batch is None else batch
+def init(model: MixedModel, key: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, Any]:
+  """Initial variables ({'params': ...}) for `batch`, a batch of the layout (its values do not
+  matter: `medvl_jax.data.batch.zeros` builds one)."""
   k_params, k_mask = jax.random.split(key)
   return model.init({"params": k_params, "masking": k_mask}, batch, train=False)

@@ -26,7 +26,8 @@ import ml_collections
 
 from medvl_jax import config_check
 from medvl_jax.ckpt import checkpoint, run_dir
-from medvl_jax.data import input_pipeline
+from medvl_jax.data import sources, streams
+from medvl_jax.data import tokenizer as tokenizer_lib
 from medvl_jax.errors import ConfigError, NonFiniteError
 from medvl_jax.interop import pretrained
 from medvl_jax.parallel import sharding
@@ -76,13 +77,12 @@ def train_and_evaluate(
   prog = program.build(config, mesh)
   config_check.check_disk(workdir, prog.abstract_state)  # preflight: room for two checkpoints
 
-  # ------------------------------------------------------------------------------------------ input
-  # The sample is prepared on first use; the tokenizer comes from the text checkpoint.
-  input_pipeline.prepare(config)
+  # Input: the sample is prepared on first use; the tokenizer comes from the text checkpoint.
+  sources.prepare(config)
   if preemption.requested:
     return preemption_lib.stop_during_setup("data preparation")
   config_check.check_batch_fits(config)  # preflight: batch <= split (split sizes known now)
-  tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
+  tokenizer = tokenizer_lib.from_config(config)
 
   # ---------------------------------------------------------------------------------- run directory
   # The config is valid and fits the run: only now is <workdir>/config.json (re)written.
@@ -121,7 +121,7 @@ def train_and_evaluate(
 
     evaluators = evaluate_lib.build_all(prog.model, config, tokenizer)
 
-  train_iter = input_pipeline.create_train_iterator(
+  train_iter = streams.create_train_iterator(
     config,
     tokenizer,
     start_step=start_step,

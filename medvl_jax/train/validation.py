@@ -3,7 +3,7 @@
 import jax
 import ml_collections
 
-from medvl_jax.data import input_pipeline
+from medvl_jax.data import streams
 from medvl_jax.parallel import sharding
 
 
@@ -16,7 +16,7 @@ def validation_metrics(
   rows); each host reads its share of the split, padded so all hosts run the same steps.
   """
   totals = {}
-  for local in input_pipeline.create_eval_iterator(
+  for local in streams.create_eval_iterator(
     config,
     tokenizer,
     config.data.eval_split,

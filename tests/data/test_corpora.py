@@ -34,7 +34,7 @@ EXPECTED_KINDS = {
   ("rsna_pneumonia", "default"): {"image"},
   ("covidx", "default"): {"image"},
 }
-# The label columns and task types evaluate/datasets.py held before the registry (issue 9).
+# The label columns and task types the evaluators read for each corpus.
 EXPECTED_LABELS = {
   "cxr_sample": None,
   "mimic_cxr": common.CHEXPERT_LABELS,

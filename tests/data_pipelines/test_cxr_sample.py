@@ -29,12 +29,12 @@ def build(config: str, data_dir: pathlib.Path, manual_dir: pathlib.Path) -> Buil
 def sample_tfds_dir(tmp_path_factory, sample_data_dir: pathlib.Path) -> pathlib.Path:
   """The real sample (all three configs) built once per test session; shared by the test files.
 
-  `paired` is built the way the train job builds it: by `input_pipeline.prepare`.
+  `paired` is built the way the train job builds it: by `sources.prepare`.
   """
   if "dir" not in _BUILT:
     import ml_collections  # pylint: disable=g-import-not-at-top
 
-    from medvl_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    from medvl_jax.data import sources  # pylint: disable=g-import-not-at-top
 
     data_dir = tmp_path_factory.mktemp("tfds")
     config = ml_collections.ConfigDict(
@@ -47,7 +47,7 @@ def sample_tfds_dir(tmp_path_factory, sample_data_dir: pathlib.Path) -> pathlib.
         }
       }
     )
-    assert input_pipeline.prepare(config).is_prepared()
+    assert sources.prepare(config).is_prepared()
     build("text_only", data_dir, sample_data_dir)
     build("image_only", data_dir, sample_data_dir)
     _BUILT["dir"] = data_dir

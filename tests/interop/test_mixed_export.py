@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import mixed as mixed_config
+from medvl_jax.data import batch as batch_lib
 from medvl_jax.interop import hf_bert, timm_vit
 from medvl_jax.interop import mixed as mixed_interop
 from medvl_jax.models import mixed
@@ -16,6 +17,10 @@ timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
 
+def _dummy(model):
+  return batch_lib.zeros(2, model.vit_config.image_size, 8)
+
+
 @pytest.fixture(scope="module")
 def trained_like():
   """Smoke-sized ViT with the real MiniLM text stack imported; every param perturbed so that
@@ -23,7 +28,7 @@ def trained_like():
   cfg = mixed_config.get_config("smoke")
   cfg.model.text.init = cfg.model.text.tokenizer
   model = mixed.from_config(cfg.model)
-  variables = mixed.init(model, jax.random.key(0))
+  variables = mixed.init(model, jax.random.key(0), _dummy(model))
   variables = mixed_interop.init_from_pretrained(variables, cfg.model)
   _, minilm = hf_bert.load_bert(cfg.model.text.init)
   for a, b in zip(
@@ -94,7 +99,7 @@ def test_image_init_from_a_timm_file(tmp_path, trained_like):
   safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
   cfg = cfg.copy_and_resolve_references()
   cfg.model.image.init = str(path)
-  fresh = mixed.init(model, jax.random.key(7))
+  fresh = mixed.init(model, jax.random.key(7), _dummy(model))
   loaded = mixed_interop.init_from_pretrained(fresh, cfg.model)
   for a, b in zip(
     jax.tree_util.tree_leaves(loaded["params"]["image"]),

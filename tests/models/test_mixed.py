@@ -7,10 +7,16 @@ import pytest
 
 from configs import mixed as mixed_config
 from medvl_jax import losses
+from medvl_jax.data import batch as batch_lib
 from medvl_jax.errors import ConfigError
 from medvl_jax.models import mixed
 
 SCALES = ("1x1", "2x2", "4x4")
+
+
+def init(model, key):
+  """The model's variables, initialised on a dummy batch of the layout."""
+  return mixed.init(model, key, batch_lib.zeros(2, model.vit_config.image_size, 8))
 
 
 def np_log_softmax(x):
@@ -68,7 +74,7 @@ def test_mvm_loss_matches_numpy():
 def smoke():
   cfg = mixed_config.get_config("smoke")
   model = mixed.from_config(cfg.model)
-  variables = mixed.init(model, jax.random.key(0))
+  variables = init(model, jax.random.key(0))
   return cfg, model, variables
 
 
@@ -257,7 +263,7 @@ def test_every_config_variant_builds_the_model(variant):
   assert cfg.loss.name == "mixed" and cfg.data.sources
   assert all(s["kind"] in ("paired", "image", "text") and s["weight"] > 0 for s in cfg.data.sources)
   assert len(cfg.loss.mvm_scale_weights) == len(cfg.model.masking.image.scales)
-  shapes = jax.eval_shape(lambda: mixed.init(model, jax.random.key(0)))["params"]
+  shapes = jax.eval_shape(lambda: init(model, jax.random.key(0)))["params"]
   if variant is None:
     # ViT-B/16 with timm's layout and the bundled MiniLM text stack.
     assert shapes["image"]["pos_embed"].shape == (1, 197, 768)

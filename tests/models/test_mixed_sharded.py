@@ -11,11 +11,13 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from configs import mixed as mixed_config
+    from medvl_jax.data import batch as batch_lib
     from medvl_jax.models import mixed
     assert jax.device_count() == 8
     cfg = mixed_config.get_config("smoke")
     model = mixed.from_config(cfg.model)
-    params = mixed.init(model, jax.random.key(0))["params"]
+    dummy = batch_lib.zeros(2, model.vit_config.image_size, 8)
+    params = mixed.init(model, jax.random.key(0), dummy)["params"]
     rng = np.random.default_rng(0)
     kinds = "pitppitp"
     has_image = np.array([k in "pi" for k in kinds])

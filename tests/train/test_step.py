@@ -7,16 +7,17 @@ import numpy as np
 
 from configs import convirt
 from medvl_jax import families
-from medvl_jax.data import input_pipeline
+from medvl_jax.data import sources, streams
+from medvl_jax.data import tokenizer as tokenizer_lib
 from medvl_jax.train import step
 
 
 def test_overfits_a_fixed_real_batch(tfds_dir, sample_data_dir):
   cfg = convirt.get_config("smoke")
   cfg.data.data_dir = str(tfds_dir)
-  input_pipeline.prepare(cfg)
-  tokenizer = input_pipeline.load_tokenizer(cfg.model.text.tokenizer)
-  batch = next(input_pipeline.create_eval_iterator(cfg, tokenizer, "train"))
+  sources.prepare(cfg)
+  tokenizer = tokenizer_lib.load(cfg.model.text.tokenizer)
+  batch = next(streams.create_eval_iterator(cfg, tokenizer, "train"))
   assert batch["mask"].all()
   batch = {k: v for k, v in batch.items() if k != "mask"}
   model = families.get(cfg.model.name).build(cfg.model)
