@@ -110,10 +110,8 @@ def macro_masked_auc(
 
 
 def probe_labels(
-  x_train: np.ndarray,
-  y_train: np.ndarray,
-  x_test: np.ndarray,
-  y_test: np.ndarray,
+  train: tuple[np.ndarray, np.ndarray],
+  test: tuple[np.ndarray, np.ndarray],
   patients: np.ndarray,
   *,
   task_type: str = "multilabel",
@@ -123,9 +121,11 @@ def probe_labels(
   c: float = 1.0,
   n_boot: int = 1000,
 ) -> tuple[list[tuple[str, float | None]], dict]:
-  """Linear probe on [N, C] labels (features already standardised); returns
+  """Linear probe on [N, C] labels: `train` and `test` are (features, labels) pairs, the
+  features already standardised, `patients` the test rows' patient ids; returns
   (metrics as (name, value), {'curves': {legend: (fpr, tpr, auc)}} of the largest fraction,
   first seed). See the module docstring for the metric names."""
+  (x_train, y_train), (x_test, y_test) = train, test
   y_train, y_test = np.asarray(y_train), np.asarray(y_test)
   n_classes = y_train.shape[1]
   names = list(names) or [str(k) for k in range(n_classes)]
@@ -307,10 +307,8 @@ class Evaluator:
     patients = data["test"]["patient_id"]
     if self.dataset is not None:
       values, self.details = probe_labels(
-        x_train,
-        y_train,
-        x_test,
-        y_test,
+        (x_train, y_train),
+        (x_test, y_test),
         patients,
         task_type=self.task_type,
         names=self.label_names,

@@ -173,7 +173,7 @@ def test_oracle_multilabel_macro_auc_is_one():
   y_te[[1, 2], 1] = -1
   names = [f"Class {k}" for k in range(5)]
   values, details = linear_probe.probe_labels(
-    x_tr, y_tr, x_te, y_te, patients, names=names, fractions=(0.1, 1.0), seeds=(0, 1), n_boot=50
+    (x_tr, y_tr), (x_te, y_te), patients, names=names, fractions=(0.1, 1.0), seeds=(0, 1), n_boot=50
   )
   m = dict(values)
   for tag in ("10pct", "100pct"):
@@ -193,10 +193,8 @@ def test_oracle_multiclass_accuracy_is_one():
   x = y * 4.0 + rng.normal(0, 0.05, y.shape)
   patients = np.array([f"p{i}" for i in range(50)])
   values, _ = linear_probe.probe_labels(
-    x[:100],
-    y[:100],
-    x[100:],
-    y[100:],
+    (x[:100], y[:100]),
+    (x[100:], y[100:]),
     patients,
     task_type="multiclass",
     names=("normal", "pneumonia", "COVID-19"),
