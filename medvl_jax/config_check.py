@@ -47,7 +47,7 @@ from medvl_jax.errors import ConfigError, OutputError
 # keys other than these to the loss.
 #   resume:  RESUME = may differ between a run's config.json and the config that resumes it
 #            (it changes neither the shapes of the state, nor the data stream, nor the seed);
-#            FIXED = a difference is refused (`check_resumable`). Documented in README.
+#            FIXED = a difference is refused (`check_resumable`). Documented in docs/training.md.
 #   must be: what `check` holds the value to: a range, or a tuple of the valid values;
 #            None = free, or checked with the part that reads it (data, model, evaluators).
 RESUME, FIXED = True, False

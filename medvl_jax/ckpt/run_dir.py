@@ -2,7 +2,7 @@
 and batch statistics of a checkpoint step (without the optimizer state).
 
 The one owner of this: `export.py`, `evaluate` and the resume check
-(`config_check.check_resumable`) call it; `train.py` writes what it reads
+(`config_check.check_resumable`) call it; `train/loop.py` writes what it reads
 (`<workdir>/config.json` and `<workdir>/checkpoints/<step>/state`, see `checkpoint.py`).
 """
 
@@ -55,7 +55,7 @@ def _fill_in(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The config a run was trained with (`<workdir>/config.json`, written by train.py), with
+  """The config a run was trained with (`<workdir>/config.json`, written by train/loop.py), with
   the keys that another version of the code did not write filled in (`_FILLED_IN`)."""
   workdir = pathlib.Path(workdir)
   path = workdir / "config.json"
