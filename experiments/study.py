@@ -218,11 +218,10 @@ def untrained(config) -> tuple[Any, Any]:
 
 def encoders_and_state(arm: str, config, workdir: pathlib.Path):
   from medvl_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from medvl_jax.evaluate import __main__ as ev_main  # pylint: disable=g-import-not-at-top
-  from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
+  from medvl_jax.evaluate import features, runs  # pylint: disable=g-import-not-at-top
 
   if ARMS[arm]["train"]:
-    config, encoders, state, _ = ev_main.load_run(workdir, None)
+    config, encoders, state, _ = runs.load_run(workdir, None)
     return config, encoders, state
   model, state = untrained(config)
   tokenizer = input_pipeline.load_tokenizer(config.model.text.tokenizer or config.model.text.init)
@@ -637,25 +636,24 @@ def _git() -> str:
 
 
 def write_plots(out: pathlib.Path, m: dict[str, Any], plots_dir: pathlib.Path) -> None:
-  from medvl_jax.evaluate import __main__ as ev_main  # pylint: disable=g-import-not-at-top
-  from medvl_jax.evaluate import plots  # pylint: disable=g-import-not-at-top
+  from medvl_jax.evaluate import plots, runs  # pylint: disable=g-import-not-at-top
 
   plots_dir.mkdir(parents=True, exist_ok=True)
   names = [k for k, _ in results.TABLE_METRICS if k.startswith(("nih", "covid"))]
-  runs = []
+  bars = []
   for a in m["arms"].values():
     flat = {}
     for k in names:
       v = a["metrics"].get(k, {})
       flat[k], flat[f"{k}_ci_lo"], flat[f"{k}_ci_hi"] = v.get("value"), v.get("lo"), v.get("hi")
-    runs.append({"metrics": flat})
+    bars.append({"metrics": flat})
   plots.comparison_chart(
-    plots_dir / "auc.png", runs, names, [a["title"] for a in m["arms"].values()]
+    plots_dir / "auc.png", bars, names, [a["title"] for a in m["arms"].values()]
   )
   curves = {}
   for arm, a in m["arms"].items():
     if a["trained"]:
-      c = ev_main.training_curves(out / "runs" / arm / "tensorboard")
+      c = runs.training_curves(out / "runs" / arm / "tensorboard")
       if c:
         curves[a["title"]] = c
   plots.training_curves(plots_dir / "losses.png", curves)

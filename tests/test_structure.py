@@ -44,10 +44,10 @@ def test_no_import_in_this_direction(graph, importer, imported):
 
 
 def test_run_reading_has_one_owner(graph):
-  """export and the evaluate CLI both read runs through medvl_jax.ckpt.run_dir."""
+  """export and evaluation both read runs through medvl_jax.ckpt.run_dir."""
   assert "medvl_jax.ckpt.run_dir" in graph.find_modules_directly_imported_by("medvl_jax.export")
   assert "medvl_jax.ckpt.run_dir" in graph.find_modules_directly_imported_by(
-    "medvl_jax.evaluate.__main__"
+    "medvl_jax.evaluate.runs"
   )
 
 
