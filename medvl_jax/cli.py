@@ -1,7 +1,10 @@
-"""What every command-line tool here shares: mistakes end as one `error: ...` line, exit 2."""
+"""What every command-line tool here shares: one flag parser, and mistakes that end as one
+`error: ...` line, exit 2."""
 
+import difflib
 import logging
 import pathlib
+import re
 import secrets
 import sys
 from typing import Any, NoReturn
@@ -22,12 +25,118 @@ def last_line(e: BaseException) -> str:
   return lines[-1] if lines else type(e).__name__
 
 
+# ----------------------------------------------------------------------------- flags
+# absl's help flags print the help and exit with status 1; asking for help is no failure.
+_HELP_FLAGS = frozenset(
+  f"{dash}{name}" for dash in ("-", "--") for name in ("help", "helpshort", "helpfull", "?")
+)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing for `app.run(main, flags_parser=parse_flags)`: one line on a bad flag."""
+  """absl flag parsing for `app.run(main, flags_parser=parse_flags)`.
+
+  A bad flag, a config file that does not load and an override of a config key that does not
+  exist each end as one `error: ...` line, exit 2; `--help` (also `-h`) prints the help and
+  exits 0.
+  """
+  end = argv.index("--") if "--" in argv else len(argv)
+  argv = [("--help" if a == "-h" and i < end else a) for i, a in enumerate(argv)]
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    for flag in _config_flags():
+      if flag.present:
+        flag.value.to_dict()  # a failed load surfaces on first attribute access: do it here
+    return rest
+  except SystemExit as e:
+    if e.code == 1 and _HELP_FLAGS.intersection(argv[1:end]):
+      sys.exit(0)
+    raise
   except flags.Error as e:
     die(last_line(e))
+  except (AttributeError, KeyError, IndexError) as e:  # ml_collections: override of an absent key
+    die(_absent_key_message(argv, e))
+  except (OSError, ValueError, TypeError) as e:  # missing config file, bad value or variant
+    die(f"--{_config_flag_name()}: {last_line(e)}")
+  return []
+
+
+def _config_flags() -> list[Any]:
+  """The ml_collections config flags defined (main's --config)."""
+  fv = flags.FLAGS
+  return [fv[name] for name in fv if fv[name].parser.flag_type() == "config object"]
+
+
+def _config_flag_name() -> str:
+  found = _config_flags()
+  return found[0].name if found else "config"
+
+
+def _absent_key_message(argv: list[str], error: BaseException) -> str:
+  """One line naming the override whose config key does not exist, with its full dotted key
+  and the closest key that does (ml_collections names only the last part of the key)."""
+  given = []
+  for flag in _config_flags():
+    overrides = [a for a in argv[1:] if re.match(rf"--?(no)?{re.escape(flag.name)}\.", a)]
+    given += overrides
+    config = _load_config(flag, argv)
+    if config is None:
+      continue
+    for arg in overrides:
+      path = arg.split("=", 1)[0].split(".", 1)[1]
+      found = _absent_key(config, path)
+      if found:
+        key, close = found
+        hint = f"; did you mean {close!r}?" if close else ""
+        return f"config key {key!r} does not exist{hint} (overrides given: {' '.join(given)})"
+  # Not located (the config file not found in argv): ml_collections' own words, first line.
+  while isinstance(error, BaseException) and error.args:
+    error = error.args[0]
+  what = str(error).splitlines()[0].strip("\\'\" ") if str(error) else type(error).__name__
+  return (
+    f"config override of a key that does not exist: {what} (overrides given: {' '.join(given)})"
+  )
+
+
+def _load_config(flag: Any, argv: list[str]) -> Any:
+  """The config that `flag` loads from its file argument in `argv`, without overrides; None
+  when that cannot be had."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if re.match(rf"--?{re.escape(flag.name)}=", arg):
+      value = arg.split("=", 1)[1]
+    elif arg in (f"--{flag.name}", f"-{flag.name}") and i + 1 < len(argv):
+      value = argv[i + 1]
+  if value is None:
+    return None
+  try:
+    config = flag.parser.parse(value)
+    config.to_dict()
+  except Exception:  # pylint: disable=broad-except  # the override's error is reported instead
+    return None
+  return config
+
+
+def _absent_key(config: Any, path: str) -> tuple[str, str | None] | None:
+  """(the first prefix of dotted `path` that is not a key of `config`, the closest existing
+  key at that level or None); None when the whole path exists or cannot be judged. Parts may
+  index a sequence: `data.sources[1].weight`."""
+  node, done = config, ""
+  for part in path.split("."):
+    m = re.fullmatch(r"([^\[\]]*)((?:\[\d+\])*)", part)
+    if not m:
+      return None
+    name, indices = m.group(1), [int(i) for i in re.findall(r"\d+", m.group(2))]
+    keys = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
+    if name not in keys:
+      close = difflib.get_close_matches(name, keys, n=1)
+      return done + name, (done + close[0] if close else None)
+    node, done = node[name], done + name
+    for i in indices:
+      if not isinstance(node, (list, tuple)) or i >= len(node):
+        return f"{done}[{i}]", None
+      node, done = node[i], f"{done}[{i}]"
+    done += "."
+  return None
 
 
 def _closed_loop_noise(exc_type: Any, exc: Any) -> bool:

@@ -104,26 +104,6 @@ def _compile_only() -> None:
 FLAGS = flags.FLAGS
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with config mistakes reported as one line instead of a traceback."""
-  try:
-    rest = FLAGS(argv)
-    if FLAGS["config"].present:
-      FLAGS.config.to_dict()  # a failed load surfaces on first attribute access: do it here
-    return rest
-  except flags.Error as e:
-    cli.die(cli.last_line(e))
-  except (AttributeError, KeyError) as e:  # ml_collections: override of a key that is absent
-    overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    cli.die(
-      f"config key {str(e).strip(chr(34) + chr(39))!r} does not exist "
-      f"(overrides given: {' '.join(overrides)})"
-    )
-  except (OSError, ValueError, TypeError) as e:  # missing config file, bad value or variant
-    cli.die(f"--config: {cli.last_line(e)}")
-  return []
-
-
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
