@@ -44,9 +44,7 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   fl = flags.FLAGS
-  if not fl["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)
-  cli.quiet_closed_loop_errors()  # no stray asyncio traceback after a failed restore
+  cli.set_up_process(logging.ERROR)
   try:
     if fl.compare:
       if len(argv) < 2:
