@@ -145,20 +145,31 @@ def _absent_key(config: Any, path: str) -> tuple[str, str | None] | None:
 def set_up_process(default_verbosity: int = absl_logging.INFO) -> None:
   """What every CLI does once its flags are parsed, before any JAX work.
 
-  Logs at `default_verbosity` (absl's levels) unless --verbosity is given; keeps library
-  chatter off the console (library warnings and errors kept, one line each); persists compiled
-  programs across runs.
+  Logs at `default_verbosity` (absl's levels) unless --verbosity is given; keeps the console
+  to medvl_jax's own lines (library chatter at debug level, library warnings and errors kept,
+  one line each); persists compiled programs across runs; spares a host without TPU chips
+  JAX's libtpu start-up.
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(default_verbosity)
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  absl_logging.get_absl_handler().addFilter(_DEBUG_ONLY)
+  # transformers logs through its own handler, not absl's: the filter sits on its logger,
+  # which exists (and is this one) before transformers is imported.
+  logging.getLogger("transformers").addFilter(_DEBUG_ONLY)
   quiet_closed_loop_errors()
   import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  # tfds's progress bars while a run prepares the bundled sample or a random-access copy
+  # (seconds; medvl_jax logs a line for each); `data_pipelines.prepare` shows them.
+  tfds.disable_progress_bar()
 
   # Re-runs and resumes reuse compiled programs (compile of the full model: ~10 s on 2 cores).
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/medvl_jax/xla"))
+  _leave_out_absent_tpu(jax)
 
 
 class _QuietLibraries(logging.Filter):
@@ -173,6 +184,58 @@ class _QuietLibraries(logging.Filter):
       return True
     record.exc_info, record.exc_text, record.stack_info = None, None, None
     return record.levelno >= logging.WARNING
+
+
+_NO_TPU_CHIP = "this host has no TPU chip (libtpu not started; JAX_FORCE_TPU_INIT=1 starts it)"
+
+
+class _DebugOnly(logging.Filter):
+  """Library messages that tell nothing about this run: logged at DEBUG (shown with
+  --verbosity=1), dropped otherwise."""
+
+  MESSAGES = (
+    # transformers, imported for its tokenizers on a machine without torch (the main job's
+    # install has none; export installs it).
+    re.compile(r"^PyTorch was not found\. Models won't be available"),
+    # JAX, on a host without a TPU chip (see _leave_out_absent_tpu).
+    re.compile(r"^Unable to initialize backend 'tpu': " + re.escape(_NO_TPU_CHIP)),
+    # tfds, looking for a dataset that is not prepared yet (medvl_jax then prepares it and
+    # logs that it does).
+    re.compile(r"^Variant folder %s has no %s$"),
+  )
+
+  def filter(self, record):
+    if not any(m.search(str(record.msg)) for m in self.MESSAGES):
+      return True
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return absl_logging.get_verbosity() >= absl_logging.DEBUG
+
+
+_DEBUG_ONLY = _DebugOnly()
+
+
+def _leave_out_absent_tpu(jax: Any) -> None:
+  """With libtpu installed, JAX starts libtpu also on a host without a TPU chip: libtpu writes
+  its start-up failure (a dozen C++ log lines) straight to stderr, and JAX falls back to the
+  next backend. Where JAX would try (no JAX_PLATFORMS, no JAX_FORCE_TPU_INIT) and this host has
+  no TPU chip, JAX's TPU backend fails at once instead, without loading libtpu: the same
+  outcome, and JAX's one line about it is logged at debug level. Compiling for a TPU slice
+  (--compile_only) loads libtpu by itself."""
+  if jax.config.jax_platforms or "JAX_FORCE_TPU_INIT" in os.environ:
+    return
+  try:
+    from jax._src import hardware_utils, xla_bridge  # pylint: disable=g-import-not-at-top
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+      return
+    registration = xla_bridge._backend_factories["tpu"]  # pylint: disable=protected-access
+
+    def no_chip():
+      raise RuntimeError(_NO_TPU_CHIP)
+
+    registration.factory = no_chip
+  except (ImportError, AttributeError, KeyError, OSError):  # JAX's internals moved: it tries
+    return
 
 
 def _closed_loop_noise(exc_type: Any, exc: Any) -> bool:

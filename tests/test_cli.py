@@ -1,6 +1,9 @@
-"""medvl_jax/cli.py in-process: locating an absent config key. The CLIs themselves:
-tests/end_to_end/test_cli.py."""
+"""medvl_jax/cli.py in-process: locating an absent config key, and library messages kept at
+debug level. The CLIs themselves: tests/end_to_end/test_cli.py."""
 
+import logging
+
+from absl import logging as absl_logging
 import pytest
 
 from medvl_jax import cli
@@ -28,3 +31,27 @@ def smoke_config():
 )
 def test_absent_key_is_the_full_dotted_key_with_the_closest_one(smoke_config, path, want):
   assert cli._absent_key(smoke_config, path) == want  # pylint: disable=protected-access
+
+
+@pytest.fixture
+def verbosity():
+  saved = absl_logging.get_verbosity()
+  yield absl_logging.set_verbosity
+  absl_logging.set_verbosity(saved)
+
+
+def _record(msg: str, level: int = logging.WARNING) -> logging.LogRecord:
+  return logging.LogRecord("transformers", level, __file__, 1, msg, None, None)
+
+
+def test_known_library_messages_are_debug_level_only(verbosity):
+  noise = "PyTorch was not found. Models won't be available and only tokenizers, ..."
+  debug_only = cli._DEBUG_ONLY  # pylint: disable=protected-access
+  verbosity(absl_logging.INFO)
+  assert not debug_only.filter(_record(noise))
+  verbosity(absl_logging.DEBUG)  # --verbosity=1: shown, at debug level
+  record = _record(noise)
+  assert debug_only.filter(record) and record.levelno == logging.DEBUG
+  verbosity(absl_logging.INFO)
+  other = _record("PyTorch was found but is too old", logging.ERROR)
+  assert debug_only.filter(other) and other.levelno == logging.ERROR  # everything else stays
