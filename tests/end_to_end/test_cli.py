@@ -26,6 +26,7 @@ CLIS = [
     ["-m", "data_pipelines.prepare"],
     ["--manual_dir", "--data_dir", "--image_size", "--config", "--num_workers", "--rebuild"],
   ),
+  (["-m", "medvl_jax.parallel.distributed"], ["--help"]),
   (["-m", "experiments.study"], ["--out", "--quick", "--arms", "--publish"]),
   (["bench/fingerprint.py"], ["--data_dir", "--config"]),
   (["bench/prepare.py"], ["--num_workers", "--image_size"]),
