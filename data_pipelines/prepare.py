@@ -1,4 +1,4 @@
-"""Turns a corpus on disk (its published layout) into a tfds dataset the trainer reads by name.
+r"""Turns a corpus on disk (its published layout) into a tfds dataset the trainer reads by name.
 
   python -m data_pipelines.prepare mimic_cxr --manual_dir=/data/mimic-cxr-jpg \
       [--data_dir=~/tensorflow_datasets] [--image_size=256] [--config=paired] [--num_workers=N]
@@ -11,13 +11,13 @@ gives the records written per split and the records skipped by reason.
 """
 
 import os
-import sys
 import time
 
 from absl import app, flags, logging
 from etils import epath
 
 from data_pipelines import common
+from medvl_jax import cli
 from medvl_jax.data import corpora
 from medvl_jax.errors import MedvlError
 
@@ -129,11 +129,10 @@ def main(argv):
     )
   except MedvlError as e:
     # One line, exit 2 (as every CLI here); a DataError names the file and line or row.
-    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-    sys.exit(2)
+    cli.die(str(e).splitlines()[0] if str(e) else type(e).__name__)
   print(summary(builder))
   print(f"  took {time.perf_counter() - start:.1f}s")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

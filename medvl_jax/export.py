@@ -35,9 +35,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   fl = flags.FLAGS
-  if not fl["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # Orbax's INFO/WARNING chatter on read-only restores.
-  cli.quiet_closed_loop_errors()  # no stray asyncio traceback after a failed restore
+  cli.set_up_process(logging.ERROR)  # Orbax's INFO/WARNING chatter on read-only restores.
   try:
     meta = export_lib.export(fl.workdir, fl.out, fl.step, fl.overwrite, fl.allow_nonfinite)
   except MedvlError as e:

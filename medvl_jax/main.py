@@ -4,7 +4,6 @@ Flags follow ml_collections: `--config.batch_size=64`, `--config.model.text.init
 Re-running the same command on the same workdir resumes from the newest complete checkpoint.
 """
 
-import logging as pylogging
 import os
 import pathlib
 
@@ -44,36 +43,16 @@ def default_workdir(config_filename: str) -> str:
   return os.path.join("runs", f"{name}_{variant}" if variant else name)
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Keeps the console readable: INFO chatter of Orbax/tfds/clu internals is dropped, and
-  their warnings and errors stay one line each (no traceback: a failed save or restore is
-  reported by medvl_jax itself, in one line naming the step and the cause)."""
-
-  NOISY = ("/orbax/", "/tensorflow_datasets/", "/clu/", "/etils/")
-
-  def filter(self, record):
-    if not any(n in record.pathname for n in self.NOISY):
-      return True
-    record.exc_info, record.exc_text, record.stack_info = None, None, None
-    return record.levelno >= pylogging.WARNING
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import jax  # pylint: disable=g-import-not-at-top
+  cli.set_up_process(logging.INFO)
 
   from medvl_jax import config_check  # pylint: disable=g-import-not-at-top
   from medvl_jax.errors import MedvlError  # pylint: disable=g-import-not-at-top
   from medvl_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   from medvl_jax.train import loop  # pylint: disable=g-import-not-at-top
 
-  # Re-runs and resumes reuse compiled programs (compile of the full model: ~10 s on 2 cores).
-  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/medvl_jax/xla"))
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  cli.quiet_closed_loop_errors()
   if _COMPILE_ONLY.value:
     _compile_only()
     return
@@ -106,26 +85,5 @@ def _compile_only() -> None:
 FLAGS = flags.FLAGS
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with config mistakes reported as one line instead of a traceback."""
-  try:
-    rest = FLAGS(argv)
-    if FLAGS["config"].present:
-      FLAGS.config.to_dict()  # a failed load surfaces on first attribute access: do it here
-    return rest
-  except flags.Error as e:
-    cli.die(cli.last_line(e))
-  except (AttributeError, KeyError) as e:  # ml_collections: override of a key that is absent
-    overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    cli.die(
-      f"config key {str(e).strip(chr(34) + chr(39))!r} does not exist "
-      f"(overrides given: {' '.join(overrides)})"
-    )
-  except (OSError, ValueError, TypeError) as e:  # missing config file, bad value or variant
-    cli.die(f"--config: {cli.last_line(e)}")
-  return []
-
-
 if __name__ == "__main__":
-  logging.set_verbosity(logging.INFO)
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

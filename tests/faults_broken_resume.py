@@ -16,6 +16,7 @@ import os
 
 from absl import app, logging
 
+from medvl_jax import cli
 from medvl_jax import main as cli_main
 from medvl_jax.ckpt import checkpoint
 from medvl_jax.data import streams
@@ -55,4 +56,4 @@ def _break(kind: str) -> None:
 if __name__ == "__main__":
   _break(os.environ.get("FAULTS_BREAK_RESUME", ""))
   logging.set_verbosity(logging.INFO)
-  app.run(cli_main.main, flags_parser=cli_main.parse_flags)
+  app.run(cli_main.main, flags_parser=cli.parse_flags)

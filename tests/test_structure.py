@@ -51,7 +51,7 @@ def test_run_reading_has_one_owner(graph):
     "medvl_jax.interop.export"
   )
   assert "medvl_jax.ckpt.run_dir" in graph.find_modules_directly_imported_by(
-    "medvl_jax.evaluate.__main__"
+    "medvl_jax.evaluate.runs"
   )
 
 

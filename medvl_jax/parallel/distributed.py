@@ -18,6 +18,7 @@ Each process logs one line naming what was detected.
 from collections.abc import Mapping
 import dataclasses
 import os
+import sys
 
 from absl import logging
 
@@ -184,11 +185,27 @@ def describe(env: Mapping[str, str], tpu_chips: int = 0) -> str:
   return line
 
 
-if __name__ == "__main__":
-  import sys  # pylint: disable=g-import-not-at-top
-
+def _main(argv: list[str]) -> int:
+  """`python -m medvl_jax.parallel.distributed`: prints `describe` of this process's
+  environment. It reads the environment only; the one flag is --help (also -h)."""
+  if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
+    print(
+      f"{__doc__}\nUsage: python -m medvl_jax.parallel.distributed\n\n"
+      "Prints what initialize_distributed would detect here, from the environment only\n"
+      "(JAX_*, MEDVL_CPU_COLLECTIVES, SLURM_*, TPU_*).\n\n"
+      "flags:\n  --help: show this help (also -h)"
+    )
+    return 0
+  if len(argv) > 1:
+    print(f"error: unexpected arguments: {' '.join(argv[1:])} (see --help)", file=sys.stderr)
+    return 2
   try:
     print(describe(os.environ, _tpu_chips()), flush=True)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(_main(sys.argv))

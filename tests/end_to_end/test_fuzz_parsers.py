@@ -9,7 +9,7 @@ Parsers and their one documented failure:
     containment check and `_generate_examples`): `DataError` (one line) for a bad file, a
     counted skip for a bad row, and no record whose image resolves outside manual_dir;
   the CheXpert 8x200 CSVs (`evaluate.retrieval.read_8x200`): `DataError` (one line);
-  config overrides (`--config.x=...` through `main.parse_flags`, in-process): `error: ...`
+  config overrides (`--config.x=...` through `cli.parse_flags`, in-process): `error: ...`
     on one line and exit 2, or a parsed config.
 
 Inputs mix plausible values of each column with arbitrary text (NUL, quotes, newlines, any
@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 import pytest
 
 from data_pipelines import common, sentences
+from medvl_jax import cli
 from medvl_jax.errors import DataError
 
 # ml_collections loads config files with importlib's deprecated load_module (once per example).
@@ -761,7 +762,7 @@ def check_flags(main, argv: list[str]) -> None:
   sys.argv = argv  # ml_collections reads the overrides from sys.argv, as in the real CLI.
   try:
     with contextlib.redirect_stderr(err):
-      main.parse_flags(argv)
+      cli.parse_flags(argv)
   except SystemExit as e:
     assert e.code == 2
     lines = err.getvalue().splitlines()

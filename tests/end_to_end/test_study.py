@@ -1,5 +1,5 @@
-"""experiments/study.py (issue 15): docs/RESULTS.md is generated from saved metrics; the quick
-study runs every arm end to end and resumes without redoing finished arms."""
+"""experiments/study.py: docs/RESULTS.md is generated from saved metrics; the quick study runs
+every arm end to end and resumes without redoing finished arms."""
 
 import json
 import os
@@ -31,14 +31,14 @@ def test_verdict_rule():
 def test_patient_folds_keep_patients_together():
   import numpy as np
 
-  from experiments import study
+  from experiments import evaluations
 
   patients = np.array(["p1", "p2", "p1", "p3", "p4", "p2", "p5"])
-  folds = study.patient_folds(patients, 3, seed=0)
+  folds = evaluations.patient_folds(patients, 3, seed=0)
   for p in set(patients):
     assert len(set(folds[patients == p])) == 1
   assert set(folds) == {0, 1, 2}
-  assert (study.patient_folds(patients, 3, seed=0) == folds).all()
+  assert (evaluations.patient_folds(patients, 3, seed=0) == folds).all()
 
 
 def _study(out: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:

@@ -10,8 +10,7 @@ from PIL import Image
 import pytest
 
 from medvl_jax import progress
-from medvl_jax.evaluate import __main__ as cli
-from medvl_jax.evaluate import metrics, plots
+from medvl_jax.evaluate import metrics, plots, runs
 from tests.conftest import run_eval
 
 
@@ -108,8 +107,8 @@ def test_compare_chart_one_panel_per_metric(tmp_path):
     _evaluation(tmp_path / "a", "/runs/base", 3, 0.7),
     _evaluation(tmp_path / "b", "/runs/mixed", 9, None),
   ]
-  runs = cli.read_evaluations(dirs)
-  fig = plots.comparison_figure(runs, ["probe/auc", "probe/acc"], ["base @ 3", "mixed @ 9"])
+  evaluations = runs.read_evaluations(dirs)
+  fig = plots.comparison_figure(evaluations, ["probe/auc", "probe/acc"], ["base @ 3", "mixed @ 9"])
   assert [ax.get_title() for ax in fig.axes] == ["probe/auc", "probe/acc"]
   auc_ax, acc_ax = fig.axes
   assert [p.get_height() for p in auc_ax.patches] == [0.7]  # Undefined: no bar, 'n/a'.

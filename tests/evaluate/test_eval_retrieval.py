@@ -13,8 +13,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from medvl_jax.errors import DataError
-from medvl_jax.evaluate import __main__ as cli
-from medvl_jax.evaluate import features, linear_probe, retrieval
+from medvl_jax.evaluate import features, linear_probe, retrieval, runs
 from tests.conftest import SHORT_STEPS, run_eval
 
 STEPS = SHORT_STEPS
@@ -158,7 +157,7 @@ def test_cli_linear_probe(probe_out):
 
 def test_cli_numbers_match_in_process_evaluator(run_dir, probe_out):
   """The evaluator as training calls it (Encoders + state) gives the CLI's numbers."""
-  config, encoders, state, _ = cli.load_run(run_dir, None)
+  config, encoders, state, _ = runs.load_run(run_dir, None)
   ev = linear_probe.Evaluator(encoders, n_boot=100)
   got = dict(ev.run(state))
   want = json.loads((probe_out / "metrics.json").read_text())["metrics"]
@@ -183,11 +182,10 @@ def test_compare_table(probe_out, tmp_path):
 
 
 def test_compare_loss_curves_come_from_the_runs_tensorboard(short_run):
-  from medvl_jax.evaluate import __main__ as cli_main
   from medvl_jax.evaluate import plots
   from tests.conftest import SHORT_STEPS, read_scalars
 
-  curves = cli_main.training_curves(short_run / "tensorboard")
+  curves = runs.training_curves(short_run / "tensorboard")
   want = read_scalars(short_run / "tensorboard")
   assert curves["train_loss"][0] == list(range(1, SHORT_STEPS + 1))
   assert curves["train_loss"][1] == pytest.approx(

@@ -118,10 +118,9 @@ def test_sample_probe_end_to_end_equals_independent_solve(short_run):
   """On the real sample's features of a smoke checkpoint, per fraction (seed 0): the probe's test
   probabilities equal an independent scipy fit's (1e-3), and the evaluator's AUC equals a
   Mann-Whitney count over the probe's test scores (1e-9)."""
-  from medvl_jax.evaluate import __main__ as cli  # pylint: disable=g-import-not-at-top
-  from medvl_jax.evaluate import features  # pylint: disable=g-import-not-at-top
+  from medvl_jax.evaluate import features, runs  # pylint: disable=g-import-not-at-top
 
-  _, encoders, state, _ = cli.load_run(short_run, None)
+  _, encoders, state, _ = runs.load_run(short_run, None)
   ev = linear_probe.Evaluator(encoders, n_boot=20, seeds=(0,))
   got = dict(ev.run(state))
   data = ev._load()  # pylint: disable=protected-access

@@ -13,8 +13,7 @@ import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 from medvl_jax import evaluate
-from medvl_jax.evaluate import __main__ as cli
-from medvl_jax.evaluate import features, finetune, zeroshot
+from medvl_jax.evaluate import features, finetune, runs, zeroshot
 from tests.conftest import SHORT_STEPS, run_eval
 
 STEPS = SHORT_STEPS
@@ -183,7 +182,7 @@ def test_cli_zeroshot(zeroshot_out):
 
 def test_cli_zeroshot_matches_in_process_evaluator(run_dir, zeroshot_out):
   """The evaluator as training calls it (Encoders + state) gives the CLI's numbers."""
-  _, encoders, state, _ = cli.load_run(run_dir, None)
+  _, encoders, state, _ = runs.load_run(run_dir, None)
   got = dict(evaluate.get("zeroshot")(encoders, n_boot=100).run(state))
   want = json.loads((zeroshot_out / "metrics.json").read_text())["metrics"]
   assert got.keys() == want.keys()
@@ -214,7 +213,7 @@ def test_cli_finetune(run_dir, tmp_path):
 
 
 def test_finetune_changes_tower_and_lowers_training_loss(run_dir):
-  _, encoders, state, _ = cli.load_run(run_dir, None)
+  _, encoders, state, _ = runs.load_run(run_dir, None)
   split = features.load_sample_split(encoders.config, "train", True)
   keep = split["finding"] != "todo"
   x = split["image"][keep][:48]
