@@ -3,6 +3,7 @@
 import os
 import pathlib
 import sys
+import time
 
 import pytest
 
@@ -21,6 +22,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The suite runs on CPU devices; with libtpu installed (test extra, for the compile-only TPU
 # tests) JAX would otherwise try, and loudly fail, to start a TPU on every backend start-up.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+_SESSION_START = time.monotonic()
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+    "--time-budget",
+    type=float,
+    default=0.0,
+    help="Seconds after which the tests not yet started are skipped (reported as skipped, "
+    "reason 'time budget'); 0 = no budget. .ci/run sets it for the slow marker from the time "
+    "left of CI's 90 minutes.",
+  )
+
+
+def pytest_runtest_setup(item):
+  budget = item.config.getoption("--time-budget")
+  if budget and time.monotonic() - _SESSION_START > budget:
+    pytest.skip(f"time budget of {budget:.0f} s spent (pytest --time-budget)")
 
 
 def sample_dir() -> pathlib.Path:
