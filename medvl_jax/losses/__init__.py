@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from medvl_jax.parallel import sharding
+
 Array = jax.Array
 _NEG = -1e9  # logit for excluded (padding) columns; finite so 0 * _NEG stays 0.
 
@@ -86,13 +88,6 @@ def infonce(
 # --- Bounded-memory forms over a mesh (config.loss.impl) -----------------------------------
 IMPLS = ("dense", "gather", "ring")
 DEFAULT_IMPL = "gather"
-# Mesh axes the batch rows may be sharded over (in mesh order); others hold replicas.
-BATCH_AXES = ("data", "fsdp")
-
-
-def batch_axes(mesh) -> tuple[str, ...]:
-  """The mesh axes of size > 1 that the batch rows are split over."""
-  return tuple(a for a in mesh.axis_names if a in BATCH_AXES and mesh.shape[a] > 1)
 
 
 def _normalised(image_embed, text_embed, mask):
@@ -192,8 +187,8 @@ def contrastive(
     image_embed, text_embed, lam, temperature, mask: as `infonce`.
     impl: 'dense' | 'gather' | 'ring'.
     mesh: the Mesh (or AbstractMesh) the batch is sharded over; None = the one set with
-      `jax.set_mesh`, if any. The rows are split over its `BATCH_AXES`; without a mesh, or
-      with those axes all of size 1, every impl is `infonce`.
+      `jax.set_mesh`, if any. The rows are split over its `sharding.batch_split_axes`; without
+      a mesh, or with no batch axis of size > 1, every impl is `infonce`.
 
   Returns:
     (scalar loss, metrics), the same keys as `infonce`.
@@ -202,7 +197,7 @@ def contrastive(
     raise ValueError(f"loss impl {impl!r} is unknown; valid: {', '.join(IMPLS)}")
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
-  axes = () if mesh is None or mesh.empty else batch_axes(mesh)
+  axes = () if mesh is None or mesh.empty else sharding.batch_split_axes(mesh)
   if impl == "dense" or not axes:
     return infonce(image_embed, text_embed, lam=lam, temperature=temperature, mask=mask)
   size = math.prod(mesh.shape[a] for a in axes)
