@@ -8,8 +8,8 @@ Random streams: `dropout` (the step key) and `masking` (derived from it).
 
 import jax
 
-from medvl_jax import losses
 from medvl_jax.families import Family, Split, text_tower_mask
+from medvl_jax.losses import mixed as mixed_objective
 from medvl_jax.models import mixed as mixed_model
 
 _MASKING_SALT = 0x6D61736B  # 'mask': the masking stream is independent of dropout's.
@@ -48,7 +48,7 @@ def make_loss(config, mesh=None):
 def make_split(config, mesh=None) -> Split:
   """The training loss in parts: the MLM/MVM masks are drawn once for the whole batch (the
   same 'masking' key as `make_loss`), so each micro-batch sees its rows' masks; MLM and MVM
-  add up as sums and counts (`losses.mixed_sums`), the contrastive term is over all pairs."""
+  add up as sums and counts (`losses.mixed.sums`), the contrastive term is over all pairs."""
   loss_cfg = config.loss
 
   def prepare(model, variables, batch, rng):
@@ -57,12 +57,12 @@ def make_split(config, mesh=None) -> Split:
 
   def micro(model, variables, batch, masks, rng):
     out = model.apply(variables, batch, train=True, masks=masks, rngs={"dropout": rng})
-    sums = losses.mixed_sums(out, batch, model.scale_names)
+    sums = mixed_objective.sums(out, batch, model.scale_names)
     return (out["image_embed"], out["text_embed"]), sums, variables.get("batch_stats", {})
 
   def combine(model, image_embed, text_embed, sums, batch):
     pair = batch["has_image"].astype(bool) & batch["has_text"].astype(bool)
-    loss, metrics = losses.mixed_combine(
+    loss, metrics = mixed_objective.combine(
       image_embed, text_embed, pair, sums, loss_cfg, model.scale_names, mesh
     )
     return loss, {k: v for k, v in metrics.items() if k != "loss"}
@@ -107,6 +107,6 @@ FAMILY = Family(
   encode_image=encode_image,
   encode_text=encode_text,
   check_config=check_config,
-  losses=("mixed",),  # MLM + multi-scale MVM + InfoNCE on pairs (losses.mixed_loss)
+  losses=("mixed",),  # MLM + multi-scale MVM + InfoNCE on pairs (losses.mixed.loss)
   make_split=make_split,
 )

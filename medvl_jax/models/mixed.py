@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medvl_jax import losses
 from medvl_jax.errors import ConfigError
-from medvl_jax.losses import masking
+from medvl_jax.losses import masked, masking
+from medvl_jax.losses import mixed as mixed_objective
 from medvl_jax.models import vit
 from medvl_jax.models.bert import BertModel
 from medvl_jax.models.convirt import DTYPES, ProjectionHead, _text_config
@@ -221,7 +221,7 @@ class MixedModel(nn.Module):
   def pixel_targets(self, images: jax.Array) -> jax.Array:
     """Grey pixels in 0..1 per patch [N, P, p*p], per-patch normalised if configured."""
     patches = vit.patchify(images.astype(jnp.float32) / 255.0, self.vit_config.patch_size)
-    return losses.normalise_patches(patches) if self.decoder_config.norm_pix_target else patches
+    return masked.normalise_patches(patches) if self.decoder_config.norm_pix_target else patches
 
   def _pool_image(self, tokens: jax.Array, patch_mask: jax.Array | None) -> jax.Array:
     if self.image_pool == "cls":
@@ -380,10 +380,10 @@ def forward_and_loss(
 
   `rngs` must hold 'masking' (and 'dropout' when train). Differentiate w.r.t.
   `variables['params']` with `jax.value_and_grad(..., has_aux=True)`. `mesh`: the batch's
-  mesh, for the contrastive term's `loss_cfg.impl` (`losses.contrastive`).
+  mesh, for the contrastive term's `loss_cfg.impl` (`losses.contrastive.loss`).
   """
   outputs = model.apply(variables, batch, train=train, rngs=dict(rngs))
-  return losses.mixed_loss(outputs, batch, loss_cfg, model.scale_names, mesh)
+  return mixed_objective.loss(outputs, batch, loss_cfg, model.scale_names, mesh)
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from configs import convirt
-from medvl_jax import families, losses
+from medvl_jax import families
 from medvl_jax.errors import ConfigError
+from medvl_jax.losses import contrastive
 
 
 def _batch(cfg, n=6, seed=0, **extra):
@@ -57,7 +58,7 @@ def test_convirt_loss_through_the_family_is_the_hand_composition(smoke):
       rngs={"dropout": rng},
       mutable=["batch_stats"],
     )
-    value, m = losses.infonce(
+    value, m = contrastive.infonce(
       out["image_embed"],
       out["text_embed"],
       lam=cfg.loss.lam,
