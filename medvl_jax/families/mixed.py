@@ -6,6 +6,9 @@ One batch mixes paired, image-only and text-only rows; every loss is masked by `
 Random streams: `dropout` (the step key) and `masking` (derived from it).
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 
 from medvl_jax.families import Family, Split, text_tower_mask
@@ -17,6 +20,25 @@ _MASKING_SALT = 0x6D61736B  # 'mask': the masking stream is independent of dropo
 
 def init(model, batch: dict, rng: jax.Array) -> dict:
   return mixed_model.init(model, rng, batch)
+
+
+def forward_and_loss(
+  model: mixed_model.MixedModel,
+  variables: Mapping[str, Any],
+  batch: Mapping[str, jax.Array],
+  rngs: Mapping[str, jax.Array],
+  loss_cfg: Any,
+  train: bool,
+  mesh: Any = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The model's forward pass and the mixed objective: (total loss, metrics) on a whole batch.
+
+  `rngs` must hold 'masking' (and 'dropout' when train). Differentiate w.r.t.
+  `variables['params']` with `jax.value_and_grad(..., has_aux=True)`. `mesh`: the batch's
+  mesh, for the contrastive term's `loss_cfg.impl` (`losses.contrastive.loss`).
+  """
+  outputs = model.apply(variables, batch, train=train, rngs=dict(rngs))
+  return mixed_objective.loss(outputs, batch, loss_cfg, model.scale_names, mesh)
 
 
 def _eval_batch(batch: dict) -> dict:
@@ -36,7 +58,7 @@ def make_loss(config, mesh=None):
     rngs = {"masking": jax.random.fold_in(key, _MASKING_SALT)}
     if train:
       rngs["dropout"] = key
-    loss, metrics = mixed_model.forward_and_loss(
+    loss, metrics = forward_and_loss(
       model, variables, _eval_batch(batch), rngs, loss_cfg, train, mesh
     )
     metrics = {k: v for k, v in metrics.items() if k != "loss"}

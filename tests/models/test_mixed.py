@@ -9,6 +9,7 @@ import pytest
 from configs import mixed as mixed_config
 from medvl_jax.data import batch as batch_lib
 from medvl_jax.errors import ConfigError
+from medvl_jax.families import mixed as mixed_family
 from medvl_jax.losses import mixed as mixed_objective
 from medvl_jax.models import mixed
 
@@ -155,7 +156,7 @@ def test_single_kind_batches_train(smoke, kinds):
   rngs = {"masking": jax.random.key(1), "dropout": jax.random.key(2)}
 
   def fn(p):
-    return mixed.forward_and_loss(model, {"params": p}, batch, rngs, cfg.loss, True)
+    return mixed_family.forward_and_loss(model, {"params": p}, batch, rngs, cfg.loss, True)
 
   (loss, m), grads = jax.value_and_grad(fn, has_aux=True)(variables["params"])
   assert np.isfinite(float(loss))
@@ -180,7 +181,9 @@ def test_masks_come_from_the_masking_stream(smoke):
   assert not np.array_equal(np.asarray(a["patch_mask"]), np.asarray(b["patch_mask"]))
 
   def run(k):
-    return mixed.forward_and_loss(model, variables, batch, {"masking": k}, cfg.loss, False)[0]
+    return mixed_family.forward_and_loss(model, variables, batch, {"masking": k}, cfg.loss, False)[
+      0
+    ]
 
   assert float(run(jax.random.key(3))) == float(run(jax.random.key(3)))
   assert float(run(jax.random.key(3))) != float(run(jax.random.key(4)))
