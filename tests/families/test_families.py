@@ -1,13 +1,14 @@
-"""The model-family contract: the registry, and ConVIRT through it computing exactly what the
-model and the InfoNCE compute when composed by hand (bit-identical: the refactor that put the
-trainer behind the contract changed no number)."""
+"""The model-family contract: the registry, each family's loss names, and ConVIRT through it
+computing exactly what the model and the InfoNCE compute when composed by hand (bit-identical:
+the contract adds no computation of its own)."""
 
 import jax
 import numpy as np
 import pytest
 
 from configs import convirt
-from medvl_jax import families
+from configs import mixed as mixed_config
+from medvl_jax import config_check, families, losses
 from medvl_jax.errors import ConfigError
 from medvl_jax.losses import contrastive
 
@@ -37,6 +38,22 @@ def smoke():
 def test_unknown_family_is_one_config_error():
   with pytest.raises(ConfigError, match=r"config.model.name='nope' is unknown; valid: convirt"):
     families.get("nope")
+
+
+@pytest.mark.parametrize(
+  "config_module, other_loss", [(convirt, "mixed"), (mixed_config, "infonce")]
+)
+def test_a_family_refuses_the_other_familys_loss(config_module, other_loss):
+  """Each family names its own losses: the other family's is one config error, found before
+  anything is read or built."""
+  cfg = config_module.get_config("smoke")
+  cfg.loss.name = other_loss
+  with pytest.raises(ConfigError, match=f"config.loss.name='{other_loss}' does not fit"):
+    config_check.check(cfg)
+
+
+def test_convirt_losses_are_registered():
+  assert set(families.get("convirt").losses) <= set(losses.LOSSES)
 
 
 def test_convirt_loss_through_the_family_is_the_hand_composition(smoke):
