@@ -3,8 +3,8 @@ r"""Per-device temporary memory of the compiled contrastive loss + gradient, by 
   python bench/loss_memory.py                       # 8 simulated CPU devices, N = 256 .. 8192
   python bench/loss_memory.py --sizes=1024,4096 --dim=64 --lam=0.5
 
-Compiles (never runs) `jax.value_and_grad` of `losses.contrastive` w.r.t. both embeddings on
-an [N, dim] batch sharded over a 1-D 'data' mesh, and prints the compiled memory analysis'
+Compiles (never runs) `jax.value_and_grad` of `losses.contrastive.loss` w.r.t. both embeddings
+on an [N, dim] batch sharded over a 1-D 'data' mesh, and prints the compiled memory analysis'
 `temp_size_in_bytes` (per device: XLA compiles one SPMD program per device) for
 'dense' on 1 device, 'dense' on D devices (XLA's own layout of the N x N logits), 'gather'
 (~2 N^2 / D floats per direction pair) and 'ring' (~2 (N / D)^2). On a CPU host the device count
@@ -34,7 +34,7 @@ def main() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from medvl_jax import losses  # pylint: disable=g-import-not-at-top
+  from medvl_jax.losses import contrastive  # pylint: disable=g-import-not-at-top
   from medvl_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
 
   devices = jax.devices()[: args.devices]
@@ -45,9 +45,7 @@ def main() -> None:
     rows = sharding.batch_sharding(mesh)
 
     def loss(v, u, m):
-      return losses.contrastive(v, u, lam=args.lam, temperature=0.1, mask=m, impl=impl, mesh=mesh)[
-        0
-      ]
+      return contrastive.loss(v, u, lam=args.lam, temperature=0.1, mask=m, impl=impl, mesh=mesh)[0]
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), in_shardings=(rows, rows, rows))
     emb = jax.ShapeDtypeStruct((n, args.dim), np.float32, sharding=rows)

@@ -3,12 +3,13 @@ r"""One train step of the full-size mixed-data model: JAX next to a PyTorch equi
   python bench/mixed_step.py --batch=4 [--steps=3] [--only=jax|torch]
 
 JAX: `configs/mixed.py` default model (ViT-B/16 at 224, the MiniLM-shaped BERT, 2 co-attention
-layers, 4x512 pixel decoder), `mixed.forward_and_loss` under `jax.value_and_grad`, optax Adam,
-jitted. PyTorch: the same network as public PyTorch code writes it (timm `vit_base_patch16_224`
-with masked patches hidden from attention, `transformers.BertModel`, `nn.MultiheadAttention`
-co-attention, timm `Block`s in the decoder, tied MLM head, the same masks and losses),
-torch.optim.Adam. Synthetic paired inputs (every row has image and text, so all three losses
-run), random weights; medians over `--steps` after 2 warm-up steps. Prints one JSON line each.
+layers, 4x512 pixel decoder), `families.mixed.forward_and_loss` under `jax.value_and_grad`,
+optax Adam, jitted. PyTorch: the same network as public PyTorch code writes it (timm
+`vit_base_patch16_224` with masked patches hidden from attention, `transformers.BertModel`,
+`nn.MultiheadAttention` co-attention, timm `Block`s in the decoder, tied MLM head, the same masks
+and losses), torch.optim.Adam. Synthetic paired inputs (every row has image and text, so all
+three losses run), random weights; medians over `--steps` after 2 warm-up steps. Prints one
+JSON line each.
 """
 
 import argparse
@@ -67,6 +68,7 @@ def bench_jax(cfg, batch_np, steps, profile_dir=""):
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
+  from medvl_jax.families import mixed as mixed_family  # pylint: disable=g-import-not-at-top
   from medvl_jax.models import mixed  # pylint: disable=g-import-not-at-top
 
   model = mixed.from_config(cfg.model)
@@ -80,7 +82,7 @@ def bench_jax(cfg, batch_np, steps, profile_dir=""):
     k_mask, k_drop = jax.random.split(key)
 
     def loss_fn(p):
-      return mixed.forward_and_loss(
+      return mixed_family.forward_and_loss(
         model, {"params": p}, batch, {"masking": k_mask, "dropout": k_drop}, cfg.loss, True
       )
 

@@ -35,10 +35,11 @@ from typing import Any
 
 import ml_collections
 
-from medvl_jax import cli, families, losses
+from medvl_jax import cli, families
 from medvl_jax.ckpt import checkpoint, run_dir
 from medvl_jax.data import corpora, sources
 from medvl_jax.errors import ConfigError, OutputError
+from medvl_jax.losses import contrastive
 
 # ----------------------------------------------------------------------------- the schema
 # Every config (configs/convirt.py, configs/mixed.py and each of their variants) defines every
@@ -92,7 +93,7 @@ SCHEMA: dict[str, tuple[bool, Any]] = {
   "data.augment.blur_sigma":            (FIXED,  None),
   "model.name":                         (FIXED,  None),
   "loss.name":                          (FIXED,  None),
-  "loss.impl":                          (RESUME, losses.IMPLS),  # the same loss, another layout
+  "loss.impl":                          (RESUME, contrastive.IMPLS),  # the same loss, other layout
   "loss.lam":                           (FIXED,  "in [0, 1]"),
   "loss.temperature":                   (FIXED,  "> 0"),
   "optimizer.lr":                       (RESUME, "> 0"),

@@ -72,7 +72,7 @@ class Family:
     init: (model, batch, rng) -> freshly initialised variables for a (dummy) batch.
     make_loss: (config, mesh=None) -> loss_fn(model, variables, batch, rng, train) ->
       (scalar loss, {metric name: scalar}, new batch_stats); metric names as `metrics`.
-      `mesh` is the one the batch is sharded over (`config.loss.impl`, `losses.contrastive`).
+      `mesh` is the one the batch is sharded over (`config.loss.impl`, `losses.contrastive.loss`).
     metrics: names of the metrics `loss_fn` always returns besides the loss (logged as
       train_<name> and val_<name>; a family may add config-dependent ones, e.g. per-scale MVM).
     summary_metrics: the subset shown on the validation log line.

@@ -6,10 +6,13 @@ One batch mixes paired, image-only and text-only rows; every loss is masked by `
 Random streams: `dropout` (the step key) and `masking` (derived from it).
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 
-from medvl_jax import losses
 from medvl_jax.families import Family, Split, text_tower_mask
+from medvl_jax.losses import mixed as mixed_objective
 from medvl_jax.models import mixed as mixed_model
 
 _MASKING_SALT = 0x6D61736B  # 'mask': the masking stream is independent of dropout's.
@@ -17,6 +20,25 @@ _MASKING_SALT = 0x6D61736B  # 'mask': the masking stream is independent of dropo
 
 def init(model, batch: dict, rng: jax.Array) -> dict:
   return mixed_model.init(model, rng, batch)
+
+
+def forward_and_loss(
+  model: mixed_model.MixedModel,
+  variables: Mapping[str, Any],
+  batch: Mapping[str, jax.Array],
+  rngs: Mapping[str, jax.Array],
+  loss_cfg: Any,
+  train: bool,
+  mesh: Any = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The model's forward pass and the mixed objective: (total loss, metrics) on a whole batch.
+
+  `rngs` must hold 'masking' (and 'dropout' when train). Differentiate w.r.t.
+  `variables['params']` with `jax.value_and_grad(..., has_aux=True)`. `mesh`: the batch's
+  mesh, for the contrastive term's `loss_cfg.impl` (`losses.contrastive.loss`).
+  """
+  outputs = model.apply(variables, batch, train=train, rngs=dict(rngs))
+  return mixed_objective.loss(outputs, batch, loss_cfg, model.scale_names, mesh)
 
 
 def _eval_batch(batch: dict) -> dict:
@@ -36,7 +58,7 @@ def make_loss(config, mesh=None):
     rngs = {"masking": jax.random.fold_in(key, _MASKING_SALT)}
     if train:
       rngs["dropout"] = key
-    loss, metrics = mixed_model.forward_and_loss(
+    loss, metrics = forward_and_loss(
       model, variables, _eval_batch(batch), rngs, loss_cfg, train, mesh
     )
     metrics = {k: v for k, v in metrics.items() if k != "loss"}
@@ -48,7 +70,7 @@ def make_loss(config, mesh=None):
 def make_split(config, mesh=None) -> Split:
   """The training loss in parts: the MLM/MVM masks are drawn once for the whole batch (the
   same 'masking' key as `make_loss`), so each micro-batch sees its rows' masks; MLM and MVM
-  add up as sums and counts (`losses.mixed_sums`), the contrastive term is over all pairs."""
+  add up as sums and counts (`losses.mixed.sums`), the contrastive term is over all pairs."""
   loss_cfg = config.loss
 
   def prepare(model, variables, batch, rng):
@@ -57,12 +79,12 @@ def make_split(config, mesh=None) -> Split:
 
   def micro(model, variables, batch, masks, rng):
     out = model.apply(variables, batch, train=True, masks=masks, rngs={"dropout": rng})
-    sums = losses.mixed_sums(out, batch, model.scale_names)
+    sums = mixed_objective.sums(out, batch, model.scale_names)
     return (out["image_embed"], out["text_embed"]), sums, variables.get("batch_stats", {})
 
   def combine(model, image_embed, text_embed, sums, batch):
     pair = batch["has_image"].astype(bool) & batch["has_text"].astype(bool)
-    loss, metrics = losses.mixed_combine(
+    loss, metrics = mixed_objective.combine(
       image_embed, text_embed, pair, sums, loss_cfg, model.scale_names, mesh
     )
     return loss, {k: v for k, v in metrics.items() if k != "loss"}
@@ -107,6 +129,6 @@ FAMILY = Family(
   encode_image=encode_image,
   encode_text=encode_text,
   check_config=check_config,
-  losses=("mixed",),  # MLM + multi-scale MVM + InfoNCE on pairs (losses.mixed_loss)
+  losses=("mixed",),  # MLM + multi-scale MVM + InfoNCE on pairs (losses.mixed.loss)
   make_split=make_split,
 )

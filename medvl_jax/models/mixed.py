@@ -6,7 +6,8 @@ attention_mask, has_image, has_text) draws the MLM and multi-scale MVM masks fro
 the corrupted text (BERT), projects the pooled unimodal features for the contrastive term,
 fuses both in co-attention layers where each modality attends to the other only in rows that
 have it, and predicts the masked tokens (MLM head tied to the word embeddings) and the masked
-pixels (a light MAE-style decoder). `forward_and_loss` is the one entry point for training.
+pixels (a light MAE-style decoder). Its family (`medvl_jax.families.mixed`) turns the
+outputs of a batch into the loss.
 """
 
 from collections.abc import Mapping, Sequence
@@ -17,9 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medvl_jax import losses
 from medvl_jax.errors import ConfigError
-from medvl_jax.losses import masking
+from medvl_jax.losses import masked, masking
 from medvl_jax.models import vit
 from medvl_jax.models.bert import BertModel
 from medvl_jax.models.convirt import DTYPES, ProjectionHead, _text_config
@@ -221,7 +221,7 @@ class MixedModel(nn.Module):
   def pixel_targets(self, images: jax.Array) -> jax.Array:
     """Grey pixels in 0..1 per patch [N, P, p*p], per-patch normalised if configured."""
     patches = vit.patchify(images.astype(jnp.float32) / 255.0, self.vit_config.patch_size)
-    return losses.normalise_patches(patches) if self.decoder_config.norm_pix_target else patches
+    return masked.normalise_patches(patches) if self.decoder_config.norm_pix_target else patches
 
   def _pool_image(self, tokens: jax.Array, patch_mask: jax.Array | None) -> jax.Array:
     if self.image_pool == "cls":
@@ -365,25 +365,6 @@ class MixedModel(nn.Module):
       pixels = pred * std + mean
     merged = jnp.where(patch_mask[..., None], jnp.clip(pixels, 0.0, 1.0), raw)
     return {"pred": pred, "image": vit.unpatchify(merged, p, 1) * 255.0}
-
-
-def forward_and_loss(
-  model: MixedModel,
-  variables: Mapping[str, Any],
-  batch: Mapping[str, jax.Array],
-  rngs: Mapping[str, jax.Array],
-  loss_cfg: Any,
-  train: bool,
-  mesh: Any = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The training/validation entry point: (total loss, metrics) on a whole batch.
-
-  `rngs` must hold 'masking' (and 'dropout' when train). Differentiate w.r.t.
-  `variables['params']` with `jax.value_and_grad(..., has_aux=True)`. `mesh`: the batch's
-  mesh, for the contrastive term's `loss_cfg.impl` (`losses.contrastive`).
-  """
-  outputs = model.apply(variables, batch, train=train, rngs=dict(rngs))
-  return losses.mixed_loss(outputs, batch, loss_cfg, model.scale_names, mesh)
 
 
 def _check(cond: bool, msg: str) -> None:

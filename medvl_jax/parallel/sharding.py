@@ -87,13 +87,24 @@ def make_mesh(
   )
 
 
-def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+def batch_spec_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The `BATCH_AXES` the mesh has, in `BATCH_AXES` order and of any size: the axes of the
+  batch's partition spec (`batch_sharding`)."""
   return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_split_axes(mesh) -> tuple[str, ...]:
+  """The `BATCH_AXES` of size > 1, in mesh order: the axes a collective over the batch rows runs
+  over (`losses.contrastive`); empty when every device holds the whole batch.
+
+  `mesh` may be a Mesh or an AbstractMesh (`jax.sharding.get_abstract_mesh()` under jit).
+  """
+  return tuple(a for a in mesh.axis_names if a in BATCH_AXES and mesh.shape[a] > 1)
 
 
 def batch_shards(mesh: Mesh) -> int:
   """How many ways the batch dimension is split."""
-  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+  return math.prod(mesh.shape[a] for a in batch_spec_axes(mesh))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
@@ -101,7 +112,7 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   also makes the batch divisible by the process count, which the input pipeline checks again)."""
   n = batch_shards(mesh)
   if batch_size % n:
-    axes = " x ".join(f"{a}={mesh.shape[a]}" for a in batch_axes(mesh))
+    axes = " x ".join(f"{a}={mesh.shape[a]}" for a in batch_spec_axes(mesh))
     raise ConfigError(
       f"config.batch_size={batch_size} is not divisible by the {n} batch shards of the mesh "
       f"({axes}); use a multiple of {n}"
@@ -109,7 +120,7 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  axes = batch_axes(mesh)
+  axes = batch_spec_axes(mesh)
   return NamedSharding(mesh, P(axes if len(axes) > 1 else (axes[0] if axes else None)))
 
 

@@ -1,14 +1,16 @@
-"""The model-family contract: the registry, and ConVIRT through it computing exactly what the
-model and the InfoNCE compute when composed by hand (bit-identical: the refactor that put the
-trainer behind the contract changed no number)."""
+"""The model-family contract: the registry, each family's loss names, and ConVIRT through it
+computing exactly what the model and the InfoNCE compute when composed by hand (bit-identical:
+the contract adds no computation of its own)."""
 
 import jax
 import numpy as np
 import pytest
 
 from configs import convirt
-from medvl_jax import families, losses
+from configs import mixed as mixed_config
+from medvl_jax import config_check, families, losses
 from medvl_jax.errors import ConfigError
+from medvl_jax.losses import contrastive
 
 
 def _batch(cfg, n=6, seed=0, **extra):
@@ -38,6 +40,22 @@ def test_unknown_family_is_one_config_error():
     families.get("nope")
 
 
+@pytest.mark.parametrize(
+  "config_module, other_loss", [(convirt, "mixed"), (mixed_config, "infonce")]
+)
+def test_a_family_refuses_the_other_familys_loss(config_module, other_loss):
+  """Each family names its own losses: the other family's is one config error, found before
+  anything is read or built."""
+  cfg = config_module.get_config("smoke")
+  cfg.loss.name = other_loss
+  with pytest.raises(ConfigError, match=f"config.loss.name='{other_loss}' does not fit"):
+    config_check.check(cfg)
+
+
+def test_convirt_losses_are_registered():
+  assert set(families.get("convirt").losses) <= set(losses.LOSSES)
+
+
 def test_convirt_loss_through_the_family_is_the_hand_composition(smoke):
   cfg, family, model, variables = smoke
   n = 6
@@ -57,7 +75,7 @@ def test_convirt_loss_through_the_family_is_the_hand_composition(smoke):
       rngs={"dropout": rng},
       mutable=["batch_stats"],
     )
-    value, m = losses.infonce(
+    value, m = contrastive.infonce(
       out["image_embed"],
       out["text_embed"],
       lam=cfg.loss.lam,

@@ -16,11 +16,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medvl_jax import families, losses
+from medvl_jax import families
 from medvl_jax.ckpt import checkpoint
 from medvl_jax.ckpt import run_dir as run_dir_lib
 from medvl_jax.errors import CheckpointError, WeightsError
 from medvl_jax.interop import export
+from medvl_jax.losses import contrastive
 from tests.conftest import REPO, SHORT_STEPS
 from tests.interop.test_model_card import card_snippet, check_card, read_card
 
@@ -244,7 +245,9 @@ def test_docs_snippet_runs_and_matches_jax(exported, jax_model, sample_pairs, mo
   np.testing.assert_allclose(ns["z_text"].numpy(), ref["text_embed"], rtol=0, atol=ATOL)
   # The normalisation the training loss applies.
   cosine = float(
-    np.sum(losses.l2_normalize(ref["image_embed"]) * losses.l2_normalize(ref["text_embed"]))
+    np.sum(
+      contrastive.l2_normalize(ref["image_embed"]) * contrastive.l2_normalize(ref["text_embed"])
+    )
   )
   assert printed == pytest.approx(cosine, abs=ATOL)
   assert (

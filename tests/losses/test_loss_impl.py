@@ -21,7 +21,7 @@ EQUAL = r"""
 import json
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from medvl_jax import losses
+from medvl_jax.losses import contrastive
 from medvl_jax.parallel import sharding
 assert jax.device_count() == 8
 rng = np.random.default_rng(0)
@@ -38,14 +38,14 @@ out = {}
 for lam in (0.5, 0.75):
   def run(impl, mesh, spec):
     def f(a, b, m):
-      return losses.contrastive(a, b, lam=lam, temperature=0.1, mask=m, impl=impl, mesh=mesh)
+      return contrastive.loss(a, b, lam=lam, temperature=0.1, mask=m, impl=impl, mesh=mesh)
     rows = NamedSharding(mesh, spec)
     args = [jax.device_put(x, rows) for x in (v, u, valid)]
     (loss, metrics), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(*args)
     return float(loss), {k: float(x) for k, x in metrics.items()}, [np.asarray(g) for g in grads]
 
   ref = jax.jit(jax.value_and_grad(
-    lambda a, b, m: losses.infonce(a, b, lam=lam, temperature=0.1, mask=m), argnums=(0, 1),
+    lambda a, b, m: contrastive.infonce(a, b, lam=lam, temperature=0.1, mask=m), argnums=(0, 1),
     has_aux=True))
   (l0, m0), g0 = ref(v, u, valid)
   m0 = {k: float(x) for k, x in m0.items()}
@@ -66,7 +66,7 @@ print(json.dumps(out))
 MEMORY = r"""
 import json
 import jax, numpy as np
-from medvl_jax import losses
+from medvl_jax.losses import contrastive
 from medvl_jax.parallel import sharding
 devices = jax.devices()
 out = {}
@@ -74,7 +74,7 @@ for n in (1024, 2048):
   for impl, k in (("dense", 1), ("gather", 8), ("ring", 8)):
     mesh = sharding.make_mesh(devices[:k])
     rows = sharding.batch_sharding(mesh)
-    f = lambda a, b: losses.contrastive(a, b, lam=0.75, temperature=0.1, impl=impl, mesh=mesh)[0]
+    f = lambda a, b: contrastive.loss(a, b, lam=0.75, temperature=0.1, impl=impl, mesh=mesh)[0]
     emb = jax.ShapeDtypeStruct((n, 16), np.float32, sharding=rows)
     c = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(emb, emb).compile()
     out[f"{impl}/{n}"] = c.memory_analysis().temp_size_in_bytes

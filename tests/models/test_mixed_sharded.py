@@ -12,6 +12,7 @@ SCRIPT = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from configs import mixed as mixed_config
     from medvl_jax.data import batch as batch_lib
+    from medvl_jax.families import mixed as mixed_family
     from medvl_jax.models import mixed
     assert jax.device_count() == 8
     cfg = mixed_config.get_config("smoke")
@@ -31,7 +32,7 @@ SCRIPT = textwrap.dedent("""
 
     @jax.jit
     def step(p, b):
-      fn = lambda p: mixed.forward_and_loss(model, {"params": p}, b, rngs, cfg.loss, True)
+      fn = lambda p: mixed_family.forward_and_loss(model, {"params": p}, b, rngs, cfg.loss, True)
       return jax.value_and_grad(fn, has_aux=True)(p)
 
     one = jax.devices()[0]

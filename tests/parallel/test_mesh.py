@@ -102,6 +102,20 @@ def test_batch_is_split_over_data_and_fsdp():
     sharding.check_batch_size(12, m)
 
 
+def test_batch_spec_axes_and_split_axes():
+  """The batch's partition spec names every batch axis of the mesh (`BATCH_AXES` order); the
+  collectives over the batch rows run over those of size > 1 (mesh order)."""
+  m = AbstractMesh((4, 1, 2), ("fsdp", "data", "model"))
+  assert sharding.batch_spec_axes(m) == ("data", "fsdp")
+  assert sharding.batch_split_axes(m) == ("fsdp",)
+  m = AbstractMesh((2, 4), ("fsdp", "data"))
+  assert sharding.batch_spec_axes(m) == ("data", "fsdp")
+  assert sharding.batch_split_axes(m) == ("fsdp", "data")
+  assert sharding.batch_split_axes(mesh(data=2, fsdp=4, model=2)) == ("data", "fsdp")
+  assert sharding.batch_split_axes(mesh(data=1, fsdp=1, model=8)) == ()
+  assert sharding.batch_spec_axes(AbstractMesh((8,), ("model",))) == ()
+
+
 def test_defaults_data_parallel_small_fsdp_large():
   for module in (convirt, mixed):
     assert module.get_config().mesh == (("data", -1), ("fsdp", 1), ("model", 1))

@@ -16,8 +16,9 @@ import pytest
 
 from configs import convirt as convirt_config
 from configs import mixed as mixed_config
-from medvl_jax import config_check, families, losses
+from medvl_jax import config_check, families
 from medvl_jax.errors import ConfigError
+from medvl_jax.losses import contrastive
 from medvl_jax.train import accumulate, step
 from tests.conftest import mixed_args, read_scalars, run_main
 
@@ -132,7 +133,7 @@ def _ghost_bn_reference(model, variables, mask, batch, cfg, rng):
       )
       image = image.at[j::K].set(out["image_embed"])
       text = text.at[j::K].set(out["text_embed"])
-    return losses.infonce(image, text, lam=cfg.loss.lam, temperature=cfg.loss.temperature)[0]
+    return contrastive.infonce(image, text, lam=cfg.loss.lam, temperature=cfg.loss.temperature)[0]
 
   return jax.jit(jax.value_and_grad(loss_of))(variables["params"])
 

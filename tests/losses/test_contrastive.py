@@ -1,9 +1,10 @@
-"""InfoNCE against an independent NumPy implementation written from the paper's equations."""
+"""The dense InfoNCE against an independent NumPy implementation written from the paper's
+equations (the mesh layouts of `contrastive.loss`: test_loss_impl.py)."""
 
 import numpy as np
 import pytest
 
-from medvl_jax import losses
+from medvl_jax.losses import contrastive
 
 
 def numpy_infonce(v, u, lam, tau):
@@ -26,7 +27,7 @@ def test_infonce_matches_numpy(lam, tau):
   rng = np.random.default_rng(0)
   v = rng.normal(size=(16, 24)).astype(np.float64)
   u = rng.normal(size=(16, 24)).astype(np.float64)
-  got, _ = losses.infonce(v.astype(np.float32), u.astype(np.float32), lam=lam, temperature=tau)
+  got, _ = contrastive.infonce(v.astype(np.float32), u.astype(np.float32), lam=lam, temperature=tau)
   # float32 inside vs float64 reference: relative 1e-5 is float32 round-off over 16x24 dots.
   np.testing.assert_allclose(float(got), numpy_infonce(v, u, lam, tau), rtol=1e-5)
 
@@ -35,11 +36,11 @@ def test_asymmetry_and_clip_special_case():
   rng = np.random.default_rng(1)
   v = rng.normal(size=(8, 6)).astype(np.float32)
   u = rng.normal(size=(8, 6)).astype(np.float32)
-  sym_a, _ = losses.infonce(v, u, lam=0.5, temperature=0.1)
-  sym_b, _ = losses.infonce(u, v, lam=0.5, temperature=0.1)
+  sym_a, _ = contrastive.infonce(v, u, lam=0.5, temperature=0.1)
+  sym_b, _ = contrastive.infonce(u, v, lam=0.5, temperature=0.1)
   np.testing.assert_allclose(float(sym_a), float(sym_b), rtol=1e-6)
-  asym_a, m = losses.infonce(v, u, lam=0.75, temperature=0.1)
-  asym_b, _ = losses.infonce(u, v, lam=0.75, temperature=0.1)
+  asym_a, m = contrastive.infonce(v, u, lam=0.75, temperature=0.1)
+  asym_b, _ = contrastive.infonce(u, v, lam=0.75, temperature=0.1)
   assert abs(float(asym_a) - float(asym_b)) > 1e-3  # lam != 0.5 weights directions differently
   np.testing.assert_allclose(
     float(asym_a), 0.75 * float(m["loss_i2t"]) + 0.25 * float(m["loss_t2i"]), rtol=1e-6
@@ -54,14 +55,14 @@ def test_mask_equals_loss_on_valid_subset():
   # Padding rows hold huge values: they must neither be anchors nor candidates.
   v[~mask] = 1e3
   u[~mask] = -1e3
-  got, _ = losses.infonce(v, u, lam=0.75, temperature=0.1, mask=mask)
+  got, _ = contrastive.infonce(v, u, lam=0.75, temperature=0.1, mask=mask)
   want = numpy_infonce(v[mask].astype(np.float64), u[mask].astype(np.float64), 0.75, 0.1)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
 def test_perfect_alignment_has_low_loss_and_full_accuracy():
   e = np.eye(8, dtype=np.float32)
-  loss, m = losses.infonce(e, e, lam=0.75, temperature=0.1)
+  loss, m = contrastive.infonce(e, e, lam=0.75, temperature=0.1)
   assert float(m["acc_i2t"]) == 1.0 and float(m["acc_t2i"]) == 1.0
   # Only the 7 off-diagonal exp(0) terms remain: log(1 + 7 e^-10). float32 log-softmax of
   # logits near 10 cancels to ~1e-6 absolute.
