@@ -202,6 +202,25 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{key}={value} must be {must_be}")
 
 
+# ----------------------------------------------------------------------------- model files
+LOCAL_MODEL_FILES = ("init", "tokenizer")  # keys of each model.<tower> section
+
+
+def _check_local_model_files(model: ml_collections.ConfigDict) -> None:
+  """Pretrained weights and tokenizers are read from local paths (Hugging Face, torchvision
+  and timm files): a URL there is refused in one line, before the family looks for the file."""
+  for tower, section in model.items():
+    if not isinstance(section, ml_collections.ConfigDict):
+      continue
+    for key in LOCAL_MODEL_FILES:
+      value = section.get(key)
+      if isinstance(value, str) and paths.is_url(value):
+        raise ConfigError(
+          f"config.model.{tower}.{key}={value!r}: a URL; pretrained files are read from a "
+          "local path only (copy them to local disk first)"
+        )
+
+
 # ----------------------------------------------------------------------------- data
 def _check_data(config: ml_collections.ConfigDict) -> None:
   data = config.data
@@ -363,6 +382,7 @@ def check(config: ml_collections.ConfigDict) -> None:
       f"{', '.join(family.losses)}"
     )
   _check_values(config)
+  _check_local_model_files(config.model)
   family.check_config(config.model)
   _check_data(config)
   _check_batch_layout(config, family)
