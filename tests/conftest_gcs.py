@@ -10,6 +10,8 @@ Fixtures:
   gcs_env       per test: STORAGE_EMULATOR_HOST pointing at the emulator (and
                 `paths.configure`'s derived settings) in this process, for the test only.
   gcs_bucket    per test: a fresh bucket, as 'gs://NAME', with `gcs_env`.
+  local_or_bucket  each test twice: a local directory under tmp_path, then a fresh bucket's
+                'gs://NAME/root' (what a caller sees must not depend on where a path lives).
 Helpers: `new_bucket(emulator)` (for fixtures of a wider scope) and `child_env(emulator)`, the
 environment of a CLI subprocess, whose only storage setting is STORAGE_EMULATOR_HOST.
 """
@@ -119,3 +121,10 @@ def gcs_env(gcs_emulator, monkeypatch) -> str:
 @pytest.fixture
 def gcs_bucket(gcs_env) -> str:
   return new_bucket(gcs_env)
+
+
+@pytest.fixture(params=["local", "gcs"])
+def local_or_bucket(request, tmp_path) -> str:
+  if request.param == "local":
+    return str(tmp_path / "root")
+  return request.getfixturevalue("gcs_bucket") + "/root"

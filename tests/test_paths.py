@@ -25,11 +25,9 @@ from tests.conftest import REPO, read_scalars
 pytest_plugins = ("tests.conftest_gcs",)
 
 
-@pytest.fixture(params=["local", "gcs"])
-def where(request, tmp_path) -> str:
-  if request.param == "local":
-    return str(tmp_path / "root")
-  return request.getfixturevalue("gcs_bucket") + "/root"
+@pytest.fixture
+def where(local_or_bucket) -> str:
+  return local_or_bucket
 
 
 def test_is_url_and_join():

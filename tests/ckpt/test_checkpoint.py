@@ -40,11 +40,9 @@ def test_restore_of_missing_step_names_available(tmp_path):
 
 
 # ----------------------------------------------------------------------------- local and gs://
-@pytest.fixture(params=["local", "gcs"])
-def workdir(request, tmp_path) -> str:
-  if request.param == "local":
-    return str(tmp_path / "run")
-  return request.getfixturevalue("gcs_bucket") + "/run"
+@pytest.fixture
+def workdir(local_or_bucket) -> str:
+  return paths.join(local_or_bucket, "run")
 
 
 def _state(step: int) -> dict:
