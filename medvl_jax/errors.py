@@ -43,6 +43,11 @@ class NonFiniteError(MedvlError):
   `config.nonfinite` (names the step and the last good checkpoint)."""
 
 
+class StorageError(MedvlError, OSError):
+  """A path or URL cannot be used: unsupported scheme, bucket missing, endpoint unreachable
+  (names the URL, and for a bucket the endpoint asked)."""
+
+
 class OutputError(MedvlError):
   """A directory or file cannot be created or written: a workdir that is a file or read-only,
   a disk without room for the run's checkpoints, an evaluation output (names the path)."""

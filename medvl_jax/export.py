@@ -4,11 +4,14 @@ r"""Export a run to PyTorch / Hugging Face files (the library: `medvl_jax.intero
 
 A checkpoint whose params or batch statistics hold NaN/inf is refused (one line, exit 2) unless
 `--allow_nonfinite`. OUT gets the run's family's files, export.json and README.md (a model
-card), written into a sibling temporary directory renamed to OUT when complete (see
-`medvl_jax.interop.export`).
+card). WORKDIR and OUT may be gs:// URLs. A local OUT is written into a sibling temporary
+directory renamed to OUT when complete; a gs:// OUT gets export.json last, and a folder
+without it is incomplete (see `medvl_jax.interop.export`).
 """
 
-import pathlib
+# First, before anything can touch a URL: it maps STORAGE_EMULATOR_HOST to each storage
+# library's own setting, which the libraries read once.
+from medvl_jax import paths  # isort: split
 
 from absl import app, flags, logging
 
@@ -41,9 +44,7 @@ def main(argv: list[str]) -> None:
   except MedvlError as e:
     logging.flush()
     cli.die(str(e))
-  print(
-    f"exported step {meta['step']} of {meta['source_workdir']} to {pathlib.Path(fl.out).absolute()}"
-  )
+  print(f"exported step {meta['step']} of {meta['source_workdir']} to {paths.absolute(fl.out)}")
 
 
 if __name__ == "__main__":

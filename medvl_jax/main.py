@@ -2,7 +2,12 @@ r"""Entry point: `python -m medvl_jax.main --config=configs/convirt.py [--workdi
 
 Flags follow ml_collections: `--config.batch_size=64`, `--config.model.text.init=/path/bert`.
 Re-running the same command on the same workdir resumes from the newest complete checkpoint.
+The workdir may be a gs:// URL (docs/storage.md).
 """
+
+# First, before anything can touch a URL: it maps STORAGE_EMULATOR_HOST to each storage
+# library's own setting, which the libraries read once.
+from medvl_jax import paths  # isort: split
 
 import os
 import pathlib
@@ -18,7 +23,9 @@ _CONFIG = config_flags.DEFINE_config_file(
   "Config file, optionally with a variant: configs/convirt.py:smoke",
   lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Run directory, a local path or gs://bucket/... (default: runs/<config name>)."
+)
 _RESTART = flags.DEFINE_bool(
   "restart_from_scratch",
   False,
@@ -60,7 +67,7 @@ def main(argv):
   try:
     config_check.check_required(_CONFIG.value)  # the start-up reads config.distributed
     distributed.initialize_distributed(_CONFIG.value)
-    logging.info("workdir: %s", os.path.abspath(workdir))
+    logging.info("workdir: %s", paths.absolute(workdir))
     loop.train_and_evaluate(_CONFIG.value, workdir, restart_from_scratch=_RESTART.value)
   except MedvlError as e:
     logging.flush()

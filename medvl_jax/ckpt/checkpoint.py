@@ -5,8 +5,11 @@ A checkpoint directory `<workdir>/checkpoints/<step>/` holds two items:
          shardings of the current mesh;
   data   JSON with the input position (global batches consumed) and the seed, so a resumed run
          reads exactly the batches an uninterrupted one would.
-Orbax writes each step into a temporary directory and renames it when complete, so a run killed
-mid-write leaves no checkpoint that `latest_step()` would pick up. Kept: the latest
+The workdir may be a local path or a gs:// URL (`medvl_jax.paths`). Orbax commits a step
+atomically: locally it writes a temporary directory and renames it when complete; on GCS, which
+cannot rename, it writes `<step>/` in place and `<step>/commit_success.txt` last. Either way a
+run killed mid-write leaves no step that Orbax lists, and the steps here are only ever the ones
+Orbax lists as committed (never digit-named directories alone). Kept: the latest
 `keep_checkpoints` steps plus the best one by validation loss.
 
 Non-finite values: `save` refuses a state with a NaN/inf leaf (unless `allow_nonfinite`), and a
@@ -16,7 +19,8 @@ metric that is not finite anyway (written by an older version) ranks as +inf, i.
 
 A resumed run restores the newest *good* step (`restore_newest_good`): a damaged step (empty
 directory, missing item, unreadable `state/_METADATA`, missing or truncated array file) is
-named in one warning, moved to `<workdir>/checkpoints_damaged/`, and the previous step is
+named in one warning, moved to `<workdir>/checkpoints_damaged/` (copied, then removed, on
+GCS), and the previous step is
 used; when no step is usable the run stops with one line (`CheckpointError`). A save that
 fails (e.g. a full disk) raises `CheckpointError` naming the step, its path and the last good
 step, so training stops instead of running on without checkpoints.
@@ -32,11 +36,13 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from medvl_jax import paths
 from medvl_jax.errors import CheckpointError
 
 VAL_LOSS = "val_loss"
@@ -56,8 +62,11 @@ def manager(
   read_only: bool = False,
   on_commit: Callable[[], None] | None = None,
 ) -> ocp.CheckpointManager:
-  """`on_commit`: called from Orbax's background thread when an async save is finalised (just
-  before its temporary directory is renamed into place)."""
+  """The Orbax manager of `<workdir>/checkpoints` (a local path or a URL).
+
+  `on_commit`: called from Orbax's background thread when an async save is finalised (just
+  before the step is committed).
+  """
   preservation = ocm.AnyPreservationPolicy(
     [
       ocm.LatestN(n=keep),
@@ -79,7 +88,7 @@ def manager(
     create=not read_only,
     async_options=ocp.AsyncOptions(post_finalization_callback=on_commit) if on_commit else None,
   )
-  directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  directory = paths.path(paths.join(paths.absolute(workdir), "checkpoints"))
   # Handlers named up front, so tools (export, evaluate) can restore without a target tree.
   handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
@@ -148,14 +157,12 @@ def wait_until_saved(mngr: ocp.CheckpointManager) -> None:
 def _save_error(
   mngr: ocp.CheckpointManager, step: int | None, e: BaseException, trained: int | None = None
 ) -> CheckpointError:
-  directory = pathlib.Path(mngr.directory)
+  directory = str(mngr.directory)
+  committed = committed_steps(directory)
   if step is None:  # an async save: the newest step directory being written
-    pending = [
-      p for p in directory.glob("*.orbax-checkpoint-tmp*") if p.name.split(".")[0].isdigit()
-    ]
-    step = max((int(p.name.split(".")[0]) for p in pending), default=None)
-  good = sorted(s for s in _committed_steps(directory) if s != step)
-  where = directory / str(step) if step is not None else directory
+    step = max(_pending_steps(directory, committed), default=None)
+  good = sorted(s for s in committed if s != step)
+  where = paths.join(directory, str(step)) if step is not None else directory
   return CheckpointError(
     f"saving checkpoint {step if step is not None else '?'} to {where} failed: {_cause(e)}; "
     f"training stopped{f' at step {trained}' if trained is not None else ''}; the last good "
@@ -166,7 +173,7 @@ def _save_error(
 
 def has_checkpoints(workdir: str | pathlib.Path) -> bool:
   """Whether `<workdir>/checkpoints` holds a committed step directory (good or damaged)."""
-  return bool(_committed_steps(pathlib.Path(workdir) / "checkpoints"))
+  return bool(committed_steps(paths.join(workdir, "checkpoints")))
 
 
 def latest_intact_step(workdir: str | pathlib.Path) -> int | None:
@@ -176,22 +183,28 @@ def latest_intact_step(workdir: str | pathlib.Path) -> int | None:
   step that is visibly damaged gives None, so the run goes through `restore_newest_good`
   (fall back, or one error line) instead of declaring itself done.
   """
-  steps = _committed_steps(pathlib.Path(workdir) / "checkpoints")
+  steps = committed_steps(paths.join(workdir, "checkpoints"))
   if not steps:
     return None
   newest = max(steps)
-  return (
-    newest
-    if _structure_problem(pathlib.Path(workdir) / "checkpoints" / str(newest)) is None
-    else None
-  )
+  step_dir = paths.path(paths.join(workdir, "checkpoints", str(newest)))
+  return newest if _structure_problem(step_dir) is None else None
 
 
-def _committed_steps(directory: pathlib.Path) -> list[int]:
-  """Steps whose directory Orbax finalised (renamed from its temporary name)."""
-  if not directory.is_dir():
+def committed_steps(directory: str | pathlib.Path) -> list[int]:
+  """The steps under the checkpoint directory `directory` that Orbax committed, as its own
+  listing has them: locally a step directory renamed from its temporary name, on GCS one that
+  holds its `commit_success.txt` (a step killed mid-write there has its final name already)."""
+  return sorted(ocp.step.checkpoint_steps(paths.path(directory)))
+
+
+def _pending_steps(directory: str, committed: list[int]) -> list[int]:
+  """Steps being written (or left by a killed write): locally `<step>.orbax-checkpoint-tmp*`
+  directories, on GCS step directories without their commit marker."""
+  if not paths.isdir(directory):
     return []
-  return [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+  names = [n.split(".")[0] for n in paths.listdir(directory)]
+  return [int(n) for n in names if n.isdigit() and int(n) not in committed]
 
 
 def _cause(e: BaseException) -> str:
@@ -246,18 +259,17 @@ def restore(
   return out["state"], out["data"]
 
 
-def _structure_problem(step_dir: pathlib.Path) -> str | None:
+def _structure_problem(step_dir: epath.Path) -> str | None:
   """What is visibly wrong with a committed step directory (None: looks complete)."""
   if not step_dir.is_dir() or not any(step_dir.iterdir()):
     return "the step directory is empty"
   for item in ITEMS:
     if not (step_dir / item).is_dir() or not any((step_dir / item).iterdir()):
       return f"item {item!r} is missing"
-  meta = step_dir / "state" / "_METADATA"
   try:
-    json.loads(meta.read_text())
+    json.loads((step_dir / "state" / "_METADATA").read_text())
   except (OSError, ValueError) as e:
-    return f"{meta.relative_to(step_dir)} is unreadable ({type(e).__name__})"
+    return f"state/_METADATA is unreadable ({type(e).__name__})"
   return None
 
 
@@ -274,7 +286,7 @@ def restore_newest_good(
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
     return None
-  directory = pathlib.Path(mngr.directory)
+  directory = paths.path(mngr.directory)
   damaged = []
   for step in steps:
     cause = _structure_problem(directory / str(step))
@@ -304,13 +316,13 @@ def restore_newest_good(
   )
 
 
-def _move_damaged(directory: pathlib.Path, steps: list[int], workdir) -> None:
+def _move_damaged(directory: epath.Path, steps: list[int], workdir) -> None:
   if jax.process_index() != 0:
     return
-  target = pathlib.Path(workdir) / DAMAGED_DIR
-  target.mkdir(exist_ok=True)
+  target = paths.join(workdir, DAMAGED_DIR)
+  paths.mkdir(target)
   stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
   for step in steps:
-    dest = target / f"{step}-{stamp}"
-    (directory / str(step)).rename(dest)
+    dest = paths.join(target, f"{step}-{stamp}")
+    paths.move(directory / str(step), dest)
     logging.warning("moved damaged checkpoint step %d to %s", step, dest)

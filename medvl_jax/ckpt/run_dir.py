@@ -3,12 +3,12 @@ and batch statistics of a checkpoint step (without the optimizer state).
 
 The one owner of this: `export.py`, `evaluate` and the resume check
 (`config_check.check_resumable`) call it; `train/loop.py` writes what it reads
-(`<workdir>/config.json` and `<workdir>/checkpoints/<step>/state`, see `checkpoint.py`).
+(`<workdir>/config.json` and `<workdir>/checkpoints/<step>/state`, see `checkpoint.py`). A
+workdir is a local path or a gs:// URL: every access goes through `medvl_jax.paths`.
 """
 
 import functools
 import json
-import os
 import pathlib
 import time
 from typing import Any
@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from medvl_jax import families
+from medvl_jax import families, paths
 from medvl_jax.ckpt import checkpoint
 from medvl_jax.errors import CheckpointError
 
@@ -57,12 +57,11 @@ def _fill_in(tree: dict[str, Any]) -> dict[str, Any]:
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   """The config a run was trained with (`<workdir>/config.json`, written by train/loop.py), with
   the keys that another version of the code did not write filled in (`_FILLED_IN`)."""
-  workdir = pathlib.Path(workdir)
-  path = workdir / "config.json"
-  if not path.is_file():
+  path = paths.join(workdir, "config.json")
+  if not paths.isfile(path):
     raise CheckpointError(f"{path}: not found (is {workdir} a training workdir?)")
   try:
-    return ml_collections.ConfigDict(_fill_in(json.loads(path.read_text())))
+    return ml_collections.ConfigDict(_fill_in(json.loads(paths.read_text(path))))
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path}: cannot parse: {e}") from e
 
@@ -73,32 +72,31 @@ def config_json(config: ml_collections.ConfigDict) -> str:
 
 
 def write_run_config(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Atomically (temporary file, fsync, rename) writes `<workdir>/config.json`."""
-  path = pathlib.Path(workdir) / "config.json"
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  """Atomically writes `<workdir>/config.json` (`paths.write_text`: locally a temporary file,
+  fsynced and renamed; on GCS one object upload)."""
+  path = paths.join(workdir, "config.json")
   try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(config_json(config))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    paths.write_text(path, config_json(config))
   except OSError as e:
-    tmp.unlink(missing_ok=True)
     raise CheckpointError(f"{path}: cannot write the run's config: {e}") from e
 
 
-def restart_from_scratch(workdir: str | pathlib.Path) -> pathlib.Path | None:
+def restart_from_scratch(workdir: str | pathlib.Path) -> str | None:
   """Sets a run's checkpoints and TensorBoard logs aside (`<workdir>/discarded-<utc time>/`),
-  so training starts afresh; nothing is deleted. Returns that directory (None: nothing to do)."""
-  workdir = pathlib.Path(workdir)
-  present = [workdir / n for n in ("checkpoints", "tensorboard", checkpoint.DAMAGED_DIR)]
-  present = [p for p in present if p.exists()]
+  so training starts afresh; nothing is deleted. Returns that directory (None: nothing to do).
+
+  Locally each is renamed; on GCS copied, then removed (`paths.move`).
+  """
+  present = [n for n in ("checkpoints", "tensorboard", checkpoint.DAMAGED_DIR)]
+  present = [n for n in present if paths.exists(paths.join(workdir, n))]
   if not present:
     return None
-  target = workdir / f"discarded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-  target.mkdir()
-  for p in present:
-    p.rename(target / p.name)
+  target = paths.join(workdir, f"discarded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+  if paths.exists(target):
+    raise FileExistsError(f"{target}: exists")
+  paths.mkdir(target)
+  for name in present:
+    paths.move(paths.join(workdir, name), paths.join(target, name))
   return target
 
 
@@ -120,9 +118,9 @@ def restore_variables(
     CheckpointError: no checkpoints, `step` not among them (lists the available ones), or a
       checkpoint that does not fit the model built from the run's config.
   """
-  workdir = pathlib.Path(workdir)
-  ckpt_dir = workdir / "checkpoints"
-  if not ckpt_dir.is_dir():
+  ckpt_dir = paths.join(workdir, "checkpoints")
+  config_file = paths.join(workdir, "config.json")
+  if not paths.isdir(ckpt_dir):
     raise CheckpointError(f"{ckpt_dir}: no checkpoints (train first, or check --workdir)")
   mngr = checkpoint.manager(workdir, read_only=True)
   try:
@@ -156,13 +154,13 @@ def restore_variables(
     first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     raise CheckpointError(
       f"{step_dir}: cannot restore it for the model of "
-      f"{workdir / 'config.json'}: {type(e).__name__}: {first_line}"
+      f"{config_file}: {type(e).__name__}: {first_line}"
     ) from e
-  _check_shapes(state, item, f"{ckpt_dir}/{step}", workdir / "config.json")
+  _check_shapes(state, item, paths.join(ckpt_dir, str(step)), config_file)
   return step, state["params"], state["batch_stats"]
 
 
-def _check_shapes(restored: Any, wanted: Any, source: str, config_file: pathlib.Path) -> None:
+def _check_shapes(restored: Any, wanted: Any, source: str, config_file: str) -> None:
   """Orbax restores the stored shapes whatever the target: compare them with the model's."""
 
   def shapes(tree):

@@ -4,16 +4,19 @@ tfds reads ArrayRecord-prepared data by index (`as_data_source`) but not through
 which the evaluators use; so the corpora stay prepared as tfrecord and each train split gets a
 one-file ArrayRecord copy (`<builder data_dir>/random_access/<split>.array_record`), written
 once, atomically, with the serialized examples in file order. A builder prepared as
-ArrayRecord is read directly.
+ArrayRecord is read directly. The data dir may be a gs:// URL: ArrayRecord reads it with its
+own GCS client, and a copy is written locally, then uploaded (`medvl_jax.paths`).
 """
 
 import os
 import pathlib
+import tempfile
 
 from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from medvl_jax import paths as paths_lib
 from medvl_jax.errors import ConfigError, DataError
 
 
@@ -58,17 +61,23 @@ class RecordStore:
     """The split's records; writes the ArrayRecord copy of tfrecord shards on first use."""
     name, first, end = split_range(builder, split, "split")
     info = builder.info.splits[name]
-    data_dir = pathlib.Path(builder.data_dir)
+    data_dir = os.fspath(builder.data_dir)
+    shards = [paths_lib.join(data_dir, f) for f in info.filenames]
     if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-      return cls([os.fspath(data_dir / f) for f in info.filenames], end - first, first)
-    path = data_dir / "random_access" / f"{name}.array_record"
-    if not path.exists():
-      _write_array_record(path, [os.fspath(data_dir / f) for f in info.filenames])
-    return cls([os.fspath(path)], end - first, first)
+      return cls(shards, end - first, first)
+    path = paths_lib.join(data_dir, "random_access", f"{name}.array_record")
+    if not paths_lib.exists(path):
+      if paths_lib.is_url(path):  # written locally, then uploaded: one object, atomic
+        with tempfile.TemporaryDirectory(prefix="medvl-records-") as local:
+          _write_array_record(pathlib.Path(local, f"{name}.array_record"), shards)
+          paths_lib.copy(pathlib.Path(local, f"{name}.array_record"), path)
+      else:
+        _write_array_record(pathlib.Path(path), shards)
+    return cls([path], end - first, first)
 
 
 def _write_array_record(path: pathlib.Path, shards: list[str]) -> None:
-  """Copies tfrecord shards (in order) into one ArrayRecord file, atomically."""
+  """Copies tfrecord shards (in order) into one local ArrayRecord file, atomically."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ except RuntimeError:  # Devices already initialised by an earlier import.
 
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+from medvl_jax import paths  # pylint: disable=g-import-not-at-top
 from medvl_jax.data import augment, corpora, mixing, records  # pylint: disable=g-import-not-at-top
 from medvl_jax.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
 
@@ -160,6 +161,9 @@ def check_sources(config: ml_collections.ConfigDict) -> list[Source]:
   check_config(config)
   resolved = sources(config)
   mixing.check_weights([s.weight for s in resolved], config.batch_size)
+  # A data dir in a bucket: one line within seconds if it cannot be reached (the builders'
+  # reads below would otherwise retry for minutes).
+  paths.check_reachable(config.data.data_dir)
   for source in resolved:
     try:
       spec, builder = _builder_for(

@@ -5,15 +5,20 @@ r"""Evaluate a training run's checkpoint on a downstream task, or compare evalua
   python -m medvl_jax.evaluate --compare DIR1 DIR2 [...] [--out=FILE.md]   # + FILE.png chart
 
 Writes OUT/metrics.json ({'task', 'step', 'workdir', 'cfg', 'metrics'}) and the task's PNGs;
-OUT defaults to WORKDIR/eval/<task>-step<N>. OUT is written into a sibling temporary directory
-renamed into place when complete, so it never holds a partial result. Task settings: the run's
-`config.evaluators` entry of that name (if any), then each `--cfg key=value` (Python literal or
-string). Errors: one line `error: ...` on stderr, exit status 2.
+OUT defaults to WORKDIR/eval/<task>-step<N>. WORKDIR and OUT may be gs:// URLs. A local OUT is
+written into a sibling temporary directory renamed into place when complete, so it never holds
+a partial result; a gs:// OUT gets metrics.json last, and a folder without it is incomplete.
+Task settings: the run's `config.evaluators` entry of that name (if any), then each
+`--cfg key=value` (Python literal or string). Errors: one line `error: ...` on stderr, exit
+status 2.
 """
 
-import os
+# First, before anything can touch a URL: it maps STORAGE_EMULATOR_HOST to each storage
+# library's own setting, which the libraries read once.
+from medvl_jax import paths  # isort: split
+
 import pathlib
-import secrets
+import tempfile
 
 from absl import app, flags, logging
 
@@ -51,16 +56,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError("--compare needs at least one evaluation directory")
       table = runs.compare_table(argv[1:])
       if fl.out:  # atomic: a reader never sees half a table; the chart beside it (.png)
-        chart = pathlib.Path(fl.out).with_suffix(".png")
-        if chart == pathlib.Path(fl.out):
-          raise ConfigError(f"--out={fl.out}: the Markdown table's file, not a .png, expected")
-        tmp = pathlib.Path(f"{fl.out}.tmp-{secrets.token_hex(4)}")
-        try:
-          tmp.write_text(table)
-          runs.compare_chart(argv[1:], chart)
-          os.replace(tmp, fl.out)
-        finally:
-          tmp.unlink(missing_ok=True)
+        _write_comparison(argv[1:], table, fl.out)
       print(table, end="")
       return
     if len(argv) > 1:
@@ -74,7 +70,22 @@ def main(argv: list[str]) -> None:
   for name, value in result["metrics"].items():
     if not name.endswith(("_ci_lo", "_ci_hi")):
       print(f"{name}: {value}")
-  print(f"wrote {out / 'metrics.json'}")
+  print(f"wrote {paths.join(out, runs.METRICS)}")
+
+
+def _write_comparison(dirs: list[str], table: str, out: str) -> None:
+  """The table at `out` (written last, atomically) and the charts beside it (OUT's stem .png,
+  _losses.png), drawn locally and copied there (`out` may be a URL)."""
+  out = paths.absolute(out)
+  stem = out[: -len(pathlib.PurePosixPath(out).suffix) or None]
+  if f"{stem}.png" == out:
+    raise ConfigError(f"--out={out}: the Markdown table's file, not a .png, expected")
+  paths.check_reachable(out)
+  paths.mkdir(paths.parent(out))
+  with tempfile.TemporaryDirectory(prefix="medvl-compare-") as local:
+    for chart in runs.compare_chart(dirs, pathlib.Path(local, f"{paths.name(stem)}.png")):
+      paths.copy(chart, paths.join(paths.parent(out), chart.name))
+  paths.write_text(out, table)
 
 
 if __name__ == "__main__":

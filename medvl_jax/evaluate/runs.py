@@ -2,23 +2,26 @@
 behind `python -m medvl_jax.evaluate` (medvl_jax/evaluate/__main__.py), also used by the study.
 
 `evaluate_run` writes OUT/metrics.json ({'task', 'step', 'workdir', 'cfg', 'metrics'}) and the
-task's PNGs; OUT defaults to WORKDIR/eval/<task>-step<N>. OUT is written into a sibling temporary
-directory renamed into place when complete, so it never holds a partial result. Task settings:
-the run's `config.evaluators` entry of that name (if any), then each `key=value` override
-(Python literal or string). `compare_table` / `compare_chart` put several evaluations side by
-side; `training_curves` reads a run's loss curves from its TensorBoard logs.
+task's PNGs; OUT defaults to WORKDIR/eval/<task>-step<N>. WORKDIR and OUT may be gs:// URLs
+(`medvl_jax.paths`). A local OUT is written into a sibling temporary directory renamed into
+place when complete, so it never holds a partial result; a gs:// OUT gets metrics.json last,
+and a folder without it is incomplete. Task settings: the run's `config.evaluators` entry of
+that name (if any), then each `key=value` override (Python literal or string).
+`compare_table` / `compare_chart` put several evaluations side by side; `training_curves`
+reads a run's loss curves from its TensorBoard logs.
 """
 
 import ast
 import json
 import pathlib
-import secrets
-import shutil
+import tempfile
 import types
 from typing import Any
 
-from medvl_jax import cli
-from medvl_jax.errors import ConfigError, OutputError
+from medvl_jax import paths
+from medvl_jax.errors import ConfigError, MedvlError, OutputError
+
+METRICS = "metrics.json"  # written last: an OUT without it is incomplete
 
 
 def task_config(config: Any, task: str, overrides: list[str]) -> dict[str, Any]:
@@ -48,7 +51,7 @@ def build_evaluator(encoders: Any, task: str, cfg: dict[str, Any]) -> Any:
     raise ConfigError(f"task {task!r}: bad setting: {e}") from e
 
 
-def load_run(workdir: pathlib.Path, step: int | None):
+def load_run(workdir: str | pathlib.Path, step: int | None):
   """(config, encoders, state, step) of a run's checkpoint, without optimizer state."""
   from medvl_jax import families
   from medvl_jax.ckpt import run_dir
@@ -63,14 +66,11 @@ def load_run(workdir: pathlib.Path, step: int | None):
   return config, encoders, types.SimpleNamespace(params=params, batch_stats=batch_stats), step
 
 
-def _install(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  def check_replaceable(existing: pathlib.Path) -> None:
-    if not (existing / "metrics.json").is_file():
-      raise ConfigError(
-        f"{existing}: exists, is not empty and holds no metrics.json; refusing to replace it"
-      )
-
-  cli.install_dir(tmp, out, check_replaceable)
+def _check_replaceable(existing: str) -> None:
+  if not paths.isfile(paths.join(existing, METRICS)):
+    raise ConfigError(
+      f"{existing}: exists, is not empty and holds no metrics.json; refusing to replace it"
+    )
 
 
 def evaluate_run(
@@ -79,48 +79,48 @@ def evaluate_run(
   step: int | None = None,
   out: str | None = None,
   overrides: list[str] = (),
-) -> tuple[pathlib.Path, dict[str, Any]]:
+) -> tuple[str, dict[str, Any]]:
   """Runs `task` on checkpoint `step` (default: latest); returns (OUT, metrics.json's dict)."""
   from medvl_jax import evaluate  # pylint: disable=g-import-not-at-top
 
   evaluate.get(task)  # Unknown task: fail before loading anything.
-  workdir = pathlib.Path(workdir).absolute()
-  if not workdir.is_dir():
+  workdir = paths.absolute(workdir)
+  out = paths.absolute(out) if out else None
+  paths.check_reachable(workdir)  # a bad URL: one line within seconds, not minutes of retries
+  if out:
+    paths.check_reachable(out)
+  if not paths.isdir(workdir):
     raise ConfigError(f"{workdir}: workdir not found")
   from medvl_jax.ckpt import run_dir  # pylint: disable=g-import-not-at-top
 
   cfg = task_config(run_dir.load_run_config(workdir), task, list(overrides))
   evaluate.check_settings(task, cfg, key="--task/--cfg")  # Before any checkpoint is restored.
   # Where the result goes must be writable before the checkpoint is restored and evaluated.
-  _check_writable(pathlib.Path(out).absolute().parent if out else workdir / "eval")
+  _check_writable(paths.parent(out) if out else paths.join(workdir, "eval"))
   config, encoders, state, step = load_run(workdir, step)
   evaluator = build_evaluator(encoders, task, cfg)  # Reads and checks its inputs.
   values = {name: value for name, value in evaluator.run(state)}
-  result = {"task": task, "step": int(step), "workdir": str(workdir), "cfg": cfg, "metrics": values}
-  out = pathlib.Path(out).absolute() if out else workdir / "eval" / f"{task}-step{step}"
+  result = {"task": task, "step": int(step), "workdir": workdir, "cfg": cfg, "metrics": values}
+  out = out or paths.join(workdir, "eval", f"{task}-step{step}")
   try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
+    with paths.output_dir(out, METRICS, _check_replaceable) as local:
+      result["plots"] = evaluator.write_plots(pathlib.Path(local))
+      text = json.dumps(result, indent=2, default=str) + "\n"
+      pathlib.Path(local, METRICS).write_text(text)
   except OSError as e:
+    if isinstance(e, MedvlError):  # an unreachable bucket says so itself
+      raise
     raise OutputError(f"{out}: cannot write the evaluation ({e.strerror or e})") from e
-  try:
-    result["plots"] = evaluator.write_plots(tmp)
-    (tmp / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    _install(tmp, out)
-  except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, OSError):
-      raise OutputError(f"{out}: cannot write the evaluation ({e.strerror or e})") from e
-    raise
   return out, result
 
 
-def _check_writable(directory: pathlib.Path) -> None:
+def _check_writable(directory: str) -> None:
   """OutputError (exit 2) unless `directory` can be created and written (a probe file)."""
   try:
-    cli.probe_write(directory)
+    paths.check_writable(directory)
   except OSError as e:
+    if isinstance(e, MedvlError):
+      raise
     raise OutputError(
       f"{directory}: cannot write the evaluation there ({e.strerror or e}); "
       "pass --out=DIR on a writable disk"
@@ -131,11 +131,11 @@ def read_evaluations(dirs: list[str]) -> list[dict[str, Any]]:
   """The metrics.json dicts of evaluation output directories."""
   runs = []
   for d in dirs:
-    path = pathlib.Path(d) / "metrics.json"
-    if not path.is_file():
+    path = paths.join(d, METRICS)
+    if not paths.isfile(path):
       raise ConfigError(f"{path}: not found (an output directory of this command expected)")
     try:
-      runs.append(json.loads(path.read_text()))
+      runs.append(json.loads(paths.read_text(path)))
     except ValueError as e:
       raise ConfigError(f"{path}: cannot parse: {e}") from e
   return runs
@@ -149,7 +149,7 @@ def _metric_names(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def _run_labels(runs: list[dict[str, Any]]) -> list[str]:
-  return [f"{pathlib.Path(r['workdir']).name} @ {r['step']}" for r in runs]
+  return [f"{paths.name(r['workdir'])} @ {r['step']}" for r in runs]
 
 
 def compare_table(dirs: list[str]) -> str:
@@ -183,7 +183,7 @@ def compare_chart(dirs: list[str], path: pathlib.Path) -> list[pathlib.Path]:
   plots.comparison_chart(path, runs, _metric_names(runs), _run_labels(runs))
   curves = {}
   for label, r in zip(_run_labels(runs), runs):
-    per_run = training_curves(pathlib.Path(r["workdir"]) / "tensorboard")
+    per_run = training_curves(paths.join(r["workdir"], "tensorboard"))
     if per_run:
       curves[label if label not in curves else f"{label} ({len(curves) + 1})"] = per_run
   if not curves:
@@ -196,18 +196,27 @@ def compare_chart(dirs: list[str], path: pathlib.Path) -> list[pathlib.Path]:
 LOSS_TAGS = ("train_loss", "val_loss")
 
 
-def training_curves(logdir: pathlib.Path) -> dict[str, tuple[list, list]]:
+def training_curves(logdir: str | pathlib.Path) -> dict[str, tuple[list, list]]:
   """{tag: (steps, values)} of the loss scalars in a run's TensorBoard logs (a resumed run's
   later values replace the earlier ones); {} if there are none."""
-  if not logdir.is_dir():
+  files = [
+    paths.join(logdir, *rel.split("/"))
+    for rel in paths.files(logdir)
+    if paths.name(rel).startswith("events.out.tfevents.")
+  ]
+  if not files:
     return {}
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   out: dict[str, dict[int, float]] = {}
-  for f in sorted(logdir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-    for rec in tf.data.TFRecordDataset(str(f)):
-      event = tf.compat.v1.Event.FromString(rec.numpy())
-      for v in event.summary.value:
-        if v.tag in LOSS_TAGS and v.HasField("tensor"):
-          out.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
+  with tempfile.TemporaryDirectory(prefix="medvl-events-") as local:
+    for i, f in enumerate(sorted(files, key=paths.mtime)):
+      if paths.is_url(f):  # TensorFlow's own GCS client has no endpoint setting: a local copy
+        paths.copy(f, pathlib.Path(local, str(i)))
+        f = str(pathlib.Path(local, str(i)))
+      for rec in tf.data.TFRecordDataset(f):
+        event = tf.compat.v1.Event.FromString(rec.numpy())
+        for v in event.summary.value:
+          if v.tag in LOSS_TAGS and v.HasField("tensor"):
+            out.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
   return {tag: (sorted(d), [d[s] for s in sorted(d)]) for tag, d in out.items()}

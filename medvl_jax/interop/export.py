@@ -16,23 +16,25 @@ preprocessing, pooling, the embedding math, versions), the git commit of the exp
 (`code_commit`, 'unknown' outside a git checkout) and the training config; and OUT/README.md,
 a model card in the Hugging Face form (`model_card`).
 
-OUT is written into a sibling `OUT.tmp-*` directory that is renamed to OUT when complete, so
-OUT is either the previous content or the complete export, never a partial one.
+WORKDIR and OUT are local paths or gs:// URLs (`medvl_jax.paths`). The export is assembled in
+a local directory (`paths.output_dir`): for a local OUT a sibling `OUT.tmp-*` renamed to OUT
+when complete, so OUT is either the previous content or the complete export, never a partial
+one. A bucket has no directory rename: every file is uploaded, export.json last, so a reader
+treats an OUT without export.json as incomplete (an export being written, or one that
+failed).
 """
 
 import os
 import pathlib
-import secrets
-import shutil
 from typing import Any
 
 from absl import logging
 import jax
 import numpy as np
 
-from medvl_jax import cli, families
+from medvl_jax import families, paths
 from medvl_jax.ckpt import run_dir
-from medvl_jax.errors import CheckpointError, WeightsError
+from medvl_jax.errors import CheckpointError, MedvlError, WeightsError
 from medvl_jax.interop import export_files, model_card, registry
 
 
@@ -47,15 +49,18 @@ def _nonfinite_arrays(tree: Any) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- writing
-def _check_out(out: pathlib.Path, overwrite: bool) -> None:
-  if not out.exists():
+MANIFEST = "export.json"  # written last: an OUT without it is incomplete
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+  if not paths.isdir(out):
+    if paths.exists(out):
+      raise WeightsError(f"{out}: exists and is not a directory")
     return
-  if not out.is_dir():
-    raise WeightsError(f"{out}: exists and is not a directory")
-  if any(out.iterdir()):
+  if paths.listdir(out):
     if not overwrite:
       raise WeightsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-    if not (out / "export.json").is_file():
+    if not paths.isfile(paths.join(out, MANIFEST)):
       raise WeightsError(f"{out}: not an export directory (no export.json); refusing to replace it")
 
 
@@ -76,9 +81,10 @@ def export(
     WeightsError (or another MedvlError): one line naming what else is missing or wrong
       (non-finite weights included).
   """
-  workdir = pathlib.Path(workdir).absolute()
-  out = pathlib.Path(out).absolute()
-  if not workdir.is_dir():
+  workdir, out = paths.absolute(workdir), paths.absolute(out)
+  paths.check_reachable(workdir)  # a bad URL: one line within seconds, not minutes of retries
+  paths.check_reachable(out)
+  if not paths.isdir(workdir):
     raise CheckpointError(f"{workdir}: workdir not found")
   config = run_dir.load_run_config(workdir)
   family, family_io = families.get(config.model.name), registry.get(config.model.name)
@@ -95,26 +101,23 @@ def export(
     logging.warning("exporting non-finite weights (--allow_nonfinite): %d arrays", len(bad))
 
   commit = model_card.code_commit()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
-  tmp.mkdir()
   try:
-    recorded = family_io.export(model, params, batch_stats, config, tmp)
-    meta = {
-      "step": int(step),
-      "source_workdir": str(workdir),
-      "model": config.model.name,
-      **recorded,
-      "code_commit": commit,
-      "config": config.to_dict(),
-    }
-    export_files.write_json(tmp / "export.json", meta)
-    card = family_io.card(model, config, recorded)
-    model_card.write(tmp, model_card.render(card, params, config, step, workdir, commit))
-    cli.install_dir(tmp, out, lambda existing: _check_out(existing, overwrite))
-  except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, OSError):
-      raise WeightsError(f"{out}: cannot write the export: {e}") from e
-    raise
+    with paths.output_dir(out, MANIFEST, lambda old: _check_out(old, overwrite)) as local:
+      tmp = pathlib.Path(local)
+      recorded = family_io.export(model, params, batch_stats, config, tmp)
+      meta = {
+        "step": int(step),
+        "source_workdir": workdir,
+        "model": config.model.name,
+        **recorded,
+        "code_commit": commit,
+        "config": config.to_dict(),
+      }
+      export_files.write_json(tmp / MANIFEST, meta)
+      card = family_io.card(model, config, recorded)
+      model_card.write(tmp, model_card.render(card, params, config, step, workdir, commit))
+  except OSError as e:
+    if isinstance(e, MedvlError):  # an unreachable bucket says so itself
+      raise
+    raise WeightsError(f"{out}: cannot write the export: {e}") from e
   return meta

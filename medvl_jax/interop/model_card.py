@@ -25,6 +25,8 @@ import jax
 import numpy as np
 import yaml
 
+from medvl_jax import paths
+
 FILE = "README.md"
 TAGS = ("medvl_jax", "medical-imaging", "chest-x-ray", "radiology", "image-text", "jax")
 KIND_MEANING = {"paired": "image + report", "image": "image only", "text": "report only"}
@@ -81,9 +83,9 @@ def training_sources(config: Any) -> list[dict[str, Any]]:
   return [{k: dict(e)[k] for k in keys if k in dict(e)} for e in entries]
 
 
-def _records(path: pathlib.Path):
+def _records(path: str):
   """The records of a TFRecord file (length, its CRC, data, its CRC); a torn last one ends."""
-  data = path.read_bytes()
+  data = paths.read_bytes(path)
   pos = 0
   while pos + 12 <= len(data):
     (n,) = struct.unpack("<Q", data[pos : pos + 8])
@@ -93,15 +95,20 @@ def _records(path: pathlib.Path):
     pos += 12 + n + 4
 
 
-def logged_metrics(workdir: pathlib.Path, step: int) -> dict[str, float]:
+def logged_metrics(workdir: str | pathlib.Path, step: int) -> dict[str, float]:
   """The evaluation scalars training logged to TensorBoard at `step`: validation metrics
   (val_*) and those of `config.evaluators` (task/metric); a resumed run's later values win.
   Read with TensorBoard's protos, without TensorFlow."""
   from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
 
-  logdir = workdir / "tensorboard"
-  files = sorted(logdir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+  logdir = paths.join(workdir, "tensorboard")
+  files = [
+    paths.join(logdir, *rel.split("/"))
+    for rel in paths.files(logdir)
+    if paths.name(rel).startswith("events.out.tfevents.")
+  ]
+  files.sort(key=paths.mtime)
   out = {}
   for f in files:
     for record in _records(f):
@@ -117,18 +124,23 @@ def logged_metrics(workdir: pathlib.Path, step: int) -> dict[str, float]:
   return out
 
 
-def evaluations(workdir: pathlib.Path, step: int) -> list[tuple[str, dict[str, Any]]]:
+def evaluations(workdir: str | pathlib.Path, step: int) -> list[tuple[str, dict[str, Any]]]:
   """(metrics.json path relative to `workdir`, its metrics) of each `python -m
   medvl_jax.evaluate` output under <workdir>/eval/ for checkpoint `step`, by path."""
   out = []
-  for path in sorted((workdir / "eval").glob("*/metrics.json")):
+  eval_dir = paths.join(workdir, "eval")
+  names = paths.listdir(eval_dir) if paths.isdir(eval_dir) else []
+  for name in names:
+    path = paths.join(eval_dir, name, "metrics.json")
+    if not paths.isfile(path):
+      continue
     try:
-      result = json.loads(path.read_text())
+      result = json.loads(paths.read_text(path))
     except (OSError, ValueError) as e:
       logging.warning("model card: %s left out: %s", path, e)
       continue
     if result.get("step") == step and isinstance(result.get("metrics"), dict):
-      out.append((str(path.relative_to(workdir)), result["metrics"]))
+      out.append((f"eval/{name}/metrics.json", result["metrics"]))
   return out
 
 
@@ -287,7 +299,7 @@ def _training(config: Any, step: int, commit: str) -> list[str]:
   ]
 
 
-def _evaluation(workdir: pathlib.Path, step: int, eval_split: str) -> list[str]:
+def _evaluation(workdir: str, step: int, eval_split: str) -> list[str]:
   lines = ["## Evaluation", ""]
   logged, found = logged_metrics(workdir, step), evaluations(workdir, step)
   if logged:
@@ -346,7 +358,7 @@ def render(
   params: Any,
   config: Any,
   step: int,
-  workdir: pathlib.Path,
+  workdir: str,
   commit: str,
 ) -> str:
   """The card's text for checkpoint `step` (whose `params` are exported) of the run in
@@ -357,7 +369,7 @@ def render(
     "",
     f"Image and text encoders of a `{config.model.name}` model (medvl_jax), exported for "
     f"PyTorch from checkpoint **step {step}** (of `total_steps` {config.total_steps}) of the "
-    f"run `{workdir.name}`.",
+    f"run `{paths.name(workdir)}`.",
     "",
   ]
   return "\n".join(

@@ -20,18 +20,25 @@ waits for the devices only at evaluations, checkpoints, preemption and the end.
 import time
 
 from absl import logging
-from clu import metric_writers
 import jax
 import ml_collections
 
-from medvl_jax import config_check
+from medvl_jax import config_check, paths
 from medvl_jax.ckpt import checkpoint, run_dir
 from medvl_jax.data import sources, streams
 from medvl_jax.data import tokenizer as tokenizer_lib
 from medvl_jax.errors import ConfigError, NonFiniteError
 from medvl_jax.interop import pretrained
 from medvl_jax.parallel import sharding
-from medvl_jax.train import log_window, nonfinite, prefetch, program, save_log, validation
+from medvl_jax.train import (
+  log_window,
+  nonfinite,
+  prefetch,
+  program,
+  save_log,
+  summaries,
+  validation,
+)
 from medvl_jax.train import preemption as preemption_lib
 from medvl_jax.train import schedule as schedule_lib
 from medvl_jax.train import step as step_lib
@@ -132,9 +139,7 @@ def train_and_evaluate(
   # thread while the devices run the current step (and, first, while the step compiles).
   batches = prefetch.Prefetcher(lambda: sharding.to_global(next(train_iter), mesh))
   try:
-    writer = metric_writers.create_default_writer(
-      str(workdir / "tensorboard"), just_logging=not is_chief, asynchronous=True
-    )
+    writer = summaries.Summaries(workdir, is_chief)  # for a URL: mirrored from a local copy
     if start_step == 0:
       writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
 
@@ -214,6 +219,8 @@ def train_and_evaluate(
               val_loss=val_loss,
             )
             saves.started(step)
+            if paths.is_url(workdir):
+              writer.flush()  # the logs up to this checkpoint into the bucket
         if stop:
           logging.warning("stopping at step %d for preemption; rerun the command to resume", step)
           break

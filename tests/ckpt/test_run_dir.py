@@ -1,6 +1,7 @@
 """Reading a run's config.json (medvl_jax.ckpt.run_dir.load_run_config): a config.json without
 the keys that another version of the code did not write still builds, restores and resumes,
-with the values that version ran with; a ViT image tower gets no ResNet setting."""
+with the values that version ran with; a ViT image tower gets no ResNet setting. Writing it,
+and setting a run aside, in a local workdir and in a bucket (a GCS emulator)."""
 
 import json
 import shutil
@@ -9,9 +10,11 @@ import jax
 import pytest
 
 from configs import convirt, mixed
-from medvl_jax import config_check, families
+from medvl_jax import config_check, families, paths
 from medvl_jax.ckpt import run_dir
 from medvl_jax.errors import ConfigError
+
+pytest_plugins = ("tests.conftest_gcs",)
 
 FILLED = {
   "accumulate_steps": 1,
@@ -91,3 +94,21 @@ def test_run_without_filled_keys_restores_and_resumes(run_without_filled_keys, t
   cfg.model.image.conv_impl = "xla"
   with pytest.raises(ConfigError, match=r"model.image.conv_impl \('auto' -> 'xla'\)"):
     config_check.check_resumable(workdir, cfg)
+
+
+def test_config_json_and_restart_from_scratch(local_or_bucket):
+  """config.json round-trips; the run's checkpoints, logs and damaged steps are set aside in
+  one `discarded-<time>/` and nothing else moves."""
+  workdir = paths.join(local_or_bucket, "run")
+  cfg = convirt.get_config("smoke")
+  run_dir.write_run_config(workdir, cfg)
+  assert run_dir.load_run_config(workdir).to_dict() == json.loads(run_dir.config_json(cfg))
+  assert run_dir.restart_from_scratch(workdir) is None  # nothing to set aside
+  kept = ["checkpoints/10/commit_success.txt", "tensorboard/events.out.tfevents.1"]
+  kept += ["checkpoints_damaged/20-20260101T000000Z/state/_METADATA"]
+  for rel in kept:
+    paths.write_text(paths.join(workdir, *rel.split("/")), rel)
+  aside = run_dir.restart_from_scratch(workdir)
+  assert paths.name(aside).startswith("discarded-") and paths.parent(aside) == workdir
+  assert paths.files(workdir) == ["config.json"] + sorted(f"{paths.name(aside)}/{r}" for r in kept)
+  assert paths.read_text(paths.join(aside, "tensorboard", "events.out.tfevents.1")) == kept[1]
