@@ -1,5 +1,6 @@
 """Shared test set-up: persistent XLA compilation cache, sample-data location."""
 
+import logging
 import os
 import pathlib
 import sys
@@ -36,6 +37,20 @@ def pytest_addoption(parser):
     "reason 'time budget'); 0 = no budget. .ci/run sets it for the slow marker from the time "
     "left of CI's 90 minutes.",
   )
+
+
+@pytest.fixture(autouse=True)
+def _absl_verbosity_as_it_was():
+  """A CLI run in-process (evaluate and export log at ERROR) or a flags parse sets absl's
+  verbosity, and with it the absl logger's level, for the whole process; restore both so that
+  a later test's caplog sees the INFO lines it checks."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  logger = absl_logging.get_absl_logger()
+  saved_verbosity, saved_level = absl_logging.get_verbosity(), logger.level
+  yield
+  absl_logging.set_verbosity(saved_verbosity)  # first: it sets the logger's level too
+  logger.setLevel(saved_level)
 
 
 def pytest_runtest_setup(item):

@@ -35,7 +35,7 @@ def test_pretrained_import_is_the_named_family_s():
   cfg.model.text.init = cfg.model.text.tokenizer
   assert pretrained.configured(cfg.model)
   model = mixed.from_config(cfg.model)
-  variables = jax.device_get(mixed.init(model, jax.random.key(0)))
+  variables = jax.device_get(families.init_variables(model, cfg, jax.random.key(0)))
   got = pretrained.init_from_pretrained(variables, cfg.model)
   want = mixed_interop.init_from_pretrained(variables, cfg.model)
   assert jax.tree.structure(got) == jax.tree.structure(want)

@@ -56,7 +56,7 @@ def test_means_leave_skipped_steps_out(tmp_path, caplog):
   run = _Run(tmp_path)
   for loss in (2.0, None, 4.0):
     run.step(loss)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     run.window.close(3)
   assert run.window.last == {"train_loss": 3.0, "train_acc": 0.5}  # raw_* values left out
   (line,) = _lines(caplog)
@@ -73,7 +73,7 @@ def test_a_window_of_skipped_steps_only_has_no_means(tmp_path, caplog):
   run.window.close(1)
   run.step(None)
   run.step(None)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     run.window.close(3)
   assert run.window.last == {}
   (line,) = _lines(caplog)
@@ -86,7 +86,7 @@ def test_a_deferred_window_is_logged_after_the_next_step(tmp_path, caplog):
   run = _Run(tmp_path, total_steps=20, start_step=10)
   run.step(1.0)
   run.step(3.0)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     run.window.close(12, defer=True)
     assert _lines(caplog) == []
     run.step(5.0)  # the next step, dispatched before the window's figures are fetched

@@ -54,7 +54,7 @@ def _guard(policy="skip", limit=10, before=0, flags="") -> nonfinite.NonFiniteGu
 
 def test_skip_counts_skipped_steps_and_resets_the_streak(caplog):
   guard = _guard(flags=".xx.x.")
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.WARNING, logger="absl"):
     guard.settle()
   assert (guard.total, guard.streak) == (3, 0)
   lines = _warnings(caplog)

@@ -17,7 +17,7 @@ def test_one_line_per_finalised_save(tmp_path, caplog):
   saves = save_log.SaveLog()
   mngr = checkpoint.manager(tmp_path, on_commit=saves.finalised)
   state = {"w": np.arange(1000, dtype=np.float32)}
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     saves.poll(mngr, wait=True)  # nothing saved yet: no line
     assert _saved_lines(caplog) == []
     for step in (1, 2):
@@ -38,7 +38,7 @@ def test_poll_logs_a_finished_save_without_waiting(tmp_path, caplog):
   checkpoint.save(mngr, 5, {"w": np.ones(4, np.float32)}, {"batches_consumed": 5})
   saves.started(5)
   mngr.wait_until_finished()
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     saves.poll(mngr)
   mngr.close()
   assert len(_saved_lines(caplog)) == 1 and saves.pending is None
