@@ -174,17 +174,18 @@ def latest_intact_step(workdir: str | pathlib.Path) -> int | None:
 
   A cheap look (no Orbax manager, no restore) for "is this run already complete?": a newest
   step that is visibly damaged gives None, so the run goes through `restore_newest_good`
-  (fall back, or one error line) instead of declaring itself done.
+  (fall back, or one error line) instead of declaring itself done. Safe beside a live run
+  of the workdir (it writes new steps and moves damaged ones away while this looks).
   """
   steps = _committed_steps(pathlib.Path(workdir) / "checkpoints")
   if not steps:
     return None
   newest = max(steps)
-  return (
-    newest
-    if _structure_problem(pathlib.Path(workdir) / "checkpoints" / str(newest)) is None
-    else None
-  )
+  try:
+    problem = _structure_problem(pathlib.Path(workdir) / "checkpoints" / str(newest))
+  except FileNotFoundError:  # moved away, as damaged, by a live run while this looked
+    return None
+  return newest if problem is None else None
 
 
 def _committed_steps(directory: pathlib.Path) -> list[int]:

@@ -1,14 +1,16 @@
 """One run per workdir (medvl_jax.ckpt.lease): real lease files, on a local directory and on a
-bucket of a real GCS emulator.
+bucket of a real GCS emulator, and real `python -m medvl_jax.main` processes sharing a workdir.
 
 A lease of "another host" is written by hand: a record whose pid scope is not this machine's,
 so the newcomer cannot ask the kernel about its process and goes by expiry and renewals.
 """
 
 import datetime
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import pytest
 from medvl_jax import paths
 from medvl_jax.ckpt import lease
 from medvl_jax.errors import LeaseError
+from tests.conftest import REPO, run_main, smoke_args
 
 pytest_plugins = ("tests.conftest_gcs",)
 
@@ -241,3 +244,173 @@ def test_a_removed_lease_file_stops_the_run_before_a_save(tmp_path):
   finally:
     held.release()
   assert not (tmp_path / lease.LEASE_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- the main job
+def _tree(workdir: pathlib.Path) -> dict[str, str]:
+  """Every file under `workdir`: its SHA-256."""
+  return {
+    str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(workdir.rglob("*"))
+    if p.is_file()
+  }
+
+
+def _state_digest(step_dir: pathlib.Path) -> str:
+  """SHA-256 of every leaf of a checkpoint step's train state (as bench/fingerprint.py)."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  with ocp.PyTreeCheckpointer() as ckptr:
+    state = ckptr.restore(step_dir / "state")
+  h = hashlib.sha256()
+  for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+    x = np.ascontiguousarray(np.asarray(x))
+    h.update(f"{jax.tree_util.keystr(path)}:{x.dtype}:{x.shape};".encode())
+    h.update(x.tobytes())
+  return h.hexdigest()
+
+
+def _refused(proc, workdir) -> str:
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  errors = [l for l in lines if l.startswith("error: ")]
+  assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr[-3000:]
+  assert f"workdir {workdir} is in use by another run" in errors[0], errors[0]
+  assert "Traceback" not in proc.stderr and "waiting up to" not in proc.stderr
+  return errors[0]
+
+
+def test_second_run_on_a_live_workdir_is_refused_and_writes_nothing(smoke_run, tfds_dir, tmp_path):
+  """A double submit: the second job is refused in one line naming the holder, writes nothing
+  (also with --restart_from_scratch, which would set the run aside), and the first job ends
+  with the checkpoints of a lone run, bit for bit. The first job is paused (SIGSTOP) once it
+  has checkpoint 10, so its workdir cannot change while the second runs: any change is the
+  second's; a paused process is alive, so it keeps its workdir."""
+  workdir = tmp_path / "live"
+  cmd = [sys.executable, "-m", "medvl_jax.main", *smoke_args(workdir, tfds_dir)]
+  first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "10").is_dir():
+      assert first.poll() is None and time.time() < deadline, first.stderr.read()[-3000:]
+      time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)
+    before = _tree(workdir)
+    holder = _holder(workdir)
+    assert holder["pid"] == first.pid and lease.LEASE_FILE in before
+    for extra in ((), ("--restart_from_scratch",)):
+      t0 = time.monotonic()
+      line = _refused(run_main(*smoke_args(workdir, tfds_dir, *extra)), workdir)
+      print(f"refused in {time.monotonic() - t0:.1f} s: {line}")
+      for part in (holder["host"], f"pid {first.pid}", holder["started"], holder["expires_at"]):
+        assert part in line, line
+      assert _tree(workdir) == before
+    first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+  finally:
+    first.kill()
+  assert first.returncode == 0, err.decode()[-3000:]
+  assert not (workdir / lease.LEASE_FILE).exists()  # released at the end
+  assert len(list((workdir / "tensorboard").rglob("events.out.tfevents.*"))) == 1
+  reference = smoke_run[0] / "checkpoints"
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "30"]
+  for step in ("20", "30"):
+    assert _state_digest(workdir / "checkpoints" / step) == _state_digest(reference / step), step
+
+
+def test_a_run_whose_lease_is_taken_over_stops_without_saving(tfds_dir, tmp_path):
+  """Another run took the workdir over (as it would from a run that went a ttl without
+  renewing): the run stops at a step boundary in one line, starts no checkpoint save after
+  that, and leaves the new holder's lease in place."""
+  workdir = tmp_path / "taken"
+  ckpts = workdir / "checkpoints"
+  args = smoke_args(workdir, tfds_dir, "--lease_ttl_s=3", "--config.checkpoint_every=5")
+  run = subprocess.Popen(
+    [sys.executable, "-m", "medvl_jax.main", *args],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    deadline = time.time() + 300
+    while not (ckpts / "5").is_dir():
+      assert run.poll() is None and time.time() < deadline, run.stderr.read()[-3000:]
+      time.sleep(0.05)
+    run.send_signal(signal.SIGSTOP)  # the take-over happens between two of its steps
+    started = {p.name.split(".")[0] for p in ckpts.iterdir()}  # committed, or being saved
+    taken = _write(workdir, _other_host(expires_in=60))
+    run.send_signal(signal.SIGCONT)
+    _, err = run.communicate(timeout=300)
+  finally:
+    run.kill()
+  assert run.returncode == 2, err[-3000:]
+  lines = [l for l in err.strip().splitlines() if l.strip()]
+  assert lines[-1].startswith("error: lost the workdir"), err[-3000:]
+  assert "node-b17" in lines[-1] and "without saving" in lines[-1], lines[-1]
+  assert "Traceback" not in err
+  assert {p.name.split(".")[0] for p in ckpts.iterdir()} <= started
+  assert "30" not in started and paths.generation(workdir / lease.LEASE_FILE) == taken
+
+
+@pytest.mark.slow  # a smoke run killed at checkpoint 10 and resumed: ~60-120 s
+def test_resume_after_sigkill_takes_the_lease_over_at_once(smoke_run, tfds_dir, tmp_path):
+  """The killed run's lease is left behind with a 10-minute ttl; the same command on the same
+  host sees its process gone and resumes at once, to the lone run's final checkpoint."""
+  workdir = tmp_path / "killed"
+  args = smoke_args(workdir, tfds_dir, "--lease_ttl_s=600")
+  first = subprocess.Popen(
+    [sys.executable, "-m", "medvl_jax.main", *args],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  deadline = time.time() + 300
+  while not (workdir / "checkpoints" / "10").is_dir() and time.time() < deadline:
+    assert first.poll() is None
+    time.sleep(0.05)
+  first.kill()
+  first.wait()
+  assert _holder(workdir)["pid"] == first.pid  # never released
+  resumed = run_main(*args, timeout=400)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"its process {first.pid} on this host is gone" in resumed.stderr
+  assert "waiting up to" not in resumed.stderr
+  assert "resumed from checkpoint step" in resumed.stderr
+  assert not (workdir / lease.LEASE_FILE).exists()
+  final = workdir / "checkpoints" / "30"
+  assert _state_digest(final) == _state_digest(smoke_run[0] / "checkpoints" / "30")
+
+
+def _copy_run(smoke_run, tmp_path) -> pathlib.Path:
+  workdir = tmp_path / "run"
+  shutil.copytree(smoke_run[0], workdir, ignore=shutil.ignore_patterns("eval", "discarded-*"))
+  return workdir
+
+
+@pytest.mark.slow  # a resumed smoke run (2 steps): ~30-60 s
+def test_main_takes_over_an_expired_lease_of_another_host(smoke_run, tfds_dir, tmp_path):
+  workdir = _copy_run(smoke_run, tmp_path)
+  stale = _other_host(expires_in=-30)
+  _write(workdir, stale)
+  proc = run_main(*smoke_args(workdir, tfds_dir, "--config.total_steps=32"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  taken = [l for l in proc.stderr.splitlines() if "took over the lease" in l]
+  assert len(taken) == 1 and "node-b17" in taken[0] and stale["expires_at"] in taken[0], taken
+  assert (workdir / "checkpoints" / "32").is_dir()
+  assert not (workdir / lease.LEASE_FILE).exists()
+
+
+def test_finished_run_says_so_without_its_lease(smoke_run, tfds_dir, tmp_path):
+  """A complete run reports it at once, whoever holds the lease, and writes nothing: here an
+  unexpired lease of another host, which training would wait for."""
+  workdir = _copy_run(smoke_run, tmp_path)
+  _write(workdir, _other_host(expires_in=3600))
+  before = _tree(workdir)
+  proc = run_main(*smoke_args(workdir, tfds_dir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"run already complete at step 30 (workdir {workdir})" in proc.stderr
+  assert "waiting up to" not in proc.stderr and "took over" not in proc.stderr
+  assert _tree(workdir) == before

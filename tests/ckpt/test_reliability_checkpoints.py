@@ -286,6 +286,7 @@ def test_no_good_checkpoint_is_an_error_not_a_fresh_start(smoke_run, tfds_dir, t
   _one_line_error(proc, "no usable checkpoint", "step 30", "step 20", "--restart_from_scratch")
   assert "step 1/30" not in proc.stderr  # no silent fresh start
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "30"]
+  assert not (workdir / "LEASE.json").exists()  # the workdir's lease released on the error
 
 
 @pytest.mark.slow  # a fresh 2-step run (~30 s)
