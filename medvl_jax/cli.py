@@ -118,3 +118,9 @@ def install_dir(
     os.rename(old, out)
     raise
   shutil.rmtree(old, ignore_errors=True)
+
+
+def warn(message: str) -> None:
+  """One `warning: ...` line on stderr, whatever the log verbosity: something the user of a
+  command must know that does not stop it (e.g. a damaged checkpoint passed over)."""
+  print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)

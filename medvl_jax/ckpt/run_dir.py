@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from medvl_jax import families
+from medvl_jax import cli, families
 from medvl_jax.ckpt import checkpoint
 from medvl_jax.errors import CheckpointError
 
@@ -116,8 +116,13 @@ def restore_variables(
 ) -> tuple[int, dict[str, Any], dict[str, Any]]:
   """Restores (step, params, batch_stats) as host NumPy arrays; the optimizer state is skipped.
 
+  Without `step`, the newest intact step: each newer damaged one (as `checkpoint.step_damage`
+  judges it, the kinds that training falls back from) gets one `warning:` line naming it and
+  its cause. Nothing is moved or deleted: this only reads the run.
+
   Raises:
-    CheckpointError: no checkpoints, `step` not among them (lists the available ones), or a
+    CheckpointError: no checkpoints, `step` not among them (lists the available ones), `step`
+      damaged (names the cause and lists the intact steps), no intact step at all, or a
       checkpoint that does not fit the model built from the run's config.
   """
   workdir = pathlib.Path(workdir)
@@ -129,13 +134,14 @@ def restore_variables(
     steps = sorted(mngr.all_steps())
     if not steps:
       raise CheckpointError(f"{ckpt_dir}: no complete checkpoints")
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
+    if step is not None and step not in steps:
       raise CheckpointError(
         f"no checkpoint for step {step} in {ckpt_dir} (available: {', '.join(map(str, steps))})"
       )
-    step_dir = ocp.step.find_step_path(mngr.directory, ocp.step.standard_name_format(), step=step)
+    step_dirs = {
+      s: ocp.step.find_step_path(mngr.directory, ocp.step.standard_name_format(), step=s)
+      for s in steps
+    }
   finally:
     mngr.close()
   # The `state` item alone, without the optimizer state, straight to host NumPy arrays.
@@ -145,6 +151,47 @@ def restore_variables(
     "params": abstract["params"],
     "batch_stats": abstract.get("batch_stats", {}),
   }
+  damaged = []
+  for candidate in [step] if step is not None else reversed(steps):
+    state, cause = _restore_state(step_dirs[candidate], item, workdir)
+    if state is not None:
+      for bad, why in damaged:
+        cli.warn(
+          f"checkpoint step {bad} in {ckpt_dir} is damaged ({why}); using step {candidate}, "
+          "the newest intact one"
+        )
+      _check_shapes(state, item, f"{ckpt_dir}/{candidate}", workdir / "config.json")
+      return candidate, state["params"], state["batch_stats"]
+    if step is not None:
+      intact = [s for s in steps if s != step and _intact(step_dirs[s])]
+      raise CheckpointError(
+        f"checkpoint step {step} in {ckpt_dir} is damaged ({cause}); intact steps: "
+        + (", ".join(map(str, intact)) + " (choose one with --step)" if intact else "none")
+      )
+    damaged.append((candidate, cause))
+  raise CheckpointError(
+    f"no intact checkpoint in {ckpt_dir}: " + "; ".join(f"step {s}: {c}" for s, c in damaged)
+  )
+
+
+_VARIABLES = ("step", "params", "batch_stats")  # what of a step's `state` a reader restores
+
+
+def _intact(step_dir: pathlib.Path) -> bool:
+  return checkpoint.step_damage(step_dir, _VARIABLES) is None
+
+
+def _restore_state(
+  step_dir: pathlib.Path, item: dict[str, Any], workdir: pathlib.Path
+) -> tuple[dict[str, Any] | None, str | None]:
+  """(the restored `item`, None), or (None, the cause) when the step is damaged.
+
+  Raises:
+    CheckpointError: the step is intact but does not restore onto `item` (another model).
+  """
+  cause = checkpoint.structure_problem(step_dir)
+  if cause is not None:
+    return None, cause
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
@@ -153,13 +200,17 @@ def restore_variables(
         args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True),
       )
   except Exception as e:  # pylint: disable=broad-except
+    # Damaged, or intact but of another model: reading the step as its own metadata describes
+    # it tells which.
+    cause = checkpoint.step_damage(step_dir, _VARIABLES)
+    if cause is not None:
+      return None, cause
     first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     raise CheckpointError(
       f"{step_dir}: cannot restore it for the model of "
       f"{workdir / 'config.json'}: {type(e).__name__}: {first_line}"
     ) from e
-  _check_shapes(state, item, f"{ckpt_dir}/{step}", workdir / "config.json")
-  return step, state["params"], state["batch_stats"]
+  return state, None
 
 
 def _check_shapes(restored: Any, wanted: Any, source: str, config_file: pathlib.Path) -> None:
