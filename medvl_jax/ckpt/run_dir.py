@@ -214,15 +214,21 @@ def _restore_state(
 
 
 def _check_shapes(restored: Any, wanted: Any, source: str, config_file: pathlib.Path) -> None:
-  """Orbax restores the stored shapes whatever the target: compare them with the model's."""
+  """Orbax restores the stored shapes whatever the target, and gives an array the checkpoint
+  lacks back as the target's placeholder (a partial restore): compare with the model's."""
 
-  def shapes(tree):
+  def shapes(tree, arrays_only=False):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(np.shape(x)) for path, x in flat}
+    return {
+      jax.tree_util.keystr(path): tuple(np.shape(x))
+      if isinstance(x, np.ndarray) or not arrays_only
+      else "missing"
+      for path, x in flat
+    }
 
-  got = shapes(restored)
+  got = shapes(restored, arrays_only=True)
   bad = [
-    f"{k} checkpoint {got.get(k)} vs model {shape}"
+    f"{k} checkpoint {got.get(k, 'missing')} vs model {shape}"
     for k, shape in shapes(wanted).items()
     if got.get(k) != shape
   ]

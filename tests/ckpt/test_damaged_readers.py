@@ -131,3 +131,15 @@ def test_a_checkpoint_of_another_model_is_not_called_damaged(smoke_run):
   with pytest.raises(CheckpointError, match="checkpoints/30: does not fit the model") as e:
     run_dir.restore_variables(smoke_run[0], config, model)
   assert "damaged" not in str(e.value)
+
+
+def test_a_checkpoint_without_some_of_the_model_is_not_restored(smoke_run):
+  """A model with one more text layer: the checkpoint lacks its arrays, which a partial restore
+  would hand back as placeholders; named as missing instead."""
+  config = run_dir.load_run_config(smoke_run[0])
+  config.model.text.num_layers += 1
+  model = families.get(config.model.name).build(config.model)
+  with pytest.raises(
+    CheckpointError, match=r"does not fit the model .*\['layer'\]\['2'\].* missing"
+  ):
+    run_dir.restore_variables(smoke_run[0], config, model)
