@@ -288,3 +288,9 @@ def _orbax_task_noise(record: logging.LogRecord) -> bool:
       return False
     tb = tb.tb_next
   return True
+
+
+def warn(message: str) -> None:
+  """One `warning: ...` line on stderr, whatever the log verbosity: something the user of a
+  command must know that does not stop it (e.g. a damaged checkpoint passed over)."""
+  print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)

@@ -48,6 +48,11 @@ class StorageError(MedvlError, OSError):
   (names the URL, and for a bucket the endpoint asked)."""
 
 
+class LeaseError(MedvlError):
+  """The workdir is held by another live run, or this run no longer holds it (names the
+  holder)."""
+
+
 class OutputError(MedvlError):
   """A directory or file cannot be created or written: a workdir that is a file or read-only,
   a disk without room for the run's checkpoints, an evaluation output (names the path)."""

@@ -11,11 +11,13 @@ from medvl_jax import paths  # isort: split
 
 import os
 import pathlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from medvl_jax import cli
+from medvl_jax.ckpt import lease as lease_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -31,6 +33,13 @@ _RESTART = flags.DEFINE_bool(
   False,
   "Set the workdir's checkpoints and TensorBoard logs aside (in <workdir>/discarded-<time>/) "
   "and train afresh, also with a config the old run would refuse.",
+)
+_LEASE_TTL = flags.DEFINE_float(
+  "lease_ttl_s",
+  lease_lib.DEFAULT_TTL_S,
+  "Seconds the run's hold on its workdir lasts unrenewed (renewed every third of it): how long "
+  "a run killed on another host can keep the next run on its workdir waiting.",
+  lower_bound=3.0,
 )
 # Ahead-of-time compile (medvl_jax/train/aot.py): memory and FLOPs of one step, then exit, no
 # training.
@@ -56,7 +65,7 @@ def main(argv):
   cli.set_up_process(logging.INFO)
 
   from medvl_jax import config_check  # pylint: disable=g-import-not-at-top
-  from medvl_jax.errors import MedvlError  # pylint: disable=g-import-not-at-top
+  from medvl_jax.errors import LeaseError, MedvlError  # pylint: disable=g-import-not-at-top
   from medvl_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   from medvl_jax.train import loop  # pylint: disable=g-import-not-at-top
 
@@ -68,7 +77,19 @@ def main(argv):
     config_check.check_required(_CONFIG.value)  # the start-up reads config.distributed
     distributed.initialize_distributed(_CONFIG.value)
     logging.info("workdir: %s", paths.absolute(workdir))
-    loop.train_and_evaluate(_CONFIG.value, workdir, restart_from_scratch=_RESTART.value)
+    loop.train_and_evaluate(
+      _CONFIG.value,
+      workdir,
+      restart_from_scratch=_RESTART.value,
+      lease_ttl_s=_LEASE_TTL.value,
+    )
+  except LeaseError as e:
+    # Exit at once: a checkpoint save still in flight was started while this run held its
+    # workdir; it is abandoned rather than finished into a workdir that another run owns now
+    # (a step counts only once committed, at the end of its save).
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    os._exit(2)  # pylint: disable=protected-access
   except MedvlError as e:
     logging.flush()
     cli.die(str(e))

@@ -1,6 +1,5 @@
 """Shared test set-up: persistent XLA compilation cache, sample-data location."""
 
-import logging
 import os
 import pathlib
 import sys

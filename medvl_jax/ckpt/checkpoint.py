@@ -39,6 +39,7 @@ from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -181,14 +182,18 @@ def latest_intact_step(workdir: str | pathlib.Path) -> int | None:
 
   A cheap look (no Orbax manager, no restore) for "is this run already complete?": a newest
   step that is visibly damaged gives None, so the run goes through `restore_newest_good`
-  (fall back, or one error line) instead of declaring itself done.
+  (fall back, or one error line) instead of declaring itself done. Safe beside a live run
+  of the workdir (it writes new steps and moves damaged ones away while this looks).
   """
   steps = committed_steps(paths.join(workdir, "checkpoints"))
   if not steps:
     return None
   newest = max(steps)
-  step_dir = paths.path(paths.join(workdir, "checkpoints", str(newest)))
-  return newest if _structure_problem(step_dir) is None else None
+  try:
+    problem = structure_problem(paths.path(paths.join(workdir, "checkpoints", str(newest))))
+  except FileNotFoundError:  # moved away, as damaged, by a live run while this looked
+    return None
+  return newest if problem is None else None
 
 
 def committed_steps(directory: str | pathlib.Path) -> list[int]:
@@ -259,7 +264,7 @@ def restore(
   return out["state"], out["data"]
 
 
-def _structure_problem(step_dir: epath.Path) -> str | None:
+def structure_problem(step_dir: epath.Path) -> str | None:
   """What is visibly wrong with a committed step directory (None: looks complete)."""
   if not step_dir.is_dir() or not any(step_dir.iterdir()):
     return "the step directory is empty"
@@ -270,6 +275,33 @@ def _structure_problem(step_dir: epath.Path) -> str | None:
     json.loads((step_dir / "state" / "_METADATA").read_text())
   except (OSError, ValueError) as e:
     return f"state/_METADATA is unreadable ({type(e).__name__})"
+  return None
+
+
+def step_damage(step_dir: pathlib.Path, keys: tuple[str, ...] | None = None) -> str | None:
+  """What makes a committed step unusable (None: it is intact): its structure
+  (`structure_problem`), else the error of reading the arrays of its `state` item (those under
+  the top-level `keys`; default all) as the step's own metadata describes them, so that a
+  checkpoint that merely does not fit a model is not called damaged.
+
+  For readers of a run (export, evaluate); training's `restore_newest_good` restores each step
+  onto its own model instead, whose fit `config_check.check_resumable` has already proven.
+  """
+  cause = structure_problem(step_dir)
+  if cause is not None:
+    return cause
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      meta = ckptr.metadata(step_dir / "state").item_metadata
+      tree = {k: meta[k] for k in meta.keys() if keys is None or k in keys}
+      item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+      ckptr.restore(
+        step_dir / "state",
+        args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True),
+      )
+  except Exception as e:  # pylint: disable=broad-except
+    return _cause(e)
   return None
 
 
@@ -289,7 +321,7 @@ def restore_newest_good(
   directory = paths.path(mngr.directory)
   damaged = []
   for step in steps:
-    cause = _structure_problem(directory / str(step))
+    cause = structure_problem(directory / str(step))
     if cause is None:
       try:
         state, data_state = restore(mngr, abstract_state, step)

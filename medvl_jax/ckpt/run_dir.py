@@ -13,13 +13,14 @@ import pathlib
 import time
 from typing import Any
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from medvl_jax import families, paths
+from medvl_jax import cli, families, paths
 from medvl_jax.ckpt import checkpoint
 from medvl_jax.errors import CheckpointError
 
@@ -114,8 +115,13 @@ def restore_variables(
 ) -> tuple[int, dict[str, Any], dict[str, Any]]:
   """Restores (step, params, batch_stats) as host NumPy arrays; the optimizer state is skipped.
 
+  Without `step`, the newest intact step: each newer damaged one (as `checkpoint.step_damage`
+  judges it, the kinds that training falls back from) gets one `warning:` line naming it and
+  its cause. Nothing is moved or deleted: this only reads the run.
+
   Raises:
-    CheckpointError: no checkpoints, `step` not among them (lists the available ones), or a
+    CheckpointError: no checkpoints, `step` not among them (lists the available ones), `step`
+      damaged (names the cause and lists the intact steps), no intact step at all, or a
       checkpoint that does not fit the model built from the run's config.
   """
   ckpt_dir = paths.join(workdir, "checkpoints")
@@ -127,13 +133,14 @@ def restore_variables(
     steps = sorted(mngr.all_steps())
     if not steps:
       raise CheckpointError(f"{ckpt_dir}: no complete checkpoints")
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
+    if step is not None and step not in steps:
       raise CheckpointError(
         f"no checkpoint for step {step} in {ckpt_dir} (available: {', '.join(map(str, steps))})"
       )
-    step_dir = ocp.step.find_step_path(mngr.directory, ocp.step.standard_name_format(), step=step)
+    step_dirs = {
+      s: ocp.step.find_step_path(mngr.directory, ocp.step.standard_name_format(), step=s)
+      for s in steps
+    }
   finally:
     mngr.close()
   # The `state` item alone, without the optimizer state, straight to host NumPy arrays.
@@ -143,6 +150,47 @@ def restore_variables(
     "params": abstract["params"],
     "batch_stats": abstract.get("batch_stats", {}),
   }
+  damaged = []
+  for candidate in [step] if step is not None else reversed(steps):
+    state, cause = _restore_state(step_dirs[candidate], item, config_file)
+    if state is not None:
+      for bad, why in damaged:
+        cli.warn(
+          f"checkpoint step {bad} in {ckpt_dir} is damaged ({why}); using step {candidate}, "
+          "the newest intact one"
+        )
+      _check_shapes(state, item, paths.join(ckpt_dir, str(candidate)), config_file)
+      return candidate, state["params"], state["batch_stats"]
+    if step is not None:
+      intact = [s for s in steps if s != step and _intact(step_dirs[s])]
+      raise CheckpointError(
+        f"checkpoint step {step} in {ckpt_dir} is damaged ({cause}); intact steps: "
+        + (", ".join(map(str, intact)) + " (choose one with --step)" if intact else "none")
+      )
+    damaged.append((candidate, cause))
+  raise CheckpointError(
+    f"no intact checkpoint in {ckpt_dir}: " + "; ".join(f"step {s}: {c}" for s, c in damaged)
+  )
+
+
+_VARIABLES = ("step", "params", "batch_stats")  # what of a step's `state` a reader restores
+
+
+def _intact(step_dir: epath.Path) -> bool:
+  return checkpoint.step_damage(step_dir, _VARIABLES) is None
+
+
+def _restore_state(
+  step_dir: epath.Path, item: dict[str, Any], config_file: str
+) -> tuple[dict[str, Any] | None, str | None]:
+  """(the restored `item`, None), or (None, the cause) when the step is damaged.
+
+  Raises:
+    CheckpointError: the step is intact but does not restore onto `item` (another model).
+  """
+  cause = checkpoint.structure_problem(step_dir)
+  if cause is not None:
+    return None, cause
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
@@ -151,25 +199,35 @@ def restore_variables(
         args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True),
       )
   except Exception as e:  # pylint: disable=broad-except
+    # Damaged, or intact but of another model: reading the step as its own metadata describes
+    # it tells which.
+    cause = checkpoint.step_damage(step_dir, _VARIABLES)
+    if cause is not None:
+      return None, cause
     first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     raise CheckpointError(
       f"{step_dir}: cannot restore it for the model of "
       f"{config_file}: {type(e).__name__}: {first_line}"
     ) from e
-  _check_shapes(state, item, paths.join(ckpt_dir, str(step)), config_file)
-  return step, state["params"], state["batch_stats"]
+  return state, None
 
 
 def _check_shapes(restored: Any, wanted: Any, source: str, config_file: str) -> None:
-  """Orbax restores the stored shapes whatever the target: compare them with the model's."""
+  """Orbax restores the stored shapes whatever the target, and gives an array the checkpoint
+  lacks back as the target's placeholder (a partial restore): compare with the model's."""
 
-  def shapes(tree):
+  def shapes(tree, arrays_only=False):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(np.shape(x)) for path, x in flat}
+    return {
+      jax.tree_util.keystr(path): tuple(np.shape(x))
+      if isinstance(x, np.ndarray) or not arrays_only
+      else "missing"
+      for path, x in flat
+    }
 
-  got = shapes(restored)
+  got = shapes(restored, arrays_only=True)
   bad = [
-    f"{k} checkpoint {got.get(k)} vs model {shape}"
+    f"{k} checkpoint {got.get(k, 'missing')} vs model {shape}"
     for k, shape in shapes(wanted).items()
     if got.get(k) != shape
   ]

@@ -1,8 +1,9 @@
 """Training, top to bottom in the order data flows.
 
-  SIGTERM handler -> config check -> finished run? -> mesh -> model & optimizer -> input
-  -> run directory -> checkpoint restore (or init) -> update and eval steps -> compile
-  -> loop (non-finite guard, progress line, evaluation, checkpoint, preemption) -> final save
+  SIGTERM handler -> config check -> finished run? -> workdir lease -> mesh -> model & optimizer
+  -> input -> run directory -> checkpoint restore (or init) -> update and eval steps -> compile
+  -> loop (lease, non-finite guard, progress line, evaluation, checkpoint, preemption)
+  -> final save -> lease released
 
 `train_step` and `eval_step` (step.py) are pure functions of (state, batch) jitted with
 explicit shardings; this module is the plumbing around them. The loop's bookkeeping is in
@@ -25,6 +26,7 @@ import ml_collections
 
 from medvl_jax import config_check, paths
 from medvl_jax.ckpt import checkpoint, run_dir
+from medvl_jax.ckpt import lease as lease_lib
 from medvl_jax.data import sources, streams
 from medvl_jax.data import tokenizer as tokenizer_lib
 from medvl_jax.errors import ConfigError, NonFiniteError
@@ -45,27 +47,65 @@ from medvl_jax.train import step as step_lib
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, restart_from_scratch: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  restart_from_scratch: bool = False,
+  lease_ttl_s: float = lease_lib.DEFAULT_TTL_S,
 ) -> dict[str, float]:
   """Trains (or resumes) in `workdir`; returns the last logged train and eval metrics.
 
   `restart_from_scratch` sets the workdir's checkpoints and logs aside and starts afresh
   (otherwise a workdir with checkpoints is resumed, and a config that does not fit it refused).
+  The run holds the workdir's lease (`medvl_jax.ckpt.lease`, renewed every `lease_ttl_s` / 3)
+  from before its first write to its end: LeaseError when another live run holds it, or when
+  this run loses it (then it stops without saving).
   Raises NonFiniteError when `config.nonfinite` stops the run (nothing non-finite is saved).
   """
   preemption = preemption_lib.Preemption()  # first: a SIGTERM in set-up or compile ends cleanly
 
   # ----------------------------------------------------------------------------------- config check
   config_check.check(config)  # every name, choice and value, before anything is read or written
-  workdir = config_check.check_workdir(workdir)  # preflight: creatable and writable
+  # A finished run says so without its lease: committed steps are read, never written, so a
+  # live run (which holds the lease) is not disturbed, and a dead holder's lease does not delay it.
+  if not restart_from_scratch and _already_complete(config, workdir):
+    return {}
+  workdir = config_check.check_workdir(workdir)  # preflight: creatable, writable; leaves nothing
+
+  # ---------------------------------------------------------------------------------- workdir lease
+  # One run per workdir: taken before anything is written to it; refused in one line if a live
+  # run holds it.
+  lease = lease_lib.hold(workdir, lease_ttl_s, should_stop=lambda: preemption.requested)
+  if lease is None:
+    return preemption_lib.stop_during_setup("the wait for the workdir's lease")
+  with lease:
+    # Again under the lease: the previous holder may have finished (or changed config.json)
+    # while this run waited for it.
+    if not restart_from_scratch and _already_complete(config, workdir):
+      return {}
+    return _train(config, workdir, restart_from_scratch, preemption, lease)
+
+
+def _already_complete(config: ml_collections.ConfigDict, workdir) -> bool:
+  """Whether the run in `workdir` has reached `config.total_steps` (logged); ConfigError when
+  `config` cannot resume it. Reads only."""
+  config_check.check_resumable(workdir, config)  # the run's identity: refused before any write
+  done = checkpoint.latest_intact_step(workdir)
+  if done is not None and done >= config.total_steps:  # before any data, model or compile work
+    logging.info("run already complete at step %d (workdir %s); nothing to do", done, workdir)
+    return True
+  return False
+
+
+def _train(
+  config: ml_collections.ConfigDict,
+  workdir,
+  restart_from_scratch: bool,
+  preemption: preemption_lib.Preemption,
+  lease: lease_lib.Lease,
+) -> dict[str, float]:
+  """The run itself, once the workdir's lease is held."""
   is_chief = jax.process_index() == 0
   saves = save_log.SaveLog()
-  if not restart_from_scratch:
-    config_check.check_resumable(workdir, config)  # the run's identity: refused before any write
-    done = checkpoint.latest_intact_step(workdir)
-    if done is not None and done >= config.total_steps:  # before any data, model or compile work
-      logging.info("run already complete at step %d (workdir %s); nothing to do", done, workdir)
-      return {}
 
   # ------------------------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(axes=config.mesh)
@@ -183,6 +223,7 @@ def train_and_evaluate(
 
         stop = preemption.requested or mngr.reached_preemption(step)
         due = schedule.at(step, stop)
+        lease.check(step)  # LeaseError if another run took the workdir over: nothing is saved
         if due.waits_for_devices:
           guard.settle()  # every step up to this one: the state is final
         if due.log:  # deferred unless the devices are waited for anyway
@@ -211,6 +252,7 @@ def train_and_evaluate(
             logging.warning("no checkpoint at step %d: %s", step, unhealthy)
           else:
             saves.poll(mngr, wait=True)  # the previous save's line first (save() waits anyway)
+            lease.check(step, saving=True)  # renewed now: a save starts only with the workdir held
             checkpoint.save(
               mngr,
               step,

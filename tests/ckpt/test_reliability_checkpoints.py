@@ -21,6 +21,7 @@ import pytest
 from medvl_jax import config_check
 from medvl_jax.ckpt import checkpoint
 from medvl_jax.errors import CheckpointError, ConfigError
+from tests.ckpt import damage
 from tests.conftest import REPO, run_eval, run_main, smoke_args
 
 
@@ -205,38 +206,6 @@ def test_disk_full_during_save_stops_cleanly(smoke_run, tfds_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
-def _truncate_arrays(step_dir):
-  for f in (step_dir / "state" / "ocdbt.process_0" / "d").iterdir():
-    os.truncate(f, f.stat().st_size // 2)
-
-
-def _delete_arrays(step_dir):
-  for f in (step_dir / "state" / "ocdbt.process_0" / "d").iterdir():
-    f.unlink()
-
-
-def _garbage_metadata(step_dir):
-  (step_dir / "state" / "_METADATA").write_bytes(b"\x00{garbage")
-
-
-def _empty_step_dir(step_dir):
-  shutil.rmtree(step_dir)
-  step_dir.mkdir()
-
-
-def _missing_data_item(step_dir):
-  shutil.rmtree(step_dir / "data")
-
-
-DAMAGES = {
-  "truncated array file": (_truncate_arrays, "OUT_OF_RANGE"),
-  "deleted array file": (_delete_arrays, "Truncated"),
-  "garbage state/_METADATA": (_garbage_metadata, "state/_METADATA is unreadable"),
-  "emptied step dir": (_empty_step_dir, "the step directory is empty"),
-  "missing data item": (_missing_data_item, "item 'data' is missing"),
-}
-
-
 def _abstract_state(mngr, step):
   """The restore target from a good checkpoint's own metadata (shapes, dtypes), one device."""
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -244,10 +213,10 @@ def _abstract_state(mngr, step):
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
 
 
-@pytest.mark.parametrize("damage", list(DAMAGES))
-def test_damaged_newest_checkpoint_falls_back(smoke_run, tmp_path, damage, caplog):
+@pytest.mark.parametrize("kind", list(damage.DAMAGES))
+def test_damaged_newest_checkpoint_falls_back(smoke_run, tmp_path, kind, caplog):
   workdir = _copy_run(smoke_run, tmp_path)
-  fn, cause = DAMAGES[damage]
+  fn, cause = damage.DAMAGES[kind]
   fn(workdir / "checkpoints" / "30")
   mngr = checkpoint.manager(workdir, keep=2)
   target = _abstract_state(mngr, 20)
@@ -267,7 +236,7 @@ def test_damaged_checkpoint_resume_through_the_cli(smoke_run, tfds_dir, tmp_path
   """The whole path: one warning, resume from step 20, train to 32, config.json updated with
   the new total_steps (a key that may change on resume)."""
   workdir = _copy_run(smoke_run, tmp_path)
-  _truncate_arrays(workdir / "checkpoints" / "30")
+  damage.truncate_arrays(workdir / "checkpoints" / "30")
   proc = run_main(*smoke_args(workdir, tfds_dir, "--config.total_steps=32"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
@@ -280,12 +249,13 @@ def test_damaged_checkpoint_resume_through_the_cli(smoke_run, tfds_dir, tmp_path
 
 def test_no_good_checkpoint_is_an_error_not_a_fresh_start(smoke_run, tfds_dir, tmp_path):
   workdir = _copy_run(smoke_run, tmp_path)
-  _empty_step_dir(workdir / "checkpoints" / "30")
-  _missing_data_item(workdir / "checkpoints" / "20")
+  damage.empty_step_dir(workdir / "checkpoints" / "30")
+  damage.missing_data_item(workdir / "checkpoints" / "20")
   proc = run_main(*smoke_args(workdir, tfds_dir))
   _one_line_error(proc, "no usable checkpoint", "step 30", "step 20", "--restart_from_scratch")
   assert "step 1/30" not in proc.stderr  # no silent fresh start
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "30"]
+  assert not (workdir / "LEASE.json").exists()  # the workdir's lease released on the error
 
 
 @pytest.mark.slow  # a fresh 2-step run (~30 s)

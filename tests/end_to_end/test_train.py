@@ -169,6 +169,7 @@ def test_sigterm_checkpoints_and_stops(smoke_run, tfds_dir, tmp_path):
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
   assert "stopping at step" in err
+  assert not (workdir / "LEASE.json").exists()  # the workdir's lease released on SIGTERM
   stopped = int(err.split("stopping at step ")[1].split()[0])
   from medvl_jax.ckpt import checkpoint
 
