@@ -97,14 +97,16 @@ def test_a_killed_upload_is_not_prepared_and_a_rerun_completes(
     stderr=subprocess.DEVNULL,
     start_new_session=True,
   )
+  # Killed once a first copy is in the bucket: the metadata, tiny, must not be there yet.
   deadline = time.time() + 300
-  while not objects(gcs_emulator, gcs_bucket, prefix) and time.time() < deadline:
+  while not objects(gcs_emulator, gcs_bucket, prefix + "random_access/"):
     assert proc.poll() is None, "prepare ended before its upload was interrupted"
+    assert time.time() < deadline, "no copy was uploaded"
     time.sleep(0.02)
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   uploaded = objects(gcs_emulator, gcs_bucket, prefix)
-  assert uploaded and prefix + "dataset_info.json" not in uploaded
+  assert prefix + "dataset_info.json" not in uploaded, uploaded
   assert not cxr_sample.Builder(config="image_only", data_dir=data_dir).is_prepared()
   staging = prepare_lib._default_staging(data_dir)  # pylint: disable=protected-access
   assert os.path.isdir(staging)  # Kept for the rerun.
