@@ -179,6 +179,28 @@ def builder(name: str, builder_config: str | None = None, data_dir: str | None =
   return b
 
 
+def prepare_command(b, manual_dir: str | None = None) -> str:
+  """The command that prepares tfds builder `b`'s dataset, with its random-access copies, in
+  `b`'s data dir: `python -m data_pipelines.prepare NAME --config=... --manual_dir=... ...`.
+
+  The manual_dir is `manual_dir`, else the one an earlier build of `b` recorded, else `DIR`.
+  """
+  name = next((c.name for c in CORPORA.values() if c.tfds_name == b.name), b.name)
+  config = b.builder_config.name
+  # Config names are '<base>' at the default image size, else '<base>_<size>'
+  # (data_pipelines/common.py, config_name).
+  base, _, size = config.rpartition("_")
+  flags = [f"--config={base}", f"--image_size={size}"] if base and size.isdigit() else []
+  flags = flags or [f"--config={config}"]
+  if not manual_dir and b.is_prepared():
+    manual_dir = (b.info.metadata or {}).get("source", {}).get("manual_dir")
+  root = os.fspath(b.data_dir).rsplit("/", 3)[0]  # <root>/<name>/<config>/<version>
+  return " ".join(
+    ["python -m data_pipelines.prepare", name, *flags, f"--manual_dir={manual_dir or 'DIR'}"]
+    + [f"--data_dir={root}"]
+  )
+
+
 def source_changes(b) -> list[str]:
   """The source files of a prepared build that differ from what it was built from.
 

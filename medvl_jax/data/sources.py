@@ -6,10 +6,12 @@ paired source `data.name`/`data.builder_config`/`data.train_split`. `check_sourc
 every entry (name, builder config, kind from the builder's features, weight, split present and
 non-empty) before any record is read.
 
-Preparing is one explicit step (`prepare`): the bundled sample (`cxr_sample`) is built from the
-sample directory on first use, a corpus that must be prepared by hand is named in a one-line
-DataError, and each train split gets its random-access ArrayRecord copy
-(medvl_jax/data/records.py). Training hosts then only read.
+Prepare once, read everywhere: a corpus and the random-access copies of its splits
+(medvl_jax/data/records.py) are built by `python -m data_pipelines.prepare`, on one machine;
+training hosts only read them. `prepare` checks that every source is prepared and has its
+copies, else one DataError line with the prepare command. The one exception is the bundled
+sample (`cxr_sample`): a single-host run on a local data dir builds it and its copies from the
+sample directory on first use; several hosts (or a bucket) get the prepare command instead.
 """
 
 import dataclasses
@@ -159,6 +161,7 @@ def check_sources(config: ml_collections.ConfigDict) -> list[Source]:
   `prepare` has built it).
   """
   check_config(config)
+  paths.check_reachable(config.data.data_dir)  # One line now, not the clients' retries later.
   resolved = sources(config)
   mixing.check_weights([s.weight for s in resolved], config.batch_size)
   # A data dir in a bucket: one line within seconds if it cannot be reached (the builders'
@@ -177,12 +180,16 @@ def check_sources(config: ml_collections.ConfigDict) -> list[Source]:
     if builder.is_prepared():
       split_size(builder, source.split, source.where)
     elif not spec.auto_prepare:
-      raise DataError(
-        f"{builder.data_dir}: dataset {spec.tfds_name}/{source.builder_config} "
-        f"({source.where}) is not prepared; run `python -m data_pipelines.prepare "
-        f"{spec.tfds_name} --manual_dir=...`"
-      )
+      raise _not_prepared(builder, source.where)
   return resolved
+
+
+def _not_prepared(builder, where: str, manual_dir: str | None = None) -> DataError:
+  return DataError(
+    f"{builder.data_dir}: dataset {builder.name}/{builder.builder_config.name} ({where}) is "
+    f"not prepared; prepare it once, on one machine: "
+    f"{corpora.prepare_command(builder, manual_dir)}"
+  )
 
 
 def resolve_sample_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -204,21 +211,36 @@ def resolve_sample_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
   )
 
 
+def _sample_dir_if_any(config: ml_collections.ConfigDict) -> str | None:
+  try:
+    return os.fspath(resolve_sample_dir(config))
+  except DataError:  # Not on this host: the command names a placeholder.
+    return None
+
+
 def prepared_builder(
-  config: ml_collections.ConfigDict, name: str, builder_config: str, where: str = "config.data"
+  config: ml_collections.ConfigDict,
+  name: str,
+  builder_config: str,
+  where: str = "config.data",
+  *,
+  process_count: int = 1,
 ) -> tfds.core.DatasetBuilder:
-  """The prepared tfds builder of corpus `name`: the bundled sample is built on first use; any
-  other corpus that is not prepared is a DataError naming the command that prepares it."""
+  """The prepared tfds builder of corpus `name`, with the random-access copies of its splits.
+
+  The bundled sample is built (with its copies) on first use when `process_count` is 1 and the
+  data dir is local; otherwise a dataset that is not prepared is a DataError naming the
+  command that prepares it. Copies are checked where a split is opened (RecordStore.open).
+  """
   spec, builder = _builder_for(name, builder_config, config.data.data_dir, where)
+  auto = spec.auto_prepare and process_count == 1 and not paths.is_url(builder.data_dir)
   if builder.is_prepared():
     corpora.warn_if_source_changed(name, builder)  # One warning line if the source changed.
+    if auto and not records.has_copies(builder):
+      records.write_copies(builder)
     return builder
-  if not spec.auto_prepare:
-    raise DataError(
-      f"{builder.data_dir}: dataset {spec.tfds_name}/{builder_config} is not "
-      f"prepared; run `python -m data_pipelines.prepare {spec.tfds_name} "
-      "--manual_dir=...`"
-    )
+  if not auto:
+    raise _not_prepared(builder, where, _sample_dir_if_any(config) if spec.auto_prepare else None)
   sample_dir = resolve_sample_dir(config)
   logging.info(
     "Preparing %s/%s from %s into %s (once).",
@@ -232,21 +254,32 @@ def prepared_builder(
       manual_dir=os.fspath(sample_dir), try_download_gcs=False
     )
   )
+  records.write_copies(builder)
   return builder
 
 
-def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """Prepares data.name (and every train source); returns data.name's tfds builder.
+def prepare(
+  config: ml_collections.ConfigDict, *, process_count: int = 1
+) -> tfds.core.DatasetBuilder:
+  """Checks that data.name and every train source are prepared, with the random-access copies
+  the run reads (train splits, and data.eval_split of data.name); returns data.name's builder.
 
-  The bundled sample is built on first use; each train split also gets its random-access
-  ArrayRecord copy here (once).
+  Reads only, except for the bundled sample on a single host (`prepared_builder`). A data dir
+  in a bucket is probed first (one line if it cannot be reached).
   """
-  builder = prepared_builder(config, config.data.name, config.data.builder_config)
+  paths.check_reachable(config.data.data_dir)
+  builder = prepared_builder(
+    config, config.data.name, config.data.builder_config, process_count=process_count
+  )
   if "data" in config and "train_split" in config.data:  # Full configs (not prepare-only).
     for source in sources(config):
-      b = prepared_builder(config, source.name, source.builder_config, source.where)
+      b = prepared_builder(
+        config, source.name, source.builder_config, source.where, process_count=process_count
+      )
       split_size(b, source.split, source.where)
       records.RecordStore.open(b, source.split)
+    if config.data.get("eval_split"):
+      records.RecordStore.open(builder, config.data.eval_split)
   return builder
 
 

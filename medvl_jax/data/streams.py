@@ -1,6 +1,7 @@
 """The train and eval streams: per-host batches of the layout (medvl_jax/data/batch.py).
 
-Reads. Each split is read by random access from its RecordStore (medvl_jax/data/records.py).
+Reads. Each split is read by random access from its RecordStore (medvl_jax/data/records.py),
+a host batch's records of a source in one parallel read.
 Which record fills which row of global batch b is pure index arithmetic
 (medvl_jax/data/mixing.py): per-source streams with their own epoch counters, each epoch a full
 permutation seeded by (seed, source, epoch), rows per source from closed-form cumulative targets
@@ -92,11 +93,15 @@ class Reader:
     return self.parser.parse_example(raw)
 
 
-def open_readers(config: ml_collections.ConfigDict, resolved: list[sources.Source]) -> list[Reader]:
-  """A Reader of each source (its dataset prepared first if need be)."""
+def open_readers(
+  config: ml_collections.ConfigDict, resolved: list[sources.Source], process_count: int = 1
+) -> list[Reader]:
+  """A Reader of each source (the bundled sample prepared first on a single host)."""
   out = []
   for source in resolved:
-    builder = sources.prepared_builder(config, source.name, source.builder_config, source.where)
+    builder = sources.prepared_builder(
+      config, source.name, source.builder_config, source.where, process_count=process_count
+    )
     spec = corpora.get(source.name, key="config.data.name")
     sources.split_size(builder, source.split, source.where)
     image_key, text_key = sources.feature_keys(builder, spec, source.kind, config.data.text_mode)
@@ -151,7 +156,7 @@ def train_dataset(
   """Per-host train batches before tokenisation: the layout's image, has_image, has_text and
   source, plus 'text' (bytes) and 'index' (the record's index in its split)."""
   per_host = _per_host(config, process_count)
-  readers = open_readers(config, sources.sources(config))
+  readers = open_readers(config, sources.sources(config), process_count)
   plan = mixing.Plan(
     config.seed,
     config.batch_size,
@@ -238,7 +243,7 @@ def create_train_iterator(
   """
   sources.check_sources(config)
   _check_hosts(config, process_index, process_count)
-  sources.prepare(config)
+  sources.prepare(config, process_count=process_count)
   ds = train_dataset(config, start_step, process_index, process_count)
   return _tokenized(ds.as_numpy_iterator(), tokenizer, config.data.max_length)
 
@@ -271,7 +276,7 @@ def eval_dataset(
     1.0,
     config.data.augment_chain,
   )
-  (reader,) = open_readers(config, [source])
+  (reader,) = open_readers(config, [source], process_count)
   n = len(reader.store)
   size, resize = config.data.image_size, config.data.resize
   key = tf.constant([0, _EVAL_SALT], tf.int64)  # Fixed: same sentences whatever the seed.

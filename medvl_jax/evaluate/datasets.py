@@ -1,7 +1,9 @@
 """Labelled image corpora for the evaluators, by registry name (`medvl_jax.data.corpora`).
 
 `load_split('chexpert', 'test', builder_config='u_ignore_64', data_dir=...)` reads a prepared
-tfds corpus (`python -m data_pipelines.prepare NAME ...`) and returns
+tfds corpus (`python -m data_pipelines.prepare NAME ...`) through the random-access copies of its
+splits (medvl_jax/data/records.py: the same reads as training, so a gs:// data dir is read
+through ArrayRecord's GCS client, never TensorFlow's) and returns
 {'image': uint8 [N, S, S, 1] (the eval transform of training: shorter side to `resize`, central
 S x S crop), 'labels': int32 [N, C], 'patient_id', 'image_id', 'view': str [N]}.
 
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from medvl_jax.data import augment, corpora
+from medvl_jax.data import augment, corpora, records
 from medvl_jax.errors import ConfigError, DataError
 
 LATERAL_VIEWS = frozenset({"L", "LL", "RL", "LATERAL", "LAT"})
@@ -38,9 +40,8 @@ def builder(
   b = corpora.builder(name, builder_config, data_dir)
   if not b.is_prepared():
     raise DataError(
-      f"{b.data_dir}: dataset {b.name}/{b.builder_config.name} is not prepared; "
-      f"run `python -m data_pipelines.prepare {name} --manual_dir=... "
-      f"--data_dir=...`"
+      f"{b.data_dir}: dataset {b.name}/{b.builder_config.name} is not prepared; prepare it "
+      f"once, on one machine: {corpora.prepare_command(b)}"
     )
   return b
 
@@ -70,10 +71,7 @@ def load_split(
     raise ConfigError(
       f"split {split!r} not in {b.name}/{b.builder_config.name}: {', '.join(b.info.splits)}"
     )
-  ds = b.as_dataset(
-    split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
-  )
-  ds = ds.map(
+  ds = records.decoded_split(b, split).map(
     lambda ex: dict(
       {k: ex[k] for k in keys},
       image=augment.to_uint8(augment.center_crop(ex["image"], image_size, resize)),

@@ -124,8 +124,9 @@ def _train(
   prog = program.build(config, mesh)
   config_check.check_disk(workdir, prog.abstract_state)  # preflight: room for two checkpoints
 
-  # Input: the sample is prepared on first use; the tokenizer comes from the text checkpoint.
-  sources.prepare(config)
+  # Input: prepared data, only read (a single host prepares the bundled sample on first use);
+  # the tokenizer comes from the text checkpoint.
+  sources.prepare(config, process_count=jax.process_count())
   if preemption.requested:
     return preemption_lib.stop_during_setup("data preparation")
   config_check.check_batch_fits(config)  # preflight: batch <= split (split sizes known now)

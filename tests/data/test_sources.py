@@ -2,6 +2,7 @@
 errors, preparing the sample once, the sample directory, split sizes."""
 
 import logging
+import os
 
 import pytest
 
@@ -99,3 +100,35 @@ def test_source_checks_one_line_each(data_dir):
   (reader,) = streams.open_readers(config, sources.sources(config))
   (whole,) = streams.open_readers(make_config(data_dir), sources.sources(make_config(data_dir)))
   assert len(reader.store) == 10 and reader.store.read([0, 9]) == whole.store.read([5, 14])
+
+
+def test_several_hosts_never_prepare_the_sample(tmp_path, sample_data_dir):
+  """On several hosts the bundled sample is not built on first use (each host would write it):
+  one line with the prepare command, and nothing written."""
+  data_dir = tmp_path / "tfds"
+  config = make_config(data_dir, **{"data.sample_dir": str(sample_data_dir)})
+  with pytest.raises(DataError) as error:
+    sources.prepare(config, process_count=2)
+  assert "\n" not in str(error.value)
+  assert str(error.value).endswith(
+    "dataset cxr_sample/paired (config.data) is not prepared; prepare it once, on one machine: "
+    f"python -m data_pipelines.prepare cxr_sample --config=paired --manual_dir={sample_data_dir} "
+    f"--data_dir={data_dir}"
+  )
+  assert not data_dir.exists()
+
+
+def test_an_unprepared_corpus_is_refused_with_the_prepare_command(tmp_path):
+  config = make_config(tmp_path, **{"data.name": "mimic_cxr", "data.builder_config": "paired_64"})
+  command = (
+    "python -m data_pipelines.prepare mimic_cxr --config=paired --image_size=64 "
+    f"--manual_dir=DIR --data_dir={tmp_path}"
+  )
+  for check in (sources.check_sources, sources.prepare):
+    with pytest.raises(DataError) as error:
+      check(config)
+    assert str(error.value) == (
+      f"{tmp_path}/mimic_cxr/paired_64/1.0.0: dataset mimic_cxr/paired_64 (config.data) is not "
+      f"prepared; prepare it once, on one machine: {command}"
+    )
+  assert os.listdir(tmp_path) == []

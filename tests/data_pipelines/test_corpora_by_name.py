@@ -14,11 +14,8 @@ import sys
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow_datasets as tfds
 
-from data_pipelines import common
-from data_pipelines.chexpert import Builder as ChexpertBuilder
-from data_pipelines.mimic_cxr import Builder as MimicBuilder
+from data_pipelines import common, prepare
 from medvl_jax.errors import ConfigError, DataError
 from medvl_jax.evaluate import datasets, linear_probe
 from tests import fixtures_layout as fl
@@ -30,28 +27,16 @@ CHEXPERT_CONFIG = common.config_name("u_ignore", SIZE)
 STEPS = 2
 
 
-def prepare(builder_cls, config: str, manual_dir: pathlib.Path, data_dir: pathlib.Path):
-  builder = builder_cls(config=config, data_dir=str(data_dir))
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False)
-  )
-  return builder
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, sample_data_dir) -> pathlib.Path:
-  """One tfds data dir holding mimic_cxr/paired_64 and chexpert/u_ignore_64."""
-  out = tmp_path_factory.mktemp("corpora_tfds")
-  prepare(
-    MimicBuilder, MIMIC_CONFIG, fl.mimic_cxr(sample_data_dir, tmp_path_factory.mktemp("mimic")), out
-  )
-  prepare(
-    ChexpertBuilder,
-    CHEXPERT_CONFIG,
-    fl.chexpert(sample_data_dir, tmp_path_factory.mktemp("chexpert")),
-    out,
-  )
-  return out
+  """One tfds data dir holding mimic_cxr/paired_64 and chexpert/u_ignore_64, prepared as
+  `python -m data_pipelines.prepare` prepares them (with their random-access copies)."""
+  out = str(tmp_path_factory.mktemp("corpora_tfds"))
+  mimic = fl.mimic_cxr(sample_data_dir, tmp_path_factory.mktemp("mimic"))
+  prepare.prepare("mimic_cxr", str(mimic), data_dir=out, image_size=SIZE, config="paired")
+  chexpert = fl.chexpert(sample_data_dir, tmp_path_factory.mktemp("chexpert"))
+  prepare.prepare("chexpert", str(chexpert), data_dir=out, image_size=SIZE, config="u_ignore")
+  return pathlib.Path(out)
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,13 @@ def build(config: str, data_dir: pathlib.Path, manual_dir: pathlib.Path) -> Buil
 def sample_tfds_dir(tmp_path_factory, sample_data_dir: pathlib.Path) -> pathlib.Path:
   """The real sample (all three configs) built once per test session; shared by the test files.
 
-  `paired` is built the way the train job builds it: by `sources.prepare`.
+  `paired` is built the way the train job builds it: by `sources.prepare`; the other two with
+  their random-access copies, as `python -m data_pipelines.prepare` leaves them.
   """
   if "dir" not in _BUILT:
     import ml_collections  # pylint: disable=g-import-not-at-top
 
-    from medvl_jax.data import sources  # pylint: disable=g-import-not-at-top
+    from medvl_jax.data import records, sources  # pylint: disable=g-import-not-at-top
 
     data_dir = tmp_path_factory.mktemp("tfds")
     config = ml_collections.ConfigDict(
@@ -48,8 +49,8 @@ def sample_tfds_dir(tmp_path_factory, sample_data_dir: pathlib.Path) -> pathlib.
       }
     )
     assert sources.prepare(config).is_prepared()
-    build("text_only", data_dir, sample_data_dir)
-    build("image_only", data_dir, sample_data_dir)
+    records.write_copies(build("text_only", data_dir, sample_data_dir))
+    records.write_copies(build("image_only", data_dir, sample_data_dir))
     _BUILT["dir"] = data_dir
   return _BUILT["dir"]
 
