@@ -12,14 +12,15 @@ r"""A MIMIC-CXR-size corpus on one machine: prepare cost, disk, and one training
    Studies per patient are geometric with MIMIC's mean, images per study drawn from
    {1, 2, 3, 4} with MIMIC's mean; the split is by patient with MIMIC's proportions.
 2. Prepare: `python -m data_pipelines.prepare mimic_cxr --manual_dir=... --data_dir=...` in a
-   subprocess: wall time, peak RSS of the prepare process and of its process tree (sampled),
-   bytes on disk (allocated blocks) of the data dir once training can read it (with the
-   random-access copy, which training writes on first use when prepare has not).
+   subprocess: wall time, CPU time and peak RSS of the prepare process and of its process tree
+   (sampled), bytes on disk (allocated blocks) of the data dir once training can read it (with
+   the random-access copy, which training writes on first use when prepare has not).
 3. One host of H (process_index 0), each in a fresh subprocess with the real
    `medvl_jax.data.streams.create_train_iterator` on configs/convirt.py pointed at the corpus
    (batch 32, 224 px crops of a 256 px resize, the ConVIRT chain, MiniLM tokenizer): time to
    the first batch resuming at step 10 and in the middle of the last of `--epochs` epochs, then
-   records/s and the process's peak RSS over `--batches` more batches.
+   records/s (per wall and per CPU second) and the process's peak RSS over `--batches` more
+   batches; and, in a third process, the RSS of what grows with the split (`index_*`).
 
 The workdir keeps the corpus and the prepared data: a rerun with the same --records,
 --image_px and --seed measures step 3 only (prepare figures are those of the build, kept in
@@ -158,7 +159,7 @@ def write_corpus(root: pathlib.Path, n: int, px: int, seed: int) -> dict[str, in
     r for r in fl.iu_reports(sample_dir()) if r["findings"].strip() and r["impression"].strip()
   ]
   dicoms = rng.integers(0, 2**32, size=(n, 5))
-  frontal, lateral = rng.random(n) < 0.4, rng.random(n) < 0.7  # P(PA), P(LATERAL)
+  pa, lateral = rng.random(n) < 0.4, rng.random(n) < 0.7  # PA else AP, LATERAL else LL.
   cells, cell_p = zip(*LABEL_CELLS)
   labels = rng.choice(len(cells), size=(len(layout.study_images), len(fl.CHEXPERT)), p=cell_p)
   meta, split, chexpert = [], [], []
@@ -178,7 +179,8 @@ def write_corpus(root: pathlib.Path, n: int, px: int, seed: int) -> dict[str, in
       dicom = "-".join(f"{int(x):08x}" for x in dicoms[image])
       (folder / f"{dicom}.jpg").write_bytes(pool[int(rng.integers(len(pool)))])
       # The first image of a study frontal, the others lateral (as MIMIC's PA + LATERAL pairs).
-      view = ("AP", "PA")[int(frontal[image])] if k else ("LL", "LATERAL")[int(lateral[image])]
+      frontal = ("AP", "PA")[int(pa[image])]
+      view = frontal if k == 0 else ("LL", "LATERAL")[int(lateral[image])]
       cols = (dicom, subject, study_id, "CHEST (PA AND LAT)", view, "3056", "2544", "21800506")
       meta.append(dict(zip(META_COLUMNS, cols + ("213014.531",))))
       split.append(
@@ -315,6 +317,33 @@ def child_random_access(args) -> dict:
   return {"s": seconds, "wrote": len(wrote), "splits": splits}
 
 
+def child_index(args) -> dict:
+  """RSS of what grows with the split: a second record store of it (the first one loads the
+  libraries) and a second epoch's permutation (the first one starts TensorFlow's kernels)."""
+  import psutil  # pylint: disable=g-import-not-at-top
+
+  from medvl_jax.data import mixing, sources, streams  # pylint: disable=g-import-not-at-top
+
+  config = host_config(args.data_dir, args.batch_size)
+  (source,) = sources.sources(config)
+  rss = [psutil.Process().memory_info().rss]
+  for _ in range(2):
+    readers = streams.open_readers(config, [source])
+    rss.append(psutil.Process().memory_info().rss)
+  plan = mixing.Plan(config.seed, config.batch_size, (len(readers[0].store),), (1.0,))
+  for epoch in range(2):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    permutation = plan.permutation(0, epoch)
+    rss.append(psutil.Process().memory_info().rss)
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak  # KiB, its temporaries.
+  return {
+    "store_mib": (rss[2] - rss[1]) / MIB,
+    "permutation_mib": (rss[4] - rss[3]) / MIB,
+    "permutation_peak_mib": peak / 1024,
+    "permutation_bytes_per_record": permutation.itemsize,
+  }
+
+
 def child_stream(args) -> dict:
   """Time to the first batch from `start_step`, then records/s and peak RSS over K batches."""
   from medvl_jax.data import streams  # pylint: disable=g-import-not-at-top
@@ -404,7 +433,8 @@ def main() -> None:
   parser.add_argument("--start_step", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
-    child = {"random_access": child_random_access, "stream": child_stream}[args.child]
+    children = {"random_access": child_random_access, "index": child_index}
+    child = (children | {"stream": child_stream})[args.child]
     print(json.dumps(child(args)))
     return
   if args.workdir is None or args.records < 1 or args.hosts < 1:
@@ -419,6 +449,7 @@ def main() -> None:
   late = int((args.epochs - 0.5) * steps_per_epoch)
   log(f"host 0 of {args.hosts}: resuming at step 10, then at step {late:,d}")
   early, late_run = (run_child("stream", args, start_step=s) for s in (10, late))
+  index = run_child("index", args)
   jpeg_ms, jpeg_kib = full_jpeg_ms(args.workdir)
   prepared = state["prepare"]
   fields = {
@@ -446,6 +477,8 @@ def main() -> None:
     "resume_early_s": early["first_batch_s"],
     "resume_late_step": late,
     "resume_late_s": late_run["first_batch_s"],
+    "index_store_mib": index["store_mib"],
+    "index_permutation_mib": index["permutation_mib"],
     "full_jpeg_ms": jpeg_ms,
     "full_jpeg_kib": jpeg_kib,
   }

@@ -70,10 +70,15 @@ def test_corpus_scale_end_to_end(tmp_path, sample_data_dir):
   assert len(meta) == len(split) == N
   assert {r["study_id"] for r in chexpert} == {r["study_id"] for r in meta}
   assert int(fields["studies"]) == len(chexpert) < N
+  views: dict[str, list[str]] = {}
   for row in meta:
+    views.setdefault(row["study_id"], []).append(row["ViewPosition"])
     folder = manual / study_dir(row["subject_id"], row["study_id"])
     assert (folder / f"{row['dicom_id']}.jpg").read_bytes()[:2] == b"\xff\xd8"
     assert "IMPRESSION:" in (folder.parent / f"{folder.name}.txt").read_text()
+  # A study: one frontal image, then laterals (MIMIC's PA + LATERAL pairs).
+  assert all(v[0] in ("AP", "PA") and set(v[1:]) <= {"LATERAL", "LL"} for v in views.values())
+  assert max(len(v) for v in views.values()) > 1
 
   # Reuse: a rerun measures the host only, with the build's figures.
   again, fields_again = run_scale(tmp_path, hosts=1)
