@@ -161,6 +161,12 @@ def test_prepare_killed_while_copying_leaves_no_copy_taken_for_complete(sample_d
     # A copy being written: a temporary that holds records already.
     temporaries = list(copies.glob(".*.tmp")) if copies.is_dir() else []
     half = next((p for p in temporaries if _size(p) > 0), None)
+    if half is not None:
+      # Stopped first, then looked at again: the writer may have renamed it whole meanwhile.
+      os.killpg(proc.pid, signal.SIGSTOP)
+      if not half.exists():
+        half = None
+        os.killpg(proc.pid, signal.SIGCONT)
     time.sleep(0.001)
   assert half is not None, "prepare ended before a copy was caught half-written"
   os.killpg(proc.pid, signal.SIGKILL)
