@@ -13,8 +13,9 @@ r"""A MIMIC-CXR-size corpus on one machine: prepare cost, disk, and one training
    {1, 2, 3, 4} with MIMIC's mean; the split is by patient with MIMIC's proportions.
 2. Prepare: `python -m data_pipelines.prepare mimic_cxr --manual_dir=... --data_dir=...` in a
    subprocess: wall time, CPU time and peak RSS of the prepare process and of its process tree
-   (sampled), bytes on disk (allocated blocks) of the data dir once training can read it (with
-   the random-access copy, which training writes on first use when prepare has not).
+   (sampled), bytes on disk (allocated blocks) of the prepared data dir (tfds's tfrecord shards
+   and the random-access copy of every split, both written by prepare). Opening it as a
+   training host does (`sources.prepare`) is timed too, and must write nothing.
 3. One host of H (process_index 0), each in a fresh subprocess with the real
    `medvl_jax.data.streams.create_train_iterator` on configs/convirt.py pointed at the corpus
    (batch 32, 224 px crops of a 256 px resize, the ConVIRT chain, MiniLM tokenizer): time to
@@ -303,8 +304,9 @@ def host_config(data_dir: str, batch_size: int):
   return config
 
 
-def child_random_access(args) -> dict:
-  """Makes the corpus readable by training (`sources.prepare`): seconds and what it wrote."""
+def child_open(args) -> dict:
+  """Opens the corpus as a training host does (`sources.prepare`, which only reads): seconds,
+  and the files it wrote (none: prepare wrote everything)."""
   from medvl_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   config = host_config(args.data_dir, args.batch_size)
@@ -402,11 +404,13 @@ def build(args, state_path: pathlib.Path, wanted: dict) -> dict:
     state_path.write_text(json.dumps(state, indent=1))
   else:
     log(f"reusing the corpus in {args.workdir / 'manual'} ({state['counts']})")
-  if args.prepare_again or "random_access" not in state:
+  if args.prepare_again or "open" not in state:
     shutil.rmtree(args.workdir / "tfds", ignore_errors=True)
     state["prepare"] = prepare(args.workdir, args.num_workers)
-    log("opening for training (writes the random-access copy if prepare did not)")
-    state["random_access"] = run_child("random_access", args)
+    log("opening for training (reads only)")
+    state["open"] = run_child("open", args)
+    if state["open"]["wrote"]:
+      sys.exit(f"a training host wrote {state['open']['wrote']} files into the data dir")
     state["disk_mib"] = disk_bytes(args.workdir / "tfds") / MIB
     state_path.write_text(json.dumps(state, indent=1))
   else:
@@ -433,7 +437,7 @@ def main() -> None:
   parser.add_argument("--start_step", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
-    children = {"random_access": child_random_access, "index": child_index}
+    children = {"open": child_open, "index": child_index}
     child = (children | {"stream": child_stream})[args.child]
     print(json.dumps(child(args)))
     return
@@ -443,7 +447,7 @@ def main() -> None:
   args.workdir.mkdir(parents=True, exist_ok=True)
   wanted = {"records": args.records, "image_px": args.image_px, "seed": args.seed}
   state = build(args, args.workdir / "corpus_scale.json", wanted)
-  ra = state["random_access"]
+  ra = state["open"]
   args.batch_size = host_config(str(args.workdir / "tfds"), args.batch_size).batch_size
   steps_per_epoch = max(1, ra["splits"]["train"] // args.batch_size)
   late = int((args.epochs - 0.5) * steps_per_epoch)
@@ -465,8 +469,7 @@ def main() -> None:
     "prepare_cpu_s": prepared["cpu_s"],
     "prepare_peak_mib": prepared["peak_mib"],
     "prepare_tree_peak_mib": prepared["tree_peak_mib"],
-    "random_access_s": ra["s"],
-    "random_access_by": "training" if ra["wrote"] else "prepare",
+    "open_s": ra["s"],
     "manual_mib": state["manual_mib"],
     "disk_mib": state["disk_mib"],
     "rows_per_host": early["rows"],

@@ -15,10 +15,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from medvl_jax import families, progress
-from medvl_jax.data import augment, sources
+from medvl_jax.data import augment, records, sources
 from medvl_jax.errors import DataError
 
 FRONTAL_VIEWS = ("PA", "AP", "AP Supine")
@@ -110,10 +109,9 @@ def load_sample_split(
       f"{builder.name}/{builder.builder_config.name}: no {missing} features "
       "(the paired sample is needed)"
     )
-  ds = builder.as_dataset(
-    split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
-  )
-  ds = ds.map(
+  # Through the split's random-access copy, not `as_dataset`: one read path for local disk and
+  # buckets (TensorFlow's own GCS client cannot be pointed at a test emulator).
+  ds = records.decoded_split(builder, split).map(
     lambda ex: dict(
       {k: ex[k] for k in keys},
       image=augment.to_uint8(augment.center_crop(ex["image"], size, resize)),

@@ -41,9 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
-import tensorflow_datasets as tfds
 
-from medvl_jax.data import augment, corpora, sources
+from medvl_jax.data import augment, records, sources
 from medvl_jax.errors import ConfigError, DataError
 from medvl_jax.evaluate import features, metrics, plots
 from medvl_jax.losses import masking
@@ -109,22 +108,14 @@ def blur_fill(image: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- data
 def load_image_only(config: Any, split: str) -> dict[str, np.ndarray]:
   """A split of the bundled sample's image-only corpus: {'image' uint8 [N,S,S,1], 'patient_id'}."""
-  sources.prepare(config)  # Prepares every train source of the run (the sample's too).
-  builder = corpora.builder("cxr_sample", "image_only", config.data.data_dir)
-  if not builder.is_prepared():
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-        manual_dir=str(sources.resolve_sample_dir(config)), try_download_gcs=False
-      )
-    )
+  sources.prepare(config)  # Checks (for the sample: prepares) every train source of the run.
+  builder = sources.prepared_builder(config, "cxr_sample", "image_only")
   if split not in builder.info.splits:
     raise DataError(
       f"cxr_sample/image_only: no split {split!r}; has {', '.join(builder.info.splits)}"
     )
   size, resize = int(config.data.image_size), int(config.data.resize)
-  ds = builder.as_dataset(
-    split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
-  )
+  ds = records.decoded_split(builder, split)
   ds = ds.map(
     lambda ex: {
       "patient_id": ex["patient_id"],

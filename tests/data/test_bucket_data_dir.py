@@ -13,11 +13,12 @@ import urllib.request
 
 import numpy as np
 
+from configs import convirt as convirt_config
 from data_pipelines import cxr_sample
 from data_pipelines import prepare as prepare_lib
 from medvl_jax import paths
 from medvl_jax.data import records
-from medvl_jax.evaluate import datasets
+from medvl_jax.evaluate import datasets, features
 from tests import fixtures_layout as fl
 from tests.conftest import REPO, read_scalars, run_main, smoke_args
 
@@ -36,7 +37,9 @@ def run_prepare(*args):
   )
 
 
-def test_training_reads_a_prepared_bucket(gcs_bucket, smoke_run, sample_data_dir, tmp_path):
+def test_training_reads_a_prepared_bucket(
+  gcs_bucket, smoke_run, sample_data_dir, tfds_dir, tmp_path
+):
   data_dir = gcs_bucket + "/tfds"
   result = run_prepare(
     "cxr_sample", "--config=paired", f"--manual_dir={sample_data_dir}", f"--data_dir={data_dir}"
@@ -79,6 +82,17 @@ def test_training_reads_a_prepared_bucket(gcs_bucket, smoke_run, sample_data_dir
     np.testing.assert_allclose(
       scalars["train_loss"][step], reference["train_loss"][step], rtol=1e-6, err_msg=f"step {step}"
     )
+
+  # The evaluators' read of the run's own paired split (retrieval, zero-shot, the default
+  # probe): the same arrays from the bucket as from the local data dir.
+  config = convirt_config.get_config("smoke")
+  config.data.data_dir = str(tfds_dir)
+  local = features.load_sample_split(config, "validation")
+  config.data.data_dir = data_dir
+  remote = features.load_sample_split(config, "validation")
+  assert len(local["image"]) > 0 and local.keys() == remote.keys()
+  for k in local:
+    np.testing.assert_array_equal(local[k], remote[k], err_msg=k)
 
 
 def test_a_killed_upload_is_not_prepared_and_a_rerun_completes(
