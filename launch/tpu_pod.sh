@@ -8,11 +8,12 @@
 # STEP: create | copy | run | tail | delete | all (create, copy, run: the whole sequence).
 # MAIN_FLAGS go to `python -m medvl_jax.main` unchanged, identical on every worker, e.g.
 #   launch/tpu_pod.sh --name=cxr --zone=us-west4-a --accelerator=v5litepod-16 all \
-#     --config=configs/convirt.py --config.batch_size=4096 --workdir=/mnt/shared/runs/convirt
+#     --config=configs/convirt.py --config.batch_size=4096 --workdir=gs://my-bucket/runs/convirt
 # Check first that a step fits the chips' memory, on this machine, without a pod:
 #   python -m medvl_jax.main --config=... --compile_only --topology=v5e:4x4
 # --dry-run prints every gcloud command (and what each worker runs) and runs none.
-# The workdir must be a filesystem every worker sees (e.g. a Filestore or GCS FUSE mount).
+# The workdir must be a gs:// URL or a filesystem every worker sees; docs/pod.md walks through
+# a run with its workdir and data dir in a bucket.
 set -euo pipefail
 
 dry_run=0 name="" zone="" accelerator="" version="" project="" workers=""

@@ -278,7 +278,7 @@ def prepare(
       )
       split_size(b, source.split, source.where)
       records.RecordStore.open(b, source.split)
-    if config.data.get("eval_split"):
+    if config.data.eval_split:
       records.RecordStore.open(builder, config.data.eval_split)
   return builder
 

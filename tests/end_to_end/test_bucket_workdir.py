@@ -3,8 +3,8 @@
 fake-gcs-server (tests/conftest_gcs.py) serves the bucket; each CLI subprocess gets
 STORAGE_EMULATOR_HOST as its only storage setting. The bucket run is the smoke config of the
 local `smoke_run`, so what it leaves in the bucket (checkpoints, TensorBoard scalars, exports)
-must equal the local run's. The data dir stays local: TensorFlow's own GCS client, which the
-tfds reads of the sample would use, has no endpoint setting (docs/storage.md).
+must equal the local run's. The data dir stays local here; a data dir in a bucket is
+tests/data/test_bucket_data_dir.py's.
 """
 
 import json
