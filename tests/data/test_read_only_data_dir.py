@@ -1,7 +1,9 @@
 """Prepare once, read everywhere: two hosts (processes, gloo) train on a prepared data dir they
 cannot write to, a read-only bind mount where the machine allows one (root ignores file modes,
 so chmod would prove nothing); they write nothing to it (a full listing with sizes, mtimes and
-ctimes is unchanged) and train exactly as one process does."""
+ctimes is unchanged) and train exactly as one process does: the global batch, the loss and the
+update do not depend on how many hosts share the work (the suite's one multi-host training
+run; tests/parallel covers the mesh and the start-up)."""
 
 import os
 import subprocess
