@@ -1,6 +1,6 @@
 """Multi-process detection (medvl_jax.parallel.distributed.detect) on environment dicts, and
 the CLI's one-line error for a malformed explicit set-up. No process group is started here: the
-real 2-process runs are tests/parallel/test_multihost.py and tests/parallel/test_scale.py."""
+real 2-process runs are tests/data/test_read_only_data_dir.py and tests/parallel/test_scale.py."""
 
 import pytest
 
