@@ -88,6 +88,20 @@ def run_main(*args: str, env: dict | None = None, timeout: int = 300, **kw):
   )
 
 
+def run_prepare(*args: str, timeout: int = 600, **kw):
+  """Runs the real CLI `python -m data_pipelines.prepare ...` from the repo root."""
+  import subprocess
+
+  return subprocess.run(
+    [sys.executable, "-m", "data_pipelines.prepare", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    **kw,
+  )
+
+
 def run_eval(*args: str, timeout: int = 300):
   """Runs the real CLI `python -m medvl_jax.evaluate ...` from the repo root."""
   import subprocess

@@ -20,21 +20,11 @@ from medvl_jax import paths
 from medvl_jax.data import records
 from medvl_jax.evaluate import datasets, features
 from tests import fixtures_layout as fl
-from tests.conftest import REPO, read_scalars, run_main, smoke_args
+from tests.conftest import REPO, read_scalars, run_main, run_prepare, smoke_args
 
 pytest_plugins = ("tests.conftest_gcs",)
 
 STEPS = 4
-
-
-def run_prepare(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "data_pipelines.prepare", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
 
 
 def test_training_reads_a_prepared_bucket(

@@ -12,18 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, read_scalars, smoke_args
+from tests.conftest import REPO, read_scalars, run_prepare, smoke_args
 from tests.data.sample import listing
-
-
-def run_prepare(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "data_pipelines.prepare", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
 
 
 def _mount_read_only(source, view) -> bool:

@@ -19,19 +19,8 @@ from data_pipelines.mimic_cxr import Builder
 from medvl_jax.data import records, sources
 from medvl_jax.errors import DataError
 from tests import fixtures_layout as fl
-from tests.conftest import REPO, run_main
+from tests.conftest import REPO, run_main, run_prepare
 from tests.data.sample import make_config
-
-
-def run_prepare(*args, **kw):
-  return subprocess.run(
-    [sys.executable, "-m", "data_pipelines.prepare", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    **kw,
-  )
 
 
 @pytest.fixture(scope="module")
