@@ -1,19 +1,15 @@
 """Throughput and read counts of the train input pipeline on the bundled sample.
 
   python bench/input_pipeline.py [--batch_size=32] [--image_size=224] [--steps=40]
-      [--landed=PATH]   # a copy of the landed input_pipeline.py, measured in the same run:
-                        # git show 2fc7d76:medvl_jax/data/input_pipeline.py > /tmp/landed_ip.py
 
 Prints one JSON line per setting:
-  convirt / landed_convirt / mix3: examples/s of `create_train_iterator` (decode, augmentation,
+  convirt / mix3: examples/s of `create_train_iterator` (decode, augmentation,
     sentence sampling, tokenisation) on the paired sample (ConVIRT chain) or the three-source
     mix (paired 2 : image-only 1 (MAE chain) : text-only 1); `per_core` is examples per second
     of CPU time the process used (user + system, all threads), `per_core_available` the wall
     rate over the cores the process may run on.
-  landed_identity: how many of the first 10 batches (images, token ids, masks) of the v2
-    one-source stream equal the landed pipeline's (with --landed).
   grain_decode / tfdata_decode: the same records (random access, paired train) decoded and
-    centre-cropped by Grain (MapDataset, PIL, 2 threads) and by tf.data (the v2 reader).
+    centre-cropped by Grain (MapDataset, PIL, 2 threads) and by tf.data (the train reader).
   reads_per_host: records each host reads for the same 50 global batches of the mix, for 1, 2
     and 4 processes (counted through a wrapper around the real record stores).
   resume_reads: records read to produce the first batch after resuming at step 0 and at step
@@ -21,7 +17,6 @@ Prints one JSON line per setting:
 """
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -88,7 +83,6 @@ def make_config(args, sources=()) -> ml_collections.ConfigDict:
         "text_mode": "sentence",
         "augment_chain": "convirt",
         "sources": sources,
-        "shuffle_buffer": 10_000,  # Read by the landed pipeline only.
         "augment": {
           "crop_scale": (0.6, 1.0),
           "flip_p": 0.5,
@@ -131,13 +125,6 @@ def rate(iterator, batch_size: int, steps: int, warmup: int) -> dict[str, float]
 
 def emit(setting: str, **fields) -> None:
   print(json.dumps({"setting": setting, **fields}), flush=True)
-
-
-def load_landed(path: str):
-  spec = importlib.util.spec_from_file_location("landed_input_pipeline", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 class Counting:
@@ -271,7 +258,6 @@ def main() -> None:
   parser.add_argument("--resize", type=int, default=256)
   parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--warmup", type=int, default=5)
-  parser.add_argument("--landed", default="", help="a copy of the landed input_pipeline.py")
   parser.add_argument(
     "--data_dir", default="", help="tfds data_dir; default: a temporary directory (built once here)"
   )
@@ -287,21 +273,8 @@ def main() -> None:
       ("convirt", lambda: streams.create_train_iterator(config, tokenizer)),
       ("mix3", lambda: streams.create_train_iterator(mix, tokenizer)),
     ]
-    if args.landed:
-      landed = load_landed(args.landed)
-      runs.insert(0, ("landed_convirt", lambda: landed.create_train_iterator(config, tokenizer)))
     for name, make in runs:
       emit(name, **common, **rate(make(), args.batch_size, args.steps, args.warmup))
-    if args.landed:  # The one-source stream is the landed one: compare batches 0..9.
-      new, old = (
-        streams.create_train_iterator(config, tokenizer),
-        landed.create_train_iterator(config, tokenizer),
-      )
-      same = [
-        all(np.array_equal(a[k], b[k]) for k in ("image", "input_ids", "attention_mask"))
-        for a, b in zip((next(new) for _ in range(10)), (next(old) for _ in range(10)))
-      ]
-      emit("landed_identity", batches=len(same), identical=sum(same))
     g, t = decode_rates(config, args.steps, args.batch_size)
     emit("grain_decode", **common, **g)
     emit("tfdata_decode", **common, **t)
@@ -321,7 +294,7 @@ def main() -> None:
       batch_size=args.batch_size,
       fixture_build_s=round(build_s, 1),
       read={str(k): v for k, v in resume_reads(path, n, args.batch_size).items()},
-      landed_formula="start_step * batch_size records skipped",
+      skip_and_read_formula="start_step * batch_size records skipped",
     )
 
 
