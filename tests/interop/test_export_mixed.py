@@ -20,7 +20,7 @@ from medvl_jax import families
 from medvl_jax.ckpt import checkpoint
 from medvl_jax.interop import export
 from medvl_jax.losses import contrastive
-from tests.conftest import REPO, run_main
+from tests.conftest import REPO
 from tests.interop.test_export import assert_one_line_error, leftovers, run_export
 from tests.interop.test_model_card import card_snippet, check_card
 
@@ -34,25 +34,16 @@ from safetensors.torch import load_file  # noqa: E402  # pylint: disable=g-impor
 import torchvision.transforms as T  # noqa: E402  # pylint: disable=g-import-not-at-top
 
 ATOL = 1e-4  # Absolute, on fp32 features and projections.
-STEPS = 3
+STEPS = 40  # the final checkpoint of mixed_smoke_run
 DOCS = REPO / "docs" / "export.md"
 
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def mixed_run(tmp_path_factory, tfds_dir, sample_data_dir) -> pathlib.Path:
-  """3 steps of `configs/mixed.py:smoke` on the three-source sample, checkpoint at step 3."""
-  workdir = tmp_path_factory.mktemp("mixed_run")
-  proc = run_main(
-    "--config=configs/mixed.py:smoke",
-    f"--workdir={workdir}",
-    f"--config.data.data_dir={tfds_dir}",
-    f"--config.total_steps={STEPS}",
-    f"--config.checkpoint_every={STEPS}",
-    f"--config.eval_every={STEPS}",
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def mixed_run(mixed_smoke_run) -> pathlib.Path:
+  """The session's 40-step `configs/mixed.py:smoke` run on the three-source sample (read only:
+  exports and copies go elsewhere)."""
+  workdir, _ = mixed_smoke_run
   return workdir
 
 
