@@ -262,8 +262,13 @@ def _state_digest(step_dir: pathlib.Path) -> str:
   import numpy as np
   import orbax.checkpoint as ocp
 
-  with ocp.PyTreeCheckpointer() as ckptr:
-    state = ckptr.restore(step_dir / "state")
+  with ocp.PyTreeCheckpointer() as ckptr:  # as host NumPy arrays: no sharding to guess
+    meta = ckptr.metadata(step_dir / "state").item_metadata
+    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(meta))
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    state = ckptr.restore(
+      step_dir / "state", args=ocp.args.PyTreeRestore(item, restore_args=restore_args)
+    )
   h = hashlib.sha256()
   for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
     x = np.ascontiguousarray(np.asarray(x))
