@@ -300,6 +300,7 @@ def host_config(data_dir: str, batch_size: int):
   config = convirt.get_config()
   config.data.name, config.data.builder_config = "mimic_cxr", "paired"
   config.data.data_dir = data_dir
+  config.data.eval_split = ""  # the training input only (a small corpus may have no validation)
   config.batch_size = batch_size or config.batch_size
   return config
 
