@@ -49,18 +49,11 @@ def encoders_and_state(arm: str, config, workdir: pathlib.Path):
 
 def load_nih(config) -> dict[str, np.ndarray]:
   """All of `nih14_sample` (every split of cxr_sample/image_only), eval transform."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  from medvl_jax.data import corpora, sources  # pylint: disable=g-import-not-at-top
+  from medvl_jax.data import sources  # pylint: disable=g-import-not-at-top
   from medvl_jax.evaluate import datasets  # pylint: disable=g-import-not-at-top
 
-  b = corpora.builder("cxr_sample", "image_only", config.data.data_dir)
-  if not b.is_prepared():
-    b.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-        manual_dir=str(sources.resolve_sample_dir(config)), try_download_gcs=False
-      )
-    )
+  # The bundled sample, built with its random-access copies (which the evaluators read) once.
+  sources.prepared_builder(config, "cxr_sample", "image_only")
   kw = dict(
     builder_config="image_only",
     data_dir=config.data.data_dir,
