@@ -83,6 +83,7 @@ def main(argv):
       restart_from_scratch=_RESTART.value,
       lease_ttl_s=_LEASE_TTL.value,
     )
+    distributed.finish()
   except LeaseError as e:
     # Exit at once: a checkpoint save still in flight was started while this run held its
     # workdir; it is abandoned rather than finished into a workdir that another run owns now

@@ -159,6 +159,19 @@ def initialize_distributed(config, env: Mapping[str, str] | None = None) -> Dete
   return found
 
 
+def finish() -> None:
+  """After a run that ended normally on every process: waits for all of them, then leaves the
+  process group. Without it each process leaves at interpreter exit, in whatever order they
+  end (process 0 last: it releases the workdir's lease), and JAX's shutdown at exit can abort
+  a process whose peers are already gone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("medvl_jax: run ended")
+    jax.distributed.shutdown()
+
+
 def describe(env: Mapping[str, str], tpu_chips: int = 0) -> str:
   """One line: what `initialize_distributed` would detect here, with JAX's coordinator for SLURM
   (the launch scripts print it for every task before the job starts)."""
