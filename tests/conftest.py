@@ -102,6 +102,19 @@ def run_prepare(*args: str, timeout: int = 600, **kw):
   )
 
 
+def run_export(*args: str, timeout: int = 300):
+  """Runs the real CLI `python -m medvl_jax.export ...` from the repo root."""
+  import subprocess
+
+  return subprocess.run(
+    [sys.executable, "-m", "medvl_jax.export", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
 def run_eval(*args: str, timeout: int = 300):
   """Runs the real CLI `python -m medvl_jax.evaluate ...` from the repo root."""
   import subprocess

@@ -11,8 +11,6 @@ import hashlib
 import json
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -20,7 +18,7 @@ from medvl_jax import families
 from medvl_jax.ckpt import run_dir
 from medvl_jax.errors import CheckpointError
 from tests.ckpt import damage
-from tests.conftest import REPO, run_eval
+from tests.conftest import run_eval, run_export
 
 
 def _copy_run(smoke_run, tmp_path) -> pathlib.Path:
@@ -36,16 +34,6 @@ def _tree(workdir: pathlib.Path) -> dict[str, str]:
     for p in sorted(workdir.rglob("*"))
     if p.is_file() and p.relative_to(workdir).parts[0] != "eval"
   }
-
-
-def _run_export(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "medvl_jax.export", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
 
 
 def _one_warning(proc, *parts) -> str:
@@ -76,7 +64,7 @@ def test_export_falls_back_to_the_newest_intact_step(smoke_run, tmp_path, kind):
   hurt(workdir / "checkpoints" / "30")
   before = _tree(workdir)
   out = tmp_path / "out"
-  proc = _run_export(f"--workdir={workdir}", f"--out={out}")
+  proc = run_export(f"--workdir={workdir}", f"--out={out}")
   _one_warning(proc, "checkpoint step 30", "is damaged", cause, "using step 20")
   assert json.loads((out / "export.json").read_text())["step"] == 20
   assert f"exported step 20 of {workdir}" in proc.stdout
@@ -87,7 +75,7 @@ def test_export_of_a_damaged_step_names_the_intact_ones(smoke_run, tmp_path):
   workdir = _copy_run(smoke_run, tmp_path)
   damage.truncate_arrays(workdir / "checkpoints" / "30")
   out = tmp_path / "out"
-  proc = _run_export(f"--workdir={workdir}", f"--out={out}", "--step=30")
+  proc = run_export(f"--workdir={workdir}", f"--out={out}", "--step=30")
   _one_error(proc, "checkpoint step 30", "is damaged", "OUT_OF_RANGE", "intact steps: 20", "--step")
   assert not out.exists()
   assert (workdir / "checkpoints" / "30").is_dir()
@@ -98,7 +86,7 @@ def test_export_with_no_intact_step(smoke_run, tmp_path):
   damage.garbage_metadata(workdir / "checkpoints" / "30")
   damage.missing_data_item(workdir / "checkpoints" / "20")
   out = tmp_path / "out"
-  proc = _run_export(f"--workdir={workdir}", f"--out={out}")
+  proc = run_export(f"--workdir={workdir}", f"--out={out}")
   _one_error(proc, "no intact checkpoint", "step 30: state/_METADATA", "step 20: item 'data'")
   assert not out.exists()
 

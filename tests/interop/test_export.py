@@ -9,7 +9,6 @@ import json
 import pathlib
 import re
 import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -22,7 +21,7 @@ from medvl_jax.ckpt import run_dir as run_dir_lib
 from medvl_jax.errors import CheckpointError, WeightsError
 from medvl_jax.interop import export
 from medvl_jax.losses import contrastive
-from tests.conftest import REPO, SHORT_STEPS
+from tests.conftest import REPO, SHORT_STEPS, run_export
 from tests.interop.test_model_card import card_snippet, check_card, read_card
 
 torch = pytest.importorskip("torch", reason="export is checked against PyTorch (extra 'torch')")
@@ -38,16 +37,6 @@ from safetensors.torch import load_file  # noqa: E402  # pylint: disable=g-impor
 ATOL = 1e-4  # Absolute, on the fp32 projections (smoke run: |z_v| <~ 0.3, |z_u| <~ 2).
 STEPS = SHORT_STEPS
 DOCS = REPO / "docs" / "export.md"
-
-
-def run_export(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    [sys.executable, "-m", "medvl_jax.export", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
 
 
 def leftovers(parent: pathlib.Path) -> list[str]:

@@ -24,7 +24,7 @@ import pytest
 
 from medvl_jax.ckpt import checkpoint
 from medvl_jax.train import step
-from tests.conftest import REPO, SHORT_STEPS, read_scalars, run_main, smoke_args
+from tests.conftest import REPO, SHORT_STEPS, read_scalars, run_export, run_main, smoke_args
 
 RESUME = (
   f"--config.checkpoint_every={SHORT_STEPS}",
@@ -201,16 +201,6 @@ def test_bad_nonfinite_policy_is_one_line(tmp_path, tfds_dir):
   assert "config.nonfinite='ignore'" in last and "halt, skip" in last, last
 
 
-def _run_export(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "medvl_jax.export", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-
-
 def test_export_refuses_nonfinite_weights_unless_allowed(short_run, tmp_path):
   """A NaN checkpoint (as older versions wrote) is refused; --allow_nonfinite exports it."""
   workdir = _copy_run(short_run, tmp_path)
@@ -228,11 +218,11 @@ def test_export_refuses_nonfinite_weights_unless_allowed(short_run, tmp_path):
   mngr.wait_until_finished()
   mngr.close()
   out = tmp_path / "out"
-  proc = _run_export(f"--workdir={workdir}", f"--out={out}")
+  proc = run_export(f"--workdir={workdir}", f"--out={out}")
   last = _error_line(proc)
   assert f"checkpoint step {bad}" in last and "non-finite" in last, last
   assert "--allow_nonfinite" in last and not out.exists()
-  proc = _run_export(f"--workdir={workdir}", f"--out={out}", "--allow_nonfinite")
+  proc = run_export(f"--workdir={workdir}", f"--out={out}", "--allow_nonfinite")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert _strict_json(out / "export.json")["step"] == bad
 
