@@ -71,61 +71,39 @@ def sample_data_dir() -> pathlib.Path:
   return d
 
 
-def run_main(*args: str, env: dict | None = None, timeout: int = 300, **kw):
-  """Runs the real CLI `python -m medvl_jax.main ...` from the repo root."""
+def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 300, **kw):
+  """Runs the real CLI `python -m module args` from the repo root; `env` adds to os.environ."""
   import subprocess
-  import sys
 
-  full_env = dict(os.environ, **(env or {}))
   return subprocess.run(
-    [sys.executable, "-m", "medvl_jax.main", *args],
+    [sys.executable, "-m", module, *args],
     cwd=REPO,
-    env=full_env,
+    env=dict(os.environ, **(env or {})),
     capture_output=True,
     text=True,
     timeout=timeout,
     **kw,
   )
+
+
+def run_main(*args: str, **kw):
+  """`python -m medvl_jax.main ...` (run_module's keywords)."""
+  return run_module("medvl_jax.main", *args, **kw)
 
 
 def run_prepare(*args: str, timeout: int = 600, **kw):
-  """Runs the real CLI `python -m data_pipelines.prepare ...` from the repo root."""
-  import subprocess
-
-  return subprocess.run(
-    [sys.executable, "-m", "data_pipelines.prepare", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    **kw,
-  )
+  """`python -m data_pipelines.prepare ...` (run_module's keywords)."""
+  return run_module("data_pipelines.prepare", *args, timeout=timeout, **kw)
 
 
-def run_export(*args: str, timeout: int = 300):
-  """Runs the real CLI `python -m medvl_jax.export ...` from the repo root."""
-  import subprocess
-
-  return subprocess.run(
-    [sys.executable, "-m", "medvl_jax.export", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+def run_export(*args: str, **kw):
+  """`python -m medvl_jax.export ...` (run_module's keywords)."""
+  return run_module("medvl_jax.export", *args, **kw)
 
 
-def run_eval(*args: str, timeout: int = 300):
-  """Runs the real CLI `python -m medvl_jax.evaluate ...` from the repo root."""
-  import subprocess
-
-  return subprocess.run(
-    [sys.executable, "-m", "medvl_jax.evaluate", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+def run_eval(*args: str, **kw):
+  """`python -m medvl_jax.evaluate ...` (run_module's keywords)."""
+  return run_module("medvl_jax.evaluate", *args, **kw)
 
 
 @pytest.fixture(scope="session")
