@@ -106,6 +106,33 @@ def run_eval(*args: str, **kw):
   return run_module("medvl_jax.evaluate", *args, **kw)
 
 
+def run_two_hosts(
+  args, logs: pathlib.Path, devices_per_process: int = 1, timeout: int = 600
+) -> str:
+  """`launch/local_multihost.sh 2 args`: two processes of the main job joined with gloo, each
+  with `devices_per_process` CPU devices, logging into `logs`; asserts both ended with status 0
+  (showing their logs) and returns process 0's log."""
+  import subprocess
+
+  logs.mkdir(exist_ok=True)
+  env = dict(os.environ, LOG_DIR=str(logs), PYTHON=sys.executable)
+  env.pop("XLA_FLAGS", None)
+  if devices_per_process > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+  proc = subprocess.run(
+    ["bash", "launch/local_multihost.sh", "2", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  assert proc.returncode == 0, "\n".join(
+    f.read_text()[-4000:] for f in sorted(logs.glob("process_*.log"))
+  )
+  return (logs / "process_0.log").read_text()
+
+
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory) -> pathlib.Path:
   """One tfds data dir per test session; the sample is built into it on first use."""

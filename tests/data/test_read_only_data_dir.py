@@ -5,14 +5,12 @@ ctimes is unchanged) and train exactly as one process does: the global batch, th
 update do not depend on how many hosts share the work (the suite's one multi-host training
 run; tests/parallel covers the mesh and the start-up)."""
 
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, read_scalars, run_prepare, smoke_args
+from tests.conftest import read_scalars, run_prepare, run_two_hosts, smoke_args
 from tests.data.sample import listing
 
 
@@ -51,8 +49,7 @@ def test_two_hosts_train_on_a_read_only_prepared_data_dir(prepared_read_only, sm
       (data_dir / "probe").write_text("x")
   before = listing(data_dir)
   assert any(p.endswith("random_access/train.array_record") for p in before)
-  workdir, logs = tmp_path / "two_hosts", tmp_path / "logs"
-  logs.mkdir()
+  workdir = tmp_path / "two_hosts"
   args = smoke_args(
     workdir,
     data_dir,
@@ -60,20 +57,8 @@ def test_two_hosts_train_on_a_read_only_prepared_data_dir(prepared_read_only, sm
     "--config.eval_every=3",
     "--config.checkpoint_every=3",
   )
-  env = dict(os.environ, LOG_DIR=str(logs), PYTHON=sys.executable)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-    ["bash", "launch/local_multihost.sh", "2", *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=400,
-  )
-  assert proc.returncode == 0, "\n".join(
-    f.read_text()[-4000:] for f in sorted(logs.glob("process_*.log"))
-  )
-  assert "mesh: 2 devices (cpu) over 2 processes" in (logs / "process_0.log").read_text()
+  log0 = run_two_hosts(args, tmp_path / "logs", timeout=400)
+  assert "mesh: 2 devices (cpu) over 2 processes" in log0
   assert listing(data_dir) == before  # Neither host wrote to the data dir.
   reference = read_scalars(smoke_run[0] / "tensorboard")["train_loss"]
   losses = read_scalars(workdir / "tensorboard")["train_loss"]

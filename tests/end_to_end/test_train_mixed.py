@@ -2,7 +2,6 @@
 covid_cxr_notes + image-only nih14_sample + text-only iu_reports): each loss falls and is logged
 under its own name, checkpoints resume exactly after SIGKILL, and 2 hosts train as 1."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, mixed_args, read_scalars, run_main
+from tests.conftest import REPO, mixed_args, read_scalars, run_main, run_two_hosts
 
 STEPS = 40  # configs/mixed.py:smoke
 
@@ -73,8 +72,7 @@ def test_resume_after_sigkill_matches_uninterrupted(mixed_run, tfds_dir, tmp_pat
 @pytest.mark.slow  # 2 processes (gloo) + 1: ~2 min
 def test_two_processes_match_one(mixed_run, tfds_dir, tmp_path):
   reference = read_scalars(mixed_run[0] / "tensorboard")["train_loss"]
-  workdir, logs = tmp_path / "two_hosts", tmp_path / "logs"
-  logs.mkdir()
+  workdir = tmp_path / "two_hosts"
   args = mixed_args(
     workdir,
     tfds_dir,
@@ -82,19 +80,7 @@ def test_two_processes_match_one(mixed_run, tfds_dir, tmp_path):
     "--config.eval_every=4",
     "--config.checkpoint_every=4",
   )
-  env = dict(os.environ, LOG_DIR=str(logs), PYTHON=sys.executable)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-    ["bash", "launch/local_multihost.sh", "2", *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=400,
-  )
-  assert proc.returncode == 0, "\n".join(
-    f.read_text()[-4000:] for f in sorted(logs.glob("process_*.log"))
-  )
+  run_two_hosts(args, tmp_path / "logs", timeout=400)
   losses = read_scalars(workdir / "tensorboard")["train_loss"]
   assert sorted(losses) == list(range(1, 5))
   for step in range(1, 5):

@@ -3,14 +3,10 @@
 mesh and of 1 process x 1 device; and a checkpoint written by 2 processes resumes in 1 process
 on another mesh shape (and the reverse) with the losses of an uninterrupted run."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, read_scalars, run_main, smoke_args
+from tests.conftest import read_scalars, run_main, run_two_hosts, smoke_args
 
 STEPS = 6
 MESH_2X2 = "--config.mesh=(('data', 2), ('fsdp', 2), ('model', 1))"
@@ -33,25 +29,7 @@ def _args(workdir, tfds_dir, *extra, steps=STEPS):
 
 
 def _two_processes(args, logs, devices_per_process=2):
-  logs.mkdir(exist_ok=True)
-  env = dict(
-    os.environ,
-    LOG_DIR=str(logs),
-    PYTHON=sys.executable,
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-  )
-  proc = subprocess.run(
-    ["bash", "launch/local_multihost.sh", "2", *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, "\n".join(
-    f.read_text()[-4000:] for f in sorted(logs.glob("process_*.log"))
-  )
-  return (logs / "process_0.log").read_text()
+  return run_two_hosts(args, logs, devices_per_process)
 
 
 def _one_process(args, devices):
