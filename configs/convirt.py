@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dict(
       init=_minilm_dir(),  # local HF BERT directory (e.g. Bio_ClinicalBERT) or '' (random)
       tokenizer="",  # '' = the init directory (required when init is '')
+      init_layers=0,  # keep the first K layers of init's checkpoint (a shallower tower); 0 = all
       frozen_layers=-1,  # first K transformer layers frozen; -1 = half (ConVIRT: 6 of 12)
       freeze_embeddings=True,
       hidden_dropout=0.1,

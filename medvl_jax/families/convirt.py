@@ -12,7 +12,6 @@ from medvl_jax import losses
 from medvl_jax.data import tokenizer as tokenizer_lib
 from medvl_jax.errors import ConfigError
 from medvl_jax.families import Family, Split, row_mask, text_tower_mask
-from medvl_jax.models import bert as bert_model
 from medvl_jax.models import convirt as convirt_model
 
 
@@ -114,7 +113,7 @@ def check_config(model_cfg) -> None:
         f"config.model.text.init={text.init!r}: directory not found (a local "
         "Hugging Face BERT directory; '' = random)"
       )
-    bert_model.read_config(text.init)  # model_type, activation, shape: WeightsError naming the file
+  convirt_model.text_config(text)  # model_type, activation, shape, init_layers: one line
   tokenizer = tokenizer_lib.directory(text)
   if not tokenizer:
     raise ConfigError(

@@ -54,7 +54,7 @@ def init_from_pretrained(variables: Mapping[str, Any], model_cfg: Any) -> dict[s
   """
   out = {c: copy.copy(dict(v)) for c, v in variables.items()}
   if model_cfg.text.init:
-    _, params = hf_bert.load_bert(model_cfg.text.init)
+    _, params = hf_bert.load_bert(model_cfg.text.init, model_cfg.text.init_layers)
     _replace(out, "params", "text", params, str(model_cfg.text.init))
   if model_cfg.image.init:
     params, stats = torchvision_resnet.load_resnet50(model_cfg.image.init)

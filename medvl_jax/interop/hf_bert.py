@@ -4,6 +4,7 @@
 """
 
 from collections.abc import Mapping
+import dataclasses
 import os
 import pathlib
 from typing import Any
@@ -57,8 +58,11 @@ def to_hf_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return mapping.to_torch(params)
 
 
-def load_bert(path: str | os.PathLike) -> tuple[BertConfig, dict[str, Any]]:
+def load_bert(path: str | os.PathLike, num_layers: int = 0) -> tuple[BertConfig, dict[str, Any]]:
   """Reads a local HF BERT directory (config.json + model.safetensors or pytorch_model.bin).
+
+  `num_layers` > 0 keeps the checkpoint's first `num_layers` transformer layers (a shallower
+  tower with the same embeddings and lower layers, `model.text.init_layers`); 0 keeps all.
 
   Returns:
     The config and the flax `params` tree of `BertModel(config)` as float32 NumPy arrays.
@@ -75,6 +79,14 @@ def load_bert(path: str | os.PathLike) -> tuple[BertConfig, dict[str, Any]]:
   else:
     raise WeightsError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
   state_dict = mapping.read_state_dict(weights_file)
+  if num_layers:
+    if not 0 < num_layers <= config.num_layers:
+      raise WeightsError(
+        f"{path}: cannot keep {num_layers} layers of a {config.num_layers}-layer checkpoint"
+      )
+    config = dataclasses.replace(config, num_layers=num_layers)
+    dropped = tuple(f"encoder.layer.{i}." for i in range(num_layers, read_config(path).num_layers))
+    state_dict = {k: v for k, v in normalise_keys(state_dict).items() if not k.startswith(dropped)}
   return config, from_hf_state_dict(state_dict, config, str(weights_file))
 
 

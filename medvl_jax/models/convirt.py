@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from medvl_jax.errors import ConfigError
 from medvl_jax.models import bert
 from medvl_jax.models.bert import BertConfig, BertModel
-from medvl_jax.models.resnet import CONV_IMPLS, ResNet50, ResNetTiny
+from medvl_jax.models.resnet import CONV_IMPLS, ResNet50, ResNetSmall, ResNetTiny
 
-IMAGE_VARIANTS = {"resnet50": ResNet50, "resnet_tiny": ResNetTiny}
+IMAGE_VARIANTS = {"resnet50": ResNet50, "resnet_small": ResNetSmall, "resnet_tiny": ResNetTiny}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -90,10 +90,24 @@ class ConVIRT(nn.Module):
     return {"image_embed": self.image_proj(h_v), "text_embed": self.text_proj(h_u)}
 
 
-def _text_config(text_cfg: Any) -> BertConfig:
-  """BERT shape from `text.init`'s config.json, or from the config's shape fields."""
+def text_config(text_cfg: Any) -> BertConfig:
+  """BERT shape from `text.init`'s config.json (its first `text.init_layers` layers when that
+  is > 0), or from the config's shape fields."""
   if text_cfg.init:
     config = bert.read_config(text_cfg.init)
+    keep = text_cfg.init_layers
+    if keep:
+      if not 0 < keep <= config.num_layers:
+        raise ConfigError(
+          f"config.model.text.init_layers={keep}: expected 0 (all) or 1..{config.num_layers}, "
+          f"the layers of {text_cfg.init}"
+        )
+      config = dataclasses.replace(config, num_layers=keep)
+  elif text_cfg.init_layers:
+    raise ConfigError(
+      f"config.model.text.init_layers={text_cfg.init_layers}: keeps layers of a checkpoint; "
+      "set config.model.text.init (or init_layers=0)"
+    )
   else:
     config = BertConfig(
       vocab_size=text_cfg.vocab_size,
@@ -129,7 +143,7 @@ def from_config(model_cfg: Any) -> ConVIRT:
     raise ConfigError("model.image.mean and model.image.std must have 3 values each")
   return ConVIRT(
     image_encoder=IMAGE_VARIANTS[variant](dtype=dtype, conv_impl=conv_impl),
-    text_encoder=BertModel(_text_config(model_cfg.text), dtype=dtype),
+    text_encoder=BertModel(text_config(model_cfg.text), dtype=dtype),
     projection_dim=model_cfg.projection_dim,
     projection_hidden=model_cfg.projection_hidden,
     image_mean=tuple(model_cfg.image.mean),

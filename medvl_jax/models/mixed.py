@@ -22,7 +22,7 @@ from medvl_jax.errors import ConfigError
 from medvl_jax.losses import masked, masking
 from medvl_jax.models import vit
 from medvl_jax.models.bert import BertModel
-from medvl_jax.models.convirt import DTYPES, ProjectionHead, _text_config
+from medvl_jax.models.convirt import DTYPES, ProjectionHead, text_config
 
 _INIT = nn.initializers.truncated_normal(stddev=0.02)
 _NEG = -1e9
@@ -409,7 +409,7 @@ def from_config(model_cfg: Any) -> MixedModel:
     model_cfg.text.pool in TEXT_POOLS,
     f"model.text.pool: unknown {model_cfg.text.pool!r}; valid: {', '.join(TEXT_POOLS)}",
   )
-  bert = _text_config(model_cfg.text)
+  bert = text_config(model_cfg.text)
   f = model_cfg.fusion
   fusion = FusionConfig(f.num_layers, f.num_heads, f.mlp_ratio, f.dropout)
   _check(f.num_layers >= 0, "model.fusion.num_layers must be >= 0")

@@ -298,3 +298,5 @@ class ResNet(nn.Module):
 
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
 ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), width=8)
+# The study's `small` size: two blocks per stage at a quarter of ResNet-50's width (512-d features).
+ResNetSmall = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), width=16)

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medvl_jax.errors import WeightsError
+from medvl_jax.errors import ConfigError, WeightsError
 from medvl_jax.interop import convirt as convirt_interop
 from medvl_jax.interop import hf_bert, torchvision_resnet
 from medvl_jax.models import convirt
@@ -73,6 +73,34 @@ def test_minilm_matches_transformers(minilm_dir, sentences):
   ref = torch_bert_forward(model, ids, mask)
   valid = mask.astype(bool)
   np.testing.assert_allclose(ours[valid], ref[valid], rtol=0, atol=ATOL_BERT)
+
+
+def test_minilm_first_layers_match_a_truncated_transformers_model(minilm_dir, sentences):
+  """`init_layers` (the study's small text tower): the checkpoint's first 2 layers, as
+  transformers loads them into a 2-layer BertModel; the dropped layers' keys are ignored."""
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+  enc = tokenizer(sentences, padding=True, truncation=True, max_length=64, return_tensors="np")
+  ids, mask = enc["input_ids"], enc["attention_mask"]
+  config, params = hf_bert.load_bert(minilm_dir, num_layers=2)
+  assert config.num_layers == 2 and sorted(params["encoder"]["layer"]) == ["0", "1"]
+  ours = jax_bert_forward(config, params, ids, mask)
+  model = transformers.BertModel.from_pretrained(
+    str(minilm_dir), num_hidden_layers=2, dtype=torch.float32
+  ).eval()
+  ref = torch_bert_forward(model, ids, mask)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(ours[valid], ref[valid], rtol=0, atol=ATOL_BERT)
+  # Through the model config: the tower's shape and the imported weights agree.
+  cfg = model_cfg(str(minilm_dir), "", "resnet_tiny")
+  cfg.text.init_layers = 2
+  out = convirt_interop.init_from_pretrained(abstract_variables(cfg), cfg)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, out["params"]["text"], params)
+  for bad in (7, -1):
+    cfg.text.init_layers = bad
+    with pytest.raises(ConfigError, match=rf"init_layers={bad}: expected 0 \(all\) or 1..6"):
+      convirt.from_config(cfg)
+  with pytest.raises(WeightsError, match="cannot keep 7 layers of a 6-layer checkpoint"):
+    hf_bert.load_bert(minilm_dir, num_layers=7)
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +332,12 @@ def model_cfg(text_init: str, image_init: str, variant: str) -> ml_collections.C
         "std": (0.229, 0.224, 0.225),
         "conv_impl": "auto",
       },
-      "text": {"init": text_init, "hidden_dropout": 0.0, "attention_dropout": 0.0},
+      "text": {
+        "init": text_init,
+        "init_layers": 0,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+      },
     }
   )
 

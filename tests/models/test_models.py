@@ -37,6 +37,7 @@ def tiny_cfg(**overrides) -> ml_collections.ConfigDict:
       },
       "text": {
         "init": "",
+        "init_layers": 0,
         "vocab_size": 30522,
         "hidden_size": 32,
         "num_layers": 2,
