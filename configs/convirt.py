@@ -24,6 +24,19 @@ def _minilm_dir() -> str:
   return str(pathlib.Path(spec.origin).parent / "model")
 
 
+# The `small` size shared by both families (configs/mixed.py reads it too): image side, token
+# budget (a sampled sentence), batch and schedule, chosen by the sweep in docs/study.md.
+SMALL = dict(
+  image_size=128,
+  max_length=32,
+  batch_size=32,
+  total_steps=2000,
+  eval_every=250,
+  convirt_lr=1e-4,
+  mixed_lr=3e-4,
+)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -181,6 +194,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_position_embeddings=64,
     )
     c.optimizer.lr = 1e-3
+  elif arg == "small":
+    # The study's small size (docs/study.md): what learns in thousands of steps on 2 CPU cores.
+    # A narrow ResNet (2 bottlenecks per stage, width 16: 512-d features) at 128 px and the
+    # bundled MiniLM's first 2 layers (real pretrained weights; the first frozen, as ConVIRT
+    # freezes the lower half); batch and learning rate from the documented sweep.
+    c.batch_size = SMALL["batch_size"]
+    c.total_steps = SMALL["total_steps"]
+    c.log_every = 50
+    c.eval_every = SMALL["eval_every"]
+    c.checkpoint_every = SMALL["eval_every"] * 2
+    c.data.image_size = SMALL["image_size"]
+    c.data.resize = SMALL["image_size"] * 9 // 8
+    c.data.max_length = SMALL["max_length"]
+    c.model.projection_dim = 128
+    c.model.projection_hidden = 256
+    c.model.image.variant = "resnet_small"
+    c.model.text.init_layers = 2
+    c.optimizer.lr = SMALL["convirt_lr"]
   elif arg == "large":
     # BERT-large text tower (random init unless model.text.init names a local checkpoint; the
     # MiniLM vocabulary) on ResNet-50: FSDP over every device, params and Adam state sharded.
@@ -191,6 +222,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sharding.rules = ((".*", "fsdp"),)  # medvl_jax.parallel.sharding.FSDP_RULES
   elif arg:
     raise ValueError(
-      f"configs/convirt.py: unknown variant {arg!r}; valid: 'smoke', 'large' or none"
+      f"configs/convirt.py: unknown variant {arg!r}; valid: 'small', 'smoke', 'large' or none"
     )
   return c

@@ -23,17 +23,18 @@ import pathlib
 import ml_collections
 
 
-def _convirt_config() -> ml_collections.ConfigDict:
-  """configs/convirt.py's default config (loaded by path: configs/ is not a package)."""
+def _convirt_module():
+  """configs/convirt.py (loaded by path: configs/ is not a package)."""
   path = pathlib.Path(__file__).with_name("convirt.py")
   spec = importlib.util.spec_from_file_location("_medvl_convirt_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = _convirt_config()  # Shared run, data, optimiser and sharding settings.
+  convirt = _convirt_module()
+  c = convirt.get_config()  # Shared run, data, optimiser and sharding settings.
   c.batch_size = 16  # MRM/m3ae use 128-4096 on accelerators; 16 fits a 2-core CPU.
   # ~15 min on 2 CPU cores at full size (ViT-B/16 + MiniLM, measured 23.4 s/step at batch 16,
   # compile 22 s; bench/RESULTS.md): enough to show the three losses move, not to converge.
@@ -186,6 +187,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.decoder.update(hidden_size=32, num_layers=1, num_heads=2)
     # Scales (1, 2, 4) on the 8x8 grid of 8px patches.
     c.optimizer.lr = 1e-3
+  elif arg == "small":
+    # The study's small size (docs/study.md), the same image side, tokens, batch and length
+    # as ConVIRT's (configs/convirt.py SMALL): a ViT-Ti-like image stack (width 192, 4 layers)
+    # on 16 px patches (an 8x8 grid, so the 1/2/4-patch mask scales tile it), the bundled
+    # MiniLM's first 2 layers (all trained), one fusion layer and a 2-block decoder.
+    s = convirt.SMALL
+    c.batch_size = s["batch_size"]
+    c.total_steps = s["total_steps"]
+    c.log_every = 50
+    c.eval_every = s["eval_every"]
+    c.checkpoint_every = s["eval_every"] * 2
+    c.data.image_size = s["image_size"]
+    c.data.resize = s["image_size"] * 9 // 8
+    c.data.max_length = s["max_length"]
+    c.model.projection_dim = 128
+    c.model.projection_hidden = 256
+    c.model.image.update(patch_size=16, hidden_size=192, num_layers=4, num_heads=3)
+    c.model.text.init_layers = 2
+    c.model.fusion.update(num_layers=1, num_heads=6)
+    c.model.decoder.update(hidden_size=128, num_layers=2, num_heads=4)
+    c.optimizer.lr = s["mixed_lr"]
   elif arg == "large":
     # ViT-L/16 + BERT-large widths (random init unless model.*.init name local checkpoints; the
     # MiniLM vocabulary): FSDP over every device, params and Adam state sharded over 'fsdp'.
@@ -199,6 +221,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg:
     raise ValueError(
       f"configs/mixed.py: unknown variant {arg!r}; valid: 'paired_only', "
-      "'unpaired', 'smoke', 'large' or none"
+      "'unpaired', 'small', 'smoke', 'large' or none"
     )
   return c

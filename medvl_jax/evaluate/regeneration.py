@@ -225,7 +225,13 @@ class Evaluator:
     images, patients = data["image"], data["patient_id"]
     originals = images[..., 0].astype(np.float64)
     grid = self.mask_cfg.grid
-    self.details = {"originals": images[: self.sheet_n], "masked": [], "regenerated": []}
+    self.details = {
+      "originals": images[: self.sheet_n],
+      "masked": [],
+      "regenerated": [],
+      "patient_id": patients,
+      "per_image": {},  # {scale: {'psnr', 'psnr_gain'}: float [N]}, the rows of `patient_id`
+    }
     for k, scale in enumerate(self.scale_names):
       patch_mask = draw_masks(self.mask_cfg, k, len(images), self.seed)
       pix = pixel_mask(patch_mask, self.patch, grid)
@@ -244,7 +250,9 @@ class Evaluator:
         ssims = np.array([ssim(o, f, m) for o, f, m in zip(originals, filled, pix)])
         yield from self._emit(f"psnr{suffix}_{scale}", psnrs[suffix], patients)
         yield from self._emit(f"ssim{suffix}_{scale}", ssims, patients)
-      yield from self._emit(f"psnr_gain_{scale}", psnrs[""] - psnrs["_meanfill"], patients)
+      gain = psnrs[""] - psnrs["_meanfill"]
+      yield from self._emit(f"psnr_gain_{scale}", gain, patients)
+      self.details["per_image"][scale] = {"psnr": psnrs[""], "psnr_gain": gain}
       shown = slice(0, self.sheet_n)
       self.details["masked"].append(np.where(pix[shown], 0, images[shown, ..., 0]).astype(np.uint8))
       self.details["regenerated"].append(np.clip(np.round(regen[shown]), 0, 255).astype(np.uint8))

@@ -12,6 +12,7 @@ reads a run's loss curves from its TensorBoard logs.
 """
 
 import ast
+from collections.abc import Sequence
 import json
 import pathlib
 import tempfile
@@ -196,9 +197,14 @@ def compare_chart(dirs: list[str], path: pathlib.Path) -> list[pathlib.Path]:
 LOSS_TAGS = ("train_loss", "val_loss")
 
 
-def training_curves(logdir: str | pathlib.Path) -> dict[str, tuple[list, list]]:
-  """{tag: (steps, values)} of the loss scalars in a run's TensorBoard logs (a resumed run's
-  later values replace the earlier ones); {} if there are none."""
+def training_curves(
+  logdir: str | pathlib.Path, tags: Sequence[str] = LOSS_TAGS
+) -> dict[str, tuple[list, list]]:
+  """{tag: (steps, values)} of the scalars `tags` (default: the losses; a tag ending in '*'
+  matches every tag with that prefix) in a run's TensorBoard logs (a resumed run's later
+  values replace the earlier ones); {} if there are none."""
+  exact = {t for t in tags if not t.endswith("*")}
+  prefixes = tuple(t[:-1] for t in tags if t.endswith("*"))
   files = [
     paths.join(logdir, *rel.split("/"))
     for rel in paths.files(logdir)
@@ -217,6 +223,7 @@ def training_curves(logdir: str | pathlib.Path) -> dict[str, tuple[list, list]]:
       for rec in tf.data.TFRecordDataset(f):
         event = tf.compat.v1.Event.FromString(rec.numpy())
         for v in event.summary.value:
-          if v.tag in LOSS_TAGS and v.HasField("tensor"):
+          wanted = v.tag in exact or (prefixes and v.tag.startswith(prefixes))
+          if wanted and v.HasField("tensor"):
             out.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
   return {tag: (sorted(d), [d[s] for s in sorted(d)]) for tag, d in out.items()}
