@@ -92,14 +92,20 @@ def config_name(base: str, image_size: int) -> str:
   return base if image_size == DEFAULT_IMAGE_SIZE else f"{base}_{image_size}"
 
 
-def split_for_patient(patient_id: str) -> str:
-  """Deterministic patient-level split: sha256 of the id mapped to 100 buckets."""
+def patient_bucket(patient_id: str) -> int:
+  """The patient's hash bucket, 0..99: the first 32 bits of sha256(stripped id, UTF-8) mod 100."""
   digest = hashlib.sha256(patient_id.strip().encode("utf-8")).hexdigest()
-  bucket = int(digest[:8], 16) % 100
-  for name, upper in SPLIT_BUCKETS:
+  return int(digest[:8], 16) % 100
+
+
+def split_for_patient(patient_id: str, buckets: tuple[tuple[str, int], ...] = SPLIT_BUCKETS) -> str:
+  """Deterministic patient-level split: the first (name, upper) of `buckets` (upper bounds in
+  increasing order, the last 100) with `patient_bucket(patient_id) < upper`."""
+  bucket = patient_bucket(patient_id)
+  for name, upper in buckets:
     if bucket < upper:
       return name
-  raise AssertionError(bucket)  # Unreachable.
+  raise AssertionError(bucket)  # Unreachable while the last upper bound is 100.
 
 
 def chexpert_value(raw: str, policy: str) -> int:

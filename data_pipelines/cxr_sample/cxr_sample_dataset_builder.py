@@ -5,6 +5,9 @@ Configs:
   text_only: `iu_reports/iu_reports_2000.csv` IU/Open-i radiology reports (no images).
   image_only: `nih14_sample/` NIH ChestX-ray14 images with their 14 finding labels + No Finding
              (multi-hot `labels`, in the order of NIH_LABELS; no text).
+  nih_halves: the rows, features and skips of `image_only`, split into two patient-disjoint
+             halves instead: `pretrain` (an image-only pretraining source) and `probe` (the
+             images a linear probe evaluates on, which that pretraining never saw).
 
 The data is read from `dl_manager.manual_dir`, which must be the sample folder itself:
 
@@ -13,10 +16,11 @@ The data is read from `dl_manager.manual_dir`, which must be the sample folder i
       manual_dir=SAMPLE_DIR, try_download_gcs=False))
 
 Splits are by patient (a hash of the patient id, so no patient is in two splits; each IU
-report counts as its own patient). The training input reads each train split by random access
-from an ArrayRecord copy written once beside the tfds files (`medvl_jax/data/records.py`). Bad
-records are skipped and counted per reason; the counts are logged and stored in
-`builder.info.metadata['skipped']`.
+report counts as its own patient): `train` / `validation` / `test` (SPLIT_BUCKETS), except
+`nih_halves`: `pretrain` / `probe` (NIH_HALVES). The training input and the evaluators read
+each split by random access from an ArrayRecord copy written once beside the tfds files
+(`medvl_jax/data/records.py`). Bad records are skipped and counted per reason; the counts are
+logged and stored in `builder.info.metadata['skipped']`.
 """
 
 import collections
@@ -57,7 +61,11 @@ NIH_LABELS = (
   "Pneumothorax",
   "No Finding",
 )
-# Patient-hash buckets out of 100: [0, 80) train, [80, 90) validation, [90, 100) test.
+# Patient-hash buckets out of 100 (`common.patient_bucket`): NIH_HALVES for `nih_halves`,
+# [0, 50) pretrain, [50, 100) probe; SPLIT_BUCKETS for the other configs, [0, 80) train,
+# [80, 90) validation, [90, 100) test. So `pretrain` lies inside image_only's `train`, and
+# `probe` holds all of image_only's `validation` and `test`.
+NIH_HALVES = (("pretrain", 50), ("probe", 100))
 _CITATION = """\
 @article{cohen2020covid, title={COVID-19 Image Data Collection: Prospective Predictions Are
   the Future}, author={Cohen, Joseph Paul and Morrison, Paul and Dao, Lan and Roth, Karsten
@@ -103,19 +111,27 @@ def read_grayscale_png(path) -> bytes:
     return out.getvalue()
 
 
+# Configs that read `nih14_sample/` (same rows, features and skips; only the splits differ).
+NIH_CONFIGS = ("image_only", "nih_halves")
+_NIH_COLUMNS = ("image_file", "image_index", "patient_id", "view_position", *NIH_LABELS)
 # The columns each config reads.
 COLUMNS = {
   "paired": ("image_file", "patientid", "clinical_notes", "finding", "view"),
   "text_only": ("report_id", "findings", "impression", "is_normal"),
-  "image_only": ("image_file", "image_index", "patient_id", "view_position", *NIH_LABELS),
+  **{config: _NIH_COLUMNS for config in NIH_CONFIGS},
 }
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
   """The bundled real chest X-ray sample: paired image-note data and text-only reports."""
 
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "image_only config (nih14_sample)."}
+  VERSION = tfds.core.Version("1.2.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "image_only config (nih14_sample).",
+    "1.2.0": "nih_halves config: nih14_sample split by patient into pretrain and probe halves; "
+    "the other configs build the same examples as in 1.1.0.",
+  }
   BUILDER_CONFIGS = [
     tfds.core.BuilderConfig(
       name="paired", description="covid_cxr_notes: CXR images with clinical notes."
@@ -126,6 +142,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     tfds.core.BuilderConfig(
       name="image_only",
       description="nih14_sample: NIH ChestX-ray14 images with 14 labels + No Finding.",
+    ),
+    tfds.core.BuilderConfig(
+      name="nih_halves",
+      description="nih14_sample as image_only, split by patient hash into pretrain (buckets "
+      "0-49) and probe (50-99) halves.",
     ),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -151,7 +172,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "patient_id": tfds.features.Text(),
         "view": tfds.features.Text(),
       }
-    elif self.builder_config.name == "image_only":
+    elif self.builder_config.name in NIH_CONFIGS:
       features = {
         "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png"),
         "image_id": tfds.features.Text(),
@@ -187,6 +208,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     csv_path, patient_key = {
       "paired": (PAIRED_CSV, "patientid"),
       "image_only": (NIH_CSV, "patient_id"),
+      "nih_halves": (NIH_CSV, "patient_id"),
       "text_only": (IU_CSV, "report_id"),
     }[config]
     if not (root / csv_path).exists():
@@ -198,15 +220,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       root / csv_path, COLUMNS[config], skip=self._skip, manifest=self.manifest
     )
     self.info.metadata["source"] = self.manifest.metadata()
+    buckets = NIH_HALVES if config == "nih_halves" else SPLIT_BUCKETS
     by_split = collections.defaultdict(list)
     for row in rows:
-      by_split[split_for_patient(row[patient_key])].append(row)
-    return {name: self._generate_examples(root, by_split[name], name) for name, _ in SPLIT_BUCKETS}
+      by_split[split_for_patient(row[patient_key], buckets)].append(row)
+    return {name: self._generate_examples(root, by_split[name], name) for name, _ in buckets}
 
   def _generate_examples(self, root, rows, split):
     if self.builder_config.name == "paired":
       return self._paired_examples(root, rows, split)
-    if self.builder_config.name == "image_only":
+    if self.builder_config.name in NIH_CONFIGS:
       return self._image_only_examples(root, rows, split)
     return self._text_only_examples(root, rows, split)
 

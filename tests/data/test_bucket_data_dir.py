@@ -39,7 +39,7 @@ def test_training_reads_a_prepared_bucket(
   assert f"  random access: train, validation, test ({data_dir}/" in result.stdout
   staging = prepare_lib._default_staging(data_dir)  # pylint: disable=protected-access
   assert not os.path.exists(staging)  # The local build is removed once uploaded.
-  version = paths.join(data_dir, "cxr_sample", "paired", "1.1.0")
+  version = paths.join(data_dir, "cxr_sample", "paired", str(cxr_sample.Builder.VERSION))
   assert paths.listdir(paths.join(version, records.COPY_DIR)) == [
     "test.array_record",
     "train.array_record",
@@ -91,7 +91,7 @@ def test_a_killed_upload_is_not_prepared_and_a_rerun_completes(
   """SIGKILL while `prepare` uploads: the objects already in the bucket do not make a prepared
   dataset (its metadata goes last); the same command completes it from the kept local build."""
   data_dir = gcs_bucket + "/tfds"
-  prefix = "tfds/cxr_sample/image_only/1.1.0/"
+  prefix = f"tfds/cxr_sample/image_only/{cxr_sample.Builder.VERSION}/"
   command = ["cxr_sample", "--config=image_only", f"--manual_dir={sample_data_dir}"]
   command.append(f"--data_dir={data_dir}")
   proc = subprocess.Popen(

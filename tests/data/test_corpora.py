@@ -25,6 +25,7 @@ EXPECTED_KINDS = {
   ("cxr_sample", "paired"): {"paired", "image", "text"},
   ("cxr_sample", "text_only"): {"text"},
   ("cxr_sample", "image_only"): {"image"},
+  ("cxr_sample", "nih_halves"): {"image"},
   ("mimic_cxr", "paired"): {"paired", "image", "text"},
   ("mimic_cxr", "paired_64"): {"paired", "image", "text"},
   ("openi", "paired"): {"paired", "image", "text"},

@@ -226,3 +226,123 @@ def test_non_grayscale_png_is_converted(tmp_path):
   gray = Image.open(io.BytesIO(read_grayscale_png(path)))
   assert gray.mode == "L" and gray.size == (5, 4)
   np.testing.assert_array_equal(np.asarray(gray), np.asarray(Image.fromarray(rgb).convert("L")))
+
+
+# ----------------------------------------------------------------------------- nih_halves
+# The rows of each half on the sample, as data_pipelines/cxr_sample/README.md gives them.
+HALF_COUNTS = {"pretrain": 311, "probe": 310}
+
+
+@pytest.mark.parametrize(
+  "patient_id,bucket,half,split",
+  [
+    ("9145", 0, "pretrain", "train"),
+    ("100", 28, "pretrain", "train"),
+    ("17370", 49, "pretrain", "train"),
+    ("1962", 50, "probe", "train"),
+    ("75", 73, "probe", "train"),
+    ("353", 86, "probe", "validation"),
+    ("211", 91, "probe", "test"),
+    ("21902", 99, "probe", "test"),
+  ],
+)
+def test_nih_halves_rule_is_fixed(patient_id, bucket, half, split):
+  """Sample patients on both sides of the bucket-50 boundary land where the docs say; the
+  three-way split of the other configs keeps its buckets."""
+  from data_pipelines.common import patient_bucket  # pylint: disable=g-import-not-at-top
+  from data_pipelines.cxr_sample.cxr_sample_dataset_builder import NIH_HALVES
+
+  assert patient_bucket(patient_id) == patient_bucket(f" {patient_id}\n") == bucket
+  assert split_for_patient(patient_id, NIH_HALVES) == half
+  assert split_for_patient(patient_id) == split
+
+
+@pytest.fixture(scope="module")
+def halves_dir(tmp_path_factory, sample_data_dir) -> pathlib.Path:
+  """`nih_halves` alone, as `python -m data_pipelines.prepare cxr_sample --config=nih_halves`
+  leaves it: the tfds dataset and the random-access copies of `pretrain` and `probe`."""
+  from data_pipelines import prepare  # pylint: disable=g-import-not-at-top
+
+  data_dir = tmp_path_factory.mktemp("nih_halves")
+  prepare.prepare("cxr_sample", str(sample_data_dir), data_dir=str(data_dir), config="nih_halves")
+  return data_dir
+
+
+def _nih_rows(data_dir, config) -> tuple[Builder, dict[str, dict[str, tuple]]]:
+  """split -> image_id -> (patient_id, labels, view, PNG bytes as stored)."""
+  builder = Builder(config=config, data_dir=str(data_dir))
+  out = {}
+  for split in builder.info.splits:
+    ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    out[split] = {
+      ex["image_id"].decode(): (
+        ex["patient_id"].decode(),
+        tuple(ex["labels"].tolist()),
+        ex["view"].decode(),
+        ex["image"],
+      )
+      for ex in ds.as_numpy_iterator()
+    }
+  return builder, out
+
+
+def test_nih_halves_split_image_only_by_patient(data_dir, halves_dir):
+  from data_pipelines.cxr_sample.cxr_sample_dataset_builder import NIH_HALVES
+
+  image_only, whole = _nih_rows(data_dir, "image_only")
+  builder, halves = _nih_rows(halves_dir, "nih_halves")
+  assert list(builder.info.splits) == ["pretrain", "probe"]
+  assert builder.info.features.to_json() == image_only.info.features.to_json()
+  assert builder.info.metadata["skipped"] == image_only.info.metadata["skipped"] == {}
+  # Every image_only row exactly once, unchanged (labels, view, image bytes).
+  rows = {k: v for split in whole.values() for k, v in split.items()}
+  assert sum(len(h) for h in halves.values()) == len(rows) == 621
+  assert {k: v for half in halves.values() for k, v in half.items()} == rows
+  assert {s: len(h) for s, h in halves.items()} == HALF_COUNTS
+  assert all(0.4 < len(h) / len(rows) < 0.6 for h in halves.values())
+  patients = {s: {v[0] for v in h.values()} for s, h in halves.items()}
+  assert not patients["pretrain"] & patients["probe"]
+  for split, half in halves.items():
+    assert all(split_for_patient(v[0], NIH_HALVES) == split for v in half.values())
+  # The pretraining half lies inside image_only's train split: its validation and test rows
+  # are all in the probe half.
+  assert set(halves["pretrain"]) <= set(whole["train"])
+  assert set(whole["validation"]) | set(whole["test"]) <= set(halves["probe"])
+
+
+def test_nih_halves_are_read_by_training_and_the_evaluators(halves_dir):
+  from medvl_jax.data import records, sources  # pylint: disable=g-import-not-at-top
+  from medvl_jax.evaluate import datasets  # pylint: disable=g-import-not-at-top
+  from tests.data.sample import make_config  # pylint: disable=g-import-not-at-top
+
+  builder = Builder(config="nih_halves", data_dir=str(halves_dir))
+  assert records.has_copies(builder)
+  for split, n in HALF_COUNTS.items():
+    assert records.RecordStore.open(builder, split).total == n
+  # A train source on the pretraining half: checked and found prepared (nothing is built).
+  config = make_config(
+    halves_dir,
+    **{
+      "data.builder_config": "nih_halves",
+      "data.train_split": "pretrain",
+      "data.eval_split": "probe",
+    },
+  )
+  config.data.sources = (
+    {
+      "name": "cxr_sample",
+      "builder_config": "nih_halves",
+      "split": "pretrain",
+      "kind": "image",
+      "weight": 1.0,
+    },
+  )
+  assert [s.split for s in sources.check_sources(config)] == ["pretrain"]
+  assert sources.split_sizes(config, sources.sources(config)) == [HALF_COUNTS["pretrain"]]
+  # The probe half through the evaluators' reader.
+  probe = datasets.load_split(
+    "cxr_sample", "probe", builder_config="nih_halves", data_dir=str(halves_dir), image_size=32
+  )
+  assert probe["image"].shape == (HALF_COUNTS["probe"], 32, 32, 1)
+  assert probe["labels"].shape == (HALF_COUNTS["probe"], 15)
+  assert sorted(probe["image_id"]) == sorted(_nih_rows(halves_dir, "nih_halves")[1]["probe"])

@@ -6,6 +6,7 @@ config, reads every split back, checks the features' shapes and dtypes, that no 
 two splits, the counts below, a reload from disk, and the default config. Patient ids were
 chosen so that the patient hash puts 3 / 1 / 1 kept examples in train / validation / test;
 one row per config is bad (an image file left out, a report with no text) and is skipped.
+`nih_halves` reads the `image_only` rows: 1 / 4 kept examples in pretrain / probe.
 """
 
 import tensorflow_datasets as tfds
@@ -33,6 +34,13 @@ class ImageOnlyTest(tfds.testing.DatasetBuilderTestCase):
   DATASET_CLASS = Builder
   BUILDER_CONFIG_NAMES_TO_TEST = ["image_only"]
   SPLITS = SPLITS
+  SKIP_CHECKSUMS = True
+
+
+class NihHalvesTest(tfds.testing.DatasetBuilderTestCase):
+  DATASET_CLASS = Builder
+  BUILDER_CONFIG_NAMES_TO_TEST = ["nih_halves"]
+  SPLITS = {"pretrain": 1, "probe": 4}  # The image_only rows: patient 100 -> pretrain.
   SKIP_CHECKSUMS = True
 
 

@@ -136,7 +136,8 @@ def test_prepare_killed_while_copying_leaves_no_copy_taken_for_complete(sample_d
     f"--manual_dir={sample_data_dir}",
     f"--data_dir={data_dir}",
   ]
-  copies = data_dir / "cxr_sample" / "image_only" / "1.1.0" / records.COPY_DIR
+  version = str(sample_builder.Builder.VERSION)
+  copies = data_dir / "cxr_sample" / "image_only" / version / records.COPY_DIR
   proc = subprocess.Popen(
     [sys.executable, "-m", "data_pipelines.prepare", *command],
     cwd=REPO,

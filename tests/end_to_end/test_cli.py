@@ -99,7 +99,8 @@ def test_prepare_reads_its_own_config_flag(tmp_path, sample_data_dir):
   )
   assert proc.returncode == 2
   assert proc.stderr.splitlines() == [
-    "error: cxr_sample: no config 'pairedd'; base configs: image_only, paired, text_only"
+    "error: cxr_sample: no config 'pairedd'; base configs: image_only, nih_halves, paired, "
+    "text_only"
   ], proc.stderr
 
 

@@ -87,6 +87,43 @@ def test_two_processes_match_one(mixed_run, tfds_dir, tmp_path):
     np.testing.assert_allclose(losses[step], reference[step], rtol=1e-5, err_msg=f"step {step}")
 
 
+@pytest.mark.slow  # a fresh data dir (the sample built) and a 2-step mixed run: 1-4 min
+def test_image_source_on_the_nih_pretrain_half(tmp_path):
+  """The study's NIH image source: `nih_halves`/`pretrain` in place of `image_only`/`train`,
+  built on first use with the random-access copies of both halves."""
+  import json
+
+  halves = dict(name="cxr_sample", builder_config="nih_halves", split="pretrain", kind="image")
+  sources = (
+    dict(name="cxr_sample", builder_config="paired", split="train", kind="paired", weight=0.5),
+    dict(halves, weight=0.25),
+    dict(name="cxr_sample", builder_config="text_only", split="train", kind="text", weight=0.25),
+  )
+  workdir, data_dir = tmp_path / "w", tmp_path / "tfds"
+  proc = run_main(
+    *mixed_args(
+      workdir,
+      data_dir,
+      "--config.total_steps=2",
+      "--config.eval_every=2",
+      "--config.checkpoint_every=2",
+      f"--config.data.sources={sources!r}",
+    )
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = json.loads((workdir / "config.json").read_text())
+  assert dict(halves, weight=0.25) in config["data"]["sources"]
+  copies = data_dir / "cxr_sample" / "nih_halves"
+  assert sorted(p.name for p in copies.glob("*/random_access/*")) == [
+    "pretrain.array_record",
+    "probe.array_record",
+  ]
+  assert not (data_dir / "cxr_sample" / "image_only").exists()
+  losses = read_scalars(workdir / "tensorboard")
+  assert sorted(losses["train_mvm"]) == [1, 2]
+  assert all(np.isfinite(v) for v in losses["train_loss"].values())
+
+
 def test_family_config_mismatch_is_one_line(tmp_path, tfds_dir):
   proc = run_main(*mixed_args(tmp_path / "w", tfds_dir, "--config.loss.name=infonce"))
   assert proc.returncode == 2
