@@ -1,10 +1,10 @@
 """`openi` on a fixture tree in the Open-i layout (real IU report XML text, real images)."""
 
 import csv
+import os
 import pathlib
+import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,8 +12,9 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import common
 from data_pipelines import sentences as sentences_lib
-from data_pipelines.openi import Builder, agreement
+from data_pipelines.openi import Builder, agreement, archive, fetch_reports
 from data_pipelines.openi.openi_dataset_builder import mesh_labels
+from medvl_jax.errors import DataError
 from tests import fixtures_layout as fl
 
 
@@ -85,8 +86,6 @@ def test_bad_input(tree, tmp_path):
   shutil.copytree(tree, bad)
   xmls = sorted((bad / "ecgen-radiology").glob("*.xml"))
   text = xmls[0].read_text()
-  import re
-
   n_images = text.count("<parentImage")
   xmls[0].write_text(re.sub(r'(<AbstractText Label="(FINDINGS|IMPRESSION)">)[^<]*', r"\1", text))
   pngs = sorted((bad / "NLMCXR_png").glob("*.png"))
@@ -97,7 +96,6 @@ def test_bad_input(tree, tmp_path):
 
 # The real 3,955 Open-i reports ship in this PyPI wheel; fetched once into the repo's pytest
 # cache folder (ignored by git); skipped with the reason where PyPI cannot be reached.
-TXV_WHEEL = "torchxrayvision-1.5.7-py3-none-any.whl"
 WHEEL_CACHE = pathlib.Path(__file__).resolve().parents[2] / ".pytest_cache" / "wheels"
 # Reports with at least one image, per label: the table in data_pipelines/README.md.
 README_COUNTS = {
@@ -119,30 +117,16 @@ README_COUNTS = {
 
 
 @pytest.fixture(scope="module")
-def real_reports():
-  wheel = WHEEL_CACHE / TXV_WHEEL
-  if not wheel.exists():
-    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
-    try:
-      subprocess.run(
-        [
-          sys.executable,
-          "-m",
-          "pip",
-          "download",
-          "--no-deps",
-          "--quiet",
-          "torchxrayvision==1.5.7",
-          "-d",
-          str(WHEEL_CACHE),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-      )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-      pytest.skip(f"cannot fetch {TXV_WHEEL} from PyPI (it holds the real Open-i reports): {e}")
-  return agreement.reports_from_wheel(wheel)
+def txv_wheel() -> pathlib.Path:
+  try:
+    return archive.download_wheel(WHEEL_CACHE)
+  except DataError as e:
+    pytest.skip(f"{e} (the wheel holds the real Open-i reports)")
+
+
+@pytest.fixture(scope="module")
+def real_reports(txv_wheel):
+  return agreement.reports_from_wheel(txv_wheel)
 
 
 def test_published_derivation_on_real_reports(real_reports):
@@ -164,3 +148,18 @@ def test_published_derivation_on_real_reports(real_reports):
   for row in rows:
     ours = dict(zip(common.CHEXPERT_LABELS, by_image[row.pop("image_id")].labels))
     assert {published_name[k]: int(v) for k, v in row.items()} == ours
+
+
+def test_fetch_without_pypi_is_one_line(tmp_path, monkeypatch):
+  # pip pointed at a port nothing listens on, with no config file, local wheels or retries.
+  for var in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+  monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+  monkeypatch.setenv("PIP_RETRIES", "0")
+  with pytest.raises(DataError) as error:
+    fetch_reports(tmp_path / "dest")
+  message = str(error.value)
+  assert message.startswith("cannot download torchxrayvision==1.5.7 from PyPI (")
+  assert "is PyPI reachable?" in message and "\n" not in message
+  assert list((tmp_path / "dest").iterdir()) == []  # No partial download left behind.
