@@ -4,7 +4,8 @@ CSV reading, report section parsing and a base builder that decodes images in wo
 A builder subclasses `CorpusBuilder`, lists its records in `_records(root, split)` (dicts with
 an `_image` path, or `_skip` = reason for a record already known to be bad) and turns a record
 plus its PNG bytes into an example in `_example(record, png)`. Everything else (resize, worker
-pool, skip counts in `info.metadata['skipped']`, the log line) is here.
+pool, skip counts in `info.metadata['skipped']`, the log line) is here. A text-only config
+(`image_size` 0) lists records without `_image` and gets b'' for the PNG.
 """
 
 import collections
@@ -61,7 +62,8 @@ UNCERTAIN_POLICIES = ("ignore", "ones", "zeros")
 
 @dataclasses.dataclass(eq=False)
 class CorpusConfig(tfds.core.BuilderConfig):
-  """A builder config: the stored shorter side and, for CheXpert-style labels, the policy."""
+  """A builder config: the stored shorter side (0: a text-only config, no image read) and, for
+  CheXpert-style labels, the policy."""
 
   image_size: int = DEFAULT_IMAGE_SIZE
   uncertain: str = "ignore"
@@ -447,7 +449,12 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     logging.warning("%s/%s: skipping %s (%s)", self.name, self.builder_config.name, where, reason)
 
   def _images(self, records: list[dict[str, Any]]) -> Iterator[tuple[int, bytes | None, str]]:
+    """(index, PNG bytes or None, error) of each record not skipped, in record order. A
+    text-only config (`image_size` 0) reads no image: b'' for each."""
     size = self.builder_config.image_size
+    if not size:
+      yield from ((i, b"", "") for i, r in enumerate(records) if "_skip" not in r)
+      return
     tasks = [(i, str(r["_image"]), size) for i, r in enumerate(records) if "_skip" not in r]
     if self.num_workers <= 1 or len(tasks) < 2:
       yield from map(self._load_task, tasks)

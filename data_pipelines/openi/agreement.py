@@ -11,20 +11,15 @@ and the count of images, the numbers quoted in data_pipelines/README.md.
 """
 
 import dataclasses
-import io
 import pathlib
 import sys
-import tarfile
-import xml.etree.ElementTree as ET
-import zipfile
 
 import numpy as np
 
 from data_pipelines import common
-from data_pipelines.openi.openi_dataset_builder import mesh_labels
+from data_pipelines.openi import archive
+from data_pipelines.openi.openi_dataset_builder import ReportError, mesh_labels, parse_report
 from medvl_jax.errors import DataError
-
-WHEEL_MEMBER = "torchxrayvision/data/NLMCXR_reports.tgz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,31 +36,20 @@ class Report:
 def reports_from_tgz(data: bytes) -> list[Report]:
   """The reports of an `NLMCXR_reports.tgz` (members `ecgen-radiology/<id>.xml`), by id."""
   reports = []
-  with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-    for member in tar:
-      if not (member.isfile() and member.name.endswith(".xml")):
-        continue
-      root = ET.fromstring(tar.extractfile(member).read())
-      reports.append(
-        Report(
-          report_id=pathlib.PurePosixPath(member.name).stem,
-          major=tuple(m.text or "" for m in root.iter("major")),
-          image_ids=tuple(i.get("id", "") for i in root.iter("parentImage")),
-        )
-      )
+  for name, xml in archive.tgz_reports(data):
+    try:
+      _, major, image_ids = parse_report(xml)
+    except ReportError as e:
+      raise DataError(f"{archive.ARCHIVE}: {name}: not readable XML ({e})") from None
+    reports.append(Report(pathlib.PurePosixPath(name).stem, tuple(major), tuple(image_ids)))
   if not reports:
-    raise DataError("NLMCXR_reports.tgz: no ecgen-radiology/*.xml member")
+    raise DataError(f"{archive.ARCHIVE}: no {archive.REPORT_DIR}/*.xml member")
   return sorted(reports, key=lambda r: int(r.report_id) if r.report_id.isdigit() else 0)
 
 
 def reports_from_wheel(wheel: pathlib.Path) -> list[Report]:
-  """The reports inside a torchxrayvision wheel (a zip holding `WHEEL_MEMBER`)."""
-  try:
-    with zipfile.ZipFile(wheel) as z:
-      data = z.read(WHEEL_MEMBER)
-  except (OSError, KeyError, zipfile.BadZipFile) as e:
-    raise DataError(f"{wheel}: cannot read {WHEEL_MEMBER} ({e})") from e
-  return reports_from_tgz(data)
+  """The reports inside a torchxrayvision wheel (a zip holding `archive.WHEEL_MEMBER`)."""
+  return reports_from_tgz(archive.archive_from_wheel(wheel))
 
 
 def label_counts(reports: list[Report], *, per_image: bool = False) -> dict[str, int]:

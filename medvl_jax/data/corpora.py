@@ -4,6 +4,7 @@
   corpus = corpora.get("chexpert")            # Corpus: builder module, labels, task type, ...
   b = corpora.builder("chexpert", "u_ignore_64", data_dir=...)   # a tfds builder instance
   corpora.kinds("cxr_sample", "text_only")    # frozenset({'text'})
+  corpora.kinds("openi", "reports")           # frozenset({'text'}): the 3,955 Open-i reports
 
 A corpus's builder lives in `data_pipelines/<module>`; it is imported by name only when a
 builder is needed, so importing this module imports no data pipeline (nor TensorFlow).
@@ -86,6 +87,7 @@ CORPORA: dict[str, Corpus] = {
       label_names=_chexpert_labels,
       task_type="multilabel",
     ),
+    # Open-i: `paired` (images + reports) and `reports` (text only, from the report archive).
     Corpus(
       "openi",
       "openi",

@@ -29,6 +29,7 @@ EXPECTED_KINDS = {
   ("mimic_cxr", "paired"): {"paired", "image", "text"},
   ("mimic_cxr", "paired_64"): {"paired", "image", "text"},
   ("openi", "paired"): {"paired", "image", "text"},
+  ("openi", "reports"): {"text"},
   ("nih14", "default"): {"image"},
   ("chexpert", "u_ignore"): {"image"},
   ("chexpert", "u_ones_128"): {"image"},
@@ -136,6 +137,12 @@ def test_prepare_reads_the_registry(tmp_path):
   assert (b.name, b.builder_config.name) == ("cxr_sample", "paired")
   b = prepare.builder_for("chexpert", config=None, image_size=64, data_dir=str(tmp_path))
   assert b.builder_config.name == "u_ignore_64"
+  b = prepare.builder_for("openi", config="reports", image_size=256, data_dir=str(tmp_path))
+  assert b.builder_config.name == "reports"  # Text only: no image size in the name.
+  assert corpora.prepare_command(b) == (
+    "python -m data_pipelines.prepare openi --config=reports --manual_dir=DIR "
+    f"--data_dir={tmp_path}"
+  )
   with pytest.raises(ConfigError, match="^corpus='nope' is not a known dataset; valid: "):
     prepare.builder_for("nope", config=None, image_size=256, data_dir=str(tmp_path))
 

@@ -1,4 +1,4 @@
-"""The six corpus builders under tfds's own builder test harness,
+"""The six corpus builders (and Open-i's text-only config) under tfds's own builder test harness,
 `tfds.testing.DatasetBuilderTestCase`, each over a small dummy tree in the corpus's published
 layout (`tests/fixtures_layout.py`: real sample radiographs and report text).
 
@@ -19,6 +19,7 @@ import gzip
 import io
 import pathlib
 import shutil
+import tarfile
 import tempfile
 
 import tensorflow_datasets as tfds
@@ -162,6 +163,27 @@ class OpeniTest(_Harness, tfds.testing.DatasetBuilderTestCase):
   @classmethod
   def layout_splits(cls, root):
     return _count([_hash_split(r["uid"]) for r in _rows(root / "indiana_projections.csv")])
+
+
+class OpeniReportsTest(_Harness, tfds.testing.DatasetBuilderTestCase):
+  DATASET_CLASS = OpeniBuilder
+  BUILDER_CONFIG_NAMES_TO_TEST = ["reports"]
+  # The same 7 reports, text only, as the distribution archive alone: one example per report.
+  SPLITS = {"train": 4, "validation": 2, "test": 1}
+
+  @classmethod
+  def make_tree(cls, sample, root):
+    tree = fl.openi(sample, root / "tree", report_ids=("1", "2", "4", "6", "9", "14", "32"))
+    (root / "archive").mkdir()
+    with tarfile.open(root / "archive" / "NLMCXR_reports.tgz", "w:gz") as tar:
+      tar.add(tree / "ecgen-radiology", arcname="ecgen-radiology")
+    return root / "archive"
+
+  @classmethod
+  def layout_splits(cls, root):
+    with tarfile.open(root / "NLMCXR_reports.tgz") as tar:
+      names = [m.name for m in tar if m.name.endswith(".xml")]
+    return _count([_hash_split(pathlib.PurePosixPath(n).stem) for n in names])
 
 
 class RsnaPneumoniaTest(_Harness, tfds.testing.DatasetBuilderTestCase):
