@@ -24,8 +24,8 @@ def init_from_pretrained(variables: Mapping[str, Any], model_cfg: Any) -> dict[s
   params = dict(variables["params"])
   imported = {}
   if model_cfg.text.init:
-    _, params = hf_bert.load_bert(model_cfg.text.init, model_cfg.text.init_layers)
-    imported["text"] = (params, str(model_cfg.text.init))
+    _, text = hf_bert.load_bert(model_cfg.text.init, model_cfg.text.init_layers)
+    imported["text"] = (text, str(model_cfg.text.init))
   if model_cfg.image.init:
     vit = timm_vit.load_vit(model_cfg.image.init, mixed_model.vit_config(model_cfg.image))
     imported["image"] = (vit, str(model_cfg.image.init))
