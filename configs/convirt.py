@@ -29,7 +29,7 @@ def _minilm_dir() -> str:
 SMALL = dict(
   image_size=128,
   max_length=32,
-  batch_size=32,
+  batch_size=16,
   total_steps=2000,
   eval_every=250,
   convirt_lr=1e-4,

@@ -143,7 +143,7 @@ def _claim0_lines(metrics: dict[str, Any], quick: bool) -> list[str]:
   for claim in CLAIM0:
     v, rows = claim0_verdict(metrics, claim)
     if claim["arm"] not in arms or claim["baseline"] not in arms:
-      lines += [f"- {claim['arm']}: not run.", ""]
+      lines += [f"- ({claim['arm']}): not run.", ""]
       continue
     name = f"{arms[claim['arm']]['short']} − {arms[claim['baseline']]['short']}"
     lines += [f"- **{arms[claim['arm']]['title']}: {v}.** {name}:"]
@@ -197,8 +197,8 @@ def _curve_lines(metrics: dict[str, Any], plots_dir: str) -> list[str]:
         [
           a["title"],
           tag,
-          str(f["flat_from"]),
-          str(f["best_step"]),
+          "n/a" if f["flat_from"] is None else str(f["flat_from"]),
+          "n/a" if f["best_step"] is None else str(f["best_step"]),
           "yes" if f["ends_worse"] else "no",
         ]
       )
