@@ -201,6 +201,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.image_size = s["image_size"]
     c.data.resize = s["image_size"] * 9 // 8
     c.data.max_length = s["max_length"]
+    c.data.text_mode = s["text_mode"]
     c.model.projection_dim = 128
     c.model.projection_hidden = 256
     c.model.image.update(patch_size=16, hidden_size=192, num_layers=4, num_heads=3)

@@ -41,7 +41,8 @@ def encoders_and_state(arm: str, config, workdir: pathlib.Path):
   from medvl_jax.evaluate import features, runs  # pylint: disable=g-import-not-at-top
 
   if design.ARMS[arm]["train"]:
-    config, encoders, state, _ = runs.load_run(workdir, None)
+    # The final checkpoint (pre-specified: no choice of step on held-out data).
+    config, encoders, state, _ = runs.load_run(workdir, int(config.total_steps))
     return config, encoders, state
   model, state = untrained(config)
   tokenizer = tokenizer_lib.from_config(config)

@@ -258,6 +258,14 @@ def render(metrics: dict[str, Any], plots_dir: str = "plots") -> str:
     "full": "Full-size models at the configs' own short lengths, on the bundled samples.",
   }[meta["mode"]]
   lines += [f"> **Mode: {meta['mode']}.** {banner}", ""]
+  if meta.get("arms_not_finished"):
+    lines += [
+      "> **Not finished:** arms "
+      + ", ".join(f"`{a}`" for a in meta["arms_not_finished"])
+      + " (every seed of an arm must be done for it to appear); what needs them is marked "
+      "not run below.",
+      "",
+    ]
   lines += _claim0_lines(metrics, quick)
   lines += _curve_lines(metrics, plots_dir)
   lines += ["## Claims 1 and 2", ""]
