@@ -121,6 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # [MASK] are never targets. Change with text.init/tokenizer.
       mask_token_id=103,
       special_token_ids=(0, 100, 101, 102, 103),
+      # Vocabulary logits only at the first K selected positions of each row (0 = at every
+      # position): BERT's max_predictions_per_seq.
+      max_predictions=0,
     )
   )
   c.model.masking.image = ml_collections.ConfigDict(

@@ -25,9 +25,19 @@ class TextMaskConfig:
   mask_token_id: int
   special_token_ids: tuple[int, ...]
   vocab_size: int
+  # The model predicts at most this many selected positions per row, the first ones in
+  # position order (BERT's max_predictions_per_seq); 0 = every position (no gather). Only the
+  # vocabulary logits of these positions are computed: the MLM head's cost then scales with
+  # K, not with the sequence length.
+  max_predictions: int = 0
 
   def __post_init__(self):
     _check_ratio("model.masking.text.prob", self.prob)
+    if self.max_predictions < 0:
+      raise ConfigError(
+        f"model.masking.text.max_predictions={self.max_predictions}: expected >= 0 "
+        "(0 = every position)"
+      )
     if self.mask_frac < 0 or self.random_frac < 0 or self.mask_frac + self.random_frac > 1:
       raise ConfigError(
         "model.masking.text: mask_frac and random_frac must be >= 0 and sum "
@@ -144,6 +154,7 @@ def text_config(masking_cfg: Any, vocab_size: int) -> TextMaskConfig:
     mask_token_id=t.mask_token_id,
     special_token_ids=tuple(t.special_token_ids),
     vocab_size=vocab_size,
+    max_predictions=int(t.max_predictions),
   )
 
 

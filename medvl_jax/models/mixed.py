@@ -300,10 +300,16 @@ class MixedModel(nn.Module):
     for layer in self.fusion_layers:
       txt, img = layer(txt, img, text_keys, image_keys, train)
     word_embeddings = self.text.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+    mlm_targets, mlm_weights = batch["input_ids"], masks["mlm_weights"]
+    if self.text_mask.max_predictions:  # only the first K selected positions of each row
+      order = jnp.argsort(~mlm_weights, axis=1, stable=True)[:, : self.text_mask.max_predictions]
+      txt = jnp.take_along_axis(txt, order[..., None], axis=1)
+      mlm_targets = jnp.take_along_axis(mlm_targets, order, axis=1)
+      mlm_weights = jnp.take_along_axis(mlm_weights, order, axis=1)
     return {
-      "mlm_logits": self.mlm_head(txt, word_embeddings),
-      "mlm_targets": batch["input_ids"],
-      "mlm_weights": masks["mlm_weights"],
+      "mlm_logits": self.mlm_head(txt, word_embeddings),  # [B, L or K, V]
+      "mlm_targets": mlm_targets,
+      "mlm_weights": mlm_weights,
       "mvm_pred": self.decoder(img[:, 1:], patch_mask, train),
       "mvm_target": self.pixel_targets(batch["image"]),
       "patch_mask": patch_mask,

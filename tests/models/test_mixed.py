@@ -1,6 +1,8 @@
 """The mixed-data model under its objective: rows without a modality take no part (value and
 gradient), masks from the 'masking' stream, encoders, regeneration, configs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,3 +242,40 @@ def test_bad_config_is_one_clear_error(edit, message):
   edit(cfg)
   with pytest.raises(ConfigError, match=message):
     mixed.from_config(cfg.model)
+
+
+def test_mlm_logits_at_the_first_k_selected_positions_only(smoke):
+  """`masking.text.max_predictions` = K: the vocabulary logits of each row's first K selected
+  positions, the same as those positions' logits without the gather; with K at least the
+  most selected in a row, the MLM loss and accuracy are those of the full computation."""
+  cfg, model, variables = smoke
+  batch = _batch("pptpttpt", seed=3)
+  masks = _draw(model, variables, batch, seed=5)
+  weights = np.asarray(masks["mlm_weights"])
+  most = int(weights.sum(1).max())
+  assert most >= 2 and len(set(weights.sum(1))) > 1
+  full = model.apply(variables, batch, train=False, masks=masks)
+  for k in (most, most + 3, 1):
+    text_mask = dataclasses.replace(model.text_mask, max_predictions=k)
+    gathered = model.clone(text_mask=text_mask).apply(variables, batch, train=False, masks=masks)
+    assert gathered["mlm_logits"].shape == (8, k, full["mlm_logits"].shape[-1])
+    w = np.asarray(gathered["mlm_weights"])
+    np.testing.assert_array_equal(w.sum(1), np.minimum(weights.sum(1), k))
+    for r in range(8):
+      pos = np.flatnonzero(weights[r])[:k]
+      np.testing.assert_allclose(
+        np.asarray(gathered["mlm_logits"][r, : len(pos)]),
+        np.asarray(full["mlm_logits"][r, pos]),
+        rtol=0,
+        atol=1e-5,
+      )
+      np.testing.assert_array_equal(
+        np.asarray(gathered["mlm_targets"][r, : len(pos)]), np.asarray(batch["input_ids"][r, pos])
+      )
+    if k >= most:
+      _, m_full = mixed_objective.loss(full, batch, cfg.loss, model.scale_names)
+      _, m_k = mixed_objective.loss(gathered, batch, cfg.loss, model.scale_names)
+      for key in ("mlm", "mlm_acc", "mlm_tokens"):
+        np.testing.assert_allclose(float(m_k[key]), float(m_full[key]), rtol=1e-6, err_msg=key)
+  with pytest.raises(ConfigError, match="max_predictions=-1"):
+    dataclasses.replace(model.text_mask, max_predictions=-1)
