@@ -211,8 +211,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.text.init_layers = 2
     c.model.fusion.update(num_layers=1, num_heads=6)
     c.model.decoder.update(hidden_size=128, num_layers=2, num_heads=4)
-    # Logits at 12 of the 32 positions: the head was most of the step; a row selects 12 or
-    # more of ~30 candidates at 15% with probability ~0.1%.
+    # Logits at 12 of the 32 positions: the head was most of the step; a row selects more
+    # than 12 of its ~30 candidates at 15% with probability 0.02% (binomial).
     c.model.masking.text.max_predictions = 12
     c.optimizer.lr = s["mixed_lr"]
   elif arg == "large":
