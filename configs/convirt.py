@@ -36,7 +36,7 @@ SMALL = dict(
   batch_size=16,
   total_steps=2000,
   eval_every=250,
-  convirt_lr=1e-4,
+  convirt_lr=3e-4,
   mixed_lr=3e-4,
 )
 
