@@ -51,6 +51,7 @@ def test_cli_builds_with_workers_and_prints_summary(tree, tmp_path):
     assert len(store) == store.total == info.num_examples > 0
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tree, tmp_path):
   result = run_prepare("mimic_cxr", f"--manual_dir={tmp_path / 'nope'}")
   assert result.returncode == 2

@@ -162,6 +162,7 @@ def test_cli_on_a_trained_mixed_model(mixed_run, tmp_path):
     assert im.size[0] > im.size[1] > 300  # 7 columns (original + 2 per scale), 4 rows.
 
 
+@pytest.mark.slow
 def test_cli_same_numbers_twice_and_on_image_only_data(mixed_run, tmp_path):
   args = (f"--workdir={mixed_run}", "--task=regeneration", "--cfg=n_boot=20")
   a = run_eval(*args, f"--out={tmp_path / 'a'}")
