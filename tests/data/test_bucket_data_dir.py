@@ -87,6 +87,7 @@ def test_training_reads_a_prepared_bucket(
     np.testing.assert_array_equal(local[k], remote[k], err_msg=k)
 
 
+@pytest.mark.slow  # a killed and a rerun prepare process: ~20 s
 def test_a_killed_upload_is_not_prepared_and_a_rerun_completes(
   gcs_emulator, gcs_bucket, sample_data_dir
 ):

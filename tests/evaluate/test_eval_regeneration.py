@@ -127,6 +127,7 @@ def mixed_run(mixed_smoke_run) -> pathlib.Path:
   return mixed_smoke_run[0]
 
 
+@pytest.mark.slow  # the mixed smoke run: ~2 min of compiles on 2 cores
 def test_cli_on_a_trained_mixed_model(mixed_run, tmp_path):
   out = tmp_path / "regen"
   proc = run_eval(
