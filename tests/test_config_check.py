@@ -23,7 +23,7 @@ CASES = [
   ("--config.model.dtype=float8", ["config.model.dtype='float8'", "bfloat16, float32"]),
   (
     "--config.model.image.variant=vit",
-    ["config.model.image.variant='vit'", "resnet50, resnet_tiny"],
+    ["config.model.image.variant='vit'", "resnet50, resnet_small, resnet_tiny"],
   ),
   ("--config.loss.name=nope", ["config.loss.name='nope'", "infonce"]),
   (

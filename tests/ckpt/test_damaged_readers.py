@@ -91,6 +91,7 @@ def test_export_with_no_intact_step(smoke_run, tmp_path):
   assert not out.exists()
 
 
+@pytest.mark.slow  # an evaluation process: ~20 s
 def test_evaluate_falls_back_to_the_newest_intact_step(smoke_run, tmp_path):
   workdir = _copy_run(smoke_run, tmp_path)
   hurt, cause = damage.DAMAGES["deleted array file"]

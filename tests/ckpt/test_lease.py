@@ -287,6 +287,7 @@ def _refused(proc, workdir) -> str:
   return errors[0]
 
 
+@pytest.mark.slow
 def test_second_run_on_a_live_workdir_is_refused_and_writes_nothing(smoke_run, tfds_dir, tmp_path):
   """A double submit: the second job is refused in one line naming the holder, writes nothing
   (also with --restart_from_scratch, which would set the run aside), and the first job ends
@@ -325,6 +326,7 @@ def test_second_run_on_a_live_workdir_is_refused_and_writes_nothing(smoke_run, t
     assert _state_digest(workdir / "checkpoints" / step) == _state_digest(reference / step), step
 
 
+@pytest.mark.slow
 def test_a_run_whose_lease_is_taken_over_stops_without_saving(tfds_dir, tmp_path):
   """Another run took the workdir over (as it would from a run that went a ttl without
   renewing): the run stops at a step boundary in one line, starts no checkpoint save after

@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import numpy as np
+import pytest
 
 from configs import convirt as convirt_config
 from data_pipelines import cxr_sample
@@ -27,6 +28,7 @@ pytest_plugins = ("tests.conftest_gcs",)
 STEPS = 4
 
 
+@pytest.mark.slow
 def test_training_reads_a_prepared_bucket(
   gcs_bucket, smoke_run, sample_data_dir, tfds_dir, tmp_path
 ):
@@ -85,6 +87,7 @@ def test_training_reads_a_prepared_bucket(
     np.testing.assert_array_equal(local[k], remote[k], err_msg=k)
 
 
+@pytest.mark.slow  # a killed and a rerun prepare process: ~20 s
 def test_a_killed_upload_is_not_prepared_and_a_rerun_completes(
   gcs_emulator, gcs_bucket, sample_data_dir
 ):
@@ -131,6 +134,7 @@ def objects(emulator: str, bucket: str, prefix: str) -> list[str]:
   return sorted(item["name"] for item in listing.get("items", []))
 
 
+@pytest.mark.slow
 def test_an_evaluator_split_reads_the_same_from_a_bucket(gcs_bucket, sample_data_dir, tmp_path):
   manual = fl.chexpert(sample_data_dir, tmp_path / "chexpert")
   staging, data_dir = tmp_path / "staging", gcs_bucket + "/tfds"

@@ -42,6 +42,7 @@ def prepared_read_only(tmp_path, sample_data_dir):
     subprocess.run(["umount", view], check=True)
 
 
+@pytest.mark.slow
 def test_two_hosts_train_on_a_read_only_prepared_data_dir(prepared_read_only, smoke_run, tmp_path):
   data_dir, mounted = prepared_read_only
   if mounted:

@@ -55,6 +55,7 @@ def mimic_run(tmp_path_factory, data_dir):
   return workdir, proc
 
 
+@pytest.mark.slow  # a training run on a second corpus: ~30 s
 def test_convirt_trains_on_mimic_cxr_by_name(mimic_run):
   workdir, proc = mimic_run
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,6 +101,7 @@ def test_dataset_errors(data_dir):
     )
 
 
+@pytest.mark.slow  # a training run on a second corpus: ~30 s
 def test_linear_probe_cli_on_chexpert(mimic_run, data_dir, tmp_path):
   workdir, proc = mimic_run
   assert proc.returncode == 0, proc.stderr[-3000:]

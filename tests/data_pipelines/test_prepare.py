@@ -28,6 +28,7 @@ def tree(sample_data_dir, tmp_path_factory):
   return fl.mimic_cxr(sample_data_dir, tmp_path_factory.mktemp("mimic"), n_patients=6)
 
 
+@pytest.mark.slow  # a prepare process with worker processes: ~40 s
 def test_cli_builds_with_workers_and_prints_summary(tree, tmp_path):
   result = run_prepare(
     "mimic_cxr",
@@ -51,6 +52,7 @@ def test_cli_builds_with_workers_and_prints_summary(tree, tmp_path):
     assert len(store) == store.total == info.num_examples > 0
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tree, tmp_path):
   result = run_prepare("mimic_cxr", f"--manual_dir={tmp_path / 'nope'}")
   assert result.returncode == 2
@@ -68,6 +70,7 @@ def test_cli_errors_are_one_line(tree, tmp_path):
   assert "mimic-cxr-2.0.0-metadata.csv.gz: required file not found" in result.stderr
 
 
+@pytest.mark.slow  # a killed and a rerun prepare process: ~20 s
 def test_interrupted_prepare_is_not_read_and_rerun_recovers(tree, tmp_path):
   manual = tmp_path / "mimic"
   shutil.copytree(tree, manual)

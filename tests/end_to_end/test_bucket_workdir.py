@@ -167,6 +167,7 @@ def local_export(smoke_run, tmp_path_factory) -> pathlib.Path:
   return out
 
 
+@pytest.mark.slow  # two export processes against the emulator: ~20 s
 def test_export_from_the_bucket_to_local_disk_and_to_the_bucket(
   bucket_run, local_export, gcs_env, tmp_path
 ):
@@ -224,6 +225,7 @@ def test_export_from_the_bucket_to_local_disk_and_to_the_bucket(
 
 
 # ----------------------------------------------------------------------------- evaluation
+@pytest.mark.slow  # an evaluation process against the emulator: ~20 s
 def test_evaluate_the_bucket_run_into_the_bucket(bucket_run, gcs_env):
   out = bucket_run.workdir.rsplit("/", 1)[0] + "/evaluations/retrieval"
   proc = run_cli(
@@ -244,6 +246,7 @@ def test_evaluate_the_bucket_run_into_the_bucket(bucket_run, gcs_env):
 
 
 # ----------------------------------------------------------------------------- bad URLs
+@pytest.mark.slow  # three CLI processes: ~12 s
 def test_unreachable_urls_fail_in_one_line_within_seconds(bucket_run, tfds_dir):
   """Through the CLIs: a typo'd bucket, and an endpoint that refuses connections (a wrong
   STORAGE_EMULATOR_HOST), where the storage libraries would retry for minutes."""

@@ -171,6 +171,7 @@ def test_training_console_is_ours_only(console_run):
   assert _not_ours(proc.stderr) == []
 
 
+@pytest.mark.slow  # an evaluation process: ~20 s
 def test_evaluation_console_is_ours_only(console_run, tmp_path):
   workdir, _ = console_run
   out = tmp_path / "lp"

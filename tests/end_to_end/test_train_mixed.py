@@ -20,6 +20,7 @@ def mixed_run(mixed_smoke_run):
   return mixed_smoke_run
 
 
+@pytest.mark.slow  # the mixed smoke run: ~2 min of compiles on 2 cores
 def test_each_loss_falls_and_is_logged_under_its_name(mixed_run):
   workdir, proc = mixed_run
   scalars = read_scalars(workdir / "tensorboard")
@@ -133,6 +134,7 @@ def test_family_config_mismatch_is_one_line(tmp_path, tfds_dir):
   assert not (tmp_path / "w" / "config.json").exists()
 
 
+@pytest.mark.slow  # the mixed smoke run and 4 evaluator processes
 @pytest.mark.parametrize("task", ["retrieval", "linear_probe", "zeroshot", "finetune"])
 def test_evaluators_run_on_a_mixed_checkpoint(mixed_run, tmp_path, task):
   """The evaluators reach the mixed model through the family's encoders, as for ConVIRT."""

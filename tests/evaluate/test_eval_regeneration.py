@@ -127,6 +127,7 @@ def mixed_run(mixed_smoke_run) -> pathlib.Path:
   return mixed_smoke_run[0]
 
 
+@pytest.mark.slow  # the mixed smoke run: ~2 min of compiles on 2 cores
 def test_cli_on_a_trained_mixed_model(mixed_run, tmp_path):
   out = tmp_path / "regen"
   proc = run_eval(
@@ -162,6 +163,7 @@ def test_cli_on_a_trained_mixed_model(mixed_run, tmp_path):
     assert im.size[0] > im.size[1] > 300  # 7 columns (original + 2 per scale), 4 rows.
 
 
+@pytest.mark.slow
 def test_cli_same_numbers_twice_and_on_image_only_data(mixed_run, tmp_path):
   args = (f"--workdir={mixed_run}", "--task=regeneration", "--cfg=n_boot=20")
   a = run_eval(*args, f"--out={tmp_path / 'a'}")

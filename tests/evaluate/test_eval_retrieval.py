@@ -208,6 +208,7 @@ def _bad(proc: subprocess.CompletedProcess, out: pathlib.Path, pattern: str):
   assert not [p for p in out.parent.iterdir() if p.name.startswith(out.name)]
 
 
+@pytest.mark.slow
 def test_bad_inputs(run_dir, chexpert_dir, sample_data_dir, tmp_path):
   out = tmp_path / "out" / "e"
   out.parent.mkdir()

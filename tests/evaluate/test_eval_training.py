@@ -11,6 +11,7 @@ from medvl_jax.train import loop
 from tests.conftest import REPO, read_scalars
 
 
+@pytest.mark.slow
 def test_training_hook_matches_cli(tmp_path, tfds_dir, sample_data_dir):
   config = convirt.get_config("smoke")
   config.data.data_dir = str(tfds_dir)

@@ -190,6 +190,7 @@ def test_cli_zeroshot_matches_in_process_evaluator(run_dir, zeroshot_out):
     assert got[k] == pytest.approx(want[k], abs=1e-6), k
 
 
+@pytest.mark.slow
 def test_cli_finetune(run_dir, tmp_path):
   out = tmp_path / "ft"
   proc = run_eval(

@@ -25,6 +25,8 @@ from tests.interop.test_export import assert_one_line_error, leftovers, run_expo
 from tests.interop.test_model_card import card_snippet, check_card
 
 torch = pytest.importorskip("torch", reason="export is checked against PyTorch (extra 'torch')")
+# The mixed smoke run (~2 min of compiles on 2 cores) and a real export: the slow suite.
+pytestmark = pytest.mark.slow
 timm = pytest.importorskip("timm", reason="the ViT tower is checked against timm (extra 'torch')")
 transformers = pytest.importorskip(
   "transformers", reason="the text tower is checked against transformers"

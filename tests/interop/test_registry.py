@@ -26,6 +26,7 @@ def test_unknown_name_is_one_config_error():
     registry.get("nope")
 
 
+@pytest.mark.slow  # two families' inits: ~20 s
 def test_pretrained_import_is_the_named_family_s():
   """`pretrained.init_from_pretrained` imports what the family of config.model.name imports
   (here the real MiniLM BERT into the mixed model's text tower); nothing configured, nothing

@@ -70,6 +70,7 @@ def _take(tree, rows):
   return jax.tree_util.tree_map(lambda x: x[np.asarray(rows)], tree)
 
 
+@pytest.mark.slow
 def test_mixed_batch_equals_weighted_sums_of_its_parts(smoke):
   cfg, model, variables = smoke
   kinds = "pitpitpi"
@@ -151,7 +152,11 @@ def test_zero_gradient_through_missing_modality(smoke):
   assert np.any(np.asarray(grads["mlm_logits"][0])) and np.any(np.asarray(grads["mvm_pred"][0]))
 
 
-@pytest.mark.parametrize("kinds", ["tttt", "iiii", "pppp"])
+# One kind in the default suite; the text-only and image-only kinds (~40 s of compiles) are slow.
+_SLOW = pytest.mark.slow
+@pytest.mark.parametrize(
+  "kinds", [pytest.param("tttt", marks=_SLOW), pytest.param("iiii", marks=_SLOW), "pppp"]
+)
 def test_single_kind_batches_train(smoke, kinds):
   cfg, model, variables = smoke
   batch = _batch(kinds, seed=3)

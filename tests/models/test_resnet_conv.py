@@ -102,6 +102,7 @@ def _tiny_pair():
   return x, xla, dot, variables
 
 
+@pytest.mark.slow  # two ResNet compiles: ~24 s
 def test_resnet_tiny_dot_equals_xla_in_eval():
   x, xla, dot, variables = _tiny_pair()
   e_xla, e_dot = jax.jit(lambda v: [m.apply(v, x, train=False) for m in (xla, dot)])(variables)

@@ -59,6 +59,7 @@ def test_tiny_convirt_compiles_for_a_v5e_slice():
   assert "step 1/" not in proc.stderr  # nothing trained
 
 
+@pytest.mark.slow  # a CLI process that compiles: ~17 s
 def test_unknown_topology_is_one_line():
   proc = run_main("--config=configs/convirt.py:smoke", "--compile_only", "--topology=v9x:2x2")
   assert proc.returncode == 2
