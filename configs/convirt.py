@@ -41,6 +41,21 @@ SMALL = dict(
 )
 
 
+def apply_small(c: ml_collections.ConfigDict) -> None:
+  """The `small` size's shared settings (both families): batch, schedule, data, projection."""
+  c.batch_size = SMALL["batch_size"]
+  c.total_steps = SMALL["total_steps"]
+  c.log_every = 50
+  c.eval_every = SMALL["eval_every"]
+  c.checkpoint_every = SMALL["eval_every"] * 2
+  c.data.image_size = SMALL["image_size"]
+  c.data.resize = SMALL["image_size"] * 9 // 8
+  c.data.max_length = SMALL["max_length"]
+  c.data.text_mode = SMALL["text_mode"]
+  c.model.projection_dim = 128
+  c.model.projection_hidden = 256
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -203,17 +218,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A narrow ResNet (2 bottlenecks per stage, width 16: 512-d features) at 128 px and the
     # bundled MiniLM's first 2 layers (real pretrained weights; the first frozen, as ConVIRT
     # freezes the lower half); batch and learning rate from the documented sweep.
-    c.batch_size = SMALL["batch_size"]
-    c.total_steps = SMALL["total_steps"]
-    c.log_every = 50
-    c.eval_every = SMALL["eval_every"]
-    c.checkpoint_every = SMALL["eval_every"] * 2
-    c.data.image_size = SMALL["image_size"]
-    c.data.resize = SMALL["image_size"] * 9 // 8
-    c.data.max_length = SMALL["max_length"]
-    c.data.text_mode = SMALL["text_mode"]
-    c.model.projection_dim = 128
-    c.model.projection_hidden = 256
+    apply_small(c)
     c.model.image.variant = "resnet_small"
     c.model.text.init_layers = 2
     c.optimizer.lr = SMALL["convirt_lr"]

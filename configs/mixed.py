@@ -195,18 +195,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # as ConVIRT's (configs/convirt.py SMALL): a ViT-Ti-like image stack (width 192, 4 layers)
     # on 16 px patches (an 8x8 grid, so the 1/2/4-patch mask scales tile it), the bundled
     # MiniLM's first 2 layers (all trained), one fusion layer and a 2-block decoder.
-    s = convirt.SMALL
-    c.batch_size = s["batch_size"]
-    c.total_steps = s["total_steps"]
-    c.log_every = 50
-    c.eval_every = s["eval_every"]
-    c.checkpoint_every = s["eval_every"] * 2
-    c.data.image_size = s["image_size"]
-    c.data.resize = s["image_size"] * 9 // 8
-    c.data.max_length = s["max_length"]
-    c.data.text_mode = s["text_mode"]
-    c.model.projection_dim = 128
-    c.model.projection_hidden = 256
+    convirt.apply_small(c)
     c.model.image.update(patch_size=16, hidden_size=192, num_layers=4, num_heads=3)
     c.model.text.init_layers = 2
     c.model.fusion.update(num_layers=1, num_heads=6)
@@ -214,7 +203,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Logits at 12 of the 32 positions: the head was most of the step; a row selects more
     # than 12 of its ~30 candidates at 15% with probability 0.02% (binomial).
     c.model.masking.text.max_predictions = 12
-    c.optimizer.lr = s["mixed_lr"]
+    c.optimizer.lr = convirt.SMALL["mixed_lr"]
   elif arg == "large":
     # ViT-L/16 + BERT-large widths (random init unless model.*.init name local checkpoints; the
     # MiniLM vocabulary): FSDP over every device, params and Adam state sharded over 'fsdp'.
