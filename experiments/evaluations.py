@@ -194,14 +194,7 @@ def mlm_accuracy_per_note(encoders, state, texts: list[str], seed: int) -> np.nd
 
   model, b = encoders.model, encoders.batch_size
   size = encoders.image_size
-  tok = encoders.tokenizer(
-    list(texts),
-    padding="max_length",
-    truncation=True,
-    max_length=encoders.max_length,
-    return_tensors="np",
-  )
-  ids, mask = tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(np.int32)
+  ids, mask = encoders.tokenize(texts)
 
   def per_row(variables, batch, key):
     out = model.apply(variables, batch, train=False, rngs={"masking": key})

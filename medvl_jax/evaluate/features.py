@@ -61,8 +61,8 @@ class Encoders:
     """uint8 [N, S, S, 1] -> (pooled features h_v [N, D_v], embeddings z_v [N, d])."""
     return self._batched(lambda x: self._image_fn(variables, x), [images], "image features")
 
-  def texts(self, variables: Any, texts: list[str]) -> np.ndarray:
-    """Strings -> embeddings z_u [N, d] (truncated to data.max_length tokens)."""
+  def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (input_ids, attention_mask), int32 [N, data.max_length], padded/truncated."""
     tok = self.tokenizer(
       list(texts),
       padding="max_length",
@@ -70,7 +70,11 @@ class Encoders:
       max_length=self.max_length,
       return_tensors="np",
     )
-    ids, mask = tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(np.int32)
+    return tok["input_ids"].astype(np.int32), tok["attention_mask"].astype(np.int32)
+
+  def texts(self, variables: Any, texts: list[str]) -> np.ndarray:
+    """Strings -> embeddings z_u [N, d] (truncated to data.max_length tokens)."""
+    ids, mask = self.tokenize(texts)
     return self._batched(
       lambda i, m: self._text_fn(variables, i, m), [ids, mask], "text embeddings"
     )
