@@ -420,4 +420,27 @@ def publish(out: pathlib.Path, docs: pathlib.Path) -> None:
   for png in ("auc.png", "curves.png"):
     shutil.copyfile(out / "plots" / png, docs / "study" / png)
   outputs.write_text(docs / "RESULTS.md", results.render(m, "study"))
-  outputs.log(f"wrote {docs / 'RESULTS.md'} and {docs / 'study'}/")
+  scores = copy_scores(out, docs / "study" / f"scores_{m['meta']['mode']}")
+  outputs.log(f"wrote {docs / 'RESULTS.md'} and {docs / 'study'}/ ({scores} score files)")
+
+
+def copy_scores(out: pathlib.Path, dest: pathlib.Path) -> int:
+  """OUT's per-row score files and state (arms/) and each run's TensorBoard events
+  (runs/*/seed*/tensorboard/), no checkpoints: everything the report reads, so that a fresh OUT
+  seeded with `dest`'s contents reports the same and resumes only the stages not done. The copy
+  is assembled beside `dest` and swapped in whole. Returns the number of files copied."""
+  tmp = dest.with_name(dest.name + ".tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  files = [p for p in sorted((out / "arms").rglob("*")) if p.is_file()]
+  files += [p for p in sorted((out / "runs").glob("*/seed*/tensorboard/**/*")) if p.is_file()]
+  for f in files:
+    target = tmp / f.relative_to(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(f, target)
+  old = dest.with_name(dest.name + ".old")
+  shutil.rmtree(old, ignore_errors=True)
+  if dest.exists():
+    dest.rename(old)
+  tmp.rename(dest)
+  shutil.rmtree(old, ignore_errors=True)
+  return len(files)

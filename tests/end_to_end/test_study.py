@@ -4,6 +4,7 @@ every arm end to end and resumes without redoing finished arms."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -201,6 +202,19 @@ def test_quick_study_runs_every_arm_and_resumes(tmp_path):
   # A third invocation does no arm work at all, and mixing modes is refused in one line.
   r = _study(out)
   assert r.returncode == 0 and "0 stage(s) to run" in r.stderr
+  # The published scores (no checkpoints) seed a fresh OUT that reports the same figures and
+  # redoes no stage: how a later session continues the published study.
+  from experiments import report
+
+  report.publish(out, tmp_path / "docs")
+  scores = tmp_path / "docs" / "study" / f"scores_{metrics['meta']['mode']}"
+  assert not list(scores.rglob("*checkpoint*")) and list(scores.rglob("events.out.tfevents.*"))
+  seeded = tmp_path / "seeded"
+  shutil.copytree(scores, seeded)
+  r = _study(seeded)
+  assert r.returncode == 0 and "0 stage(s) to run" in r.stderr, r.stderr[-3000:]
+  again = json.loads((seeded / "study_metrics.json").read_text())
+  assert again["arms"] == metrics["arms"] and again["comparisons"] == metrics["comparisons"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   r = subprocess.run(
     [sys.executable, "-m", "experiments.study", f"--out={out}"],
