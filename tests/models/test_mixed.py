@@ -154,6 +154,8 @@ def test_zero_gradient_through_missing_modality(smoke):
 
 # One kind in the default suite; the text-only and image-only kinds (~40 s of compiles) are slow.
 _SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
   "kinds", [pytest.param("tttt", marks=_SLOW), pytest.param("iiii", marks=_SLOW), "pppp"]
 )
