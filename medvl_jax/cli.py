@@ -149,7 +149,6 @@ def set_up_process(default_verbosity: int = absl_logging.INFO) -> None:
   one line each); persists compiled programs across runs; spares a host without TPU chips
   JAX's libtpu start-up.
   """
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(default_verbosity)
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
