@@ -29,6 +29,7 @@ CLIS = [
   (["-m", "medvl_jax.parallel.distributed"], ["--help"]),
   (["-m", "experiments.study"], ["--out", "--size", "--quick", "--arms", "--check", "--publish"]),
   (["-m", "experiments.sweep"], ["--out", "--steps"]),
+  (["-m", "experiments.by_step"], ["--out", "--run"]),
   (["bench/fingerprint.py"], ["--data_dir", "--config"]),
   (["bench/prepare.py"], ["--num_workers", "--image_size"]),
   (["bench/linear_probe.py"], ["--ref_fits", "--threads"]),

@@ -199,6 +199,20 @@ def test_quick_study_runs_every_arm_and_resumes(tmp_path):
   r = _study(out, "--check=d:1")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "d/seed1: the rerun's saved scores equal the study's, bit for bit" in r.stderr
+  # The diagnosis tool: held-out figures at step 0 (= the untrained arm's) and each kept step.
+  r = subprocess.run(
+    [sys.executable, "-m", "experiments.by_step", f"--out={out}", "--run=b/seed0", "--size=quick"],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  table = [line.split() for line in r.stdout.splitlines()[1:]]
+  untrained = np.load(out / "arms" / "a_resnet" / "seed0" / "heldout.npz")["contrastive_loss"]
+  assert table[0][0] == "0" and float(table[0][1]) == pytest.approx(untrained.mean(), abs=1e-4)
+  assert table[-1][0] == "4" and len(table) >= 2
   # A third invocation does no arm work at all, and mixing modes is refused in one line.
   r = _study(out)
   assert r.returncode == 0 and "0 stage(s) to run" in r.stderr
