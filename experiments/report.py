@@ -428,7 +428,10 @@ def copy_scores(out: pathlib.Path, dest: pathlib.Path) -> int:
   """OUT's per-row score files and state (arms/) and each run's TensorBoard events
   (runs/*/seed*/tensorboard/), no checkpoints: everything the report reads, so that a fresh OUT
   seeded with `dest`'s contents reports the same and resumes only the stages not done. The copy
-  is assembled beside `dest` and swapped in whole. Returns the number of files copied."""
+  is assembled beside `dest` and swapped in whole (`paths.install_dir`). Returns the number of
+  files copied."""
+  from medvl_jax import paths  # pylint: disable=g-import-not-at-top
+
   tmp = dest.with_name(dest.name + ".tmp")
   shutil.rmtree(tmp, ignore_errors=True)
   files = [p for p in sorted((out / "arms").rglob("*")) if p.is_file()]
@@ -437,10 +440,5 @@ def copy_scores(out: pathlib.Path, dest: pathlib.Path) -> int:
     target = tmp / f.relative_to(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(f, target)
-  old = dest.with_name(dest.name + ".old")
-  shutil.rmtree(old, ignore_errors=True)
-  if dest.exists():
-    dest.rename(old)
-  tmp.rename(dest)
-  shutil.rmtree(old, ignore_errors=True)
+  paths.install_dir(str(tmp), str(dest), lambda _: None)  # the published copy is ours to replace
   return len(files)
