@@ -26,7 +26,7 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["out", "run"])
 
 
-def held_out_figures(arm: str, config, encoders, state) -> tuple[float, float]:
+def held_out_figures(config, encoders, state) -> tuple[float, float]:
   h = evaluations.eval_heldout(encoders, state, config, {})
   r = evaluations.eval_retrieval(encoders, state, config, {})
   return float(h["contrastive_loss"].mean()), float(r["hits_5"].mean())
@@ -51,10 +51,10 @@ def main(argv) -> None:
   config = design.arm_config(arm, fl.size, out / "tfds", int(seed))
   model, state = evaluations.untrained(config)
   encoders = features.Encoders(model, config, tokenizer_lib.from_config(config))
-  rows = [(0, *held_out_figures(arm, config, encoders, state))]
+  rows = [(0, *held_out_figures(config, encoders, state))]
   for step in steps:
     config, encoders, state, _ = runs.load_run(workdir, step)
-    rows.append((step, *held_out_figures(arm, config, encoders, state)))
+    rows.append((step, *held_out_figures(config, encoders, state)))
   outputs.log(f"{fl.run}: held-out figures by step (step 0 = its untrained initialisation)")
   print("step  held-out contrastive loss  t2i R@5")
   for step, loss, r5 in rows:
