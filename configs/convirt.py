@@ -47,7 +47,9 @@ def apply_small(c: ml_collections.ConfigDict) -> None:
   c.total_steps = SMALL["total_steps"]
   c.log_every = 50
   c.eval_every = SMALL["eval_every"]
-  c.checkpoint_every = SMALL["eval_every"] * 2
+  # A checkpoint at every evaluation, so the one kept as best by validation loss is the run's
+  # best evaluation (`medvl_jax.ckpt.checkpoint.best_step`; the study evaluates that step).
+  c.checkpoint_every = SMALL["eval_every"]
   c.data.image_size = SMALL["image_size"]
   c.data.resize = SMALL["image_size"] * 9 // 8
   c.data.max_length = SMALL["max_length"]

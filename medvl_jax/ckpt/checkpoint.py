@@ -196,6 +196,26 @@ def latest_intact_step(workdir: str | pathlib.Path) -> int | None:
   return newest if problem is None else None
 
 
+def best_step(workdir: str | pathlib.Path) -> int | None:
+  """The kept step with the lowest validation loss under `<workdir>/checkpoints` (the one the
+  preservation policy keeps besides the latest), or None when no kept step carries one.
+
+  It is the best of the *checkpointed* evaluations only: a run whose `checkpoint_every` equals
+  `eval_every` checkpoints every evaluation, so this is then its best evaluation.
+  """
+  if not committed_steps(paths.join(workdir, "checkpoints")):
+    return None
+  mngr = manager(workdir, read_only=True)
+  try:
+    step = mngr.best_step()
+    metrics = mngr.metrics(step) if step is not None else None
+  finally:
+    mngr.close()
+  if not metrics or not math.isfinite(_val_loss(dict(metrics))):
+    return None  # no kept step has a finite validation loss (best_step then falls to latest)
+  return int(step)
+
+
 def committed_steps(directory: str | pathlib.Path) -> list[int]:
   """The steps under the checkpoint directory `directory` that Orbax committed, as its own
   listing has them: locally a step directory renamed from its temporary name, on GCS one that

@@ -30,6 +30,24 @@ def test_keeps_latest_n_and_best(tmp_path):
   assert restored["data"] == {"batches_consumed": 2, "seed": 0}
 
 
+def test_best_step_is_the_lowest_validation_loss_kept(tmp_path):
+  assert checkpoint.best_step(tmp_path) is None  # no checkpoint at all
+  mngr = checkpoint.manager(tmp_path, keep=1)
+  for step, loss in {250: 2.4, 500: 2.7, 750: float("nan"), 1000: 3.0}.items():
+    state = {"w": jnp.full((3,), float(step)), "step": jnp.asarray(step)}
+    checkpoint.save(mngr, step, state, {"batches_consumed": step, "seed": 0}, val_loss=loss)
+  mngr.wait_until_finished()
+  mngr.close()
+  assert checkpoint.best_step(tmp_path) == 250  # not the latest (1000), NaN never best
+  # Steps saved without a validation loss: there is no best one (not the latest by default).
+  other = tmp_path / "other"
+  mngr = checkpoint.manager(other, keep=2)
+  checkpoint.save(mngr, 3, {"w": jnp.ones((2,))}, {"batches_consumed": 3, "seed": 0})
+  mngr.wait_until_finished()
+  mngr.close()
+  assert checkpoint.best_step(other) is None
+
+
 def test_restore_of_missing_step_names_available(tmp_path):
   mngr = checkpoint.manager(tmp_path, keep=2)
   state = {"w": jnp.ones((2,))}
