@@ -1,12 +1,12 @@
 r"""Claim 0's held-out figures of one trained run at each checkpoint it kept: a diagnosis tool
 (where along training a run was best), not part of the pre-specified study, which evaluates the
-final checkpoint only.
+checkpoint of lowest validation loss only.
 
   python -m experiments.by_step --out=/path/study --run=b/seed0
 
 Prints, per kept step: the mean held-out contrastive loss (each held-out pair against all
-held-out pairs, training's lam and temperature) and text→image R@5, both on the validation + test
-patients that the study's claim 0 reads; the run's untrained initialisation is step 0.
+held-out pairs, training's lam and temperature) and text→image R@5, both on the test patients
+that the study's claim 0 reads; the run's untrained initialisation is step 0.
 """
 
 import pathlib

@@ -36,13 +36,24 @@ def untrained(config) -> tuple[Any, Any]:
   return model, state
 
 
+def selected_step(workdir: pathlib.Path) -> int:
+  """The trained run's checkpoint the study evaluates (pre-specified, docs/study.md): the one
+  with the lowest validation loss, on the validation patients only (every evaluation is
+  checkpointed, so it is the best evaluation of the run)."""
+  from medvl_jax.ckpt import checkpoint  # pylint: disable=g-import-not-at-top
+
+  step = checkpoint.best_step(workdir)
+  if step is None:
+    raise design.StudyError(f"{workdir}: no checkpoint with a validation loss to select")
+  return step
+
+
 def encoders_and_state(arm: str, config, workdir: pathlib.Path):
   from medvl_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from medvl_jax.evaluate import features, runs  # pylint: disable=g-import-not-at-top
 
   if design.ARMS[arm]["train"]:
-    # The final checkpoint (pre-specified: no choice of step on held-out data).
-    config, encoders, state, _ = runs.load_run(workdir, int(config.total_steps))
+    config, encoders, state, _ = runs.load_run(workdir, selected_step(workdir))
     return config, encoders, state
   model, state = untrained(config)
   tokenizer = tokenizer_lib.from_config(config)
@@ -112,7 +123,7 @@ def eval_covid(encoders, state, config, s: dict) -> dict[str, np.ndarray]:
   from medvl_jax.evaluate import features, linear_probe, metrics  # pylint: disable=g-import-not-at-top
 
   data = features.load_sample_task(
-    config, "COVID-19", ("todo",), True, "train", design.HELD_OUT, "study"
+    config, "COVID-19", ("todo",), True, "train", design.COVID_HELD_OUT, "study"
   )
   variables = features.variables_of(state)
   h_tr, _ = encoders.images(variables, data["train"]["image"])

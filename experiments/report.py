@@ -205,6 +205,7 @@ def _arm_summary(out, mode, arm, seeds, fns, n_boot) -> dict[str, Any]:
     trained=trained,
     seeds=list(seeds),
     steps=int(cfg.total_steps),
+    selected_steps=[w.get("train", {}).get("selected_step") for w in walls] if trained else None,
     batch_size=int(cfg.batch_size),
     lr=float(cfg.optimizer.lr),
     wall_train_s=sum(w.get("train", {}).get("wall_s", 0.0) for w in walls) if trained else None,

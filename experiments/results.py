@@ -129,12 +129,23 @@ def _seeds(m: dict[str, Any] | None, signed: bool = True) -> str:
   return vals + sd
 
 
+def _steps_cell(a: dict[str, Any]) -> str:
+  """Trained steps, and the step evaluated per seed (lowest validation loss)."""
+  if not a["trained"]:
+    return "0 (initialisation)"
+  chosen = a.get("selected_steps") or []
+  if not chosen or None in chosen:
+    return str(a["steps"])
+  return f"{a['steps']}; evaluated at {', '.join(map(str, chosen))}"
+
+
 def _claim0_lines(metrics: dict[str, Any], quick: bool) -> list[str]:
   arms = metrics["arms"]
   lines = ["## Claim 0: training learns", ""]
   lines += [
-    "Pre-specified and decided first: on held-out patients, each trained family beats its "
-    "own untrained initialisation — ConVIRT (b) on the contrastive loss and text→image R@5, "
+    "Pre-specified and decided first: on the held-out test patients, each trained family "
+    "(at its checkpoint of lowest validation loss, chosen on the validation patients) beats "
+    "its own untrained initialisation — ConVIRT (b) on the contrastive loss and text→image R@5, "
     "the mixed model (d) on the masked-patch PSNR gain over mean fill and the MLM accuracy. "
     "Supported when the 95% CI of every deciding difference (trained − untrained, pooled over "
     "seeds) lies on the better side of 0; not supported when any lies on the worse side.",
@@ -181,11 +192,12 @@ def _curve_lines(metrics: dict[str, Any], plots_dir: str) -> list[str]:
     f"![held-out curves of every trained arm]({plots_dir}/curves.png)",
     "",
     "Every trained run evaluates on held-out patients (`covid_cxr_notes` validation split) "
-    "at regular steps; the curves of each seed are saved in the metrics file "
-    "(`arms.<arm>.curves.per_seed`). A curve *flattens* at the first evaluation from which "
-    "less than 10% of its whole improvement remains (seed mean); *best* is the step of its "
-    "best value; *rises after* means it ends more than 10% of its improvement worse than "
-    "its best (overfitting).",
+    "at regular steps and keeps a checkpoint at each; the study evaluates the one of lowest "
+    "validation loss (the *steps* column of the arms' table); the curves of each seed are "
+    "saved in the metrics file (`arms.<arm>.curves.per_seed`). A curve *flattens* at the "
+    "first evaluation from which less than 10% of its whole improvement remains (seed "
+    "mean); *best* is the step of its best value; *ends worse* means its last value is "
+    "worse than its best by more than 10% of its improvement (for a loss: overfitting).",
     "",
   ]
   rows = []
@@ -202,7 +214,7 @@ def _curve_lines(metrics: dict[str, Any], plots_dir: str) -> list[str]:
           "yes" if f["ends_worse"] else "no",
         ]
       )
-  lines += _table(["arm", "curve", "flattens at step", "best at step", "rises after"], rows)
+  lines += _table(["arm", "curve", "flattens at step", "best at step", "ends worse"], rows)
   lines += [""]
   return lines
 
@@ -221,10 +233,15 @@ def _user_lines(metrics: dict[str, Any]) -> list[str]:
       "as ConVIRT did.",
     ]
   else:
+    failed = [
+      metrics["arms"][c["arm"]]["title"] if c["arm"] in metrics["arms"] else f"({c['arm']})"
+      for c, v in zip(CLAIM0, v0)
+      if v != "supported"
+    ]
     lines += [
-      "- Claim 0 is not supported for every family here (above); read the other claims "
-      "with that in mind: a family that does not learn on this data cannot show a gain "
-      "downstream.",
+      f"- Claim 0 is not supported for {' and '.join(failed)} here (above); read the other "
+      "claims with that in mind: a family that does not learn on this data cannot show a "
+      "gain downstream.",
     ]
   lines += [
     "- What this study cannot say: the size of the gains at MIMIC-CXR scale, with full-size "
@@ -329,7 +346,7 @@ def render(metrics: dict[str, Any], plots_dir: str = "plots") -> str:
         a["title"],
         a["model"],
         a["data"],
-        str(a["steps"]) if a["trained"] else "0 (initialisation)",
+        _steps_cell(a),
         f"{a['batch_size']}, lr {a['lr']:g}" if a["trained"] else "-",
         ", ".join(map(str, a["seeds"])),
         _duration(a["wall_train_s"]) if a["trained"] else "-",
@@ -369,16 +386,17 @@ def render(metrics: dict[str, Any], plots_dir: str = "plots") -> str:
     f"- **COVID-19 probe** (`covid_cxr_notes`, frontal views, 'todo' findings dropped): "
     f"COVID-19 vs other findings, trained on the {settings['covid_n_train']} training-split "
     f"images, tested on the {settings['covid_n_test']} images of held-out (validation + "
-    "test) patients; 10% and 100% of the training labels.",
-    f"- **Text→image retrieval**: the {settings['retrieval_n']} notes of held-out patients "
+    "test) patients; 10% and 100% of the training labels (the validation patients choose "
+    "each trained run's checkpoint by its contrastive/masked losses, never by these labels).",
+    f"- **Text→image retrieval**: the {settings['retrieval_n']} notes of the test patients "
     f"({settings['heldout_patients']} patients) against their images; a hit when the image "
     "belongs to the note's patient; Recall@k.",
-    "- **Held-out contrastive loss** (claim 0): each held-out pair's ConVIRT loss against all "
-    "held-out pairs, with the training loss's λ and temperature.",
+    "- **Held-out contrastive loss** (claim 0): each test pair's ConVIRT loss against all "
+    "test pairs, with the training loss's λ and temperature.",
     "- **Held-out MLM accuracy** (mixed arms, claim 0): the share of masked tokens of each "
-    "held-out note predicted exactly (text alone, the same masked tokens for every arm).",
+    "test patient's note predicted exactly (text alone, the same masked tokens for every arm).",
     "- **Masked-patch regeneration** (mixed arms): the evaluation suite's `regeneration` "
-    "task on the held-out paired images; PSNR over the masked pixels per mask scale, and its "
+    "task on the test patients' paired images; PSNR over the masked pixels per mask scale, and its "
     "gain over filling the holes with the visible mean (claim 0: the mean over scales).",
     "- 95% CIs: percentile bootstrap over test patients (the suite's `metrics.bootstrap_ci`). "
     "A paired difference is computed on each resample from the same rows of both arms, so "
@@ -408,7 +426,7 @@ def render(metrics: dict[str, Any], plots_dir: str = "plots") -> str:
   lines += ["", "Difference [95% CI] (verdict by the rule).", ""]
   regen = {n: a for n, a in arms.items() if "psnr_gain" in a["metrics"]}
   if regen:
-    lines += ["### Masked-patch regeneration (held-out paired images)", ""]
+    lines += ["### Masked-patch regeneration (test patients' paired images)", ""]
     scales = sorted(
       {
         k.removeprefix("psnr_gain_")

@@ -98,7 +98,8 @@ def run_arm(
           f"{run}: training stopped at step {reached or 0} of {config.total_steps}; "
           "run the same command again to resume"
         )
-      info = dict(steps=int(config.total_steps))
+      # The checkpoint the evaluations read: the lowest validation loss (docs/study.md).
+      info = dict(steps=int(config.total_steps), selected_step=evaluations.selected_step(workdir))
     else:
       if encoders is None:
         config, encoders, state = evaluations.encoders_and_state(arm, config, workdir)

@@ -34,8 +34,13 @@ def test_published_study_meets_its_design():
   for a in trained.values():
     assert a["steps"] >= 2000 and len(a["seeds"]) >= 3
     assert set(a["curves"]["per_seed"]) == {str(k) for k in a["seeds"]}
-    for curve in a["curves"]["per_seed"].values():
+    for k, curve in a["curves"]["per_seed"].items():
       assert [s for s, _ in curve["val_loss"]][-1] == a["steps"]
+      # The evaluated checkpoint (pre-specified): the seed's lowest validation loss.
+      chosen = a["selected_steps"][a["seeds"].index(int(k))]
+      assert chosen == min(curve["val_loss"], key=lambda sv: sv[1])[0]
+  # The validation patients choose the checkpoint: the claims' held-out rows are the test pairs.
+  assert metrics["meta"]["settings"]["retrieval_n"] == 15
   doc = (REPO / "docs" / "RESULTS.md").read_text()
   assert doc.split("\n## ")[1].startswith("Claim 0: training learns")
 
@@ -138,6 +143,8 @@ def _snapshot(d: pathlib.Path) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_quick_study_runs_every_arm_and_resumes(tmp_path):
+  from medvl_jax.ckpt import checkpoint  # pylint: disable=g-import-not-at-top
+
   out = tmp_path / "study"
   # First invocation: one trained arm only (an interrupted study, as far as the rest goes).
   r = _study(out, "--arms=b")
@@ -172,6 +179,10 @@ def test_quick_study_runs_every_arm_and_resumes(tmp_path):
     if a["trained"]:  # a learning curve per seed, from the run's own evaluations
       for curve in a["curves"]["per_seed"].values():
         assert curve["val_loss"][-1][0] == a["steps"] and "retrieval/t2i_R@5" in curve
+      # Each seed's evaluated checkpoint is the one the trainer kept as best by validation loss.
+      assert a["selected_steps"] == [
+        checkpoint.best_step(out / "runs" / name / f"seed{k}") for k in a["seeds"]
+      ]
   # No leakage: the NIH probe reads the evaluation half, which no arm pretrained on.
   probe = np.load(out / "arms" / "d" / "seed0" / "nih.npz")
   assert metrics["meta"]["settings"]["nih_n"] == len(probe["image_id"]) == 310
