@@ -26,7 +26,11 @@ def _define_flags() -> None:
   flags.DEFINE_string(
     "out", None, "Output directory; must not exist or be empty unless --overwrite."
   )
-  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+  flags.DEFINE_string(
+    "step",
+    None,
+    "Checkpoint step to export: a number, or 'best' (lowest validation loss); default: the latest.",
+  )
   flags.DEFINE_bool("overwrite", False, "Replace a previous export in --out.")
   flags.DEFINE_bool(
     "allow_nonfinite", False, "Export even if the checkpoint's weights hold NaN/inf values."
@@ -40,7 +44,10 @@ def main(argv: list[str]) -> None:
   fl = flags.FLAGS
   cli.set_up_process(logging.ERROR)  # Orbax's INFO/WARNING chatter on read-only restores.
   try:
-    meta = export_lib.export(fl.workdir, fl.out, fl.step, fl.overwrite, fl.allow_nonfinite)
+    from medvl_jax.ckpt import checkpoint  # pylint: disable=g-import-not-at-top  (after set-up)
+
+    step = checkpoint.resolve_step(fl.workdir, fl.step)
+    meta = export_lib.export(fl.workdir, fl.out, step, fl.overwrite, fl.allow_nonfinite)
   except MedvlError as e:
     logging.flush()
     cli.die(str(e))

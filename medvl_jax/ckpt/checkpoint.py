@@ -216,6 +216,28 @@ def best_step(workdir: str | pathlib.Path) -> int | None:
   return int(step)
 
 
+def resolve_step(workdir: str | pathlib.Path, value: str | None) -> int | None:
+  """A reader's `--step` value: None (the newest intact step, the reader's default), a step
+  number, or 'best' (the kept step with the lowest validation loss, `best_step`).
+
+  Raises:
+    CheckpointError: `value` is neither, or 'best' and no kept step carries a validation loss.
+  """
+  if value is None or value == "":
+    return None
+  if value.isdigit():
+    return int(value)
+  if value != "best":
+    raise CheckpointError(f"--step={value!r}: expected a step number or 'best'")
+  step = best_step(workdir)
+  if step is None:
+    raise CheckpointError(
+      f"{paths.join(workdir, 'checkpoints')}: --step=best: no kept checkpoint carries a "
+      "validation loss (checkpoint_every must be a multiple of eval_every)"
+    )
+  return step
+
+
 def committed_steps(directory: str | pathlib.Path) -> list[int]:
   """The steps under the checkpoint directory `directory` that Orbax committed, as its own
   listing has them: locally a step directory renamed from its temporary name, on GCS one that

@@ -30,7 +30,11 @@ from medvl_jax.evaluate import runs
 def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training workdir (holds config.json, checkpoints/).")
   flags.DEFINE_string("task", None, "Evaluation task (see medvl_jax.evaluate.EVALUATORS).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string(
+    "step",
+    None,
+    "Checkpoint step: a number, or 'best' (lowest validation loss); default: the latest.",
+  )
   flags.DEFINE_string(
     "out",
     None,
@@ -63,7 +67,10 @@ def main(argv: list[str]) -> None:
       raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not fl.workdir or not fl.task:
       raise ConfigError("--workdir and --task are required (or --compare DIR ...)")
-    out, result = runs.evaluate_run(fl.workdir, fl.task, fl.step, fl.out, fl.cfg)
+    from medvl_jax.ckpt import checkpoint  # pylint: disable=g-import-not-at-top  (after set-up)
+
+    step = checkpoint.resolve_step(fl.workdir, fl.step)
+    out, result = runs.evaluate_run(fl.workdir, fl.task, step, fl.out, fl.cfg)
   except MedvlError as e:
     logging.flush()
     cli.die(str(e))

@@ -46,6 +46,14 @@ def test_best_step_is_the_lowest_validation_loss_kept(tmp_path):
   mngr.wait_until_finished()
   mngr.close()
   assert checkpoint.best_step(other) is None
+  # A reader's --step: a number, 'best', or nothing (newest intact); else one error line.
+  assert checkpoint.resolve_step(tmp_path, "best") == 250
+  assert checkpoint.resolve_step(tmp_path, "1000") == 1000
+  assert checkpoint.resolve_step(tmp_path, None) is None
+  with pytest.raises(CheckpointError, match="expected a step number or 'best'"):
+    checkpoint.resolve_step(tmp_path, "latest")
+  with pytest.raises(CheckpointError, match="no kept checkpoint carries a validation loss"):
+    checkpoint.resolve_step(other, "best")
 
 
 def test_restore_of_missing_step_names_available(tmp_path):

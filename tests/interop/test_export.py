@@ -377,6 +377,17 @@ def test_cli_missing_step_lists_available(run_dir, tmp_path):
   assert not out.exists() and leftovers(tmp_path) == []
 
 
+def test_cli_exports_the_best_step(run_dir, tmp_path):
+  """--step=best: the kept checkpoint of lowest validation loss (ConVIRT's choice of model)."""
+  from medvl_jax.ckpt import checkpoint
+
+  best = checkpoint.best_step(run_dir)
+  assert best is not None
+  proc = run_export(f"--workdir={run_dir}", f"--out={tmp_path / 'out'}", "--step=best")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"exported step {best} of" in proc.stdout
+
+
 def test_cli_refuses_existing_out(run_dir, exported):
   before = {p: p.stat().st_mtime_ns for p in exported.rglob("*")}
   proc = run_export(f"--workdir={run_dir}", f"--out={exported}")
