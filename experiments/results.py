@@ -234,14 +234,15 @@ def _user_lines(metrics: dict[str, Any]) -> list[str]:
     ]
   else:
     failed = [
-      metrics["arms"][c["arm"]]["title"] if c["arm"] in metrics["arms"] else f"({c['arm']})"
+      (metrics["arms"][c["arm"]]["title"] if c["arm"] in metrics["arms"] else f"({c['arm']})")
+      + f" ({v})"
       for c, v in zip(CLAIM0, v0)
       if v != "supported"
     ]
     lines += [
-      f"- Claim 0 is not supported for {' and '.join(failed)} here (above); read the other "
-      "claims with that in mind: a family that does not learn on this data cannot show a "
-      "gain downstream.",
+      f"- Claim 0 is not shown for {' and '.join(failed)} here (above); read the other "
+      "claims with that in mind: a family that is not shown to learn on this data cannot "
+      "show a gain downstream.",
     ]
   lines += [
     "- What this study cannot say: the size of the gains at MIMIC-CXR scale, with full-size "
