@@ -425,6 +425,12 @@ def publish(out: pathlib.Path, docs: pathlib.Path) -> None:
   outputs.log(f"wrote {docs / 'RESULTS.md'} and {docs / 'study'}/ ({scores} score files)")
 
 
+def _train_done(out: pathlib.Path, run: tuple[str, ...]) -> bool:
+  """Whether OUT/arms/<arm>/<seedK>/state.json records a finished training (read only)."""
+  state = out.joinpath("arms", *run, "state.json")
+  return state.is_file() and "train" in json.loads(state.read_text())["stages"]
+
+
 def copy_scores(out: pathlib.Path, dest: pathlib.Path) -> int:
   """OUT's per-row score files and state (arms/) and each run's TensorBoard events
   (runs/*/seed*/tensorboard/), no checkpoints: everything the report reads, so that a fresh OUT
@@ -436,7 +442,13 @@ def copy_scores(out: pathlib.Path, dest: pathlib.Path) -> int:
   tmp = dest.with_name(dest.name + ".tmp")
   shutil.rmtree(tmp, ignore_errors=True)
   files = [p for p in sorted((out / "arms").rglob("*")) if p.is_file()]
-  files += [p for p in sorted((out / "runs").glob("*/seed*/tensorboard/**/*")) if p.is_file()]
+  # Only finished trainings' events: a run still training (or killed) is redone from scratch
+  # in a seeded OUT (no checkpoint is copied), and its partial events would double its curve.
+  files += [
+    p
+    for p in sorted((out / "runs").glob("*/seed*/tensorboard/**/*"))
+    if p.is_file() and _train_done(out, p.relative_to(out / "runs").parts[:2])
+  ]
   for f in files:
     target = tmp / f.relative_to(out)
     target.parent.mkdir(parents=True, exist_ok=True)

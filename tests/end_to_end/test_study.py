@@ -45,6 +45,30 @@ def test_published_study_meets_its_design():
   assert doc.split("\n## ")[1].startswith("Claim 0: training learns")
 
 
+def test_published_scores_leave_out_unfinished_trainings(tmp_path):
+  """--publish copies score files and the TensorBoard events of finished trainings only: a run
+  still training is redone from scratch in a seeded OUT, so its partial events must not go."""
+  from experiments import report
+
+  out = tmp_path / "out"
+  for arm, stages in (("b", {"train": {"steps": 4}, "nih": {}}), ("c", {})):
+    (out / "arms" / arm / "seed0").mkdir(parents=True)
+    (out / "arms" / arm / "seed0" / "state.json").write_text(json.dumps({"stages": stages}))
+    tb = out / "runs" / arm / "seed0" / "tensorboard"
+    tb.mkdir(parents=True)
+    (tb / "events.out.tfevents.1").write_bytes(b"events")
+  (out / "arms" / "b" / "seed0" / "nih.npz").write_bytes(b"scores")
+  dest = tmp_path / "docs" / "scores_small"
+  assert report.copy_scores(out, dest) == 4
+  copied = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+  assert copied == [
+    "arms/b/seed0/nih.npz",
+    "arms/b/seed0/state.json",
+    "arms/c/seed0/state.json",
+    "runs/b/seed0/tensorboard/events.out.tfevents.1",
+  ]
+
+
 def test_verdict_rule():
   assert results.verdict(0.01, 0.2) == "supported"
   assert results.verdict(-0.3, -0.01) == "not supported"
